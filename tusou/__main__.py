@@ -1,0 +1,3 @@
+from tusou.cli import main
+
+main()

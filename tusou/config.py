@@ -1,0 +1,65 @@
+"""Every setting of tusou in one place.
+
+Each field can be set by an environment variable named ``TUSOU_<FIELD>`` (``TUSOU_DATA``,
+``TUSOU_DEFAULT_THRESHOLD``, ...); the CLI options of ``tusou serve`` override them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUSOU_", extra="ignore")
+
+    # --- server ---
+    data: Path = Field(default=Path("./tusou-data"), description="Data folder: database, model cache.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_host: str | None = Field(
+        default=None,
+        description="Host[:port] clients sign when tusou runs behind a proxy that rewrites Host.",
+    )
+    max_date_skew_s: int = Field(default=900, description="X-Qiniu-Date further off than this is refused (403).")
+
+    # --- model ---
+    model: str = Field(default="lite0", description="lite0, lite1, lite2 or onnx (a user-supplied encoder).")
+    onnx_path: Path | None = Field(default=None, description="With model=onnx: the encoder's .onnx file.")
+    onnx_input_size: int = 224
+    onnx_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    onnx_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    threads: int = Field(default=0, description="ONNX Runtime intra-op threads; 0 = one per core.")
+    default_threshold: float | None = Field(
+        default=None, description="System score threshold; None = the model's calibrated default."
+    )
+
+    # --- limits (Qiniu's unless noted) ---
+    group_max_images: int = 500_000
+    search_max_groups: int = 2
+    search_max_limit: int = 10_000
+    max_batch_images: int = Field(default=1000, description="Images in one new/add request.")
+    max_body_bytes: int = Field(default=256 * 1024 * 1024, description="Largest request body read.")
+    desc_max_bytes: int = 4096
+
+    # --- fetching image URLs (untrusted work) ---
+    fetch_timeout_s: float = 10.0
+    fetch_connect_timeout_s: float = 3.0
+    fetch_max_bytes: int = 10 * 1024 * 1024
+    fetch_max_redirects: int = 3
+    fetch_allow: list[str] = Field(
+        default_factory=list,
+        description="Hosts or CIDR ranges that may be fetched although private (tests, intranets).",
+    )
+    fetch_user_agent: str = "tusou/0.1 (+image search)"
+    fetch_max_concurrent: int = 16
+
+    @property
+    def db_path(self) -> Path:
+        return self.data / "tusou.db"
+
+    @property
+    def model_cache(self) -> Path:
+        return self.data / "models"
