@@ -23,7 +23,9 @@ class Settings(BaseSettings):
         default=None,
         description="Host[:port] clients sign when tusou runs behind a proxy that rewrites Host.",
     )
-    max_date_skew_s: int = Field(default=900, description="X-Qiniu-Date further off than this is refused (403).")
+    max_date_skew_s: int = Field(
+        default=900, description="X-Qiniu-Date further off than this is refused (403)."
+    )
 
     # --- model ---
     model: str = Field(default="lite0", description="lite0, lite1, lite2 or onnx (a user-supplied encoder).")

@@ -1,0 +1,275 @@
+"""Every Qiniu endpoint through real HTTP, real images, real signatures (the official SDK's QiniuMacAuth)."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image, ImageOps
+
+from tests.conftest import ImageServer, QiniuClient, Tusou, data_uri, jpeg
+
+
+def entry(image: Image.Image, image_id: str | None = None, label: str | None = None, desc=None) -> dict:
+    attribute = {k: v for k, v in (("id", image_id), ("label", label), ("desc", desc)) if v is not None}
+    return {"uri": data_uri(jpeg(image)), "attribute": attribute}
+
+
+def test_create_group_answers_as_the_page_shows(client: QiniuClient, scenes: list[Image.Image]) -> None:
+    body = {"data": [entry(scenes[i], str(i + 1), "shoes") for i in range(4)]}
+    resp = client.post("/v1/image/group/g1/new", body)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["X-Reqid"]
+    assert resp.json() == {"errors": [None, None, None, None], "images": ["1", "2", "3", "4"]}
+
+    again = client.post("/v1/image/group/g1/new", {"data": []})
+    assert again.status_code == 400
+    assert again.json() == {"error": "group already exists"}
+
+
+def test_add_reports_each_bad_image_in_place(client: QiniuClient, scenes: list[Image.Image]) -> None:
+    assert client.post("/v1/image/group/g/new", {"data": [entry(scenes[0], "a")]}).status_code == 200
+    body = {
+        "data": [
+            entry(scenes[1], "b", "bag", {"price": 12, "tags": ["x"]}),
+            entry(scenes[2], "a"),  # repeated id
+            {"uri": "data:application/octet-stream;base64,bm90IGFuIGltYWdl"},  # "not an image"
+            entry(scenes[3], "c", desc="x" * 5000),
+            entry(scenes[4]),  # generated id
+        ]
+    }
+    resp = client.post("/v1/image/group/g/add", body)
+    assert resp.status_code == 200
+    out = resp.json()
+    assert out["images"][:4] == ["b", "", "", ""]
+    assert out["errors"][0] is None and out["errors"][4] is None
+    assert out["errors"][1] == {"code": 400, "message": "id already exists"}
+    assert out["errors"][2]["code"] >= 400 and out["errors"][2]["message"]
+    assert out["errors"][3] == {"code": 406, "message": "desc too long"}
+    generated = out["images"][4]
+    assert generated and generated not in ("a", "b")
+    assert client.get("/v1/image/group/g/info").json() == {"count": 3}
+
+
+def test_add_to_unknown_group(client: QiniuClient, scenes: list[Image.Image]) -> None:
+    resp = client.post("/v1/image/group/nope/add", {"data": [entry(scenes[0])]})
+    assert resp.status_code == 400
+    assert resp.json() == {"error": "group nope not exists"}
+
+
+def test_list_groups_info_image_and_remove(client: QiniuClient, scenes: list[Image.Image]) -> None:
+    client.post("/v1/image/group/1/new", {"data": [entry(scenes[0], "x", "bag")]})
+    client.post("/v1/image/group/2/new", {"data": []})
+    assert client.get("/v1/image/group").json() == {"code": 0, "message": "", "result": ["1", "2"]}
+    assert client.get("/v1/image/group/2/info").json() == {"count": 0}
+    image = client.post("/v1/image/group/1/image", {"id": "x"})
+    assert image.json() == {"desc": "", "label": "bag"}
+    missing = client.post("/v1/image/group/1/image", {"id": "y"})
+    assert missing.status_code == 400 and missing.json() == {"error": "image y not exists"}
+
+    removed = client.post("/v1/image/group/1/remove")
+    assert removed.status_code == 200 and removed.json() == {}
+    assert client.get("/v1/image/group").json()["result"] == ["2"]
+    gone = client.get("/v1/image/group/1/info")
+    assert gone.status_code == 400 and gone.json() == {"error": "group 1 not exists"}
+
+
+def test_list_images_pages_with_marker_and_limit(client: QiniuClient, scenes: list[Image.Image]) -> None:
+    data = [entry(scenes[i % len(scenes)].rotate(i), f"img{i}", "shoes") for i in range(7)]
+    client.post("/v1/image/group/p/new", {"data": data})
+    everything = client.get("/v1/image/group/p").json()
+    assert everything["code"] == 0 and everything["message"] == "" and everything["marker"] == ""
+    assert [r["id"] for r in everything["result"]] == [f"img{i}" for i in range(7)]
+    assert everything["result"][0] == {"id": "img0", "value": {"desc": "", "label": "shoes"}}
+
+    seen, marker = [], ""
+    while True:
+        page = client.get("/v1/image/group/p", {"marker": marker, "limit": 3}).json()
+        seen += [r["id"] for r in page["result"]]
+        marker = page["marker"]
+        if not marker:
+            break
+        # A client deleting while another lists never makes the listing skip a surviving image.
+        client.post("/v1/image/group/p/delete", {"images": [seen[-1]]})
+    assert seen == [f"img{i}" for i in range(7)]
+    for bad in ("0", "1001", "x"):
+        assert client.get("/v1/image/group/p", {"limit": bad}).status_code == 400
+    assert client.get("/v1/image/group/p", {"marker": "garbage!"}).json() == {"error": "invalid marker"}
+
+
+def test_delete_images(client: QiniuClient, scenes: list[Image.Image]) -> None:
+    client.post("/v1/image/group/d/new", {"data": [entry(scenes[i], f"{i}") for i in range(3)]})
+    resp = client.post("/v1/image/group/d/delete", {"images": ["0", "2", "never-existed"]})
+    assert resp.status_code == 200 and resp.json() == {}
+    assert [r["id"] for r in client.get("/v1/image/group/d").json()["result"]] == ["1"]
+    assert client.get("/v1/image/group/d/info").json() == {"count": 1}
+
+
+def test_search_finds_near_duplicates_with_scores(
+    client: QiniuClient, scenes: list[Image.Image], image_server: ImageServer
+) -> None:
+    gallery = [entry(scenes[i], f"s{i}", "scene", {"n": i}) for i in range(6)]
+    client.post("/v1/image/group/shop/new", {"data": gallery})
+    url = image_server.put("other.jpg", jpeg(scenes[7]))
+    client.post(
+        "/v1/image/group/shop2/new", {"data": [{"uri": url, "attribute": {"id": "u7", "label": "l"}}]}
+    )
+
+    query = scenes[3].resize((240, 180))
+    body = {"data": {"uri": data_uri(jpeg(query, 40))}, "params": {"groups": ["shop", "shop2"], "limit": 5}}
+    resp = client.post("/v1/image/groups/search", body)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["code"] == 0 and out["message"] == ""
+    top = out["result"][0]
+    assert (
+        top["id"] == "s3" and top["group"] == "shop" and top["label"] == "scene" and top["desc"] == {"n": 3}
+    )
+    assert 0.85 <= top["score"] <= 1.0
+    scores = [hit["score"] for hit in out["result"]]
+    assert scores == sorted(scores, reverse=True)
+
+    # The URL-sourced image is found by its own near-duplicate, with its uri.
+    body = {"data": {"uri": url}, "params": {"groups": ["shop", "shop2"], "threshold": 0.85}}
+    hit = client.post("/v1/image/groups/search", body).json()["result"]
+    assert hit == [
+        {"desc": "", "group": "shop2", "id": "u7", "label": "l", "score": hit[0]["score"], "uri": url}
+    ]
+
+    # Legacy single-group search: same hits, no group field.
+    legacy = client.post(
+        "/v1/image/group/shop/search", {"data": {"uri": body_uri(query)}, "params": {"limit": 1}}
+    )
+    assert legacy.status_code == 200
+    assert [{k: v for k, v in h.items() if k != "score"} for h in legacy.json()["result"]] == [
+        {"desc": {"n": 3}, "id": "s3", "label": "scene"}
+    ]
+
+
+def body_uri(image: Image.Image) -> str:
+    return data_uri(jpeg(image, 40))
+
+
+def test_search_threshold_keeps_unrelated_images_out(client: QiniuClient, scenes: list[Image.Image]) -> None:
+    client.post("/v1/image/group/t/new", {"data": [entry(scenes[i], f"s{i}") for i in range(4)]})
+    body = {"data": {"uri": body_uri(scenes[6])}, "params": {"groups": ["t"], "limit": -1}}
+    assert client.post("/v1/image/groups/search", body).json()["result"] == []
+    # A threshold below the system default is raised to it: still nothing.
+    body["params"]["threshold"] = 0.0
+    assert client.post("/v1/image/groups/search", body).json()["result"] == []
+    # A mirrored copy is still the same image.
+    body = {"data": {"uri": body_uri(ImageOps.mirror(scenes[2]))}, "params": {"groups": ["t"], "limit": -1}}
+    assert [h["id"] for h in client.post("/v1/image/groups/search", body).json()["result"]] == ["s2"]
+
+
+def test_search_rejects_bad_parameters_with_406(client: QiniuClient, scenes: list[Image.Image]) -> None:
+    client.post("/v1/image/group/a/new", {"data": []})
+    uri = body_uri(scenes[0])
+    cases = [
+        {"data": {"uri": ""}, "params": {"groups": ["a"]}},
+        {"data": {"uri": uri}, "params": {"groups": []}},
+        {"data": {"uri": uri}, "params": {"groups": ["a", "b", "c"]}},
+        {"data": {"uri": uri}, "params": {"groups": ["a"], "limit": 10001}},
+        {"data": {"uri": uri}, "params": {"groups": ["a"], "limit": -2}},
+        {"data": {"uri": uri}, "params": {"groups": ["a"], "threshold": 1.5}},
+        {"data": {"uri": uri}, "params": {"groups": ["a"], "threshold": -0.1}},
+    ]
+    for body in cases:
+        resp = client.post("/v1/image/groups/search", body)
+        assert resp.status_code == 406, (body["params"], resp.text)
+        assert set(resp.json()) == {"error"}
+    unknown = client.post("/v1/image/groups/search", {"data": {"uri": uri}, "params": {"groups": ["zz"]}})
+    assert unknown.status_code == 400 and unknown.json() == {"error": "group zz not exists"}
+
+
+def test_bad_bodies_and_routes_get_qiniu_errors(client: QiniuClient) -> None:
+    resp = client.session.post(
+        client.base + "/v1/image/group/x/new",
+        data=b"{not json",
+        headers={"Content-Type": "application/json"},
+        auth=client.auth,
+    )
+    assert resp.status_code == 400 and resp.json() == {"error": "invalid body"}
+    assert client.post("/v1/image/group/x/new", {"data": "nope"}).status_code == 400
+    assert client.post("/v1/image/group/x/new", [1, 2]).status_code == 400
+    resp = client.get("/v1/nothing/here")
+    assert resp.status_code == 404 and resp.json() == {"error": "not found"} and resp.headers["X-Reqid"]
+
+
+def test_signatures_are_required(tusou: Tusou, client: QiniuClient) -> None:
+    import requests
+
+    resp = requests.get(tusou.server.url + "/v1/image/group", timeout=10)
+    assert resp.status_code == 401 and resp.json() == {"error": "bad token"}
+    wrong = QiniuClient(tusou.server.url, client.auth.auth.get_access_key(), "not-the-secret")
+    assert wrong.get("/v1/image/group").status_code == 401
+    # The SDK always stamps X-Qiniu-Date with now; sign an old date with its signer directly.
+    from qiniu import QiniuMacAuth
+
+    mac = QiniuMacAuth(client.auth.auth.get_access_key(), client.auth.auth.get_secret_key())
+    mac.disable_qiniu_timestamp_signature = True
+    headers = {"X-Qiniu-Date": "20200101T000000Z", "Content-Type": "application/x-www-form-urlencoded"}
+    token = mac.token_of_request(
+        "GET",
+        f"127.0.0.1:{tusou.server.port}",
+        tusou.server.url + "/v1/image/group",
+        mac.qiniu_headers(headers),
+        headers["Content-Type"],
+        None,
+    )
+    headers["Authorization"] = "Qiniu " + token
+    old = requests.get(tusou.server.url + "/v1/image/group", headers=headers, timeout=10)
+    assert old.status_code == 403 and set(old.json()) == {"error"}
+
+
+def test_tenants_are_isolated(tusou: Tusou, scenes: list[Image.Image]) -> None:
+    alice, bob = tusou.client("alice"), tusou.client("bob")
+    alice.post("/v1/image/group/shared-name/new", {"data": [entry(scenes[0], "a1", "alice")]})
+    # Bob sees none of Alice's groups and may use the same group name for his own.
+    assert bob.get("/v1/image/group").json()["result"] == []
+    for resp in (
+        bob.get("/v1/image/group/shared-name/info"),
+        bob.get("/v1/image/group/shared-name"),
+        bob.post("/v1/image/group/shared-name/image", {"id": "a1"}),
+        bob.post("/v1/image/group/shared-name/add", {"data": [entry(scenes[1])]}),
+        bob.post("/v1/image/group/shared-name/delete", {"images": ["a1"]}),
+        bob.post("/v1/image/group/shared-name/remove"),
+        bob.post(
+            "/v1/image/groups/search",
+            {"data": {"uri": body_uri(scenes[0])}, "params": {"groups": ["shared-name"]}},
+        ),
+        bob.post("/v1/image/group/shared-name/search", {"data": {"uri": body_uri(scenes[0])}}),
+    ):
+        assert resp.status_code == 400 and resp.json() == {"error": "group shared-name not exists"}
+    assert (
+        bob.post("/v1/image/group/shared-name/new", {"data": [entry(scenes[1], "b1", "bob")]}).status_code
+        == 200
+    )
+    search = {"data": {"uri": body_uri(scenes[0])}, "params": {"groups": ["shared-name"], "limit": -1}}
+    assert [h["id"] for h in bob.post("/v1/image/groups/search", search).json()["result"]] == []
+    assert [h["id"] for h in alice.post("/v1/image/groups/search", search).json()["result"]] == ["a1"]
+    assert alice.get("/v1/image/group/shared-name/info").json() == {"count": 1}
+
+
+def test_form_encoded_bodies_from_the_sdk_helpers(tusou: Tusou, client: QiniuClient, scenes) -> None:
+    from qiniu import QiniuMacAuth
+    from qiniu.http import _get_with_qiniu_mac, _post_with_qiniu_mac, _post_with_qiniu_mac_and_headers
+
+    mac = QiniuMacAuth(client.auth.auth.get_access_key(), client.auth.auth.get_secret_key())
+    base = tusou.server.url
+    ret, info = _post_with_qiniu_mac_and_headers(
+        base + "/v1/image/group/f/new",
+        json.dumps({"data": [entry(scenes[0], "f0", "form")]}),
+        mac,
+        {"Content-Type": "application/json"},
+    )
+    assert info.status_code == 200 and ret == {"errors": [None], "images": ["f0"]}, info.text_body
+    ret, info = _post_with_qiniu_mac(base + "/v1/image/group/f/image", {"id": "f0"}, mac)
+    assert info.status_code == 200 and ret == {"desc": "", "label": "form"}
+    ret, info = _get_with_qiniu_mac(base + "/v1/image/group/f", {"limit": 1}, mac)
+    assert info.status_code == 200 and [r["id"] for r in ret["result"]] == ["f0"]
+    ret, info = _get_with_qiniu_mac(base + "/v1/image/group", None, mac)
+    assert ret == {"code": 0, "message": "", "result": ["f"]}
+    ret, info = _post_with_qiniu_mac(base + "/v1/image/group/f/delete", {"images": ["f0"]}, mac)
+    assert info.status_code == 200 and ret == {}
+    ret, info = _post_with_qiniu_mac(base + "/v1/image/group/f/remove", None, mac)
+    assert info.status_code == 200 and ret == {}

@@ -1,0 +1,1 @@
+"""HTTP layer: Qiniu routes, wire format and signatures."""

@@ -1,0 +1,300 @@
+"""The use cases of tusou: what each API call does, independent of HTTP.
+
+The HTTP layer (``tusou.api``) parses requests and calls these methods from worker threads; they validate
+input, turn URIs into images (``tusou.images``), images into vectors (``tusou.embed``) and keep or search
+them (``tusou.store``). Errors the client caused are raised as :class:`ServiceError` with Qiniu's status and
+message; per-image failures in a batch become ``errors[]`` entries instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tusou.config import Settings
+from tusou.embed.base import Embedder
+from tusou.images import Fetcher, ImageError, load_image
+from tusou.store.base import ImageInfo, ItemError, NewImage, Store, StoreError
+
+# Group ids travel in URL paths: no separators, dot-segments or control characters.
+GROUP_ID_RE = re.compile(r"^[^\x00-\x1f\x7f/\\?#%]{1,128}$")
+IMAGE_ID_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")
+LABEL_MAX_CHARS = 1024
+
+
+class ServiceError(Exception):
+    """A request the client got wrong; ``status`` is the HTTP status, ``message`` Qiniu's error text."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class BatchResult:
+    images: list[str]
+    errors: list[dict[str, Any] | None]
+
+
+@dataclass
+class _Item:
+    """One entry of a new/add request, validated."""
+
+    id: str
+    label: str
+    desc: Any
+    uri: str
+
+
+def check_group_id(group: str) -> str:
+    if not isinstance(group, str) or not GROUP_ID_RE.match(group) or group in (".", ".."):
+        raise ServiceError(400, "invalid group id")
+    return group
+
+
+def _item_error(code: int, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message}
+
+
+class Service:
+    def __init__(self, settings: Settings, store: Store, embedder: Embedder, fetcher: Fetcher) -> None:
+        self.settings = settings
+        self.store = store
+        self.embedder = embedder
+        self.fetcher = fetcher
+        # Fetching and decoding overlap well across images (network waits, Pillow releases the GIL).
+        self._loader = ThreadPoolExecutor(
+            max_workers=settings.fetch_max_concurrent, thread_name_prefix="load"
+        )
+        self.default_threshold = (
+            settings.default_threshold
+            if settings.default_threshold is not None
+            else float(embedder.default_threshold)
+        )
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    # --- writes --------------------------------------------------------------------------------------
+    def new_group(self, tenant: str, group: str, data: Any) -> BatchResult:
+        check_group_id(group)
+        items = self._check_batch(data, allow_empty=True)
+        if group in self.store.list_groups(tenant):
+            raise ServiceError(400, "group already exists")
+        return self._write(items, lambda images: self.store.create_group(tenant, group, images))
+
+    def add_images(self, tenant: str, group: str, data: Any) -> BatchResult:
+        check_group_id(group)
+        items = self._check_batch(data, allow_empty=True)
+        self._call(self.store.count, tenant, group)  # fail fast on an unknown group, before fetching
+        return self._write(items, lambda images: self.store.add_images(tenant, group, images))
+
+    def _check_batch(self, data: Any, allow_empty: bool) -> list[_Item | dict[str, Any]]:
+        if not isinstance(data, list):
+            raise ServiceError(400, "invalid data")
+        if not data and not allow_empty:
+            raise ServiceError(400, "empty data")
+        if len(data) > self.settings.max_batch_images:
+            raise ServiceError(400, f"too many images, at most {self.settings.max_batch_images}")
+        return [self._check_item(entry) for entry in data]
+
+    def _check_item(self, entry: Any) -> _Item | dict[str, Any]:
+        """A valid item, or the ``errors[]`` entry explaining why it is not."""
+        if not isinstance(entry, dict):
+            return _item_error(400, "invalid image entry")
+        uri = entry.get("uri")
+        if not isinstance(uri, str) or not uri.strip():
+            return _item_error(400, "empty uri")
+        attribute = entry.get("attribute") or {}
+        if not isinstance(attribute, dict):
+            return _item_error(400, "invalid attribute")
+        image_id = attribute.get("id")
+        if image_id is None or image_id == "":
+            image_id = uuid.uuid4().hex
+        elif isinstance(image_id, int) and not isinstance(image_id, bool):
+            image_id = str(image_id)  # clients often send numeric ids; Qiniu echoed them as strings
+        if not isinstance(image_id, str) or not IMAGE_ID_RE.match(image_id):
+            return _item_error(400, "invalid id")
+        label = attribute.get("label")
+        if label is None:
+            label = ""
+        if not isinstance(label, str) or len(label) > LABEL_MAX_CHARS:
+            return _item_error(400, "invalid label")
+        desc = attribute.get("desc")
+        if desc is not None:
+            if len(json.dumps(desc, ensure_ascii=False).encode()) > self.settings.desc_max_bytes:
+                return _item_error(406, "desc too long")
+        return _Item(image_id, label, desc, uri.strip())
+
+    def _write(self, items: list[_Item | dict[str, Any]], commit: Any) -> BatchResult:
+        images = self._load_all([it.uri if isinstance(it, _Item) else None for it in items])
+        errors: list[dict[str, Any] | None] = [None] * len(items)
+        ready: list[int] = []
+        for i, (item, loaded) in enumerate(zip(items, images, strict=True)):
+            if isinstance(item, dict):
+                errors[i] = item
+            elif isinstance(loaded, ImageError):
+                errors[i] = _item_error(loaded.code, loaded.message)
+            else:
+                ready.append(i)
+        vectors = self.embedder.embed_images([images[i] for i in ready]) if ready else np.zeros((0, 0))
+        new_images = []
+        for row, i in enumerate(ready):
+            item = items[i]
+            assert isinstance(item, _Item)
+            uri = item.uri if not item.uri.startswith("data:") else None
+            new_images.append(NewImage(item.id, item.label, item.desc, uri, vectors[row]))
+        try:
+            results: list[ItemError | None] = commit(new_images)
+        except StoreError as exc:
+            raise ServiceError(exc.status, exc.message) from exc
+        ids = [""] * len(items)
+        for i, new_image, result in zip(ready, new_images, results, strict=True):
+            if result is None:
+                ids[i] = new_image.id
+            else:
+                errors[i] = _item_error(result.code, result.message)
+        return BatchResult(ids, errors)
+
+    def _load_all(self, uris: list[str | None]) -> list[Image.Image | ImageError | None]:
+        def load(uri: str | None) -> Image.Image | ImageError | None:
+            if uri is None:
+                return None
+            try:
+                return load_image(uri, self.fetcher)
+            except ImageError as exc:
+                return exc
+
+        if len(uris) == 1:
+            return [load(uris[0])]
+        return list(self._loader.map(load, uris))
+
+    def remove_group(self, tenant: str, group: str) -> None:
+        self._call(self.store.remove_group, tenant, check_group_id(group))
+
+    def delete_images(self, tenant: str, group: str, ids: Any) -> int:
+        check_group_id(group)
+        if not isinstance(ids, list) or not all(isinstance(i, str | int) for i in ids):
+            raise ServiceError(400, "invalid images")
+        return self._call(self.store.delete_images, tenant, group, [str(i) for i in ids])
+
+    # --- reads ---------------------------------------------------------------------------------------
+    def list_groups(self, tenant: str) -> list[str]:
+        return self.store.list_groups(tenant)
+
+    def group_count(self, tenant: str, group: str) -> int:
+        return self._call(self.store.count, tenant, check_group_id(group))
+
+    def list_images(self, tenant: str, group: str, marker: str, limit: int) -> tuple[list[ImageInfo], str]:
+        if not 1 <= limit <= 1000:
+            raise ServiceError(400, "invalid limit")
+        return self._call(self.store.list_images, tenant, check_group_id(group), marker, limit)
+
+    def get_image(self, tenant: str, group: str, image_id: Any) -> ImageInfo:
+        if isinstance(image_id, int) and not isinstance(image_id, bool):
+            image_id = str(image_id)
+        if not isinstance(image_id, str) or not image_id:
+            raise ServiceError(400, "invalid id")
+        return self._call(self.store.get_image, tenant, check_group_id(group), image_id)
+
+    def search(
+        self, tenant: str, groups: Any, uri: Any, limit: Any = None, threshold: Any = None
+    ) -> list[dict[str, Any]]:
+        """Qiniu's search: the best ``limit`` images over ``groups`` scoring at least the threshold."""
+        if not isinstance(uri, str) or not uri.strip():
+            raise ServiceError(406, "empty uri")
+        groups = self._check_groups(groups)
+        limit = self._check_limit(limit)
+        floor = self._check_threshold(threshold)
+        for group in groups:
+            self._call(self.store.count, tenant, group)
+        try:
+            image = load_image(uri.strip(), self.fetcher)
+        except ImageError as exc:
+            raise ServiceError(exc.code if 400 <= exc.code < 600 else 400, exc.message) from exc
+        queries = self.embedder.embed_queries([image])[0]
+        hits = self._call(
+            self.store.search, tenant, groups, queries, limit, self.embedder.cosine_for_score(floor)
+        )
+        scores = self.embedder.score(np.asarray([hit.cosine for hit in hits], dtype=np.float32))
+        result = []
+        for hit, score in zip(hits, scores.tolist(), strict=True):
+            if score < floor:
+                continue  # the inverse map is approximate at the boundary; the score decides
+            entry: dict[str, Any] = {
+                "desc": hit.desc,
+                "group": hit.group,
+                "id": hit.id,
+                "label": hit.label,
+                "score": round(float(score), 7),
+            }
+            if hit.uri:
+                entry["uri"] = hit.uri
+            result.append(entry)
+        return result
+
+    def _check_groups(self, groups: Any) -> list[str]:
+        if isinstance(groups, str):
+            groups = [groups]
+        if not isinstance(groups, list) or not groups:
+            raise ServiceError(406, "empty groups")
+        if len(groups) > self.settings.search_max_groups:
+            raise ServiceError(406, f"too many groups, at most {self.settings.search_max_groups}")
+        if not all(isinstance(g, str) for g in groups):
+            raise ServiceError(406, "invalid groups")
+        return list(dict.fromkeys(check_group_id(g) for g in groups))
+
+    def _check_limit(self, limit: Any) -> int:
+        if limit is None:
+            return 1
+        if isinstance(limit, bool) or not isinstance(limit, int | float | str):
+            raise ServiceError(406, "invalid limit")
+        try:
+            value = int(limit)
+        except ValueError as exc:
+            raise ServiceError(406, "invalid limit") from exc
+        if value != float(limit) or value < -1 or value > self.settings.search_max_limit:
+            raise ServiceError(406, "invalid limit")
+        if value == 0:
+            return 1
+        # -1 is "every match"; Qiniu capped that at the maximum limit too.
+        return self.settings.search_max_limit if value == -1 else value
+
+    def _check_threshold(self, threshold: Any) -> float:
+        if threshold is None or threshold == "":
+            return self.default_threshold
+        if isinstance(threshold, bool):
+            raise ServiceError(406, "invalid threshold")
+        try:
+            value = float(threshold)
+        except (TypeError, ValueError) as exc:
+            raise ServiceError(406, "invalid threshold") from exc
+        if not 0.0 <= value <= 1.0:
+            raise ServiceError(406, "invalid threshold")
+        return max(value, self.default_threshold)
+
+    @staticmethod
+    def _call(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except StoreError as exc:
+            raise ServiceError(exc.status, exc.message) from exc
+
+
+def build_service(settings: Settings) -> Service:
+    """Wire the real pieces together: model, store and fetcher from ``settings``."""
+    from tusou.embed import create_embedder
+    from tusou.store import open_store
+
+    settings.data.mkdir(parents=True, exist_ok=True)
+    embedder = create_embedder(settings)
+    store = open_store(settings, model_id=embedder.model_id, dim=embedder.dim)
+    return Service(settings, store, embedder, Fetcher(settings))

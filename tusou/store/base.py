@@ -1,0 +1,143 @@
+"""The storage contract: one interface, several backends (embedded SQLite today, a distributed engine later).
+
+A store keeps groups of images per tenant (an access key), each image with its vector and metadata, and
+answers nearest-neighbour queries. It knows nothing of HTTP, images or models: vectors come in as unit
+float32 rows and similarity goes out as cosine.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+class StoreError(Exception):
+    """A request the store refuses; ``status`` follows Qiniu's use of HTTP codes."""
+
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class GroupExists(StoreError):
+    def __init__(self, group: str) -> None:
+        super().__init__("group already exists")
+        self.group = group
+
+
+class GroupNotFound(StoreError):
+    def __init__(self, group: str) -> None:
+        super().__init__(f"group {group} not exists")
+        self.group = group
+
+
+class ImageNotFound(StoreError):
+    def __init__(self, image_id: str) -> None:
+        super().__init__(f"image {image_id} not exists")
+
+
+class BadMarker(StoreError):
+    def __init__(self) -> None:
+        super().__init__("invalid marker")
+
+
+class ModelMismatch(Exception):
+    """The data folder was indexed with another model; searching it with this one would be meaningless."""
+
+
+@dataclass
+class NewImage:
+    id: str
+    label: str
+    desc: Any
+    uri: str | None
+    vector: np.ndarray
+
+
+@dataclass
+class ImageInfo:
+    id: str
+    label: str
+    desc: Any
+    uri: str | None
+
+
+@dataclass
+class Hit:
+    group: str
+    id: str
+    label: str
+    desc: Any
+    uri: str | None
+    cosine: float
+
+
+@dataclass
+class ItemError:
+    """A per-image failure inside a batch write (becomes an ``errors[]`` entry)."""
+
+    code: int
+    message: str
+
+
+class Store(ABC):
+    """All methods are safe to call from several threads."""
+
+    @abstractmethod
+    def create_group(self, tenant: str, group: str, images: Sequence[NewImage]) -> list[ItemError | None]:
+        """Create ``group`` holding ``images``; raises GroupExists. Returns one result per image."""
+
+    @abstractmethod
+    def add_images(self, tenant: str, group: str, images: Sequence[NewImage]) -> list[ItemError | None]:
+        """Add images to an existing group; a repeated id or a full group is a per-image error."""
+
+    @abstractmethod
+    def remove_group(self, tenant: str, group: str) -> None: ...
+
+    @abstractmethod
+    def delete_images(self, tenant: str, group: str, ids: Sequence[str]) -> int:
+        """Delete the named images; unknown ids are ignored. Returns how many were deleted."""
+
+    @abstractmethod
+    def list_groups(self, tenant: str) -> list[str]: ...
+
+    @abstractmethod
+    def count(self, tenant: str, group: str) -> int: ...
+
+    @abstractmethod
+    def list_images(self, tenant: str, group: str, marker: str, limit: int) -> tuple[list[ImageInfo], str]:
+        """A page in insertion order after ``marker``; returns the page and the next marker ('' at the end).
+
+        Markers stay valid while other clients add and delete: a page never repeats or skips an image
+        that existed throughout the listing.
+        """
+
+    @abstractmethod
+    def get_image(self, tenant: str, group: str, image_id: str) -> ImageInfo: ...
+
+    @abstractmethod
+    def get_vector(self, tenant: str, group: str, image_id: str) -> np.ndarray: ...
+
+    @abstractmethod
+    def search(
+        self,
+        tenant: str,
+        groups: Sequence[str],
+        queries: np.ndarray,
+        limit: int,
+        min_cosine: float,
+    ) -> list[Hit]:
+        """Best ``limit`` images over ``groups`` with cosine >= min_cosine, best first.
+
+        ``queries`` is (v, dim): several views of one query; an image scores its best cosine over them.
+        ``limit`` -1 means every match.
+        """
+
+    @abstractmethod
+    def close(self) -> None: ...

@@ -1,0 +1,357 @@
+"""The embedded store: SQLite is the record of truth, an in-memory index per group is the search cache.
+
+Durability: WAL journal with ``synchronous=FULL``, so a commit has reached the disk (fsync) before it
+returns, and a write is acknowledged only after its commit. The in-memory index is updated after the
+commit and rebuilt from the database on start, so a crash between the two loses nothing and a restart
+never re-embeds an image.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from tusou.store.base import (
+    BadMarker,
+    GroupExists,
+    GroupNotFound,
+    Hit,
+    ImageInfo,
+    ImageNotFound,
+    ItemError,
+    ModelMismatch,
+    NewImage,
+    Store,
+)
+from tusou.store.vector_index import VectorIndex
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS groups (
+    gid INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created REAL NOT NULL,
+    UNIQUE (tenant, name)
+);
+CREATE TABLE IF NOT EXISTS images (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    gid INTEGER NOT NULL REFERENCES groups (gid) ON DELETE CASCADE,
+    image_id TEXT NOT NULL,
+    label TEXT NOT NULL,
+    desc TEXT,
+    uri TEXT,
+    created REAL NOT NULL,
+    UNIQUE (gid, image_id)
+);
+CREATE INDEX IF NOT EXISTS images_by_group ON images (gid, seq);
+-- Vectors live apart from metadata so listing pages never read the (overflowing) vector blobs.
+CREATE TABLE IF NOT EXISTS vectors (
+    seq INTEGER PRIMARY KEY REFERENCES images (seq) ON DELETE CASCADE,
+    vector BLOB NOT NULL
+);
+"""
+
+# Ids of rows fetched per query when turning hits into records; below SQLite's variable limit.
+_CHUNK = 900
+
+
+def encode_marker(seq: int) -> str:
+    return base64.urlsafe_b64encode(seq.to_bytes(8, "big")).decode().rstrip("=")
+
+
+def decode_marker(marker: str) -> int:
+    if not marker:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(marker + "=" * (-len(marker) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise BadMarker() from exc
+    if len(raw) != 8 or encode_marker(int.from_bytes(raw, "big")) != marker:
+        raise BadMarker()
+    return int.from_bytes(raw, "big")
+
+
+def _dump_desc(desc: object) -> str | None:
+    return None if desc is None else json.dumps(desc, ensure_ascii=False, separators=(",", ":"))
+
+
+def _load_desc(text: str | None) -> object:
+    return "" if text is None else json.loads(text)
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: Path, *, model_id: str, dim: int, group_max_images: int = 500_000) -> None:
+        self.path = Path(path)
+        self.dim = dim
+        self.group_max_images = group_max_images
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new_file = not self.path.exists()
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._writer = self._connect()
+        if new_file:
+            # Must precede the first table; lets deletes hand pages back to the file system.
+            self._writer.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            os.chmod(self.path, 0o600)
+        self._writer.executescript(SCHEMA)
+        self._check_model(model_id)
+        self._gids: dict[tuple[str, str], int] = {}
+        self._indexes: dict[int, VectorIndex] = {}
+        self._load()
+
+    # --- connections -------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One durable write; callers hold ``_write_lock`` so post-commit cache updates stay ordered."""
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _check_model(self, model_id: str) -> None:
+        row = self._writer.execute("SELECT value FROM meta WHERE key='model_id'").fetchone()
+        if row and row[0] != model_id:
+            has_images = self._writer.execute("SELECT 1 FROM images LIMIT 1").fetchone()
+            if has_images:
+                raise ModelMismatch(
+                    f"{self.path} was indexed with model {row[0]}, not {model_id}; "
+                    "start with the same model or use a new data folder"
+                )
+        with self._write_lock, self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('model_id', ?)", (model_id,))
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('dim', ?)", (str(self.dim),))
+
+    def _load(self) -> None:
+        conn = self._writer
+        for gid, tenant, name in conn.execute("SELECT gid, tenant, name FROM groups"):
+            self._gids[(tenant, name)] = gid
+            self._indexes[gid] = VectorIndex(self.dim)
+        batch: dict[int, tuple[list[int], list[bytes]]] = {}
+        cursor = conn.execute(
+            "SELECT images.gid, vectors.seq, vectors.vector FROM vectors JOIN images USING (seq) ORDER BY seq"
+        )
+        while rows := cursor.fetchmany(10_000):
+            for gid, seq, blob in rows:
+                keys, blobs = batch.setdefault(gid, ([], []))
+                keys.append(seq)
+                blobs.append(blob)
+            for gid, (keys, blobs) in batch.items():
+                vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(keys), self.dim)
+                self._indexes[gid].add(np.asarray(keys), vectors)
+            batch.clear()
+
+    # --- groups --------------------------------------------------------------------------------------
+    def _gid(self, tenant: str, group: str) -> int:
+        gid = self._gids.get((tenant, group))
+        if gid is None:
+            raise GroupNotFound(group)
+        return gid
+
+    def create_group(self, tenant: str, group: str, images: Sequence[NewImage]) -> list[ItemError | None]:
+        with self._write_lock:
+            if (tenant, group) in self._gids:
+                raise GroupExists(group)
+            with self._transaction() as conn:
+                gid = conn.execute(
+                    "INSERT INTO groups (tenant, name, created) VALUES (?, ?, ?)",
+                    (tenant, group, time.time()),
+                ).lastrowid
+                assert gid is not None
+                results, added = self._insert(conn, gid, 0, images)
+            self._indexes[gid] = VectorIndex(self.dim)
+            self._index_added(gid, added)
+            self._gids[(tenant, group)] = gid
+        return results
+
+    def add_images(self, tenant: str, group: str, images: Sequence[NewImage]) -> list[ItemError | None]:
+        with self._write_lock:
+            gid = self._gid(tenant, group)
+            with self._transaction() as conn:
+                results, added = self._insert(conn, gid, len(self._indexes[gid]), images)
+            # Rows are committed; the index catches up before the caller acknowledges.
+            self._index_added(gid, added)
+        return results
+
+    def _insert(
+        self, conn: sqlite3.Connection, gid: int, count: int, images: Sequence[NewImage]
+    ) -> tuple[list[ItemError | None], list[tuple[int, np.ndarray]]]:
+        results: list[ItemError | None] = []
+        added: list[tuple[int, np.ndarray]] = []
+        now = time.time()
+        for image in images:
+            if count >= self.group_max_images:
+                results.append(ItemError(406, "group is full"))
+                continue
+            vector = np.ascontiguousarray(image.vector, dtype=np.float32).reshape(self.dim)
+            try:
+                seq = conn.execute(
+                    "INSERT INTO images (gid, image_id, label, desc, uri, created) VALUES (?, ?, ?, ?, ?, ?)",
+                    (gid, image.id, image.label, _dump_desc(image.desc), image.uri, now),
+                ).lastrowid
+            except sqlite3.IntegrityError:
+                results.append(ItemError(400, "id already exists"))
+                continue
+            assert seq is not None
+            conn.execute("INSERT INTO vectors (seq, vector) VALUES (?, ?)", (seq, vector.tobytes()))
+            results.append(None)
+            added.append((seq, vector))
+            count += 1
+        return results, added
+
+    def _index_added(self, gid: int, added: list[tuple[int, np.ndarray]]) -> None:
+        if added:
+            keys = np.asarray([seq for seq, _ in added], dtype=np.int64)
+            self._indexes[gid].add(keys, np.stack([vec for _, vec in added]))
+
+    def remove_group(self, tenant: str, group: str) -> None:
+        with self._write_lock:
+            gid = self._gid(tenant, group)
+            with self._transaction() as conn:
+                conn.execute(
+                    "DELETE FROM vectors WHERE seq IN (SELECT seq FROM images WHERE gid = ?)", (gid,)
+                )
+                conn.execute("DELETE FROM images WHERE gid = ?", (gid,))
+                conn.execute("DELETE FROM groups WHERE gid = ?", (gid,))
+            del self._gids[(tenant, group)]
+            self._indexes.pop(gid, None)
+            self._writer.execute("PRAGMA incremental_vacuum")
+
+    def delete_images(self, tenant: str, group: str, ids: Sequence[str]) -> int:
+        with self._write_lock:
+            gid = self._gid(tenant, group)
+            seqs = self._delete_rows(gid, ids)
+            self._indexes[gid].remove(seqs)
+            if len(seqs) > 1000:
+                self._writer.execute("PRAGMA incremental_vacuum")
+        return len(seqs)
+
+    def _delete_rows(self, gid: int, ids: Sequence[str]) -> list[int]:
+        with self._transaction() as conn:
+            seqs: list[int] = []
+            for start in range(0, len(ids), _CHUNK):
+                chunk = list(ids[start : start + _CHUNK])
+                marks = ",".join("?" * len(chunk))
+                seqs += [
+                    row[0]
+                    for row in conn.execute(
+                        f"SELECT seq FROM images WHERE gid = ? AND image_id IN ({marks})", (gid, *chunk)
+                    )
+                ]
+            for start in range(0, len(seqs), _CHUNK):
+                chunk = seqs[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                conn.execute(f"DELETE FROM vectors WHERE seq IN ({marks})", chunk)
+                conn.execute(f"DELETE FROM images WHERE seq IN ({marks})", chunk)
+        return seqs
+
+    # --- reads ---------------------------------------------------------------------------------------
+    def list_groups(self, tenant: str) -> list[str]:
+        rows = self._reader().execute("SELECT name FROM groups WHERE tenant = ? ORDER BY gid", (tenant,))
+        return [row[0] for row in rows]
+
+    def count(self, tenant: str, group: str) -> int:
+        return len(self._indexes[self._gid(tenant, group)])
+
+    def list_images(self, tenant: str, group: str, marker: str, limit: int) -> tuple[list[ImageInfo], str]:
+        after = decode_marker(marker)
+        gid = self._gid(tenant, group)
+        rows = (
+            self._reader()
+            .execute(
+                "SELECT seq, image_id, label, desc, uri FROM images WHERE gid = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (gid, after, limit + 1),
+            )
+            .fetchall()
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        page = [ImageInfo(r[1], r[2], _load_desc(r[3]), r[4]) for r in rows]
+        return page, (encode_marker(rows[-1][0]) if more else "")
+
+    def _image_row(self, tenant: str, group: str, image_id: str) -> tuple:
+        row = (
+            self._reader()
+            .execute(
+                "SELECT seq, image_id, label, desc, uri FROM images WHERE gid = ? AND image_id = ?",
+                (self._gid(tenant, group), image_id),
+            )
+            .fetchone()
+        )
+        if row is None:
+            raise ImageNotFound(image_id)
+        return row
+
+    def get_image(self, tenant: str, group: str, image_id: str) -> ImageInfo:
+        row = self._image_row(tenant, group, image_id)
+        return ImageInfo(row[1], row[2], _load_desc(row[3]), row[4])
+
+    def get_vector(self, tenant: str, group: str, image_id: str) -> np.ndarray:
+        seq = self._image_row(tenant, group, image_id)[0]
+        vector = self._indexes[self._gid(tenant, group)].get(seq)
+        if vector is None:
+            raise ImageNotFound(image_id)
+        return vector
+
+    def search(
+        self, tenant: str, groups: Sequence[str], queries: np.ndarray, limit: int, min_cosine: float
+    ) -> list[Hit]:
+        found: list[tuple[float, int, str]] = []
+        for group in groups:
+            keys, cosines = self._indexes[self._gid(tenant, group)].search(queries, limit, min_cosine)
+            found += [(float(c), int(k), group) for k, c in zip(keys, cosines, strict=True)]
+        found.sort(key=lambda hit: (-hit[0], hit[1]))
+        if limit >= 0:
+            found = found[:limit]
+        records = self._records([seq for _, seq, _ in found])
+        hits = []
+        for cosine, seq, group in found:
+            record = records.get(seq)
+            if record is not None:  # deleted between the index scan and this read
+                hits.append(Hit(group, record.id, record.label, record.desc, record.uri, cosine))
+        return hits
+
+    def _records(self, seqs: list[int]) -> dict[int, ImageInfo]:
+        records: dict[int, ImageInfo] = {}
+        conn = self._reader()
+        for start in range(0, len(seqs), _CHUNK):
+            chunk = seqs[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for seq, image_id, label, desc, uri in conn.execute(
+                f"SELECT seq, image_id, label, desc, uri FROM images WHERE seq IN ({marks})", chunk
+            ):
+                records[seq] = ImageInfo(image_id, label, _load_desc(desc), uri)
+        return records
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._writer.close()
