@@ -27,6 +27,14 @@ class Settings(BaseSettings):
         default=900, description="X-Qiniu-Date further off than this is refused (403)."
     )
 
+    # --- storage ---
+    store: str = Field(default="sqlite", description="sqlite (embedded, default) or milvus.")
+    milvus_uri: str = Field(default="http://127.0.0.1:19530", description="Milvus server or Lite file.")
+    milvus_token: str | None = None
+    milvus_user: str | None = None
+    milvus_password: str | None = None
+    milvus_collection: str = Field(default="tusou_images", description="Collection name (prefix) in Milvus.")
+
     # --- model ---
     model: str = Field(default="lite0", description="lite0, lite1, lite2 or onnx (a user-supplied encoder).")
     onnx_path: Path | None = Field(default=None, description="With model=onnx: the encoder's .onnx file.")
