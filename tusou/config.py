@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     fetch_user_agent: str = "tusou/0.1 (+image search)"
     fetch_max_concurrent: int = 16
 
+    # --- abuse limits ---
+    rate_limit_per_s: float = Field(default=50.0, description="Requests per second per access key; 0 = off.")
+    rate_limit_burst: int = Field(default=100, description="Requests a key may send at once before 429.")
+    embed_batch: int = Field(default=16, description="Most images in one model call, across requests.")
+
     @property
     def db_path(self) -> Path:
         return self.data / "tusou.db"
