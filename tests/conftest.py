@@ -78,6 +78,7 @@ class QiniuClient:
 
     def __init__(self, base_url: str, access_key: str, secret_key: str) -> None:
         self.base = base_url
+        self.access_key, self.secret_key = access_key, secret_key
         self.auth = QiniuMacRequestsAuth(QiniuMacAuth(access_key, secret_key))
         self.session = requests.Session()
 

@@ -200,12 +200,12 @@ def test_signatures_are_required(tusou: Tusou, client: QiniuClient) -> None:
 
     resp = requests.get(tusou.server.url + "/v1/image/group", timeout=10)
     assert resp.status_code == 401 and resp.json() == {"error": "bad token"}
-    wrong = QiniuClient(tusou.server.url, client.auth.auth.get_access_key(), "not-the-secret")
+    wrong = QiniuClient(tusou.server.url, client.access_key, "not-the-secret")
     assert wrong.get("/v1/image/group").status_code == 401
     # The SDK always stamps X-Qiniu-Date with now; sign an old date with its signer directly.
     from qiniu import QiniuMacAuth
 
-    mac = QiniuMacAuth(client.auth.auth.get_access_key(), client.auth.auth.get_secret_key())
+    mac = QiniuMacAuth(client.access_key, client.secret_key)
     mac.disable_qiniu_timestamp_signature = True
     headers = {"X-Qiniu-Date": "20200101T000000Z", "Content-Type": "application/x-www-form-urlencoded"}
     token = mac.token_of_request(
@@ -254,7 +254,7 @@ def test_form_encoded_bodies_from_the_sdk_helpers(tusou: Tusou, client: QiniuCli
     from qiniu import QiniuMacAuth
     from qiniu.http import _get_with_qiniu_mac, _post_with_qiniu_mac, _post_with_qiniu_mac_and_headers
 
-    mac = QiniuMacAuth(client.auth.auth.get_access_key(), client.auth.auth.get_secret_key())
+    mac = QiniuMacAuth(client.access_key, client.secret_key)
     base = tusou.server.url
     ret, info = _post_with_qiniu_mac_and_headers(
         base + "/v1/image/group/f/new",

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tusou.batching import Batcher
 from tusou.config import Settings
 from tusou.embed.base import Embedder
 from tusou.images import Fetcher, ImageError, load_image
@@ -74,6 +75,8 @@ class Service:
         self._loader = ThreadPoolExecutor(
             max_workers=settings.fetch_max_concurrent, thread_name_prefix="load"
         )
+        self._embed_images = Batcher(embedder.embed_images, settings.embed_batch, "embed-index")
+        self._embed_queries = Batcher(embedder.embed_queries, settings.embed_batch, "embed-query")
         self.default_threshold = (
             settings.default_threshold
             if settings.default_threshold is not None
@@ -82,6 +85,8 @@ class Service:
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+        self._embed_images.close()
+        self._embed_queries.close()
 
     # --- writes --------------------------------------------------------------------------------------
     def new_group(self, tenant: str, group: str, data: Any) -> BatchResult:
@@ -145,7 +150,7 @@ class Service:
                 errors[i] = _item_error(loaded.code, loaded.message)
             else:
                 ready.append(i)
-        vectors = self.embedder.embed_images([images[i] for i in ready]) if ready else np.zeros((0, 0))
+        vectors = self._embed_images([images[i] for i in ready]) if ready else np.zeros((0, 0))
         new_images = []
         for row, i in enumerate(ready):
             item = items[i]
@@ -220,7 +225,7 @@ class Service:
             image = load_image(uri.strip(), self.fetcher)
         except ImageError as exc:
             raise ServiceError(exc.code if 400 <= exc.code < 600 else 400, exc.message) from exc
-        queries = self.embedder.embed_queries([image])[0]
+        queries = self._embed_queries([image])[0]
         hits = self._call(
             self.store.search, tenant, groups, queries, limit, self.embedder.cosine_for_score(floor)
         )

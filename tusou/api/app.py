@@ -131,8 +131,8 @@ def parse_body(content_type: str, body: bytes) -> dict[str, Any]:
 
 
 def _as_list(value: Any) -> Any:
-    """A form-encoded list of one element arrives as a scalar; JSON lists pass through."""
-    return [value] if isinstance(value, str | dict) else value
+    """A form-encoded list of one entry arrives as that entry; anything else passes to validation."""
+    return [value] if isinstance(value, dict) else value
 
 
 def create_app(settings: Settings, service: Service | None = None, keys: KeyStore | None = None) -> FastAPI:
