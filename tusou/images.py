@@ -1,0 +1,604 @@
+"""Turn a Qiniu ``uri`` into a validated RGB image, or a precise :class:`ImageError`.
+
+A ``uri`` is either ``data:<type>;base64,<payload>`` or an ``http(s)://`` URL. Everything here handles
+untrusted input: base64 from clients, bytes from arbitrary servers, and image files crafted to exhaust memory.
+
+Qiniu's rules (文件适用规格): at most 10 MB; 30x30 up to 4999x4999 pixels; png, jpg/jpeg, bmp, webp or gif.
+Qiniu also says "no alpha channel"; we are more lenient and composite alpha onto white instead of refusing.
+
+The error table (kind, code, message, what to do) lives in ``docs/errors.md``; keep both in sync
+(``tests/test_images.py`` checks it).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+import socket
+import threading
+import time
+import urllib.parse
+import zlib
+from collections.abc import Iterable
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from io import BytesIO
+from typing import Any
+
+import httpcore
+import httpx
+import numpy as np
+from PIL import Image, ImageOps
+
+from tusou.config import Settings
+
+# --- limits (Qiniu's) --------------------------------------------------------------------------------
+MAX_IMAGE_BYTES = 10 * 1024 * 1024
+MIN_SIDE = 30
+MAX_SIDE = 4999
+MAX_URL_CHARS = 8192
+# Base64 of MAX_IMAGE_BYTES, padded. A payload longer than this cannot decode to an acceptable image.
+MAX_B64_CHARS = 4 * ((MAX_IMAGE_BYTES + 2) // 3)
+
+# Pillow warns above MAX_IMAGE_PIXELS and raises DecompressionBombError above twice that, both from the
+# header alone. Our own dimension check refuses anything above MAX_SIDE x MAX_SIDE right after the header
+# anyway; lowering Pillow's guard to the same figure means the hard stop (2x) also protects any code path
+# that opens an image without going through decode_image. Never loosen a stricter guard set elsewhere.
+_RULE_PIXELS = MAX_SIDE * MAX_SIDE
+if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > _RULE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = _RULE_PIXELS
+
+# Pillow plugins we let open untrusted bytes. The JPEG plugin also returns "MPO" images (the multi-picture
+# JPEGs phones write); those are jpeg too.
+ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF")
+
+# kind -> code. Codes are HTTP-like (the service reuses them as the status of a failed search).
+CODES: dict[str, int] = {
+    "uri_invalid": 400,
+    "data_uri_invalid": 400,
+    "image_empty": 400,
+    "image_dimensions_invalid": 406,
+    "image_too_large": 413,
+    "image_format_unsupported": 415,
+    "image_unrecognized": 415,
+    "image_corrupt": 422,
+    "fetch_refused": 403,
+    "fetch_http_status": 424,
+    "fetch_redirects": 508,
+    "fetch_error": 502,
+    "fetch_busy": 503,
+    "fetch_timeout": 504,
+}
+
+
+class ImageError(Exception):
+    """A uri that cannot become an image. ``code`` and ``message`` go to the client as they are."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.code = CODES[kind]
+        self.message = message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+    def __repr__(self) -> str:
+        return f"ImageError({self.kind!r}, {self.code}, {self.message!r})"
+
+
+# --- data: URIs ----------------------------------------------------------------------------------------
+_WHITESPACE = re.compile(r"\s+")
+_B64_OK = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+def parse_data_uri(uri: str) -> bytes:
+    """Decode ``data:[<type>][;param]*;base64,<payload>`` (RFC 2397; base64 only).
+
+    Lenient where real clients are sloppy: whitespace and line breaks, missing padding, the url-safe
+    alphabet, a percent-encoded payload. Strict about everything else.
+    """
+    if not isinstance(uri, str) or uri[:5].lower() != "data:":
+        raise ImageError("data_uri_invalid", "invalid data uri: must start with data:")
+    # Refuse a huge string before any copy of it is made. Whitespace is tolerated, so allow up to one
+    # whitespace character per payload character plus a generous header; the exact check follows.
+    if len(uri) > 2 * MAX_B64_CHARS + 4096:
+        raise ImageError("image_too_large", f"image too large: max {MAX_IMAGE_BYTES} bytes")
+    header, sep, payload = uri[5:].partition(",")
+    if not sep:
+        raise ImageError("data_uri_invalid", "invalid data uri: missing comma")
+    params = [p.strip().lower() for p in header.split(";")]
+    if len(params) < 2 or params[-1] != "base64":
+        raise ImageError("data_uri_invalid", "invalid data uri: must be base64 (data:<type>;base64,...)")
+    if "%" in payload:
+        # Some clients URL-encode the whole uri; '%' is never part of base64, so unquoting is unambiguous.
+        payload = urllib.parse.unquote(payload)
+    payload = _WHITESPACE.sub("", payload)
+    if not payload:
+        raise ImageError("image_empty", "image is empty")
+    if len(payload) > MAX_B64_CHARS + 4:
+        raise ImageError("image_too_large", f"image too large: max {MAX_IMAGE_BYTES} bytes")
+    if not payload.isascii():
+        raise ImageError("data_uri_invalid", "invalid data uri: bad base64")
+    payload = payload.replace("-", "+").replace("_", "/")
+    if not _B64_OK.fullmatch(payload):
+        raise ImageError("data_uri_invalid", "invalid data uri: bad base64")
+    payload = payload.rstrip("=")
+    if len(payload) % 4 == 1:  # no byte string encodes to this length
+        raise ImageError("data_uri_invalid", "invalid data uri: bad base64 length")
+    try:
+        data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError("data_uri_invalid", "invalid data uri: bad base64") from exc
+    if not data:
+        raise ImageError("image_empty", "image is empty")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError("image_too_large", f"image too large: {len(data)} bytes, max {MAX_IMAGE_BYTES}")
+    return data
+
+
+# --- decoding ------------------------------------------------------------------------------------------
+# Formats we can name but do not accept, by magic bytes, so the client learns "tiff is not supported"
+# rather than "not an image". Sniffing is done by us, not by Pillow's plugins: no untrusted parsing needed.
+_OTHER_FORMATS: tuple[tuple[bytes, int, str], ...] = (
+    (b"II*\x00", 0, "tiff"),
+    (b"MM\x00*", 0, "tiff"),
+    (b"\x00\x00\x01\x00", 0, "ico"),
+    (b"\x00\x00\x02\x00", 0, "cur"),
+    (b"8BPS", 0, "psd"),
+    (b"%PDF", 0, "pdf"),
+    (b"\x00\x00\x00\x0cjP  ", 0, "jpeg 2000"),
+    (b"\xffO\xffQ", 0, "jpeg 2000"),
+    (b"\x00\x00\x00\x0cJXL ", 0, "jpeg xl"),
+    (b"\xff\x0a", 0, "jpeg xl"),
+    (b"qoif", 0, "qoi"),
+    (b"icns", 0, "icns"),
+    (b"DDS ", 0, "dds"),
+    (b"gimp xcf", 0, "xcf"),
+    (b"\x76\x2f\x31\x01", 0, "openexr"),
+    (b"#?RADIANCE", 0, "hdr"),
+)
+_FTYP_BRANDS = {b"heic": "heic", b"heix": "heic", b"mif1": "heif", b"msf1": "heif", b"avif": "avif",
+                b"avis": "avif"}
+
+
+def _sniff_other(data: bytes) -> str | None:
+    for magic, offset, name in _OTHER_FORMATS:
+        if data[offset:offset + len(magic)] == magic:
+            return name
+    if data[4:8] == b"ftyp" and data[8:12] in _FTYP_BRANDS:
+        return _FTYP_BRANDS[data[8:12]]
+    if len(data) >= 3 and data[0:1] == b"P" and data[1:2] in b"1234567" and data[2:3].isspace():
+        return "netpbm"
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:4096].lower()):
+        return "svg"
+    return None
+
+
+def _dimensions_error(size: tuple[int, int] | None) -> ImageError:
+    rule = f"{MIN_SIDE}x{MIN_SIDE}..{MAX_SIDE}x{MAX_SIDE}"
+    if size is None:
+        return ImageError("image_dimensions_invalid", f"image size outside {rule}")
+    return ImageError("image_dimensions_invalid", f"image size {size[0]}x{size[1]} outside {rule}")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Bytes -> RGB image following Qiniu's rules, or ImageError. Dimensions are checked from the header,
+    before any pixel is decoded."""
+    if not data:
+        raise ImageError("image_empty", "image is empty")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError("image_too_large", f"image too large: {len(data)} bytes, max {MAX_IMAGE_BYTES}")
+    try:
+        # formats= keeps every other Pillow plugin (and its parser) away from untrusted bytes.
+        im = Image.open(BytesIO(bytes(data)), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # The warning arrives as an exception only where warnings are errors (python -W error).
+        raise _dimensions_error(None) from exc
+    except Image.UnidentifiedImageError as exc:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] in (b"\xff\xd8\xff", b"GIF") or (
+            data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+        ) or data[:2] == b"BM":
+            # One of our formats by its signature, but its plugin gave up on the header.
+            raise ImageError("image_corrupt", "image is corrupt or truncated") from exc
+        other = _sniff_other(bytes(data[:4096]))
+        if other is not None:
+            raise ImageError(
+                "image_format_unsupported",
+                f"unsupported image format: {other} (use png, jpeg, bmp, webp or gif)",
+            ) from exc
+        raise ImageError("image_unrecognized", "not an image: unknown format") from exc
+    except Exception as exc:  # a recognised header that its plugin could not parse
+        raise ImageError("image_corrupt", "image is corrupt or truncated") from exc
+    with im:
+        w, h = im.size
+        if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE):
+            raise _dimensions_error((w, h))
+        try:
+            # Only the first frame of an animated gif/webp: a freshly opened image sits on frame 0.
+            im.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _dimensions_error(None) from exc
+        except Exception as exc:  # truncated data, bad checksums, broken streams: never a half-grey image
+            raise ImageError("image_corrupt", "image is corrupt or truncated") from exc
+        try:
+            out = _to_rgb(_orient(im))
+            # The result must not share pixels with `im`, which the with-block closes.
+            return out.copy() if out is im else out
+        except Exception as exc:
+            raise ImageError("image_corrupt", "image is corrupt or truncated") from exc
+
+
+def _orient(im: Image.Image) -> Image.Image:
+    try:
+        out = ImageOps.exif_transpose(im)
+    except Exception:
+        # A malformed EXIF block should not cost the image: keep the stored orientation.
+        return im
+    return out if out is not None else im
+
+
+_WHITE = (255, 255, 255)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB" and "transparency" not in im.info:
+        return im
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit grey (png). Pillow's convert() clips values above 255 instead of scaling; scale by hand.
+        arr = np.asarray(im.convert("I") if mode != "I" else im, dtype=np.int64)
+        grey = np.clip(arr >> 8, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "P":
+        has_alpha = "transparency" in im.info or im.palette is not None and im.palette.mode == "RGBA"
+        im = im.convert("RGBA" if has_alpha else "RGB")
+    elif mode in ("LA", "La", "PA", "RGBa", "RGBA"):
+        im = im.convert("RGBA")
+    elif mode in ("L", "1", "RGB") and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        if im.getchannel("A").getextrema() == (255, 255):
+            return im.convert("RGB")
+        # Qiniu refuses alpha; we composite onto white, what a viewer shows for a transparent background.
+        bg = Image.new("RGB", im.size, _WHITE)
+        bg.paste(im, mask=im.getchannel("A"))
+        return bg
+    return im.convert("RGB")
+
+
+# --- fetching --------------------------------------------------------------------------------------------
+# The overall deadline of the fetch running in this thread. httpx has per-operation timeouts only (a
+# server trickling a byte per second never trips a 10 s read timeout); our network streams read this and
+# shrink every socket timeout to what is left, so the whole fetch ends at fetch_timeout_s.
+_local = threading.local()
+
+
+def _bounded(timeout: float | None, exc: type[Exception]) -> float | None:
+    deadline: float | None = getattr(_local, "deadline", None)
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise exc("fetch deadline exceeded")
+    return left if timeout is None else min(timeout, left)
+
+
+_BLOCKED_NETS = [
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+        "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
+        "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+        "::/96",  # unspecified, loopback and the deprecated IPv4-compatible form
+        "100::/64", "2001::/23", "2001:db8::/32", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+    )
+]
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _is_blocked(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True for anything that is not a plain public unicast address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        # Forms that embed an IPv4 address and can reach it: judge the embedded address.
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return _is_blocked(embedded)
+    if any(ip.version == n.version and ip in n for n in _BLOCKED_NETS):
+        return True
+    return (
+        not ip.is_global or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+        or ip.is_reserved or ip.is_unspecified
+    )
+
+
+class _Guard:
+    """Resolves a host once and says which addresses may be connected to (SSRF guard)."""
+
+    def __init__(self, allow: Iterable[str]) -> None:
+        self._hosts: set[str] = set()
+        self._nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for entry in allow:
+            entry = entry.strip()
+            if not entry:
+                continue
+            try:
+                self._nets.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+            except ValueError:
+                self._hosts.add(entry.lower().rstrip("."))
+
+    def _ip_allowed(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        cands = [ip]
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            cands.append(ip.ipv4_mapped)
+        return any(c.version == n.version and c in n for c in cands for n in self._nets)
+
+    def resolve(self, host: str, port: int) -> list[str]:
+        """Addresses of ``host`` that passed the guard, in resolver order. Raises ImageError."""
+        name = host.strip("[]").lower().rstrip(".")
+        try:
+            infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError) as exc:
+            raise ImageError("fetch_error", f"fetch failed: cannot resolve host {name}") from exc
+        addrs: list[str] = []
+        for family, _type, _proto, _canon, sockaddr in infos:
+            if family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            raw = str(sockaddr[0])
+            ip = ipaddress.ip_address(raw.split("%", 1)[0])
+            if name not in self._hosts and not self._ip_allowed(ip) and _is_blocked(ip):
+                # Refuse the host if any of its addresses is private: a name that mixes public and private
+                # answers is exactly what a rebinding attack looks like.
+                what = name if name == str(ip) else f"{name} resolves to {ip}, which"
+                raise ImageError("fetch_refused", f"fetch refused: {what} is not a public address")
+            if raw not in addrs:
+                addrs.append(raw)
+        if not addrs:
+            raise ImageError("fetch_error", f"fetch failed: cannot resolve host {name}")
+        return addrs
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """Passes everything through, with every timeout cut to what is left of the fetch's deadline."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _bounded(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _bounded(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        bounded = _bounded(timeout, httpcore.ConnectTimeout)
+        inner = self._inner.start_tls(ssl_context, server_hostname, bounded)
+        return _DeadlineStream(inner)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _GuardedBackend(httpcore.SyncBackend):
+    """httpcore's socket layer, with the SSRF guard at the one place a connection is made.
+
+    Why here: checking a URL's host and then letting the HTTP library resolve it again leaves a window for
+    DNS rebinding (public answer for the check, 127.0.0.1 for the connect). Here the name is resolved once,
+    every answer is checked, and the socket connects to one of those very addresses. Everything above the
+    socket is untouched, so the Host header, TLS SNI and certificate checks still use the real host name,
+    and every hop of a redirect goes through this check because every new connection does.
+    """
+
+    def __init__(self, guard: _Guard) -> None:
+        self._guard = guard
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        addrs = self._guard.resolve(host, port)
+        last: Exception | None = None
+        for addr in addrs:
+            try:
+                stream = super().connect_tcp(addr, port, _bounded(timeout, httpcore.ConnectTimeout),
+                                             local_address, socket_options)
+            except httpcore.ConnectError as exc:  # try the next address, like socket.create_connection
+                last = exc
+                continue
+            return _DeadlineStream(stream)
+        assert last is not None
+        raise last
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        raise ImageError("fetch_refused", "fetch refused: unix sockets")
+
+
+class _GuardedTransport(httpx.HTTPTransport):
+    def __init__(self, guard: _Guard, max_connections: int) -> None:
+        super().__init__(http1=True, http2=False, trust_env=False)
+        # httpx builds its httpcore pool without a way to pass a network backend; replace the pool with
+        # the same one on our backend. Checked so an httpx upgrade that renames it fails loudly, not open.
+        if not isinstance(getattr(self, "_pool", None), httpcore.ConnectionPool):
+            raise RuntimeError("unsupported httpx version: cannot install the fetch guard")
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=5.0,
+            http1=True,
+            http2=False,
+            network_backend=_GuardedBackend(guard),
+        )
+
+
+_REDIRECTS = {301, 302, 303, 307, 308}
+
+
+class Fetcher:
+    """Downloads image URLs for the service: bounded in time, size, redirects, concurrency and addresses."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._max_bytes = settings.fetch_max_bytes
+        self._sem = threading.BoundedSemaphore(max(1, settings.fetch_max_concurrent))
+        # Never keep cookies: one server's cookies must not follow a different client's later request.
+        jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+        self._client = httpx.Client(
+            transport=_GuardedTransport(_Guard(settings.fetch_allow), max(1, settings.fetch_max_concurrent)),
+            trust_env=False,  # an environment proxy would connect on our behalf, past the guard
+            follow_redirects=False,  # followed by hand so every hop is validated and counted
+            cookies=jar,
+            headers={
+                "User-Agent": settings.fetch_user_agent,
+                "Accept": "image/*,*/*;q=0.5",
+                # Compressed bodies would let a small transfer expand past the byte cap in one chunk.
+                "Accept-Encoding": "identity",
+            },
+        )
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def fetch(self, url: str) -> bytes:
+        first = _parse_http_url(url)
+        timeout_s = self._settings.fetch_timeout_s
+        # Waiting for a slot has its own bound (fetch_timeout_s) and does not eat into the download's time:
+        # a queued image should not fail because others were slow.
+        if not self._sem.acquire(timeout=timeout_s):
+            raise ImageError("fetch_busy", "fetch busy: too many downloads, retry later")
+        try:
+            _local.deadline = time.monotonic() + timeout_s
+            try:
+                return self._fetch(first)
+            except httpx.TimeoutException as exc:
+                raise ImageError("fetch_timeout", f"fetch failed: timeout after {timeout_s:g} s") from exc
+            except httpx.ConnectError as exc:
+                raise ImageError("fetch_error", f"fetch failed: {_connect_reason(exc)}") from exc
+            except (httpx.RemoteProtocolError, httpx.LocalProtocolError, httpx.DecodingError) as exc:
+                raise ImageError("fetch_error", "fetch failed: bad http response") from exc
+            except httpx.HTTPError as exc:
+                raise ImageError("fetch_error", "fetch failed: connection error") from exc
+        finally:
+            _local.deadline = None
+            self._sem.release()
+
+    def _fetch(self, url: httpx.URL) -> bytes:
+        max_redirects = self._settings.fetch_max_redirects
+        seen = {str(url)}
+        for hop in range(max_redirects + 1):
+            left = _bounded(self._settings.fetch_timeout_s, httpx.PoolTimeout)
+            timeout = httpx.Timeout(left, connect=min(self._settings.fetch_connect_timeout_s, left or 0.0))
+            request = self._client.build_request("GET", url, timeout=timeout)
+            response = self._client.send(request, stream=True)
+            try:
+                location = response.headers.get("location")
+                if response.status_code in _REDIRECTS and location:
+                    try:
+                        nxt = response.url.join(location.strip())
+                    except (httpx.InvalidURL, ValueError) as exc:
+                        raise ImageError("fetch_error", "fetch failed: bad redirect location") from exc
+                    url = _parse_http_url(str(nxt), redirect=True)
+                    if str(url) in seen:
+                        raise ImageError("fetch_redirects", "fetch failed: redirect loop")
+                    if hop == max_redirects:
+                        raise ImageError("fetch_redirects",
+                                         f"fetch failed: too many redirects (max {max_redirects})")
+                    seen.add(str(url))
+                    continue
+                if not 200 <= response.status_code < 300:
+                    raise ImageError("fetch_http_status", f"fetch failed: http {response.status_code}")
+                return self._read_body(response)
+            finally:
+                # Closing an unread (or partly read) body drops the connection rather than draining it.
+                response.close()
+        raise AssertionError("unreachable")
+
+    def _read_body(self, response: httpx.Response) -> bytes:
+        cap = self._max_bytes
+        too_large = ImageError("image_too_large", f"image too large: more than {cap} bytes")
+        length = response.headers.get("content-length", "").strip()
+        if length.isdigit() and int(length) > cap:
+            raise too_large  # refused before reading a byte of the body
+        inflater = _inflater(response.headers.get("content-encoding", ""))
+        body = bytearray()
+        for chunk in response.iter_raw():
+            if inflater is not None:
+                try:
+                    # max_length: a compressed chunk may not expand past the cap in one step.
+                    chunk = inflater.decompress(chunk, cap + 1 - len(body))
+                except zlib.error as exc:
+                    raise ImageError("fetch_error", "fetch failed: bad content-encoding") from exc
+            body += chunk
+            if len(body) > cap:
+                raise too_large  # stop reading here
+        return bytes(body)
+
+
+def _inflater(encoding: str) -> Any:
+    enc = encoding.strip().lower()
+    if enc in ("", "identity"):
+        return None
+    if enc in ("gzip", "x-gzip"):
+        return zlib.decompressobj(wbits=31)
+    if enc == "deflate":
+        return zlib.decompressobj()
+    raise ImageError("fetch_error", f"fetch failed: unsupported content-encoding {enc[:20]}")
+
+
+def _parse_http_url(url: str, *, redirect: bool = False) -> httpx.URL:
+    where = "redirect to" if redirect else "uri"
+    if len(url) > MAX_URL_CHARS:
+        raise ImageError("uri_invalid", f"invalid {where}: longer than {MAX_URL_CHARS} characters")
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise ImageError("uri_invalid", f"invalid {where}: bad url") from exc
+    if parsed.scheme not in ("http", "https"):
+        raise ImageError("uri_invalid", f"invalid {where}: only http, https and data are supported")
+    if not parsed.host:
+        raise ImageError("uri_invalid", f"invalid {where}: no host")
+    return parsed
+
+
+def _connect_reason(exc: Exception) -> str:
+    text = str(exc).lower()
+    if "certificate" in text or "ssl" in text or "tls" in text:
+        return "tls error"
+    if "refused" in text:
+        return "connection refused"
+    return "cannot connect"
+
+
+# --- entry points ----------------------------------------------------------------------------------------
+def read_uri_bytes(uri: str, fetcher: Fetcher) -> bytes:
+    """The bytes behind a Qiniu ``uri``: a base64 data uri or an http(s) URL."""
+    if not isinstance(uri, str):
+        raise ImageError("uri_invalid", "invalid uri: must be a string")
+    uri = uri.strip()
+    if not uri:
+        raise ImageError("uri_invalid", "invalid uri: empty")
+    scheme = uri.partition(":")[0].lower() if ":" in uri else ""
+    if scheme == "data":
+        return parse_data_uri(uri)
+    if scheme in ("http", "https"):
+        return fetcher.fetch(uri)
+    raise ImageError("uri_invalid", "invalid uri: only http, https and data are supported")
+
+
+def load_image(uri: str, fetcher: Fetcher) -> Image.Image:
+    """A Qiniu ``uri`` -> validated RGB image. Raises ImageError only."""
+    return decode_image(read_uri_bytes(uri, fetcher))
