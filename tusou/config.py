@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     milvus_user: str | None = None
     milvus_password: str | None = None
     milvus_collection: str = Field(default="tusou_images", description="Collection name (prefix) in Milvus.")
+    milvus_consistency: str = Field(
+        default="Strong", description="Read consistency; Strong gives read-your-writes (docs/scale.md)."
+    )
 
     # --- model ---
     model: str = Field(default="lite0", description="lite0, lite1, lite2 or onnx (a user-supplied encoder).")

@@ -7,6 +7,23 @@ from tusou.store.base import Store
 
 
 def open_store(settings: Settings, *, model_id: str, dim: int) -> Store:
+    if settings.store == "milvus":
+        # Imported here so the embedded default never needs pymilvus installed.
+        from tusou.store.milvus import MilvusStore
+
+        return MilvusStore(
+            settings.milvus_uri,
+            collection=settings.milvus_collection,
+            model_id=model_id,
+            dim=dim,
+            group_max_images=settings.group_max_images,
+            token=settings.milvus_token,
+            user=settings.milvus_user,
+            password=settings.milvus_password,
+            consistency=settings.milvus_consistency,
+        )
+    if settings.store != "sqlite":
+        raise ValueError(f"unknown store {settings.store!r}: use sqlite or milvus")
     from tusou.store.sqlite import SQLiteStore
 
     return SQLiteStore(

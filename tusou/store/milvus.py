@@ -1,0 +1,535 @@
+"""The distributed store: Milvus keeps vectors and metadata; several stateless tusou processes share it.
+
+Layout (two collections, names from ``settings.milvus_collection``):
+
+* ``<name>`` holds one row per image: ``seq`` (INT64 primary key, the listing order), ``gkey`` (hash of
+  tenant and group, the partition key), ``ikey`` (hash of the image id), the original ``tenant``, ``grp``
+  and ``image_id``, ``label``, ``desc`` (JSON text), ``uri`` and ``vec`` (FLAT index, inner product:
+  vectors are unit rows, so IP is cosine).
+* ``<name>_groups`` is the group registry: one row per (tenant, group), so empty groups exist and
+  ``list_groups`` is exact. Milvus 2.3 requires a vector field in every collection; it gets a 2-d dummy.
+
+Choices, and why:
+
+* **Hashed keys in filters.** Every filter expression is built only from hex digests and integers, never
+  from tenant, group or image text, so no quoting rules of Milvus's expression parser can be tripped
+  (or injected into). The originals are stored alongside and compared in Python after each lookup, so a
+  hash collision can never mix two images up.
+* **Groups through a partition key, not one partition per group.** Milvus caps partitions per collection
+  and creating one is a slow DDL call; a partition key hashes ``gkey`` into a fixed set of physical
+  partitions, a filter ``gkey in [..]`` prunes a search to those, and groups cost nothing to create.
+* **pk = seq.** A 63-bit number: microseconds since 2024 in the high bits, a random 12-bit process tag in
+  the low bits, strictly increasing within a process. Distinct processes therefore never share a value
+  unless they draw the same tag *and* the same microsecond; no central counter is needed. Listing pages
+  are ``seq > marker`` ordered by seq: the server answers ``query(limit=)`` with the smallest primary keys
+  (Milvus Lite does not, so against Lite the page is chosen from every key, a test-double shortcut).
+* **Repeated ids.** Milvus does not enforce uniqueness of anything but cannot even do that for the pk.
+  A write checks for existing ids, inserts, then checks again: a writer that sees *another* row with one
+  of its ids deletes its own row and reports "id already exists". Of two racing writers the one checking
+  last always sees the other, so a duplicate never survives (at worst both lose). The same rule settles
+  two processes creating one group at once.
+* **Read-your-writes.** Reads use ``consistency`` (default ``Strong``): every read waits until Milvus has
+  applied all writes acknowledged before it, whichever tusou process made them. The cost is a wait of up
+  to about two ``proxy.timeTickInterval`` (200 ms by default; see docs/scale.md). Reads that an operation
+  needs together (group check and data) run in parallel so one call pays that wait once. ``Session``
+  gives read-your-writes only within one process and costs nothing; use it for a single tusou process.
+* **Durability.** A write is acknowledged once Milvus has accepted it into its log (rocksmq in standalone,
+  Pulsar/Kafka in a cluster), from which it replays after a crash; tusou never calls ``flush`` per request
+  (that seals tiny segments and is rate-limited). Milvus persists segments on its own schedule.
+* **Results not cut short.** The index is FLAT (exact), and every search is a range search from
+  ``min_cosine``; a limit above Milvus's top-k cap (16384) or ``-1`` walks down in bands of cosine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from tusou.store.base import (
+    BadMarker,
+    GroupExists,
+    GroupNotFound,
+    Hit,
+    ImageInfo,
+    ImageNotFound,
+    ItemError,
+    ModelMismatch,
+    NewImage,
+    Store,
+)
+from tusou.store.sqlite import decode_marker, encode_marker
+
+# Milvus's top-k and query-window cap (maxTopK / maxQueryResultWindow in 2.3).
+TOPK_CAP = 16_384
+# Rows per insert call: well below gRPC message limits at dim 1280 (2000 x 5 KiB = 10 MiB).
+_INSERT_CHUNK = 2000
+# Keys per ``in [...]`` filter.
+_IN_CHUNK = 1000
+# Range search excludes its radius; ask for a little more and apply min_cosine exactly here.
+_RADIUS_SLACK = 1e-4
+_EPOCH_US = 1_704_067_200_000_000  # 2024-01-01, so the microsecond count fits in 51 bits for 70 years
+_REGISTRY_DIM = 2
+_META_SEQ = 0  # real sequence numbers are far above 0
+
+# Byte limits of the VARCHAR fields; the service's own limits are lower in characters, these are in bytes.
+_MAX = {"tenant": 1024, "grp": 1024, "image_id": 1024, "label": 4096, "desc": 16384, "uri": 65535}
+
+_IMAGE_FIELDS = ["seq", "tenant", "grp", "image_id", "label", "desc", "uri"]
+
+
+def _key(*parts: str) -> str:
+    """A filter-safe 128-bit key: NUL separates parts, which no tenant, group or id may contain."""
+    return hashlib.blake2b("\0".join(parts).encode(), digest_size=16).hexdigest()
+
+
+def _in(field: str, values: Sequence[str] | Sequence[int]) -> str:
+    """``field in [...]`` over hex keys or integers only (never user text, so no quoting needed)."""
+    items = ",".join(f'"{v}"' if isinstance(v, str) else str(int(v)) for v in values)
+    return f"{field} in [{items}]"
+
+
+def _dump_desc(desc: object) -> str:
+    return "" if desc is None else json.dumps(desc, ensure_ascii=False, separators=(",", ":"))
+
+
+def _load_desc(text: str) -> object:
+    return "" if not text else json.loads(text)
+
+
+class SeqSource:
+    """Unique, per-process increasing 63-bit sequence numbers (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._tag = int.from_bytes(os.urandom(2), "big") & 0xFFF
+        self._last_us = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> list[int]:
+        with self._lock:
+            now = time.time_ns() // 1000 - _EPOCH_US
+            first = max(now, self._last_us + 1)
+            self._last_us = first + n - 1
+        return [((first + i) << 12) | self._tag for i in range(n)]
+
+
+class MilvusStore(Store):
+    def __init__(
+        self,
+        uri: str,
+        *,
+        collection: str,
+        model_id: str,
+        dim: int,
+        group_max_images: int = 500_000,
+        token: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        consistency: str = "Strong",
+        num_partitions: int = 64,
+    ) -> None:
+        from pymilvus import MilvusClient  # lazy: the embedded default does not need pymilvus
+
+        self.uri = uri
+        self.dim = dim
+        self.group_max_images = group_max_images
+        self.consistency = consistency
+        self.images = collection
+        self.groups = f"{collection}_groups"
+        # Milvus Lite (a local file) answers query(limit=) in insertion order, not primary-key order.
+        self._lite = not uri.startswith(("http://", "https://", "tcp://", "unix:", "grpc://"))
+        kwargs: dict[str, Any] = {"uri": uri}
+        if token:
+            kwargs["token"] = token
+        elif user:
+            kwargs["user"], kwargs["password"] = user, password or ""
+        self.client = MilvusClient(**kwargs)
+        self._seqs = SeqSource()
+        # Serialises this process's writes so its own checks (duplicates, group size) are exact.
+        self._write_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="milvus")
+        self._ensure_collections(model_id, num_partitions)
+
+    # --- schema --------------------------------------------------------------------------------------
+    def _ensure_collections(self, model_id: str, num_partitions: int) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        if not self.client.has_collection(self.groups):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("seq", DataType.INT64, is_primary=True)
+            schema.add_field("gkey", DataType.VARCHAR, max_length=32)
+            schema.add_field("tkey", DataType.VARCHAR, max_length=32)
+            schema.add_field("tenant", DataType.VARCHAR, max_length=_MAX["tenant"])
+            schema.add_field("grp", DataType.VARCHAR, max_length=_MAX["grp"])
+            schema.add_field("vec", DataType.FLOAT_VECTOR, dim=_REGISTRY_DIM)
+            index = self.client.prepare_index_params()
+            index.add_index(field_name="vec", index_type="FLAT", metric_type="L2")
+            self.client.create_collection(
+                self.groups, schema=schema, index_params=index, consistency_level=self.consistency
+            )
+        # Idempotent; after a Milvus restart collections must be loaded before they answer.
+        self.client.load_collection(self.groups)
+        if self.client.has_collection(self.images):
+            self.client.load_collection(self.images)
+            self._check_model(model_id)
+        if not self.client.has_collection(self.images):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("seq", DataType.INT64, is_primary=True)
+            schema.add_field("gkey", DataType.VARCHAR, max_length=32, is_partition_key=True)
+            schema.add_field("ikey", DataType.VARCHAR, max_length=32)
+            for name in ("tenant", "grp", "image_id", "label", "desc", "uri"):
+                schema.add_field(name, DataType.VARCHAR, max_length=_MAX[name])
+            schema.add_field("vec", DataType.FLOAT_VECTOR, dim=self.dim)
+            index = self.client.prepare_index_params()
+            # FLAT: exact, and a range search returns every row in range up to top-k (HNSW/IVF do not).
+            index.add_index(field_name="vec", index_type="FLAT", metric_type="IP")
+            self.client.create_collection(
+                self.images,
+                schema=schema,
+                index_params=index,
+                consistency_level=self.consistency,
+                num_partitions=num_partitions,
+            )
+        self.client.load_collection(self.images)
+        # The model that indexed the collection, kept as the registry's row 0 (no tenant hashes to "meta").
+        meta = json.dumps({"model_id": model_id, "dim": self.dim})
+        row = {"seq": _META_SEQ, "gkey": "meta", "tkey": "meta", "tenant": "", "grp": meta}
+        self.client.upsert(self.groups, [{**row, "vec": [0.0] * _REGISTRY_DIM}])
+
+    def _check_model(self, model_id: str) -> None:
+        rows = self.client.query(
+            self.groups, filter=f"seq == {_META_SEQ}", output_fields=["grp"], consistency_level="Strong"
+        )
+        found = json.loads(rows[0]["grp"]) if rows else {}
+        if found.get("model_id") == model_id and found.get("dim") == self.dim:
+            return
+        count = self.client.query(
+            self.images, filter="", output_fields=["count(*)"], consistency_level="Strong"
+        )
+        if count and count[0]["count(*)"]:
+            raise ModelMismatch(
+                f"Milvus collection {self.images} was indexed with model {found.get('model_id')} "
+                f"(dim {found.get('dim')}), not {model_id} (dim {self.dim}); use another collection name"
+            )
+        # Empty: like the embedded store, a new model may take it over (the schema carries the dim).
+        self.client.drop_collection(self.images)
+
+    # --- small helpers -------------------------------------------------------------------------------
+    def _query(self, collection: str, flt: str, fields: list[str], limit: int | None = None) -> list[dict]:
+        kwargs: dict[str, Any] = {"consistency_level": self.consistency}
+        if limit is not None:
+            kwargs["limit"] = limit
+        return list(self.client.query(collection, filter=flt, output_fields=fields, **kwargs))
+
+    def _registry_rows(self, tenant: str, group: str) -> list[dict]:
+        rows = self._query(self.groups, f'gkey == "{_key(tenant, group)}"', ["seq", "tenant", "grp"])
+        return sorted(
+            (r for r in rows if r["tenant"] == tenant and r["grp"] == group), key=lambda r: r["seq"]
+        )
+
+    def _group_seq(self, tenant: str, group: str) -> int | None:
+        rows = self._registry_rows(tenant, group)
+        return rows[0]["seq"] if rows else None
+
+    def _require(self, tenant: str, group: str) -> int:
+        seq = self._group_seq(tenant, group)
+        if seq is None:
+            raise GroupNotFound(group)
+        return seq
+
+    def _with_group(self, tenant: str, group: str, read: Callable[[], Any]) -> Any:
+        """Run ``read`` alongside the group check, so the call pays one consistency wait, not two."""
+        check = self._pool.submit(self._require, tenant, group)
+        result = read()
+        check.result()
+        return result
+
+    def _count(self, gkey: str) -> int:
+        rows = self._query(self.images, f'gkey == "{gkey}"', ["count(*)"])
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def _rows_by_ids(self, tenant: str, group: str, ids: Sequence[str], fields: list[str]) -> list[dict]:
+        gkey = _key(tenant, group)
+        wanted = set(ids)
+        rows: list[dict] = []
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), _IN_CHUNK):
+            keys = [_key(i) for i in unique[start : start + _IN_CHUNK]]
+            flt = f'gkey == "{gkey}" and {_in("ikey", keys)}'
+            rows += self._query(self.images, flt, list({"seq", "tenant", "grp", "image_id", *fields}))
+        return [r for r in rows if r["tenant"] == tenant and r["grp"] == group and r["image_id"] in wanted]
+
+    def _delete_seqs(self, collection: str, seqs: Sequence[int]) -> None:
+        for start in range(0, len(seqs), _IN_CHUNK):
+            self.client.delete(collection, filter=_in("seq", list(seqs[start : start + _IN_CHUNK])))
+
+    # --- groups --------------------------------------------------------------------------------------
+    def create_group(self, tenant: str, group: str, images: Sequence[NewImage]) -> list[ItemError | None]:
+        gkey = _key(tenant, group)
+        with self._write_lock:
+            if self._group_seq(tenant, group) is not None:
+                raise GroupExists(group)
+            (seq,) = self._seqs.take(1)
+            row = {"seq": seq, "gkey": gkey, "tkey": _key(tenant), "tenant": tenant, "grp": group}
+            self.client.insert(self.groups, [{**row, "vec": [0.0] * _REGISTRY_DIM}])
+            rows = self._registry_rows(tenant, group)
+            if any(r["seq"] != seq for r in rows):
+                # Another process registered it at the same time: of two racing creators the later
+                # checker always sees the other, so yielding here never leaves two registrations.
+                self._delete_seqs(self.groups, [seq])
+                raise GroupExists(group)
+            # Rows left by a removal that a crash interrupted must not reappear in the new group. Only
+            # rows older than the registration: images added since (by other processes) are newer.
+            self.client.delete(self.images, filter=f'gkey == "{gkey}" and seq < {seq}')
+            return self._insert(tenant, group, seq, 0, set(), images)
+
+    def add_images(self, tenant: str, group: str, images: Sequence[NewImage]) -> list[ItemError | None]:
+        gkey = _key(tenant, group)
+        with self._write_lock:
+            group_seq = self._pool.submit(self._group_seq, tenant, group)
+            count = self._pool.submit(self._count, gkey)
+            existing = self._rows_by_ids(tenant, group, [im.id for im in images], [])
+            if (seq := group_seq.result()) is None:
+                raise GroupNotFound(group)
+            return self._insert(tenant, group, seq, count.result(), {r["image_id"] for r in existing}, images)
+
+    def _insert(
+        self,
+        tenant: str,
+        group: str,
+        group_seq: int,
+        count: int,
+        taken: set[str],
+        images: Sequence[NewImage],
+    ) -> list[ItemError | None]:
+        gkey = _key(tenant, group)
+        results: list[ItemError | None] = []
+        rows: list[dict] = []
+        for image in images:
+            if count >= self.group_max_images:
+                results.append(ItemError(406, "group is full"))
+                continue
+            if image.id in taken:
+                results.append(ItemError(400, "id already exists"))
+                continue
+            fields = {
+                "tenant": tenant,
+                "grp": group,
+                "image_id": image.id,
+                "label": image.label,
+                "desc": _dump_desc(image.desc),
+                "uri": image.uri or "",
+            }
+            too_long = [k for k, v in fields.items() if len(v.encode()) > _MAX[k]]
+            if too_long:
+                results.append(ItemError(400, f"{too_long[0]} too long"))
+                continue
+            vector = np.ascontiguousarray(image.vector, dtype=np.float32).reshape(self.dim)
+            rows.append({"gkey": gkey, "ikey": _key(image.id), **fields, "vec": vector})
+            taken.add(image.id)
+            results.append(None)
+            count += 1
+        if not rows:
+            return results
+        for row, seq in zip(rows, self._seqs.take(len(rows)), strict=True):
+            row["seq"] = seq
+        for start in range(0, len(rows), _INSERT_CHUNK):
+            self.client.insert(self.images, rows[start : start + _INSERT_CHUNK])
+        self._settle(tenant, group, group_seq, rows, images, results)
+        return results
+
+    def _settle(
+        self,
+        tenant: str,
+        group: str,
+        group_seq: int,
+        rows: list[dict],
+        images: Sequence[NewImage],
+        results: list[ItemError | None],
+    ) -> None:
+        """After inserting: yield ids another process took meanwhile; undo if the group went away."""
+        mine = {row["image_id"]: row["seq"] for row in rows}
+        registry = self._pool.submit(self._group_seq, tenant, group)
+        found = self._rows_by_ids(tenant, group, list(mine), [])
+        if registry.result() != group_seq:
+            # Removed (or removed and recreated) while we wrote: these rows belong to no group.
+            self._delete_seqs(self.images, list(mine.values()))
+            raise GroupNotFound(group)
+        lost = {r["image_id"] for r in found if r["seq"] != mine[r["image_id"]]}
+        if not lost:
+            return
+        self._delete_seqs(self.images, [mine[i] for i in lost])
+        for i, image in enumerate(images):
+            if results[i] is None and image.id in lost:
+                results[i] = ItemError(400, "id already exists")
+
+    def remove_group(self, tenant: str, group: str) -> None:
+        gkey = _key(tenant, group)
+        with self._write_lock:
+            rows = self._registry_rows(tenant, group)
+            if not rows:
+                raise GroupNotFound(group)
+            # Images first: a crash part-way leaves a group that still exists and can be removed again.
+            self.client.delete(self.images, filter=f'gkey == "{gkey}"')
+            self._delete_seqs(self.groups, [r["seq"] for r in rows])
+            # A concurrent add that passed its group check before the registry row went is swept here;
+            # one that checks after finds the group gone and undoes itself (see _settle).
+            self.client.delete(self.images, filter=f'gkey == "{gkey}"')
+
+    def delete_images(self, tenant: str, group: str, ids: Sequence[str]) -> int:
+        with self._write_lock:
+            rows = self._with_group(tenant, group, lambda: self._rows_by_ids(tenant, group, ids, []))
+            self._delete_seqs(self.images, [r["seq"] for r in rows])
+        return len({r["image_id"] for r in rows})
+
+    # --- reads ---------------------------------------------------------------------------------------
+    def list_groups(self, tenant: str) -> list[str]:
+        rows = self._query(self.groups, f'tkey == "{_key(tenant)}"', ["seq", "tenant", "grp"])
+        rows.sort(key=lambda r: r["seq"])
+        return list(dict.fromkeys(r["grp"] for r in rows if r["tenant"] == tenant))
+
+    def count(self, tenant: str, group: str) -> int:
+        return self._with_group(tenant, group, lambda: self._count(_key(tenant, group)))
+
+    def list_images(self, tenant: str, group: str, marker: str, limit: int) -> tuple[list[ImageInfo], str]:
+        after = decode_marker(marker)
+        if after >= 1 << 63:
+            raise BadMarker()
+        gkey = _key(tenant, group)
+        flt = f'gkey == "{gkey}" and seq > {after}'
+
+        def page() -> list[dict]:
+            if not self._lite:
+                # The server returns the smallest primary keys for query(limit=): seq order, explicitly
+                # re-sorted below. Lite does not, so pick the page from every later key.
+                return self._query(self.images, flt, _IMAGE_FIELDS, limit=limit + 1)
+            seqs = sorted(r["seq"] for r in self._query_all(flt, ["seq"]))[: limit + 1]
+            return self._query(self.images, _in("seq", seqs), _IMAGE_FIELDS) if seqs else []
+
+        rows = sorted(self._with_group(tenant, group, page), key=lambda r: r["seq"])[: limit + 1]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        infos = [ImageInfo(r["image_id"], r["label"], _load_desc(r["desc"]), r["uri"] or None) for r in rows]
+        return infos, (encode_marker(rows[-1]["seq"]) if more else "")
+
+    def _query_all(self, flt: str, fields: list[str]) -> list[dict]:
+        """Every matching row; only used against Milvus Lite, which has no result window to respect."""
+        return list(self.client.query(self.images, filter=flt, output_fields=fields))
+
+    def _image_row(self, tenant: str, group: str, image_id: str, fields: list[str]) -> dict:
+        rows = self._with_group(tenant, group, lambda: self._rows_by_ids(tenant, group, [image_id], fields))
+        if not rows:
+            raise ImageNotFound(image_id)
+        return min(rows, key=lambda r: r["seq"])
+
+    def get_image(self, tenant: str, group: str, image_id: str) -> ImageInfo:
+        r = self._image_row(tenant, group, image_id, ["label", "desc", "uri"])
+        return ImageInfo(r["image_id"], r["label"], _load_desc(r["desc"]), r["uri"] or None)
+
+    def get_vector(self, tenant: str, group: str, image_id: str) -> np.ndarray:
+        r = self._image_row(tenant, group, image_id, ["vec"])
+        return np.asarray(r["vec"], dtype=np.float32)
+
+    def search(
+        self, tenant: str, groups: Sequence[str], queries: np.ndarray, limit: int, min_cosine: float
+    ) -> list[Hit]:
+        queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        groups = list(dict.fromkeys(groups))
+        checks = [self._pool.submit(self._require, tenant, g) for g in groups]
+        names = {_key(tenant, g): g for g in groups}
+        flt = _in("gkey", list(names))
+        best: dict[int, tuple[float, dict]] = {}
+        for view in queries:
+            for cosine, entity in self._search_view(view, flt, limit, min_cosine):
+                if entity["tenant"] != tenant or names.get(_key(tenant, entity["grp"])) != entity["grp"]:
+                    continue  # a hash collision with another tenant's group: never shown
+                seq = int(entity["seq"])
+                if seq not in best or cosine > best[seq][0]:
+                    best[seq] = (cosine, entity)
+        for check in checks:
+            check.result()
+        found = sorted(best.items(), key=lambda item: (-item[1][0], item[0]))
+        if limit >= 0:
+            found = found[:limit]
+        return [
+            Hit(e["grp"], e["image_id"], e["label"], _load_desc(e["desc"]), e["uri"] or None, cosine)
+            for _, (cosine, e) in found
+        ]
+
+    def _search_view(
+        self, view: np.ndarray, flt: str, limit: int, min_cosine: float
+    ) -> list[tuple[float, dict]]:
+        """Every row with cosine >= min_cosine, best first, at most ``limit`` (-1: no limit).
+
+        One range search when the limit fits under Milvus's top-k cap; otherwise bands: each next band
+        ends (inclusive) at the lowest cosine of the last one, and rows seen already are skipped.
+        """
+        want = TOPK_CAP if limit < 0 or limit > TOPK_CAP else max(limit, 1)
+        upper = 1.0 + 1e-3
+        if min_cosine >= upper:
+            return []  # unit vectors: no cosine above 1
+        seen: dict[int, tuple[float, dict]] = {}
+        while True:
+            if seen and self._lite:
+                # Lite's range search is "top-k, then filter", so a band below the first comes back
+                # short; the test double scores every row instead.
+                return self._search_exhaustive(view, flt, limit, min_cosine)
+            hits = self._range_search(view, flt, want, min_cosine, upper)
+            fresh = 0
+            for cosine, entity in hits:
+                if cosine >= min_cosine and entity["seq"] not in seen:
+                    seen[entity["seq"]] = (cosine, entity)
+                    fresh += 1
+            lowest = min((c for c, _ in hits), default=min_cosine - 1)
+            # Done when the band was not full, enough was found, or it already reached below min_cosine.
+            if len(hits) < want or 0 <= limit <= len(seen) or lowest < min_cosine:
+                break
+            if fresh == 0 or lowest >= upper:
+                # More than a whole top-k of rows tie at one cosine: no band can split them.
+                raise RuntimeError("too many equal scores to page through; lower the limit")
+            upper = lowest
+        found = sorted(seen.values(), key=lambda item: (-item[0], item[1]["seq"]))
+        return found if limit < 0 else found[:limit]
+
+    def _search_exhaustive(
+        self, view: np.ndarray, flt: str, limit: int, min_cosine: float
+    ) -> list[tuple[float, dict]]:
+        rows = self._query_all(flt, [*_IMAGE_FIELDS, "vec"])
+        if not rows:
+            return []
+        cosines = np.asarray([r["vec"] for r in rows], dtype=np.float32) @ view
+        found = sorted(
+            ((float(c), r) for c, r in zip(cosines, rows, strict=True) if c >= min_cosine),
+            key=lambda item: (-item[0], item[1]["seq"]),
+        )
+        return found if limit < 0 else found[:limit]
+
+    def _range_search(
+        self, view: np.ndarray, flt: str, limit: int, min_cosine: float, upper: float
+    ) -> list[tuple[float, dict]]:
+        params: dict[str, Any] = {"metric_type": "IP", "params": {}}
+        if min_cosine > -1.0 or upper <= 1.0:
+            radius = max(min_cosine - _RADIUS_SLACK, -1.0 - 2 * _RADIUS_SLACK)
+            params["params"] = {"radius": radius, "range_filter": upper}
+        result = self.client.search(
+            self.images,
+            data=[view.tolist()],
+            filter=flt,
+            limit=limit,
+            output_fields=_IMAGE_FIELDS,
+            search_params=params,
+            anns_field="vec",
+            consistency_level=self.consistency,
+        )
+        return [(float(hit["distance"]), hit["entity"]) for hit in result[0]]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self.client.close()
