@@ -1,9 +1,14 @@
-"""The embedded store: SQLite is the record of truth, an in-memory index per group is the search cache.
+"""The embedded store: SQLite is the record of truth, an index per group is the search cache.
 
 Durability: WAL journal with ``synchronous=FULL``, so a commit has reached the disk (fsync) before it
-returns, and a write is acknowledged only after its commit. The in-memory index is updated after the
-commit and rebuilt from the database on start, so a crash between the two loses nothing and a restart
-never re-embeds an image.
+returns, and a write is acknowledged only after its commit. The index is updated after the commit.
+
+Start-up: each group's index comes from its newest snapshot in ``<data>/index`` (see
+``tusou.store.vector_index``), then rows the snapshot lacks (seq > its seq) are replayed from SQLite and
+rows deleted since are dropped; with no usable snapshot the index is rebuilt from SQLite. A crash between
+a commit and the index update, or between snapshots, therefore loses nothing and never re-embeds an image.
+A background thread writes a snapshot of a group after ``snapshot_every_writes`` changes or when a change
+is ``snapshot_every_s`` old, and ``close()`` writes the rest.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -33,7 +39,9 @@ from tusou.store.base import (
     NewImage,
     Store,
 )
-from tusou.store.vector_index import VectorIndex
+from tusou.store.vector_index import VectorIndex, snapshot_files
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -64,6 +72,8 @@ CREATE TABLE IF NOT EXISTS vectors (
 
 # Ids of rows fetched per query when turning hits into records; below SQLite's variable limit.
 _CHUNK = 900
+# Rows read per step when rebuilding or replaying an index (bounded memory: ~50 MB of blobs).
+_LOAD_CHUNK = 10_000
 
 
 def encode_marker(seq: int) -> str:
@@ -91,10 +101,24 @@ def _load_desc(text: str | None) -> object:
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: Path, *, model_id: str, dim: int, group_max_images: int = 500_000) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        model_id: str,
+        dim: int,
+        group_max_images: int = 500_000,
+        snapshot_dir: Path | None = None,
+        snapshot_every_writes: int = 20_000,
+        snapshot_every_s: float = 60.0,
+    ) -> None:
         self.path = Path(path)
         self.dim = dim
         self.group_max_images = group_max_images
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else self.path.parent / "index"
+        self.snapshot_every_writes = snapshot_every_writes
+        self.snapshot_every_s = snapshot_every_s
+        self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new_file = not self.path.exists()
         self._write_lock = threading.Lock()
@@ -108,7 +132,12 @@ class SQLiteStore(Store):
         self._check_model(model_id)
         self._gids: dict[tuple[str, str], int] = {}
         self._indexes: dict[int, VectorIndex] = {}
+        # Serialises snapshot writers (background thread, close, remove_group's file cleanup).
+        self._snapshot_lock = threading.Lock()
+        self._stop = threading.Event()
         self._load()
+        self._snapshotter = threading.Thread(target=self._snapshot_loop, name="tusou-snapshot", daemon=True)
+        self._snapshotter.start()
 
     # --- connections -------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -150,24 +179,94 @@ class SQLiteStore(Store):
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('model_id', ?)", (model_id,))
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('dim', ?)", (str(self.dim),))
 
+    def _new_index(self) -> VectorIndex:
+        return VectorIndex(self.dim, self._fetch_vectors)
+
     def _load(self) -> None:
         conn = self._writer
-        for gid, tenant, name in conn.execute("SELECT gid, tenant, name FROM groups"):
+        groups = conn.execute("SELECT gid, tenant, name FROM groups").fetchall()
+        for gid, tenant, name in groups:
             self._gids[(tenant, name)] = gid
-            self._indexes[gid] = VectorIndex(self.dim)
-        batch: dict[int, tuple[list[int], list[bytes]]] = {}
-        cursor = conn.execute(
-            "SELECT images.gid, vectors.seq, vectors.vector FROM vectors JOIN images USING (seq) ORDER BY seq"
-        )
-        while rows := cursor.fetchmany(10_000):
-            for gid, seq, blob in rows:
-                keys, blobs = batch.setdefault(gid, ([], []))
-                keys.append(seq)
-                blobs.append(blob)
-            for gid, (keys, blobs) in batch.items():
-                vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(keys), self.dim)
-                self._indexes[gid].add(np.asarray(keys), vectors)
-            batch.clear()
+            started = time.monotonic()
+            name_ = self._snapshot_name(gid)
+            index = VectorIndex.load(self.snapshot_dir, name_, self.dim, self._fetch_vectors)
+            # Seqs only (no blobs), from the (gid, seq) index: ~0.1 s for 500k rows.
+            live = np.fromiter(
+                (row[0] for row in conn.execute("SELECT seq FROM images WHERE gid = ? ORDER BY seq", (gid,))),
+                dtype=np.int64,
+            )
+            if index is None:
+                index = self._new_index()
+                missing = live
+            else:
+                stale = np.setdiff1d(index.keys(), live[live <= index.last_seq], assume_unique=True)
+                index.remove(stale)
+                missing = live[live > index.last_seq]
+            for start in range(0, len(missing), _LOAD_CHUNK):
+                keys, vectors = self._fetch_vectors(missing[start : start + _LOAD_CHUNK], conn)
+                index.add(keys, vectors)
+            self._indexes[gid] = index
+            if len(missing) > 1000:
+                log.info(
+                    "group %s: indexed %d rows from SQLite in %.1fs",
+                    name,
+                    len(missing),
+                    time.monotonic() - started,
+                )
+        for path in self.snapshot_dir.glob("g*"):
+            # Left-overs: snapshots of removed groups, temp files of an interrupted snapshot.
+            gid_text = path.name.split(".")[0][1:]
+            if path.name.endswith(".tmp") or not gid_text.isdigit() or int(gid_text) not in self._indexes:
+                path.unlink(missing_ok=True)
+
+    def _fetch_vectors(
+        self, keys: np.ndarray, conn: sqlite3.Connection | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The float32 rows of ``keys`` that still exist, in the order of ``keys``."""
+        conn = conn or self._reader()
+        keys_list = [int(k) for k in keys]
+        found: dict[int, bytes] = {}
+        for start in range(0, len(keys_list), _CHUNK):
+            chunk = keys_list[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(conn.execute(f"SELECT seq, vector FROM vectors WHERE seq IN ({marks})", chunk))
+        present = [k for k in keys_list if k in found]
+        rows = np.frombuffer(b"".join(found[k] for k in present), dtype=np.float32).reshape(-1, self.dim)
+        return np.asarray(present, dtype=np.int64), rows
+
+    # --- snapshots ---------------------------------------------------------------------------------
+    @staticmethod
+    def _snapshot_name(gid: int) -> str:
+        return f"g{gid}"
+
+    def _snapshot_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            now = time.monotonic()
+            for gid, index in list(self._indexes.items()):
+                if self._stop.is_set():
+                    return
+                if index.dirty >= self.snapshot_every_writes or (
+                    index.dirty and now - index.dirty_since >= self.snapshot_every_s
+                ):
+                    self._snapshot(gid, index)
+
+    def _snapshot(self, gid: int, index: VectorIndex) -> None:
+        with self._snapshot_lock:
+            if self._indexes.get(gid) is not index:  # removed meanwhile
+                return
+            try:
+                started = time.monotonic()
+                seq = index.save(self.snapshot_dir, self._snapshot_name(gid))
+                if seq is not None:
+                    log.info("snapshot of group %d at seq %d in %.1fs", gid, seq, time.monotonic() - started)
+            except OSError:
+                # The snapshot is only an accelerator: SQLite still has every row; try again later.
+                log.exception("snapshot of group %d failed", gid)
+
+    def snapshot(self) -> None:
+        """Write a snapshot of every group changed since its last one (tests, clean shutdown)."""
+        for gid, index in list(self._indexes.items()):
+            self._snapshot(gid, index)
 
     # --- groups --------------------------------------------------------------------------------------
     def _gid(self, tenant: str, group: str) -> int:
@@ -187,7 +286,7 @@ class SQLiteStore(Store):
                 ).lastrowid
                 assert gid is not None
                 results, added = self._insert(conn, gid, 0, images)
-            self._indexes[gid] = VectorIndex(self.dim)
+            self._indexes[gid] = self._new_index()
             self._index_added(gid, added)
             self._gids[(tenant, group)] = gid
         return results
@@ -243,6 +342,9 @@ class SQLiteStore(Store):
                 conn.execute("DELETE FROM groups WHERE gid = ?", (gid,))
             del self._gids[(tenant, group)]
             self._indexes.pop(gid, None)
+            with self._snapshot_lock:
+                for path in snapshot_files(self.snapshot_dir, self._snapshot_name(gid)):
+                    path.unlink(missing_ok=True)
             self._writer.execute("PRAGMA incremental_vacuum")
 
     def delete_images(self, tenant: str, group: str, ids: Sequence[str]) -> int:
@@ -317,10 +419,10 @@ class SQLiteStore(Store):
 
     def get_vector(self, tenant: str, group: str, image_id: str) -> np.ndarray:
         seq = self._image_row(tenant, group, image_id)[0]
-        vector = self._indexes[self._gid(tenant, group)].get(seq)
-        if vector is None:
+        _, rows = self._fetch_vectors(np.asarray([seq]))
+        if not len(rows):
             raise ImageNotFound(image_id)
-        return vector
+        return rows[0].copy()
 
     def search(
         self, tenant: str, groups: Sequence[str], queries: np.ndarray, limit: int, min_cosine: float
@@ -353,5 +455,11 @@ class SQLiteStore(Store):
         return records
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._snapshotter.join()
         with self._write_lock:
+            self.snapshot()
             self._writer.close()

@@ -1,79 +1,346 @@
-"""An in-memory exact index of one group's vectors: the search cache derived from the durable store.
+"""One group's search cache: an HNSW graph over int8 copies of the vectors (usearch), derived from SQLite.
 
-Rows live in one growable float32 matrix so a query is a single matrix product; deleting swaps the last
-row into the hole so the matrix stays dense.
+Why this shape (numbers from ``bench/scale.py`` and docs/index.md, 500k x 1280-d on 2 cores):
+
+* int8 storage: 500k float32 rows are 2.56 GB, float16 1.28 GB, int8 640 MB; only int8 leaves room for
+  the graph, the model and the server under the 1.5 GB RSS target. Each row is scaled by its own largest
+  component before rounding, so the 127 levels cover the row's real range (usearch's own float->int8
+  cast assumes components near +-1, which 1280-d unit vectors never reach). Cosine is scale-invariant, so
+  the int8 cosine approximates the float one to ~1e-3.
+* Every answer is re-ranked with the exact float32 vectors read back from SQLite for the few candidates
+  that matter (``fetch``), so reported cosines, the threshold cut and the order are float32-exact.
+* usearch, not FAISS: real deletes, int8 + cosine kernels (AVX-512 VNNI here), one copy of the vectors
+  that serves both the graph and the brute-force scan (``exact=True``), and a plain file snapshot.
+
+Search paths: small groups, large limits and "every match" scan all rows (exact, int8 then float32 on
+the survivors); otherwise the graph proposes candidates (approximate, recall measured >= 0.99).
+
+Snapshots: ``save`` writes ``<name>.<seq>.usearch`` beside the previous one (temp file, fsync, rename)
+and then a ``.json`` with its size and CRC; ``load`` takes the newest snapshot whose JSON and CRC check
+out. The owner replays rows with seq > the snapshot's seq from the record of truth.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
+try:
+    # Load order matters: importing onnxruntime (the embedder) after usearch segfaults (usearch 2.26.6,
+    # onnxruntime 1.x: clashing bundled native libraries); onnxruntime first is fine.
+    import onnxruntime  # noqa: F401
+except ImportError:  # a store-only process without the model stack
+    pass
+from usearch.index import Index  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# Below this many rows a full scan costs a few ms and is exact: no graph is consulted.
+EXACT_BELOW = 20_000
+# Above this limit the graph would need an enormous candidate list; a scan is cheaper and exact.
+ANN_MAX_LIMIT = 1000
+# Candidates whose int8 cosine is within this of the threshold are re-checked in float32. The int8
+# error measured on real embeddings is < 0.005 (docs/index.md); 0.02 leaves a wide margin.
+SCREEN_MARGIN = 0.02
+CONNECTIVITY = 16
+EXPANSION_ADD = 128
+# The graph's search breadth for small limits; recall@10 vs exact f32 >= 0.99 at 500k (bench/scale.py).
+EXPANSION_SEARCH = 128
+SNAPSHOT_FORMAT = 1
+
+# keys (int64) -> (keys that still exist, their float32 rows); rows deleted meanwhile are left out.
+Fetch = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def quantize(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled by their own largest |component| to int8 (cosine ignores the per-row scale)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    scale = np.abs(vectors).max(axis=1, keepdims=True)
+    scale[scale == 0] = 1.0
+    return np.rint(vectors * (127.0 / scale)).astype(np.int8)
+
+
+class _RWLock:
+    """Many searches (and a snapshot write) at once, adds and deletes alone."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _new_index(dim: int) -> Index:
+    return Index(
+        ndim=dim,
+        metric="cos",
+        dtype="i8",
+        connectivity=CONNECTIVITY,
+        expansion_add=EXPANSION_ADD,
+        expansion_search=EXPANSION_SEARCH,
+    )
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
 
 class VectorIndex:
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, fetch: Fetch | None = None, *, _index: Index | None = None) -> None:
         self.dim = dim
-        self._vectors = np.zeros((0, dim), dtype=np.float32)
-        self._keys = np.zeros(0, dtype=np.int64)
-        self._row_of: dict[int, int] = {}
-        self._n = 0
-        self._lock = threading.Lock()
+        self.fetch = fetch
+        self._index = _index if _index is not None else _new_index(dim)
+        self._lock = _RWLock()
+        # The highest seq added; a snapshot holds exactly the adds up to it.
+        self.last_seq = 0
+        # Changes since the last snapshot, and when the first of them happened (monotonic seconds).
+        self.dirty = 0
+        self.dirty_since = 0.0
+        self.exact_below = EXACT_BELOW
+        self.threads = os.cpu_count() or 1
 
     def __len__(self) -> int:
-        return self._n
+        return int(self._index.size)
+
+    def _touch(self, changed: int) -> None:
+        if changed:
+            if not self.dirty:
+                self.dirty_since = time.monotonic()
+            self.dirty += changed
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         keys = np.asarray(keys, dtype=np.int64)
-        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.dim)
-        with self._lock:
-            need = self._n + len(keys)
-            if need > len(self._vectors):
-                # Doubling keeps appends amortised O(1) per row.
-                cap = max(need, 2 * len(self._vectors), 64)
-                grown = np.zeros((cap, self.dim), dtype=np.float32)
-                grown[: self._n] = self._vectors[: self._n]
-                grown_keys = np.zeros(cap, dtype=np.int64)
-                grown_keys[: self._n] = self._keys[: self._n]
-                self._vectors, self._keys = grown, grown_keys
-            self._vectors[self._n : need] = vectors
-            self._keys[self._n : need] = keys
-            for offset, key in enumerate(keys.tolist()):
-                self._row_of[key] = self._n + offset
-            self._n = need
+        if not len(keys):
+            return
+        codes = quantize(np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.dim))
+        with self._lock.write():
+            self._index.add(keys.astype(np.uint64), codes, threads=self.threads)
+            self.last_seq = max(self.last_seq, int(keys.max()))
+            self._touch(len(keys))
 
-    def remove(self, keys: list[int]) -> None:
-        with self._lock:
-            for key in keys:
-                row = self._row_of.pop(key, None)
-                if row is None:
-                    continue
-                last = self._n - 1
-                if row != last:
-                    moved = int(self._keys[last])
-                    self._vectors[row] = self._vectors[last]
-                    self._keys[row] = moved
-                    self._row_of[moved] = row
-                self._n = last
+    def remove(self, keys: list[int] | np.ndarray) -> int:
+        keys = np.asarray(keys, dtype=np.int64)
+        if not len(keys):
+            return 0
+        with self._lock.write():
+            removed = self._index.remove(keys.astype(np.uint64))
+            count = int(np.sum(removed))
+            self._touch(count)
+        return count
 
-    def get(self, key: int) -> np.ndarray | None:
-        with self._lock:
-            row = self._row_of.get(key)
-            return None if row is None else self._vectors[row].copy()
+    def keys(self) -> np.ndarray:
+        with self._lock.read():
+            return np.asarray(self._index.keys, dtype=np.uint64).astype(np.int64)
 
-    def search(self, queries: np.ndarray, limit: int, min_cosine: float) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and cosines of the best ``limit`` rows (all when limit < 0) at or above ``min_cosine``."""
+    # --- search ------------------------------------------------------------------------------------
+    def search(
+        self, queries: np.ndarray, limit: int, min_cosine: float, *, exact: bool | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and cosines of the best ``limit`` rows (all when limit < 0) at or above ``min_cosine``.
+
+        ``queries`` holds the views of one query; a row scores its best cosine over them. ``exact``
+        forces (True) or forbids (False) the full scan; by default the scan is used when the group is
+        small or the request wants many rows.
+        """
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        with self._lock:
-            if self._n == 0:
-                return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-            sims = self._vectors[: self._n] @ queries.T
-            keys = self._keys[: self._n].copy()
-        best = sims.max(axis=1) if sims.shape[1] > 1 else sims[:, 0]
-        passing = np.flatnonzero(best >= min_cosine)
-        if limit >= 0 and len(passing) > limit:
-            top = np.argpartition(-best[passing], limit - 1)[:limit]
-            passing = passing[top]
-        order = np.argsort(-best[passing], kind="stable")
-        chosen = passing[order]
-        return keys[chosen], best[chosen]
+        empty = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        if limit == 0:
+            return empty
+        with self._lock.read():
+            n = len(self)
+            if n == 0:
+                return empty
+            if exact is None:
+                exact = n < self.exact_below or limit < 0 or limit > ANN_MAX_LIMIT
+            codes = quantize(queries)
+            floor = min_cosine - SCREEN_MARGIN
+            if exact:
+                keys, approx = self._scan(codes, n, limit, floor)
+            else:
+                # usearch widens its search breadth to ``count`` when that is larger.
+                count = min(n, max(32, 2 * limit))
+                keys, approx = self._best_over_views(self._index.search(codes, count, threads=1))
+        keep = approx >= floor
+        keys, approx = keys[keep], approx[keep]
+        if self.fetch is None:
+            cosines = approx
+        else:
+            keys, rows = self.fetch(keys)
+            cosines = (rows @ queries.T).max(axis=1) if len(keys) else np.zeros(0, dtype=np.float32)
+        passing = np.flatnonzero(cosines >= min_cosine)
+        # Best first; equal cosines in seq (insertion) order so answers are repeatable.
+        order = passing[np.lexsort((keys[passing], -cosines[passing]))]
+        if limit >= 0:
+            order = order[:limit]
+        return keys[order], cosines[order].astype(np.float32)
+
+    def _scan(self, codes: np.ndarray, n: int, limit: int, floor: float) -> tuple[np.ndarray, np.ndarray]:
+        """Every row (int8) against the views: the rows that may pass ``floor``, up to what ``limit`` needs.
+
+        usearch's brute force keeps a sorted top-``count`` per view, which costs far more than the scan
+        itself when ``count`` is in the thousands; with a real threshold few rows pass, so ask for a few
+        hundred first and widen only while the last row returned for some view still passes ``floor``.
+        """
+        # A little more than ``limit`` so that the float re-rank can reorder the border.
+        want = n if limit < 0 else min(n, limit + max(32, limit // 8))
+        count = min(want, 256)
+        while True:
+            matches = self._index.search(codes, count, exact=True, threads=self.threads)
+            if count >= want:
+                break
+            dist = np.atleast_2d(np.asarray(matches.distances))
+            counts = np.atleast_1d(np.asarray(getattr(matches, "counts", [dist.shape[1]])))
+            last_cos = 1.0 - dist[np.arange(len(counts)), np.maximum(counts - 1, 0)]
+            if (counts < count).all() or last_cos.max() < floor:
+                break
+            count = min(want, count * 8)
+        return self._best_over_views(matches)
+
+    @staticmethod
+    def _best_over_views(matches: object) -> tuple[np.ndarray, np.ndarray]:
+        """Flatten (views x count) matches to one (key, best cosine) per row."""
+        keys = np.asarray(matches.keys)  # type: ignore[attr-defined]
+        dist = np.asarray(matches.distances)  # type: ignore[attr-defined]
+        if keys.ndim == 1:  # usearch answers one query with Matches, several with BatchMatches
+            keys, dist, counts = keys[None], dist[None], np.asarray([len(keys)])
+        else:
+            counts = np.asarray(matches.counts)  # type: ignore[attr-defined]
+        valid = np.arange(keys.shape[1])[None, :] < counts[:, None]
+        flat_keys = keys[valid].astype(np.int64)
+        flat_cos = 1.0 - dist[valid].astype(np.float32)
+        if keys.shape[0] > 1 and len(flat_keys):
+            order = np.lexsort((-flat_cos, flat_keys))
+            flat_keys, flat_cos = flat_keys[order], flat_cos[order]
+            first = np.ones(len(flat_keys), dtype=bool)
+            first[1:] = flat_keys[1:] != flat_keys[:-1]
+            flat_keys, flat_cos = flat_keys[first], flat_cos[first]
+        return flat_keys, flat_cos
+
+    # --- snapshots ---------------------------------------------------------------------------------
+    def save(self, folder: Path, name: str) -> int | None:
+        """Write a snapshot if anything changed since the last one; returns its seq (None if clean).
+
+        Searches go on meanwhile; adds and deletes wait only while usearch serialises into the page
+        cache. fsync, CRC and renames happen after the lock is released.
+        """
+        folder.mkdir(parents=True, exist_ok=True)
+        with self._lock.read():
+            if not self.dirty:
+                return None
+            seq, count, dirty = self.last_seq, len(self), self.dirty
+            tmp = folder / f"{name}.{seq}.usearch.tmp"
+            self._index.save(str(tmp))
+            # No writer can run while we hold the read lock, so nothing changed since ``dirty``.
+            self.dirty = 0
+        try:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            final = folder / f"{name}.{seq}.usearch"
+            os.replace(tmp, final)
+            meta = {
+                "format": SNAPSHOT_FORMAT,
+                "dim": self.dim,
+                "seq": seq,
+                "count": count,
+                "size": final.stat().st_size,
+                "crc32": _crc32(final),
+            }
+            meta_tmp = folder / f"{name}.{seq}.json.tmp"
+            with open(meta_tmp, "w") as f:
+                json.dump(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(meta_tmp, folder / f"{name}.{seq}.json")
+            _fsync_dir(folder)
+        except BaseException:
+            with self._lock.write():
+                self._touch(dirty)
+            tmp.unlink(missing_ok=True)
+            raise
+        # Only now, with the new snapshot durable, may older ones go.
+        for old in snapshot_files(folder, name):
+            if not old.name.startswith(f"{name}.{seq}."):
+                old.unlink(missing_ok=True)
+        return seq
+
+    @classmethod
+    def load(cls, folder: Path, name: str, dim: int, fetch: Fetch | None = None) -> VectorIndex | None:
+        """The newest valid snapshot of ``name`` in ``folder``, or None when there is none."""
+        metas: list[tuple[int, Path]] = []
+        for path in folder.glob(f"{name}.*.json"):
+            try:
+                metas.append((int(path.name[len(name) + 1 : -len(".json")]), path))
+            except ValueError:
+                continue
+        for seq, meta_path in sorted(metas, reverse=True):
+            data = folder / f"{name}.{seq}.usearch"
+            try:
+                meta = json.loads(meta_path.read_text())
+                if meta.get("format") != SNAPSHOT_FORMAT or meta["dim"] != dim or meta["seq"] != seq:
+                    raise ValueError("snapshot of another format or model")
+                if data.stat().st_size != meta["size"] or _crc32(data) != meta["crc32"]:
+                    raise ValueError("snapshot size or checksum does not match")
+                index = Index.restore(str(data))
+                if index is None or index.ndim != dim or len(index) != meta["count"]:
+                    raise ValueError("snapshot does not hold what its metadata says")
+            except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+                log.warning("ignoring snapshot %s: %s", data, exc)
+                continue
+            out = cls(dim, fetch, _index=index)
+            out.last_seq = seq
+            return out
+        return None
+
+
+def snapshot_files(folder: Path, name: str) -> list[Path]:
+    """Every file (complete or not) belonging to ``name``'s snapshots."""
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.name.startswith(f"{name}.")]

@@ -1,0 +1,339 @@
+"""Scale benchmark: one group filled to N images, searched and fed through the real HTTP API.
+
+    python bench/scale.py [--n 500000] [--quick] [--data DIR] [--queries 30]
+
+1. Base vectors: real embeddings (default model) of a few hundred photos (the evaluation gallery under
+   ~/.cache/tusou-eval/out when present, else generated scenes from tests/imagegen.py).
+2. Fill (skipped when DIR already holds the group at N): the base images themselves plus synthetic rows,
+   each a perturbation of a mix of two base embeddings (photo-like: neighbours at cosine 0.5-0.9, not
+   uniform noise), inserted through ``SQLiteStore.add_images`` in batches of 10,000 (no HTTP, no model).
+   Reports fill time (SQLite + HNSW build) and the snapshot written by ``close()``.
+3. In-process, on the same store: recall of the approximate (graph) path against the exact scan, and of
+   the exact path (int8 screen + float32 re-rank) against brute-force float32 over every row.
+4. ``python -m tusou serve`` on the folder: time from process start to the first answered search; search
+   p50/p99 over HTTP with real JPEG queries for limit 1, 100, 10000, -1 (default threshold); ingest img/s
+   over HTTP with real JPEGs in batches of 1 and 32; the server's RSS (now and peak); disk use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+from qiniu import QiniuMacAuth
+from qiniu.auth import QiniuMacRequestsAuth
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests import imagegen  # noqa: E402
+from tusou.config import Settings  # noqa: E402
+from tusou.embed import create_embedder  # noqa: E402
+from tusou.store.base import NewImage  # noqa: E402
+from tusou.store.keys import KeyStore  # noqa: E402
+from tusou.store.sqlite import SQLiteStore  # noqa: E402
+
+PHOTOS = Path.home() / ".cache" / "tusou-eval" / "out"
+GROUP = "big"
+
+
+def jpeg_bytes(img: Image.Image, side: int = 640, quality: int = 88) -> bytes:
+    img = img.convert("RGB")
+    img.thumbnail((side, side))
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def photos(count: int) -> list[bytes]:
+    """JPEGs of real photos when the evaluation set is there, else of generated scenes."""
+    files = sorted(PHOTOS.rglob("*.jpg"))[:count] if PHOTOS.is_dir() else []
+    out = [jpeg_bytes(Image.open(f)) for f in files]
+    seed = 0
+    while len(out) < count:
+        out.append(jpeg_bytes(imagegen.scene(seed, (640, 480))))
+        seed += 1
+    return out
+
+
+def synthetic(base: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    i = rng.integers(0, len(base), n)
+    j = rng.integers(0, len(base), n)
+    mix = rng.uniform(0.0, 0.7, (n, 1)).astype(np.float32)
+    noise = rng.standard_normal((n, base.shape[1]), dtype=np.float32)
+    noise *= rng.uniform(0.3, 0.8, (n, 1)).astype(np.float32) / np.linalg.norm(noise, axis=1, keepdims=True)
+    v = base[i] + mix * base[j] + noise
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def data_uri(data: bytes) -> str:
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = {line.split(":")[0]: line.split()[1] for line in status.splitlines() if line.startswith("Vm")}
+    return int(fields["VmRSS"]) / 1024, int(fields["VmHWM"]) / 1024
+
+
+def du_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def fill(args: argparse.Namespace, data: Path, embedder, base_jpegs: list[bytes]) -> dict:
+    keys = KeyStore(data / "keys.db")
+    key = keys.list()[0] if keys.active_count() else keys.create("bench")
+    keys.close()
+    report: dict = {}
+    started = time.monotonic()
+    store = SQLiteStore(data / "tusou.db", model_id=embedder.model_id, dim=embedder.dim)
+    report["open_s"] = time.monotonic() - started
+    tenant = key.access_key
+    if GROUP in store.list_groups(tenant) and store.count(tenant, GROUP) >= args.n:
+        store.close()
+        return report
+    base = embedder.embed_images([embedder.open_image(b) for b in base_jpegs])
+    np.save(data / "bench-base.npy", base)
+    if GROUP not in store.list_groups(tenant):
+        store.create_group(
+            tenant, GROUP, [NewImage(f"photo-{i}", "photo", "", None, v) for i, v in enumerate(base)]
+        )
+    rng = np.random.default_rng(0)
+    have = store.count(tenant, GROUP)
+    started = time.monotonic()
+    while have < args.n:
+        step = min(10_000, args.n - have)
+        vectors = synthetic(base, step, rng)
+        store.add_images(
+            tenant, GROUP, [NewImage(f"s{have + k}", "synthetic", "", None, v) for k, v in enumerate(vectors)]
+        )
+        have += step
+        if have % 50_000 < step:
+            print(f"  filled {have} in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
+    report["fill_s"] = time.monotonic() - started
+    started = time.monotonic()
+    store.close()  # writes the snapshot
+    report["close_snapshot_s"] = time.monotonic() - started
+    return report
+
+
+def recall(args: argparse.Namespace, data: Path, embedder, query_jpegs: list[bytes]) -> dict:
+    keys = KeyStore(data / "keys.db")
+    tenant = keys.list()[0].access_key
+    keys.close()
+    report: dict = {}
+    started = time.monotonic()
+    store = SQLiteStore(data / "tusou.db", model_id=embedder.model_id, dim=embedder.dim)
+    report["reopen_in_process_s"] = time.monotonic() - started
+    index = store._indexes[store._gids[(tenant, GROUP)]]
+    real = embedder.embed_queries([embedder.open_image(b) for b in query_jpegs])
+    base = np.load(data / "bench-base.npy")
+    held_out = synthetic(base, len(query_jpegs), np.random.default_rng(12345))[:, None, :]
+    found = {}
+    for name, queries in (("photo", real), ("synthetic", held_out)):
+        hits1 = hits10 = 0
+        ann_ms = []
+        for q in queries:
+            exact = index.search(q, 10, -1.0, exact=True)[0]
+            t = time.perf_counter()
+            approx = index.search(q, 10, -1.0, exact=False)[0]
+            ann_ms.append((time.perf_counter() - t) * 1000)
+            hits1 += int(approx[:1].tolist() == exact[:1].tolist())
+            hits10 += len(set(approx.tolist()) & set(exact.tolist()))
+        found[name] = (hits1 / len(queries), hits10 / (10 * len(queries)), pct(ann_ms, 50))
+    report["ann_recall"] = found
+    # The exact path against brute-force float32 over every row (read back from SQLite in chunks).
+    all_keys = index.keys()
+    all_keys.sort()
+    complete = []
+    sims = []
+    for start in range(0, len(all_keys), 50_000):
+        k, rows = store._fetch_vectors(all_keys[start : start + 50_000])
+        sims.append((k, (rows @ real[:5].reshape(-1, rows.shape[1]).T).reshape(len(k), 5, -1).max(axis=2)))
+    keys_all = np.concatenate([s[0] for s in sims])
+    sim_all = np.concatenate([s[1] for s in sims])
+    for qi in range(5):
+        truth = keys_all[np.argsort(-sim_all[:, qi], kind="stable")[:10_000]]
+        got, cos = index.search(real[qi], 10_000, -1.0, exact=True)
+        complete.append(len(set(got.tolist()) & set(truth.tolist())) / len(truth))
+    report["exact_path_recall_at_10000"] = float(np.mean(complete))
+    report["int8_abs_err_max"] = int8_error(index, store, real[:5])
+    for ix in store._indexes.values():  # read-only use: nothing to snapshot on close
+        ix.dirty = 0
+    store.close()
+    return report
+
+
+def int8_error(index, store, queries: np.ndarray) -> float:
+    """Largest |int8 cosine - float32 cosine| over the top 1000 rows of a few queries."""
+    fetch, index.fetch = index.fetch, None
+    try:
+        worst = 0.0
+        for q in queries:
+            keys, approx = index.search(q, 1000, -1.0, exact=True)
+            k, rows = store._fetch_vectors(keys)
+            exact = (rows @ q.T).max(axis=1)
+            worst = max(worst, float(np.abs(exact - approx[: len(k)]).max()))
+        return worst
+    finally:
+        index.fetch = fetch
+
+
+class Server:
+    def __init__(self, data: Path, port: int) -> None:
+        env = dict(os.environ, TUSOU_DATA=str(data), TUSOU_PORT=str(port), PYTHONUNBUFFERED="1")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tusou", "serve"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=open(data / "serve.log", "a"),  # noqa: SIM115
+        )
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def serve_bench(
+    args: argparse.Namespace, data: Path, query_jpegs: list[bytes], ingest_jpegs: list[bytes]
+) -> dict:
+    keys = KeyStore(data / "keys.db")
+    key = keys.list()[0]
+    keys.close()
+    session = requests.Session()
+    auth = QiniuMacRequestsAuth(QiniuMacAuth(key.access_key, key.secret_key))
+    report: dict = {}
+    port = 18000 + os.getpid() % 1000
+    server = Server(data, port)
+
+    def search(jpeg: bytes, limit: int) -> requests.Response:
+        body = {"data": {"uri": data_uri(jpeg)}, "params": {"groups": [GROUP], "limit": limit}}
+        return session.post(server.url + "/v1/image/groups/search", json=body, auth=auth, timeout=120)
+
+    try:
+        while True:
+            try:
+                if search(query_jpegs[0], 1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.05)
+            if server.proc.poll() is not None:
+                raise RuntimeError("server exited; see serve.log")
+        report["start_to_first_search_s"] = time.monotonic() - server.started
+        for limit in (1, 100, 10_000, -1):
+            times = []
+            returned = []
+            for jpeg in query_jpegs:
+                t = time.perf_counter()
+                resp = search(jpeg, limit)
+                times.append((time.perf_counter() - t) * 1000)
+                assert resp.status_code == 200, resp.text
+                returned.append(len(resp.json()["result"]))
+            report[f"search_limit_{limit}"] = (pct(times, 50), pct(times, 99), float(np.median(returned)))
+        session.post(server.url + "/v1/image/group/ingest/new", json={"data": []}, auth=auth, timeout=60)
+        for batch in (1, 32):
+            todo = ingest_jpegs[: max(batch * 4, 32)]
+            t = time.perf_counter()
+            for start in range(0, len(todo), batch):
+                body = {"data": [{"uri": data_uri(b)} for b in todo[start : start + batch]]}
+                resp = session.post(
+                    server.url + "/v1/image/group/ingest/add", json=body, auth=auth, timeout=600
+                )
+                assert resp.status_code == 200, resp.text
+            report[f"ingest_batch_{batch}_img_s"] = len(todo) / (time.perf_counter() - t)
+        report["server_rss_mb"], report["server_peak_rss_mb"] = rss_mb(server.proc.pid)
+        session.post(server.url + "/v1/image/group/ingest/remove", auth=auth, timeout=60)
+    finally:
+        server.stop()
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=500_000)
+    parser.add_argument("--quick", action="store_true", help="N=20000 and fewer queries: a few minutes")
+    parser.add_argument("--data", type=Path, default=None, help="data folder (kept between runs)")
+    parser.add_argument("--queries", type=int, default=30)
+    parser.add_argument("--skip-recall", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.queries = 20_000, min(args.queries, 15)
+    data = args.data or Path(f"/tmp/tusou-scale-{args.n}")
+    data.mkdir(parents=True, exist_ok=True)
+    embedder = create_embedder(Settings(data=data))
+    jpegs = photos(300 + 64)
+    base_jpegs, ingest_jpegs = jpegs[:300], jpegs[300:] + jpegs[:64]
+    # Queries: base photos, re-encoded smaller (a near-duplicate of a stored image).
+    query_jpegs = [
+        jpeg_bytes(Image.open(io.BytesIO(b)), side=480, quality=70)
+        for b in base_jpegs[:: max(1, 300 // args.queries)]
+    ][: args.queries]
+    report: dict = {"n": args.n}
+    report.update(fill(args, data, embedder, base_jpegs))
+    if not args.skip_recall:
+        report.update(recall(args, data, embedder, query_jpegs))
+    report.update(serve_bench(args, data, query_jpegs, ingest_jpegs))
+    report["disk_mb"] = du_mb(data)
+    report["index_mb"] = du_mb(data / "index")
+    print(json.dumps(report, indent=1, default=str), file=sys.stderr)
+    (data / "scale-report.json").write_text(json.dumps(report, indent=1, default=str))
+    print_table(report)
+
+
+def print_table(r: dict) -> None:
+    print(f"\n## scale: {r['n']:,} images in one group, {os.cpu_count()} cores\n")
+    print("| measure | value |\n|---|---|")
+    for limit in (1, 100, 10_000, -1):
+        p50, p99, returned = r[f"search_limit_{limit}"]
+        print(
+            f"| search limit={limit} p50 / p99 (HTTP, query embedding included) | "
+            f"{p50:.0f} / {p99:.0f} ms ({returned:.0f} hits) |"
+        )
+    if "ann_recall" in r:
+        for name, (r1, r10, ms) in r["ann_recall"].items():
+            print(
+                f"| graph vs exact, {name} queries: recall@1 / recall@10, graph search | "
+                f"{r1:.3f} / {r10:.3f}, {ms:.2f} ms |"
+            )
+        print(
+            f"| exact path (int8 scan + f32 re-rank) vs brute-force f32, top 10000 | "
+            f"{r['exact_path_recall_at_10000']:.4f} |"
+        )
+        print(f"| max int8 cosine error (top 1000 of 5 queries) | {r['int8_abs_err_max']:.4f} |")
+    for batch in (1, 32):
+        print(f"| ingest over HTTP, batch {batch} | {r[f'ingest_batch_{batch}_img_s']:.1f} img/s |")
+    print(f"| process start to first answered search | {r['start_to_first_search_s']:.2f} s |")
+    print(f"| server RSS now / peak | {r['server_rss_mb']:.0f} / {r['server_peak_rss_mb']:.0f} MB |")
+    print(f"| disk (whole folder / index snapshots) | {r['disk_mb']:.0f} / {r['index_mb']:.0f} MB |")
+    if "fill_s" in r:
+        print(
+            f"| fill (SQLite + HNSW, internal path) / snapshot at close | "
+            f"{r['fill_s']:.0f} s / {r['close_snapshot_s']:.1f} s |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The embedded store across restarts: snapshots, replay of what they lack, rebuilds, model checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tusou.store.base import ModelMismatch, NewImage
+from tusou.store.sqlite import SQLiteStore
+
+DIM = 64
+
+
+def vectors(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def images(prefix: str, vecs: np.ndarray) -> list[NewImage]:
+    return [NewImage(f"{prefix}{i}", "l", {"i": i}, None, v) for i, v in enumerate(vecs)]
+
+
+def open_store(folder: Path, model_id: str = "m1") -> SQLiteStore:
+    # Background snapshots off: the tests decide when one is written.
+    return SQLiteStore(
+        folder / "tusou.db", model_id=model_id, dim=DIM, snapshot_every_writes=10**9, snapshot_every_s=1e9
+    )
+
+
+def state(store: SQLiteStore, queries: np.ndarray) -> dict:
+    out: dict = {"groups": store.list_groups("t")}
+    for group in out["groups"]:
+        page, marker, listed = None, "", []
+        while page is None or marker:
+            page, marker = store.list_images("t", group, marker, 100)
+            listed += [(i.id, i.desc) for i in page]
+        out[group] = (store.count("t", group), listed)
+    out["search"] = [
+        [(h.group, h.id, round(h.cosine, 5)) for h in store.search("t", out["groups"], q[None], limit, 0.1)]
+        for q in queries
+        for limit in (1, 20, -1)
+    ]
+    return out
+
+
+def crash(store: SQLiteStore) -> None:
+    """Leave without close(): no final snapshot, as after kill -9."""
+    store._stop.set()
+    store._snapshotter.join()
+    store._writer.close()
+
+
+def fill(store: SQLiteStore) -> np.ndarray:
+    a, b = vectors(600, 1), vectors(300, 2)
+    store.create_group("t", "a", images("a", a))
+    store.create_group("t", "b", images("b", b))
+    store.delete_images("t", "a", [f"a{i}" for i in range(0, 600, 7)])
+    return np.concatenate([a[:5], b[:5], vectors(5, 3)])
+
+
+def test_restart_after_close_is_identical(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    queries = fill(store)
+    before = state(store, queries)
+    store.close()
+    assert sorted(p.suffix for p in (tmp_path / "index").iterdir()) == [
+        ".json",
+        ".json",
+        ".usearch",
+        ".usearch",
+    ]
+    store = open_store(tmp_path)
+    assert state(store, queries) == before
+    store.close()
+
+
+def test_crash_after_snapshot_replays_newer_rows_and_deletes(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    queries = fill(store)
+    store.snapshot()
+    # After the snapshot: more rows, deletes (of rows inside and outside the snapshot), a removed group.
+    store.add_images("t", "a", images("late", vectors(200, 4)))
+    store.delete_images("t", "a", ["a1", "a2", "late3"])
+    store.remove_group("t", "b")
+    store.create_group("t", "c", images("c", vectors(50, 5)))
+    expected = state(store, queries)
+    crash(store)
+    store = open_store(tmp_path)
+    snap_seq = store._indexes[store._gids[("t", "a")]].last_seq
+    assert snap_seq > 900  # it started from the snapshot and replayed the rest
+    assert state(store, queries) == expected
+    hits = store.search("t", ["a"], vectors(600, 1)[1:3], -1, 0.999)
+    assert [h.id for h in hits] == []  # deleted after the snapshot: gone
+    store.close()
+
+
+def test_bad_snapshot_means_rebuild_from_sqlite(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    queries = fill(store)
+    expected = state(store, queries)
+    store.close()
+    for path in (tmp_path / "index").glob("*.usearch"):
+        path.write_bytes(path.read_bytes()[:1000])
+    store = open_store(tmp_path)
+    assert state(store, queries) == expected
+    store.close()
+
+
+def test_vectors_come_back_exact(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    a = vectors(10, 6)
+    store.create_group("t", "g", images("x", a))
+    store.close()
+    store = open_store(tmp_path)
+    assert np.array_equal(store.get_vector("t", "g", "x3"), a[3])
+    store.close()
+
+
+def test_background_snapshot_after_enough_writes(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "tusou.db", model_id="m1", dim=DIM, snapshot_every_writes=100)
+    store.create_group("t", "g", images("x", vectors(150, 7)))
+    for _ in range(50):
+        if list((tmp_path / "index").glob("g*.json")):
+            break
+        store._stop.wait(0.1)
+    assert [p.name for p in (tmp_path / "index").glob("g*.json")] == [f"g1.{150}.json"]
+    store.close()
+
+
+def test_model_mismatch_is_refused(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    store.create_group("t", "g", images("x", vectors(3, 8)))
+    store.close()
+    with pytest.raises(ModelMismatch):
+        open_store(tmp_path, model_id="m2")
+    store = open_store(tmp_path)  # the data folder is untouched by the refusal
+    assert store.count("t", "g") == 3
+    store.close()

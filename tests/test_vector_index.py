@@ -1,0 +1,160 @@
+"""The per-group index: graph recall against the exact scan, deletes, snapshots and their failure modes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tusou.store.vector_index import VectorIndex, quantize, snapshot_files
+
+DIM = 96
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n: int, seed: int = 0) -> np.ndarray:
+    """Photo-like: rows around a few hundred centres, not uniform noise (where neighbours are meaningless)."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((200, DIM)))
+    return unit(centres[rng.integers(0, 200, n)] + 0.4 * unit(rng.standard_normal((n, DIM))))
+
+
+class Table:
+    """A stand-in for SQLite: exact float32 rows by key, the index's ``fetch``."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, np.ndarray] = {}
+
+    def fetch(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        present = [int(k) for k in keys if int(k) in self.rows]
+        rows = np.stack([self.rows[k] for k in present]) if present else np.zeros((0, DIM), np.float32)
+        return np.asarray(present, dtype=np.int64), rows
+
+    def brute(self, queries: np.ndarray, min_cosine: float) -> dict[int, float]:
+        keys = np.asarray(sorted(self.rows))
+        sims = (np.stack([self.rows[k] for k in keys]) @ queries.T).max(axis=1)
+        return {int(k): float(c) for k, c in zip(keys, sims, strict=True) if c >= min_cosine}
+
+
+def filled(n: int, seed: int = 0) -> tuple[VectorIndex, Table, np.ndarray]:
+    table = Table()
+    index = VectorIndex(DIM, table.fetch)
+    vectors = clustered(n, seed)
+    keys = np.arange(1, n + 1)
+    for k, v in zip(keys.tolist(), vectors, strict=True):
+        table.rows[k] = v
+    for start in range(0, n, 500):  # incremental, as the write path adds
+        index.add(keys[start : start + 500], vectors[start : start + 500])
+    return index, table, vectors
+
+
+def test_quantize_keeps_cosines_close() -> None:
+    v = clustered(500)
+    q = quantize(v).astype(np.float32)
+    approx = unit(q) @ unit(q[:5]).T
+    assert np.abs(approx - v @ v[:5].T).max() < 0.01
+
+
+def test_graph_recall_against_exact_scan() -> None:
+    index, _, vectors = filled(4000)
+    index.exact_below = 0  # use the graph although the group is small
+    rng = np.random.default_rng(1)
+    queries = unit(vectors[rng.integers(0, 4000, 50)] + 0.3 * unit(rng.standard_normal((50, DIM))))
+    hits = 0
+    for q in queries:
+        exact, _ = index.search(q[None], 10, -1.0, exact=True)
+        approx, cos = index.search(q[None], 10, -1.0)
+        assert np.all(np.diff(cos) <= 0)
+        hits += len(set(exact.tolist()) & set(approx.tolist()))
+    assert hits / 500 >= 0.97
+
+
+def test_every_match_above_threshold_for_large_limits() -> None:
+    index, table, vectors = filled(3000)
+    queries = np.stack([vectors[7], vectors[7][::-1].copy()])  # two views
+    for threshold in (0.3, 0.6):
+        truth = table.brute(queries, threshold)
+        for limit in (-1, 10_000):
+            keys, cos = index.search(queries, limit, threshold)
+            assert dict(zip(keys.tolist(), cos.tolist(), strict=True)) == pytest.approx(truth)
+            assert np.all(np.diff(cos) <= 0)
+    # A limit cuts the same ranking: the best ``limit`` of the full answer.
+    everything = index.search(queries, -1, 0.0)[0]
+    assert index.search(queries, 50, 0.0)[0].tolist() == everything[:50].tolist()
+
+
+def test_deleted_rows_never_come_back(tmp_path: Path) -> None:
+    index, table, vectors = filled(2000)
+    gone = list(range(1, 2001, 3))
+    assert index.remove(gone) == len(gone)
+    assert index.remove(gone) == 0  # twice is a no-op
+    assert len(index) == 2000 - len(gone)
+    index.save(tmp_path, "g1")
+    loaded = VectorIndex.load(tmp_path, "g1", DIM, table.fetch)
+    assert loaded is not None and len(loaded) == len(index)
+    for candidate in (index, loaded):
+        for exact in (True, False):
+            for k in gone[:40]:
+                keys, _ = candidate.search(vectors[k - 1][None], 20, -1.0, exact=exact)
+                assert not set(keys.tolist()) & set(gone)
+    # Re-adding a deleted key is a new row, not a resurrection of the old one.
+    table.rows[gone[0]] = vectors[1]
+    index.add(np.asarray([gone[0]]), vectors[1][None])
+    assert index.search(vectors[1][None], 2, 0.99)[0].tolist() == [gone[0], 2]  # equal cosines: seq order
+
+
+def test_snapshot_is_written_beside_the_old_one_and_replaced(tmp_path: Path) -> None:
+    index, table, vectors = filled(500)
+    assert index.save(tmp_path, "g3") == 500
+    assert index.save(tmp_path, "g3") is None  # nothing changed
+    index.add(np.asarray([501]), vectors[:1])
+    # A snapshot interrupted midway leaves only a temp file; the previous one still loads.
+    (tmp_path / "g3.501.usearch.tmp").write_bytes(b"partial")
+    (tmp_path / "g3.502.usearch").write_bytes(b"no metadata: never renamed into place")
+    loaded = VectorIndex.load(tmp_path, "g3", DIM, table.fetch)
+    assert loaded is not None and loaded.last_seq == 500 and len(loaded) == 500
+    assert index.save(tmp_path, "g3") == 501
+    names = sorted(p.name for p in snapshot_files(tmp_path, "g3"))
+    assert "g3.501.json" in names and "g3.501.usearch" in names and "g3.500.usearch" not in names
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "json"])
+def test_damaged_snapshot_is_refused(tmp_path: Path, damage: str) -> None:
+    index, table, _ = filled(800)
+    index.save(tmp_path, "g2")
+    data = tmp_path / "g2.800.usearch"
+    raw = bytearray(data.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        data.write_bytes(bytes(raw[: len(raw) // 3]))
+    else:
+        (tmp_path / "g2.800.json").write_text("{not json")
+    assert VectorIndex.load(tmp_path, "g2", DIM, table.fetch) is None
+    assert VectorIndex.load(tmp_path, "g2", DIM + 1, table.fetch) is None
+
+
+@pytest.mark.slow
+def test_graph_recall_at_1280d_50k() -> None:
+    global DIM
+    saved, DIM = DIM, 1280
+    try:
+        index, _, vectors = filled(50_000)
+        index.exact_below = 0
+        rng = np.random.default_rng(2)
+        queries = unit(vectors[rng.integers(0, 50_000, 100)] + 0.3 * unit(rng.standard_normal((100, DIM))))
+        hits = sum(
+            len(
+                set(index.search(q[None], 10, -1.0, exact=True)[0].tolist())
+                & set(index.search(q[None], 10, -1.0)[0].tolist())
+            )
+            for q in queries
+        )
+        assert hits / 1000 >= 0.99
+    finally:
+        DIM = saved
