@@ -1,0 +1,638 @@
+"""Retrieval quality of tusou's embedder on the shared evaluation sets (../shared/eval).
+
+    python bench/quality.py [--model lite0] [--eval-dir ~/.cache/tusou-eval] [--build] [--time 50]
+
+Embeds the gallery and the queries of ``neardup``, ``semantic`` and ``semantic_cutouts`` with
+``tusou.embed.create_embedder`` (``embed_images`` for the gallery, ``embed_queries`` for queries), searches
+the way the service does (a stored vector scores the max cosine over the query's views, mapped to the 0..1
+score, ranked by it), writes one results file per set under ``<eval-dir>/results/<model>/`` and prints a
+table. Embeddings are cached on disk per (model_id, view/score configuration, file), so a rerun after a
+change elsewhere takes seconds.
+
+Calibration (``--calibrate``) is the other job of this script: it embeds every image once per single view
+with centring switched off, then rebuilds what the service would compute for any view configuration in
+numpy. That is how ``tusou/embed/data/<model>_mean.npy`` and ``<model>_score.json`` were fitted and how the
+view choices in ``tusou/embed/views.py`` were compared (docs/score.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tusou.embed import score as score_mod  # noqa: E402
+from tusou.embed import views as views_mod  # noqa: E402
+
+SHARED_EVAL = ROOT.parent / "shared" / "eval"
+SETS = ("neardup", "semantic", "semantic_cutouts")
+TOPK = 100
+NEAR_DUP_T = 0.85  # the threshold Qiniu clients commonly send
+
+
+# --------------------------------------------------------------------------------------------- eval sets
+
+
+def build_commands(eval_dir: Path) -> list[list[str]]:
+    return [
+        ["bash", str(SHARED_EVAL / "fetch_sources.sh"), str(eval_dir / "deb")],
+        [
+            sys.executable,
+            str(SHARED_EVAL / "build_eval.py"),
+            "--debs",
+            str(eval_dir / "deb"),
+            "--cache",
+            str(eval_dir / "cache"),
+            "--out",
+            str(eval_dir / "out"),
+            "--jobs",
+            str(os.cpu_count() or 2),
+        ],
+    ]
+
+
+def ensure_sets(eval_dir: Path, build: bool) -> Path:
+    out = eval_dir / "out"
+    if all((out / s / "gt.json").is_file() for s in SETS):
+        return out
+    cmds = build_commands(eval_dir)
+    if not build:
+        print("evaluation sets missing under", out, "- build them with --build, or run:", file=sys.stderr)
+        for c in cmds:
+            print("  " + " ".join(c), file=sys.stderr)
+        sys.exit(2)
+    for c in cmds:
+        print("+", " ".join(c), file=sys.stderr)
+        subprocess.run(c, check=True)
+    return out
+
+
+def load_scorer() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("eval_retrieval", SHARED_EVAL / "eval_retrieval.py")
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {SHARED_EVAL / 'eval_retrieval.py'}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class EvalSet:
+    def __init__(self, root: Path, name: str) -> None:
+        self.name = name
+        self.dir = root / name
+        self.gallery = sorted(json.loads((self.dir / "gallery.json").read_text()), key=lambda m: m["id"])
+        self.queries = sorted(json.loads((self.dir / "queries.json").read_text()), key=lambda m: m["id"])
+        self.gt: dict[str, list[str]] = json.loads((self.dir / "gt.json").read_text())
+        loo = self.dir / "gt_loo.json"
+        self.gt_loo: dict[str, list[str]] | None = json.loads(loo.read_text()) if loo.is_file() else None
+
+    def path(self, meta: dict[str, Any]) -> Path:
+        return self.dir / meta["file"]
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+
+
+class Cache:
+    """One .npz per (model_id, configuration, set, role): file name -> vector(s). Missing files are added."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def get(
+        self, key: Sequence[str], files: Sequence[str], compute: Callable[[str], np.ndarray]
+    ) -> np.ndarray:
+        path = self.root.joinpath(*key).with_suffix(".npz")
+        have: dict[str, np.ndarray] = {}
+        if path.is_file():
+            with np.load(path) as z:
+                have = {k: z[k] for k in z.files}
+        missing = [f for f in files if f not in have]
+        if missing:
+            t0 = time.perf_counter()
+            for i, f in enumerate(missing, 1):
+                have[f] = compute(f)
+                if i % 200 == 0:
+                    print(f"    {'/'.join(key)}: {i}/{len(missing)}", file=sys.stderr)
+            dt = time.perf_counter() - t0
+            print(
+                f"    {'/'.join(key)}: embedded {len(missing)} in {dt:.1f}s "
+                f"({1000 * dt / len(missing):.1f} ms each)",
+                file=sys.stderr,
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, **have)
+            tmp.replace(path)
+        return np.stack([have[f] for f in files])
+
+
+def config_signature(model_key: str) -> str:
+    """Everything besides the weights that changes the stored/query vectors: views and the score data."""
+    cal = score_mod.calibration(model_key)
+    h = hashlib.sha256()
+    h.update(repr((views_mod.INDEX_VIEWS, views_mod.QUERY_VIEWS)).encode())
+    if cal.mean is not None:
+        h.update(cal.mean.tobytes())
+    return h.hexdigest()[:12]
+
+
+def file_key(s: EvalSet, meta: dict[str, Any]) -> str:
+    return f"{s.name}/{meta['file']}"
+
+
+# ---------------------------------------------------------------------------------------------- search
+
+
+def search(
+    model_key: str, q: np.ndarray, g: np.ndarray, gids: Sequence[str], topk: int = TOPK
+) -> list[list[list[Any]]]:
+    """q: (n, v, d) query views, g: (m, d) stored vectors -> per query [[gid, score], ...] best first.
+
+    Same rule as the service: a stored vector's cosine is its best over the query's views; rank by it.
+    """
+    cos = np.einsum("nvd,md->nvm", q, g).max(axis=1)
+    sc = score_mod.score_from_cosine(model_key, cos)
+    out = []
+    for i in range(cos.shape[0]):
+        order = np.argsort(-cos[i], kind="stable")[:topk]
+        out.append([[gids[j], round(float(sc[i, j]), 6)] for j in order])
+    return out
+
+
+def top_scores(res: dict[str, list[list[Any]]], ids: Iterable[str]) -> np.ndarray:
+    return np.array([res[i][0][1] if res.get(i) else -1.0 for i in ids])
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def neardup_report(
+    scorer: ModuleType, s: EvalSet, res: dict[str, Any], thresholds: Sequence[float]
+) -> dict[str, Any]:
+    m = scorer.score(str(s.dir), res, thresholds=list(thresholds))
+    # Precision of "score >= T means a near-duplicate of the top hit": over every query whose top hit
+    # passes T, the share whose top hit is the right image (no-match queries that pass count as wrong).
+    # Pair precision: over every (query, gallery) pair with score >= T, the share that are true copies.
+    prec: dict[str, Any] = {}
+    for t in thresholds:
+        acc = ok = pairs = pairs_ok = 0
+        for qid, rel in s.gt.items():
+            ents = res.get(qid) or []
+            if ents and ents[0][1] >= t:
+                acc += 1
+                ok += ents[0][0] in rel
+            for gid, sc in ents:
+                if sc >= t:
+                    pairs += 1
+                    pairs_ok += gid in rel
+        prec[str(t)] = {
+            "top1_precision": round(ok / acc, 4) if acc else None,
+            "pair_precision": round(pairs_ok / pairs, 4) if pairs else None,
+            "accepted": acc,
+        }
+    m["precision"] = prec
+    # Per edit: share of its queries whose top hit is right *and* passes T (what a thresholded client sees).
+    edit = {q["id"]: q.get("edit") for q in s.queries}
+    by: dict[str, dict[str, list[float]]] = {}
+    for qid, rel in s.gt.items():
+        if not rel:
+            continue
+        ents = res.get(qid) or []
+        for t in thresholds:
+            ok = bool(ents) and ents[0][0] in rel and ents[0][1] >= t
+            by.setdefault(str(t), {}).setdefault(str(edit[qid]), []).append(float(ok))
+    m["accept_by_edit"] = {t: {e: round(float(np.mean(v)), 4) for e, v in d.items()} for t, d in by.items()}
+    return m
+
+
+def fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def print_table(model: str, dt: float, nd: dict[str, Any], sem: dict[str, dict[str, Any]]) -> None:
+    t_def = str(nd["default_threshold"])
+    t85 = str(NEAR_DUP_T)
+    rows = [
+        ("neardup recall@1", nd["recall@1"]),
+        ("neardup recall@5", nd["recall@5"]),
+        ("neardup recall@10", nd["recall@10"]),
+        ("neardup mAP", nd["mAP"]),
+        ("neardup micro_AP", nd.get("micro_AP")),
+        (f"no-match top score >= default {t_def}", nd["threshold"][t_def]["no_match_top_score>=T"]),
+        (f"correct accept @ default {t_def}", nd["threshold"][t_def]["match_top1_correct_score>=T"]),
+        (f"top-1 precision @ default {t_def}", nd["precision"][t_def]["top1_precision"]),
+        (f"no-match top score >= {t85}", nd["threshold"][t85]["no_match_top_score>=T"]),
+        (f"correct accept @ {t85}", nd["threshold"][t85]["match_top1_correct_score>=T"]),
+        (f"top-1 precision @ {t85}", nd["precision"][t85]["top1_precision"]),
+    ]
+    for name, m in sem.items():
+        rows.append((f"{name} mAP", m["mAP"]))
+        rows.append((f"{name} recall@1", m["recall@1"]))
+    print(
+        f"\n## {model}  (views: index {list(views_mod.INDEX_VIEWS)}, query {list(views_mod.QUERY_VIEWS)}, "
+        f"default threshold {t_def}; {dt:.0f}s)\n"
+    )
+    print("| metric | value |\n|---|---|")
+    for name, v in rows:
+        print(f"| {name} | {fmt(v)} |")
+    acc = nd["accept_by_edit"]
+    print(f"\n| edit | recall@1 | correct accept @ {t_def} | correct accept @ {t85} |\n|---|---|---|---|")
+    for e, v in sorted(nd["recall@1_by_edit"].items(), key=lambda kv: (kv[1], acc[t_def][kv[0]])):
+        print(f"| {e} | {v:.3f} | {acc[t_def][e]:.3f} | {acc[t85][e]:.3f} |")
+    print()
+
+
+# --------------------------------------------------------------------------------------- service path
+
+
+def run_service(args: argparse.Namespace, root: Path) -> None:
+    from tusou.config import Settings
+    from tusou.embed import create_embedder
+
+    emb = create_embedder(Settings(data=args.data, model=args.model, threads=args.threads))
+    key = args.model
+    sig = config_signature(key)
+    cache = Cache(args.eval_dir / "emb")
+    scorer = load_scorer()
+    out_dir = args.eval_dir / "results" / args.model
+    out_dir.mkdir(parents=True, exist_ok=True)
+    thr = emb.default_threshold
+    t0 = time.perf_counter()
+    sem: dict[str, dict[str, Any]] = {}
+    nd: dict[str, Any] = {}
+    for name in SETS:
+        s = EvalSet(root, name)
+        gfiles = [file_key(s, m) for m in s.gallery]
+        gids = [m["id"] for m in s.gallery]
+        gpath = {file_key(s, m): s.path(m) for m in s.gallery + s.queries}
+
+        # Decoded the way the service decodes uploads (reduced-scale JPEG decode, EXIF orientation).
+        def index_vec(f: str, gpath: dict[str, Path] = gpath) -> np.ndarray:
+            return emb.embed_images([emb.open_image(gpath[f].read_bytes())])[0]
+
+        def query_vec(f: str, gpath: dict[str, Path] = gpath) -> np.ndarray:
+            return emb.embed_queries([emb.open_image(gpath[f].read_bytes())])[0]
+
+        g = cache.get((emb.model_id, sig, name, "index"), gfiles, index_vec)
+        qfiles = [file_key(s, m) for m in s.queries]
+        q = cache.get((emb.model_id, sig, name, "query"), qfiles, query_vec)
+        res = dict(zip([m["id"] for m in s.queries], search(key, q, g, gids), strict=True))
+        (out_dir / f"{name}.json").write_text(json.dumps(res))
+        if name == "neardup":
+            nd = neardup_report(scorer, s, res, [thr, NEAR_DUP_T])
+            nd["default_threshold"] = thr
+            (out_dir / "neardup.metrics.json").write_text(json.dumps(nd, indent=1))
+        else:
+            sem[name] = scorer.score(str(s.dir), res)
+            if s.gt_loo is not None:
+                # Leave-one-out: every gallery image queried (with its query views) against the rest.
+                ql = cache.get((emb.model_id, sig, name, "query"), gfiles, query_vec)
+                res_loo = dict(zip(gids, search(key, ql, g, gids), strict=True))
+                (out_dir / f"{name}.loo.json").write_text(json.dumps(res_loo))
+                sem[name + " (gt_loo)"] = scorer.score(str(s.dir), res_loo, gt_name="gt_loo.json")
+    print_table(f"{args.model} ({emb.model_id})", time.perf_counter() - t0, nd, sem)
+    print(f"results: {out_dir}")
+    if args.time:
+        time_queries(emb, key, root, args.time)
+
+
+def time_queries(emb: Any, key: str, root: Path, n: int) -> None:
+    """End-to-end query cost as the service pays it: decode, views, embed, search a 513-image gallery."""
+    s = EvalSet(root, "neardup")
+    g = np.stack([emb.embed_images([emb.open_image(s.path(m).read_bytes())])[0] for m in s.gallery[:64]])
+    g = np.tile(g, (8, 1))[: len(s.gallery)]
+    data = [s.path(m).read_bytes() for m in s.queries[:n]]
+    emb.embed_queries([emb.open_image(data[0])])  # warm-up
+    t0 = time.perf_counter()
+    for b in data:
+        q = emb.embed_queries([emb.open_image(b)])
+        search(key, q, g, [str(i) for i in range(len(g))], topk=10)
+    qt = (time.perf_counter() - t0) / n
+    gdata = [s.path(m).read_bytes() for m in s.gallery[:n]]
+    t0 = time.perf_counter()
+    for b in gdata:
+        emb.embed_images([emb.open_image(b)])
+    it = (time.perf_counter() - t0) / n
+    print(
+        f"timing ({n} images, threads={os.cpu_count()}): query end-to-end {1000 * qt:.1f} ms "
+        f"({len(views_mod.QUERY_VIEWS)} views), index {1000 * it:.1f} ms/image "
+        f"({len(views_mod.INDEX_VIEWS)} views)"
+    )
+
+
+# --------------------------------------------------------------------------------------- calibration
+
+#: Candidate configurations: (name, index views, query views).
+R4 = ("id", "r90", "r180", "r270")
+CANDIDATES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
+    ("plain", ("id",), ("id",)),
+    ("idx-mirror", ("id", "hflip"), ("id",)),
+    ("idx-low64", ("id", "low64"), ("id",)),
+    ("q-mirror", ("id",), ("id", "hflip")),
+    ("q-rot4", ("id",), R4),
+    ("q-rot4+mirror (5 views)", ("id",), (*R4, "hflip")),
+    ("idx-mirror + q-rot4", ("id", "hflip"), R4),
+    ("idx-low64 + q-rot4", ("id", "low64"), R4),
+    ("idx-mirror+low64 + q-rot4", ("id", "hflip", "low64"), R4),
+]
+
+
+def make_raw_fn(
+    args: argparse.Namespace,
+) -> tuple[str, Callable[[Image.Image], np.ndarray], Callable[[Path], Image.Image]]:
+    """(model_id, image -> raw feature of exactly that image, path -> decoded image), from the embedder."""
+    from tusou.config import Settings
+    from tusou.embed import create_embedder
+
+    emb = create_embedder(Settings(data=args.data, model=args.model, threads=args.threads))
+    return emb.model_id, lambda img: emb.features([img])[0], lambda p: emb.open_image(p.read_bytes())
+
+
+class RawFeatures:
+    """Uncentred per-view features of every image of the sets, cached on disk."""
+
+    def __init__(
+        self,
+        model_id: str,
+        raw: Callable[[Image.Image], np.ndarray],
+        opener: Callable[[Path], Image.Image],
+        cache: Cache,
+    ) -> None:
+        self.model_id, self.raw, self.opener, self.cache = model_id, raw, opener, cache
+
+    def get(self, s: EvalSet, metas: Sequence[dict[str, Any]], view: str) -> np.ndarray:
+        """(n, d) raw features of ``view`` of each image."""
+        files = [file_key(s, m) for m in metas]
+        paths = {file_key(s, m): s.path(m) for m in metas}
+
+        def compute(f: str) -> np.ndarray:
+            return self.raw(views_mod.VIEWS[view](self.opener(paths[f])))
+
+        return self.cache.get((self.model_id, "raw", view, s.name), files, compute)
+
+
+def l2(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+#: Exponent of the power normalisation being evaluated (``--power``); score.postprocess reads it from json.
+POWER = [0.5]
+
+
+def powered(f: np.ndarray) -> np.ndarray:
+    return np.power(np.maximum(f, 0.0), POWER[0]) if POWER[0] != 1.0 else f
+
+
+def centre(f: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
+    """score.postprocess with a given mean: power, L2, minus mean, L2 (no mean: plain L2)."""
+    if mean is None:
+        return l2(f)
+    return l2(l2(powered(f)) - mean)
+
+
+def vectors(
+    rf: RawFeatures,
+    s: EvalSet,
+    metas: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    mean: np.ndarray | None,
+    average: bool,
+) -> np.ndarray:
+    """What the embedder computes: index views' raw features averaged, then post-processed -> (n, d);
+    query views post-processed one by one and stacked -> (n, v, d)."""
+    per_view = [rf.get(s, metas, v) for v in names]
+    if average:
+        return centre(np.mean(per_view, axis=0), mean)
+    return np.stack([centre(f, mean) for f in per_view], axis=1)
+
+
+def max_cos(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+    return np.einsum("nvd,md->nvm", q, g).max(axis=1)
+
+
+def ranked(cos: np.ndarray, gids: Sequence[str], topk: int = TOPK) -> list[list[list[Any]]]:
+    out = []
+    for i in range(cos.shape[0]):
+        order = np.argsort(-cos[i], kind="stable")[:topk]
+        out.append([[gids[j], float(cos[i, j])] for j in order])
+    return out
+
+
+def fit_mean(rf: RawFeatures, sets: dict[str, EvalSet]) -> np.ndarray:
+    """Mean of a generic photo collection: neardup distractors + both semantic galleries, each image with
+    its mirror (so the mean itself is mirror-symmetric). L2-normed features, as postprocess centres them."""
+    parts = []
+    for name, s in sets.items():
+        metas = [m for m in s.gallery if name != "neardup" or m["role"] == "distractor"]
+        for v in ("id", "hflip"):
+            parts.append(rf.get(s, metas, v))
+    return l2(powered(np.concatenate(parts))).mean(axis=0).astype(np.float32)
+
+
+def evaluate(
+    rf: RawFeatures,
+    sets: dict[str, EvalSet],
+    scorer: ModuleType,
+    iv: Sequence[str],
+    qv: Sequence[str],
+    mean: np.ndarray | None,
+) -> dict[str, Any]:
+    """Metrics and the cosine samples the score map is fitted on, for one view configuration."""
+    out: dict[str, Any] = {}
+    for name, s in sets.items():
+        gids = [m["id"] for m in s.gallery]
+        g = vectors(rf, s, s.gallery, iv, mean, True)
+        q = vectors(rf, s, s.queries, qv, mean, False)
+        cos = max_cos(q, g)
+        res = dict(zip([m["id"] for m in s.queries], ranked(cos, gids), strict=True))
+        out[name] = scorer.score(str(s.dir), res)
+        if name == "neardup":
+            col = {gid: j for j, gid in enumerate(gids)}
+            rel = np.zeros_like(cos, dtype=bool)
+            for i, m in enumerate(s.queries):
+                for gid in s.gt[m["id"]]:
+                    rel[i, col[gid]] = True
+            has = rel.any(axis=1)
+            out["cos"] = {
+                "match": cos[rel],  # query vs its original
+                "nomatch_top": cos[~has].max(axis=1),
+                "impostor_top": np.where(rel, -2.0, cos).max(axis=1),  # best wrong image, every query
+                "unrelated": cos[~rel],
+                # per query with a match: is its top hit right, and the top cosine
+                "top1_ok": rel[has][np.arange(has.sum()), cos[has].argmax(axis=1)],
+                "top1_cos": cos[has].max(axis=1),
+                # an exact copy of a stored image queried as is (below 1 when index views are averaged)
+                "identical": np.sum(vectors(rf, s, s.gallery, ("id",), mean, True) * g, axis=1),
+            }
+        elif s.gt_loo is not None:
+            ql = vectors(rf, s, s.gallery, qv, mean, False)
+            cl = max_cos(ql, g)
+            np.fill_diagonal(cl, -2.0)
+            res_loo = dict(zip(gids, ranked(cl, gids), strict=True))
+            out[name + " (gt_loo)"] = scorer.score(str(s.dir), res_loo, gt_name="gt_loo.json")
+            labels = np.array([m["label"] for m in s.gallery])
+            same = labels[:, None] == labels[None, :]
+            off = ~np.eye(len(gids), dtype=bool)
+            out.setdefault("cos_sem", {"same": [], "diff": []})
+            out["cos_sem"]["same"].append(cl[same & off])
+            out["cos_sem"]["diff"].append(cl[~same])
+    return out
+
+
+def fit_score_map(c: dict[str, Any], t_default: float) -> dict[str, Any]:
+    """Knots of the piecewise-linear cosine -> score map (see docs/score.md for the reasoning).
+
+    - median unrelated pair -> 0.05, 99th percentile of unrelated pairs -> 0.30: unrelated photos land low;
+    - the default threshold's cosine: the 96th percentile of the best *wrong* image of every neardup query
+      (1300 samples: the 100 no-match queries and the best impostor of the 1200 others), so that about 4 %
+      of no-match queries pass it -> ``t_default``;
+    - 0.85: the largest best-wrong-image cosine seen (the 99.9th percentile), so a client threshold of 0.85
+      admits (almost) no impostor at all;
+    - 0.98: the median cosine of an exact copy of a stored image, so "the same image" typically reads as
+      ~0.98 although averaging the index views keeps its cosine below 1;
+    - cosine 1 -> 1.
+    """
+    imp = c["impostor_top"]
+    c_lo = float(np.quantile(c["unrelated"], 0.5))
+    c_u = float(np.quantile(c["unrelated"], 0.99))
+    c_def = float(np.quantile(imp, 0.96))
+    c_85 = float(np.quantile(imp, 0.999))
+    c_same = float(np.quantile(c["identical"], 0.5))
+    # Keep the map strictly increasing even if exact copies sit close to the 0.85 cut.
+    c_same = max(c_same, c_85 + 0.5 * (1.0 - c_85) * 0.5)
+    cos_knots = [-1.0, c_lo, c_u, c_def, c_85, c_same, 1.0]
+    score_knots = [0.0, 0.05, 0.30, t_default, 0.85, 0.98, 1.0]
+    if np.any(np.diff(cos_knots) <= 0):
+        raise SystemExit(f"knots not increasing: {cos_knots}")
+    r = lambda v: round(v, 4)  # noqa: E731
+    return {
+        "cos_knots": [r(v) for v in cos_knots],
+        "score_knots": score_knots,
+        "default_threshold": t_default,
+    }
+
+
+def summarise(name: str, m: dict[str, Any]) -> str:
+    nd = m["neardup"]
+    by = nd["recall@1_by_edit"]
+    weak = sorted(by.items(), key=lambda kv: kv[1])[:5]
+    sem = m["semantic"]["mAP"], m["semantic_cutouts"]["mAP"]
+    c = m["cos"]
+    # Correct accepts at the cosine that ~4 % of the best wrong images reach (how the default is fitted).
+    c_def = float(np.quantile(c["impostor_top"], 0.96))
+    ca = float(np.mean(c["top1_ok"] & (c["top1_cos"] >= c_def)))
+    nm = float(np.mean(c["nomatch_top"] >= c_def))
+    loo = m["semantic (gt_loo)"]["mAP"], m["semantic_cutouts (gt_loo)"]["mAP"]
+    return (
+        f"| {name} | {nd['recall@1']:.3f} | {nd['mAP']:.3f} | {min(by.values()):.3f} | "
+        + ", ".join(f"{e} {v:.2f}" for e, v in weak)
+        + f" | {sem[0]:.3f} / {sem[1]:.3f} | {loo[0]:.3f} / {loo[1]:.3f} | {ca:.3f} ({nm:.2f}) |"
+    )
+
+
+def run_calibrate(args: argparse.Namespace, root: Path) -> None:
+    model_id, raw, opener = make_raw_fn(args)
+    rf = RawFeatures(model_id, raw, opener, Cache(args.eval_dir / "emb"))
+    sets = {n: EvalSet(root, n) for n in SETS}
+    scorer = load_scorer()
+    print(f"\n## view configurations, {args.model} ({model_id}); power {POWER[0]}, centred\n")
+    print(
+        "| config | R@1 | mAP | worst edit | 5 weakest edits | semantic mAP (sem / cutouts) | gt_loo mAP "
+        "| correct accept at 4 % impostors (no-match share) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    mean = fit_mean(rf, sets)
+    for name, iv, qv in CANDIDATES:
+        if args.configs and name not in args.configs:
+            continue
+        print(summarise(name, evaluate(rf, sets, scorer, iv, qv, mean)), flush=True)
+    print(summarise("plain, uncentred", evaluate(rf, sets, scorer, ("id",), ("id",), None)))
+    chosen = views_mod.INDEX_VIEWS, views_mod.QUERY_VIEWS
+    if POWER[0] != 1.0:
+        p, POWER[0] = POWER[0], 1.0
+        print(summarise("chosen views, no power", evaluate(rf, sets, scorer, *chosen, fit_mean(rf, sets))))
+        POWER[0] = p
+
+    iv, qv = views_mod.INDEX_VIEWS, views_mod.QUERY_VIEWS
+    m = evaluate(rf, sets, scorer, iv, qv, mean)
+    print(summarise("chosen (views.py)", m))
+    c = m["cos"]
+    params = fit_score_map(c, args.default_threshold)
+    q = lambda a, p: float(np.quantile(a, p))  # noqa: E731
+    sem_same = np.concatenate(m["cos_sem"]["same"])
+    sem_diff = np.concatenate(m["cos_sem"]["diff"])
+    print(f"\n## cosine samples for views in tusou/embed/views.py (index {iv}, query {qv})\n")
+    print("| sample | n | p1 | p5 | p50 | p95 | p99 | max |\n|---|---|---|---|---|---|---|---|")
+    for label, a in [
+        ("exact copy of a stored image", c["identical"]),
+        ("near-dup pair (query, its original)", c["match"]),
+        ("best wrong image, no-match queries", c["nomatch_top"]),
+        ("best wrong image, all queries", c["impostor_top"]),
+        ("unrelated pair (neardup)", c["unrelated"]),
+        ("same class (semantic gt_loo)", sem_same),
+        ("different class (semantic gt_loo)", sem_diff),
+    ]:
+        print(
+            f"| {label} | {a.size} | "
+            + " | ".join(f"{q(a, p):.3f}" for p in (0.01, 0.05, 0.5, 0.95, 0.99))
+            + f" | {a.max():.3f} |"
+        )
+    print("\nfitted:", json.dumps(params))
+    if args.write:
+        data = ROOT / "tusou" / "embed" / "data"
+        data.mkdir(exist_ok=True)
+        np.save(data / f"{args.model}_mean.npy", mean.astype(np.float16))
+        meta = {
+            **params,
+            "power": POWER[0],
+            "model_id": model_id,
+            "views": {"index": list(iv), "query": list(qv)},
+            "fitted_by": f"python bench/quality.py --model {args.model} --calibrate --write",
+        }
+        (data / f"{args.model}_score.json").write_text(json.dumps(meta, indent=1) + "\n")
+        print("wrote", data / f"{args.model}_mean.npy", data / f"{args.model}_score.json")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="lite0")
+    ap.add_argument("--eval-dir", type=Path, default=Path("~/.cache/tusou-eval").expanduser())
+    ap.add_argument("--build", action="store_true", help="fetch and build the evaluation sets if missing")
+    ap.add_argument("--data", type=Path, default=None, help="tusou data folder (model cache)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--time", type=int, default=0, metavar="N", help="also time N queries end to end")
+    ap.add_argument("--calibrate", action="store_true", help="fit mean/score data and compare views")
+    ap.add_argument("--write", action="store_true", help="with --calibrate: write tusou/embed/data files")
+    ap.add_argument("--configs", nargs="*", default=[], help="with --calibrate: only these candidates")
+    ap.add_argument("--default-threshold", type=float, default=0.7, help="with --calibrate: its score")
+    ap.add_argument("--power", type=float, default=0.5, help="with --calibrate: power normalisation")
+    args = ap.parse_args()
+    args.eval_dir = args.eval_dir.expanduser()
+    if args.data is None:
+        args.data = args.eval_dir / "tusou-data"
+    root = ensure_sets(args.eval_dir, args.build)
+    if args.calibrate:
+        POWER[0] = args.power
+        run_calibrate(args, root)
+    else:
+        run_service(args, root)
+
+
+if __name__ == "__main__":
+    main()
