@@ -20,7 +20,6 @@ from PIL import Image
 from qiniu import QiniuMacAuth
 from qiniu.auth import QiniuMacRequestsAuth
 
-from tests import imagegen
 from tusou.config import Settings
 from tusou.embed import create_embedder
 from tusou.embed.base import Embedder
@@ -186,7 +185,10 @@ def jpeg(image: Image.Image, quality: int = 90) -> bytes:
     return out.getvalue()
 
 
+PHOTOS = Path(__file__).resolve().parent / "data" / "photos"
+
+
 @pytest.fixture(scope="session")
-def scenes() -> list[Image.Image]:
-    """Distinct photo-like scenes, made deterministically (no photos ship with the tests)."""
-    return [imagegen.scene(seed) for seed in range(8)]
+def photos() -> list[Image.Image]:
+    """Twelve small real photos of unrelated subjects (public domain / CC0; data/photos/CREDITS.md)."""
+    return [Image.open(path).convert("RGB") for path in sorted(PHOTOS.glob("*.jpg"))]

@@ -14,8 +14,8 @@ def entry(image: Image.Image, image_id: str | None = None, label: str | None = N
     return {"uri": data_uri(jpeg(image)), "attribute": attribute}
 
 
-def test_create_group_answers_as_the_page_shows(client: QiniuClient, scenes: list[Image.Image]) -> None:
-    body = {"data": [entry(scenes[i], str(i + 1), "shoes") for i in range(4)]}
+def test_create_group_answers_as_the_page_shows(client: QiniuClient, photos: list[Image.Image]) -> None:
+    body = {"data": [entry(photos[i], str(i + 1), "shoes") for i in range(4)]}
     resp = client.post("/v1/image/group/g1/new", body)
     assert resp.status_code == 200, resp.text
     assert resp.headers["X-Reqid"]
@@ -26,15 +26,15 @@ def test_create_group_answers_as_the_page_shows(client: QiniuClient, scenes: lis
     assert again.json() == {"error": "group already exists"}
 
 
-def test_add_reports_each_bad_image_in_place(client: QiniuClient, scenes: list[Image.Image]) -> None:
-    assert client.post("/v1/image/group/g/new", {"data": [entry(scenes[0], "a")]}).status_code == 200
+def test_add_reports_each_bad_image_in_place(client: QiniuClient, photos: list[Image.Image]) -> None:
+    assert client.post("/v1/image/group/g/new", {"data": [entry(photos[0], "a")]}).status_code == 200
     body = {
         "data": [
-            entry(scenes[1], "b", "bag", {"price": 12, "tags": ["x"]}),
-            entry(scenes[2], "a"),  # repeated id
+            entry(photos[1], "b", "bag", {"price": 12, "tags": ["x"]}),
+            entry(photos[2], "a"),  # repeated id
             {"uri": "data:application/octet-stream;base64,bm90IGFuIGltYWdl"},  # "not an image"
-            entry(scenes[3], "c", desc="x" * 5000),
-            entry(scenes[4]),  # generated id
+            entry(photos[3], "c", desc="x" * 5000),
+            entry(photos[4]),  # generated id
         ]
     }
     resp = client.post("/v1/image/group/g/add", body)
@@ -50,14 +50,14 @@ def test_add_reports_each_bad_image_in_place(client: QiniuClient, scenes: list[I
     assert client.get("/v1/image/group/g/info").json() == {"count": 3}
 
 
-def test_add_to_unknown_group(client: QiniuClient, scenes: list[Image.Image]) -> None:
-    resp = client.post("/v1/image/group/nope/add", {"data": [entry(scenes[0])]})
+def test_add_to_unknown_group(client: QiniuClient, photos: list[Image.Image]) -> None:
+    resp = client.post("/v1/image/group/nope/add", {"data": [entry(photos[0])]})
     assert resp.status_code == 400
     assert resp.json() == {"error": "group nope not exists"}
 
 
-def test_list_groups_info_image_and_remove(client: QiniuClient, scenes: list[Image.Image]) -> None:
-    client.post("/v1/image/group/1/new", {"data": [entry(scenes[0], "x", "bag")]})
+def test_list_groups_info_image_and_remove(client: QiniuClient, photos: list[Image.Image]) -> None:
+    client.post("/v1/image/group/1/new", {"data": [entry(photos[0], "x", "bag")]})
     client.post("/v1/image/group/2/new", {"data": []})
     assert client.get("/v1/image/group").json() == {"code": 0, "message": "", "result": ["1", "2"]}
     assert client.get("/v1/image/group/2/info").json() == {"count": 0}
@@ -73,8 +73,8 @@ def test_list_groups_info_image_and_remove(client: QiniuClient, scenes: list[Ima
     assert gone.status_code == 400 and gone.json() == {"error": "group 1 not exists"}
 
 
-def test_list_images_pages_with_marker_and_limit(client: QiniuClient, scenes: list[Image.Image]) -> None:
-    data = [entry(scenes[i % len(scenes)].rotate(i), f"img{i}", "shoes") for i in range(7)]
+def test_list_images_pages_with_marker_and_limit(client: QiniuClient, photos: list[Image.Image]) -> None:
+    data = [entry(photos[i % len(photos)].rotate(i), f"img{i}", "shoes") for i in range(7)]
     client.post("/v1/image/group/p/new", {"data": data})
     everything = client.get("/v1/image/group/p").json()
     assert everything["code"] == 0 and everything["message"] == "" and everything["marker"] == ""
@@ -96,8 +96,8 @@ def test_list_images_pages_with_marker_and_limit(client: QiniuClient, scenes: li
     assert client.get("/v1/image/group/p", {"marker": "garbage!"}).json() == {"error": "invalid marker"}
 
 
-def test_delete_images(client: QiniuClient, scenes: list[Image.Image]) -> None:
-    client.post("/v1/image/group/d/new", {"data": [entry(scenes[i], f"{i}") for i in range(3)]})
+def test_delete_images(client: QiniuClient, photos: list[Image.Image]) -> None:
+    client.post("/v1/image/group/d/new", {"data": [entry(photos[i], f"{i}") for i in range(3)]})
     resp = client.post("/v1/image/group/d/delete", {"images": ["0", "2", "never-existed"]})
     assert resp.status_code == 200 and resp.json() == {}
     assert [r["id"] for r in client.get("/v1/image/group/d").json()["result"]] == ["1"]
@@ -105,16 +105,16 @@ def test_delete_images(client: QiniuClient, scenes: list[Image.Image]) -> None:
 
 
 def test_search_finds_near_duplicates_with_scores(
-    client: QiniuClient, scenes: list[Image.Image], image_server: ImageServer
+    client: QiniuClient, photos: list[Image.Image], image_server: ImageServer
 ) -> None:
-    gallery = [entry(scenes[i], f"s{i}", "scene", {"n": i}) for i in range(6)]
+    gallery = [entry(photos[i], f"s{i}", "scene", {"n": i}) for i in range(6)]
     client.post("/v1/image/group/shop/new", {"data": gallery})
-    url = image_server.put("other.jpg", jpeg(scenes[7]))
+    url = image_server.put("other.jpg", jpeg(photos[7]))
     client.post(
         "/v1/image/group/shop2/new", {"data": [{"uri": url, "attribute": {"id": "u7", "label": "l"}}]}
     )
 
-    query = scenes[3].resize((240, 180))
+    query = photos[3].resize((240, 180))
     body = {"data": {"uri": data_uri(jpeg(query, 40))}, "params": {"groups": ["shop", "shop2"], "limit": 5}}
     resp = client.post("/v1/image/groups/search", body)
     assert resp.status_code == 200, resp.text
@@ -149,21 +149,21 @@ def body_uri(image: Image.Image) -> str:
     return data_uri(jpeg(image, 40))
 
 
-def test_search_threshold_keeps_unrelated_images_out(client: QiniuClient, scenes: list[Image.Image]) -> None:
-    client.post("/v1/image/group/t/new", {"data": [entry(scenes[i], f"s{i}") for i in range(4)]})
-    body = {"data": {"uri": body_uri(scenes[6])}, "params": {"groups": ["t"], "limit": -1}}
+def test_search_threshold_keeps_unrelated_images_out(client: QiniuClient, photos: list[Image.Image]) -> None:
+    client.post("/v1/image/group/t/new", {"data": [entry(photos[i], f"s{i}") for i in range(4)]})
+    body = {"data": {"uri": body_uri(photos[6])}, "params": {"groups": ["t"], "limit": -1}}
     assert client.post("/v1/image/groups/search", body).json()["result"] == []
     # A threshold below the system default is raised to it: still nothing.
     body["params"]["threshold"] = 0.0
     assert client.post("/v1/image/groups/search", body).json()["result"] == []
     # A mirrored copy is still the same image.
-    body = {"data": {"uri": body_uri(ImageOps.mirror(scenes[2]))}, "params": {"groups": ["t"], "limit": -1}}
+    body = {"data": {"uri": body_uri(ImageOps.mirror(photos[2]))}, "params": {"groups": ["t"], "limit": -1}}
     assert [h["id"] for h in client.post("/v1/image/groups/search", body).json()["result"]] == ["s2"]
 
 
-def test_search_rejects_bad_parameters_with_406(client: QiniuClient, scenes: list[Image.Image]) -> None:
+def test_search_rejects_bad_parameters_with_406(client: QiniuClient, photos: list[Image.Image]) -> None:
     client.post("/v1/image/group/a/new", {"data": []})
-    uri = body_uri(scenes[0])
+    uri = body_uri(photos[0])
     cases = [
         {"data": {"uri": ""}, "params": {"groups": ["a"]}},
         {"data": {"uri": uri}, "params": {"groups": []}},
@@ -221,36 +221,36 @@ def test_signatures_are_required(tusou: Tusou, client: QiniuClient) -> None:
     assert old.status_code == 403 and set(old.json()) == {"error"}
 
 
-def test_tenants_are_isolated(tusou: Tusou, scenes: list[Image.Image]) -> None:
+def test_tenants_are_isolated(tusou: Tusou, photos: list[Image.Image]) -> None:
     alice, bob = tusou.client("alice"), tusou.client("bob")
-    alice.post("/v1/image/group/shared-name/new", {"data": [entry(scenes[0], "a1", "alice")]})
+    alice.post("/v1/image/group/shared-name/new", {"data": [entry(photos[0], "a1", "alice")]})
     # Bob sees none of Alice's groups and may use the same group name for his own.
     assert bob.get("/v1/image/group").json()["result"] == []
     for resp in (
         bob.get("/v1/image/group/shared-name/info"),
         bob.get("/v1/image/group/shared-name"),
         bob.post("/v1/image/group/shared-name/image", {"id": "a1"}),
-        bob.post("/v1/image/group/shared-name/add", {"data": [entry(scenes[1])]}),
+        bob.post("/v1/image/group/shared-name/add", {"data": [entry(photos[1])]}),
         bob.post("/v1/image/group/shared-name/delete", {"images": ["a1"]}),
         bob.post("/v1/image/group/shared-name/remove"),
         bob.post(
             "/v1/image/groups/search",
-            {"data": {"uri": body_uri(scenes[0])}, "params": {"groups": ["shared-name"]}},
+            {"data": {"uri": body_uri(photos[0])}, "params": {"groups": ["shared-name"]}},
         ),
-        bob.post("/v1/image/group/shared-name/search", {"data": {"uri": body_uri(scenes[0])}}),
+        bob.post("/v1/image/group/shared-name/search", {"data": {"uri": body_uri(photos[0])}}),
     ):
         assert resp.status_code == 400 and resp.json() == {"error": "group shared-name not exists"}
     assert (
-        bob.post("/v1/image/group/shared-name/new", {"data": [entry(scenes[1], "b1", "bob")]}).status_code
+        bob.post("/v1/image/group/shared-name/new", {"data": [entry(photos[1], "b1", "bob")]}).status_code
         == 200
     )
-    search = {"data": {"uri": body_uri(scenes[0])}, "params": {"groups": ["shared-name"], "limit": -1}}
+    search = {"data": {"uri": body_uri(photos[0])}, "params": {"groups": ["shared-name"], "limit": -1}}
     assert [h["id"] for h in bob.post("/v1/image/groups/search", search).json()["result"]] == []
     assert [h["id"] for h in alice.post("/v1/image/groups/search", search).json()["result"]] == ["a1"]
     assert alice.get("/v1/image/group/shared-name/info").json() == {"count": 1}
 
 
-def test_form_encoded_bodies_from_the_sdk_helpers(tusou: Tusou, client: QiniuClient, scenes) -> None:
+def test_form_encoded_bodies_from_the_sdk_helpers(tusou: Tusou, client: QiniuClient, photos) -> None:
     from qiniu import QiniuMacAuth
     from qiniu.http import _get_with_qiniu_mac, _post_with_qiniu_mac, _post_with_qiniu_mac_and_headers
 
@@ -258,7 +258,7 @@ def test_form_encoded_bodies_from_the_sdk_helpers(tusou: Tusou, client: QiniuCli
     base = tusou.server.url
     ret, info = _post_with_qiniu_mac_and_headers(
         base + "/v1/image/group/f/new",
-        json.dumps({"data": [entry(scenes[0], "f0", "form")]}),
+        json.dumps({"data": [entry(photos[0], "f0", "form")]}),
         mac,
         {"Content-Type": "application/json"},
     )

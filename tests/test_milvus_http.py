@@ -97,16 +97,16 @@ def clients(milvus_apps: list[MilvusTusou]) -> tuple[QiniuClient, QiniuClient]:
     )
 
 
-def test_http_api_on_milvus(clients: tuple[QiniuClient, QiniuClient], scenes: list[Image.Image]) -> None:
+def test_http_api_on_milvus(clients: tuple[QiniuClient, QiniuClient], photos: list[Image.Image]) -> None:
     client, _ = clients
-    body = {"data": [entry(scenes[i], str(i + 1), "shoes", {"n": i}) for i in range(4)]}
+    body = {"data": [entry(photos[i], str(i + 1), "shoes", {"n": i}) for i in range(4)]}
     resp = client.post("/v1/image/group/g1/new", body)
     assert resp.status_code == 200, resp.text
     assert resp.json() == {"errors": [None] * 4, "images": ["1", "2", "3", "4"]}
     assert client.post("/v1/image/group/g1/new", {"data": []}).json() == {"error": "group already exists"}
 
     out = client.post(
-        "/v1/image/group/g1/add", {"data": [entry(scenes[5], "6"), entry(scenes[6], "1")]}
+        "/v1/image/group/g1/add", {"data": [entry(photos[5], "6"), entry(photos[6], "1")]}
     ).json()
     assert out["images"] == ["6", ""] and out["errors"][1] == {"code": 400, "message": "id already exists"}
     assert client.get("/v1/image/group/g1/info").json() == {"count": 5}
@@ -121,7 +121,7 @@ def test_http_api_on_milvus(clients: tuple[QiniuClient, QiniuClient], scenes: li
     assert seen == ["1", "2", "3", "4", "6"]
     assert client.get("/v1/image/group/g1", {"marker": "garbage!"}).json() == {"error": "invalid marker"}
 
-    query = scenes[2].resize((240, 180))
+    query = photos[2].resize((240, 180))
     search = {"data": {"uri": body_uri(query)}, "params": {"groups": ["g1"], "limit": 3}}
     result = client.post("/v1/image/groups/search", search).json()["result"]
     assert result[0]["id"] == "3" and result[0]["group"] == "g1" and result[0]["score"] >= 0.85
@@ -136,26 +136,26 @@ def test_http_api_on_milvus(clients: tuple[QiniuClient, QiniuClient], scenes: li
 
 
 def test_two_apps_serve_the_same_groups(
-    clients: tuple[QiniuClient, QiniuClient], milvus_apps: list[MilvusTusou], scenes: list[Image.Image]
+    clients: tuple[QiniuClient, QiniuClient], milvus_apps: list[MilvusTusou], photos: list[Image.Image]
 ) -> None:
     one, two = clients
-    assert one.post("/v1/image/group/shop/new", {"data": [entry(scenes[0], "a", "x")]}).status_code == 200
+    assert one.post("/v1/image/group/shop/new", {"data": [entry(photos[0], "a", "x")]}).status_code == 200
     # Created through one, visible through two at once: no cache, no settling time.
     assert two.get("/v1/image/group").json()["result"] == ["shop"]
     assert two.post("/v1/image/group/shop/new", {"data": []}).json() == {"error": "group already exists"}
     for i in range(1, 4):
-        out = one.post("/v1/image/group/shop/add", {"data": [entry(scenes[i], f"s{i}", "scene")]}).json()
+        out = one.post("/v1/image/group/shop/add", {"data": [entry(photos[i], f"s{i}", "scene")]}).json()
         assert out == {"errors": [None], "images": [f"s{i}"]}
-        search = {"data": {"uri": body_uri(scenes[i])}, "params": {"groups": ["shop"], "limit": 1}}
+        search = {"data": {"uri": body_uri(photos[i])}, "params": {"groups": ["shop"], "limit": 1}}
         assert [h["id"] for h in two.post("/v1/image/groups/search", search).json()["result"]] == [f"s{i}"]
         assert two.get("/v1/image/group/shop/info").json() == {"count": i + 1}
     # A repeated id is refused whichever app it comes through.
-    dup = two.post("/v1/image/group/shop/add", {"data": [entry(scenes[5], "s1")]}).json()
+    dup = two.post("/v1/image/group/shop/add", {"data": [entry(photos[5], "s1")]}).json()
     assert dup["errors"] == [{"code": 400, "message": "id already exists"}]
     # Deleted through two: gone from one's next answers.
     assert two.post("/v1/image/group/shop/delete", {"images": ["s2"]}).json() == {}
     assert [r["id"] for r in one.get("/v1/image/group/shop").json()["result"]] == ["a", "s1", "s3"]
-    mirrored = {"data": {"uri": body_uri(ImageOps.mirror(scenes[2]))}, "params": {"groups": ["shop"]}}
+    mirrored = {"data": {"uri": body_uri(ImageOps.mirror(photos[2]))}, "params": {"groups": ["shop"]}}
     assert one.post("/v1/image/groups/search", mirrored).json()["result"] == []
     # Another tenant sees none of it through either app.
     other = milvus_apps[1].keys.create("other")

@@ -68,7 +68,7 @@ def snapshot(client: QiniuClient, query_uri: str) -> dict:
     }
 
 
-def test_serve_prints_a_first_key_and_survives_kill_9(tmp_path: Path, scenes: list[Image.Image]) -> None:
+def test_serve_prints_a_first_key_and_survives_kill_9(tmp_path: Path, photos: list[Image.Image]) -> None:
     data, port = tmp_path / "data", free_port()
     server = ServeProcess(data, port)
     try:
@@ -76,13 +76,13 @@ def test_serve_prints_a_first_key_and_survives_kill_9(tmp_path: Path, scenes: li
         server.wait_ready()
         client = QiniuClient(server.url, key["access_key"], key["secret_key"])
         entries = [
-            {"uri": data_uri(jpeg(scenes[i])), "attribute": {"id": f"a{i}", "label": "x", "desc": {"i": i}}}
+            {"uri": data_uri(jpeg(photos[i])), "attribute": {"id": f"a{i}", "label": "x", "desc": {"i": i}}}
             for i in range(4)
         ]
         assert client.post("/v1/image/group/a/new", {"data": entries}).status_code == 200
         assert client.post("/v1/image/group/b/new", {"data": entries[:2]}).status_code == 200
         assert client.post("/v1/image/group/a/delete", {"images": ["a0"]}).status_code == 200
-        query = data_uri(jpeg(scenes[1].resize((200, 150)), 50))
+        query = data_uri(jpeg(photos[1].resize((200, 150)), 50))
         before = snapshot(client, query)
         assert before["info"] == [{"count": 3}, {"count": 2}]
         assert before["search"]["result"][0]["id"] == "a1"
