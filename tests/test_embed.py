@@ -242,7 +242,8 @@ def test_embedder_features_match_pytorch(lite0: OnnxEmbedder) -> None:
 
 def test_identity(lite0: OnnxEmbedder) -> None:
     sha = META["models"]["lite0"]["weights_sha256"]
-    assert lite0.model_id == f"efficientnet-lite0@{sha[:12]}"
+    # Weights, then the vector space (calibration + index views) that stored vectors depend on.
+    assert lite0.model_id.startswith(f"efficientnet-lite0@{sha[:12]}/v")
     assert lite0.dim == 1280
     assert 0.0 <= lite0.default_threshold <= 1.0
 

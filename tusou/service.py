@@ -263,8 +263,8 @@ class Service:
         if isinstance(limit, bool) or not isinstance(limit, int | float | str):
             raise ServiceError(406, "invalid limit")
         try:
-            value = int(limit)
-        except ValueError as exc:
+            value = int(float(limit)) if isinstance(limit, str) else int(limit)
+        except (ValueError, OverflowError) as exc:
             raise ServiceError(406, "invalid limit") from exc
         if value != float(limit) or value < -1 or value > self.settings.search_max_limit:
             raise ServiceError(406, "invalid limit")
@@ -280,7 +280,7 @@ class Service:
             raise ServiceError(406, "invalid threshold")
         try:
             value = float(threshold)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ServiceError(406, "invalid threshold") from exc
         if not 0.0 <= value <= 1.0:
             raise ServiceError(406, "invalid threshold")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import math
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -90,13 +91,32 @@ def _form_value(value: str) -> Any:
     # requests form-encodes nested values with str(): '{"uri": ...}' or "{'uri': ...}".
     if value[:1] in "{[":
         try:
-            return json.loads(value)
-        except ValueError:
+            return _loads(value)
+        except (ValueError, RecursionError):
             try:
-                return ast.literal_eval(value)
-            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                parsed = ast.literal_eval(value)
+                json.dumps(parsed, allow_nan=False)  # only what JSON could have carried
+                return parsed
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                 return value
     return value
+
+
+def _refuse_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; Python's parser accepts them unless told otherwise.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 overflows to inf, which no JSON response can carry back
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _loads(text: str | bytes) -> Any:
+    """Strict JSON: no NaN, no Infinity, no float that overflows."""
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def parse_body(content_type: str, body: bytes) -> dict[str, Any]:
@@ -122,7 +142,7 @@ def parse_body(content_type: str, body: bytes) -> dict[str, Any]:
                 parsed[key] = item
         return parsed
     try:
-        parsed = json.loads(body)
+        parsed = _loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ApiError(400, "invalid body") from exc
     if not isinstance(parsed, dict):

@@ -144,7 +144,22 @@ def create_embedder(settings: Settings) -> OnnxEmbedder:
         model_id = f"onnx@{file_sha256(path)[:12]}-{prep}"
     else:
         raise ValueError(f"unknown model {model!r}: expected lite0, lite1, lite2 or onnx")
-    return OnnxEmbedder(model, model_id, encoder, pre, settings.default_threshold)
+    return OnnxEmbedder(model, _with_vector_space(model, model_id), encoder, pre, settings.default_threshold)
+
+
+def _with_vector_space(model_key: str, model_id: str) -> str:
+    """Add what else shapes a stored vector (centring mean, power, index views) to the model's identity.
+
+    A new calibration or view set changes every stored vector as surely as new weights do; the store
+    refuses to search a folder indexed under another identity instead of returning meaningless scores.
+    """
+    cal = _score.calibration(model_key)
+    parts = [
+        b"" if cal.mean is None else cal.mean.astype(np.float32).tobytes(),
+        repr(cal.power).encode(),
+        repr(_views.INDEX_VIEWS).encode(),
+    ]
+    return f"{model_id}/v{hashlib.sha256(b'|'.join(parts)).hexdigest()[:8]}"
 
 
 def _check_protocol(e: OnnxEmbedder) -> Embedder:
