@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from io import BytesIO
 from typing import Any
@@ -184,9 +184,13 @@ def _dimensions_error(size: tuple[int, int] | None) -> ImageError:
     return ImageError("image_dimensions_invalid", f"image size {size[0]}x{size[1]} outside {rule}")
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, prepare: Callable[[Image.Image], object] | None = None) -> Image.Image:
     """Bytes -> RGB image following Qiniu's rules, or ImageError. Dimensions are checked from the header,
-    before any pixel is decoded."""
+    before any pixel is decoded.
+
+    ``prepare`` sees the opened, not yet decoded image: the model uses it to let a large JPEG decode at a
+    reduced scale that still covers its input size (several times faster, far less memory).
+    """
     if not data:
         raise ImageError("image_empty", "image is empty")
     if len(data) > MAX_IMAGE_BYTES:
@@ -217,6 +221,8 @@ def decode_image(data: bytes) -> Image.Image:
         if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE):
             raise _dimensions_error((w, h))
         try:
+            if prepare is not None:
+                prepare(im)
             # Only the first frame of an animated gif/webp: a freshly opened image sits on frame 0.
             im.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -599,6 +605,8 @@ def read_uri_bytes(uri: str, fetcher: Fetcher) -> bytes:
     raise ImageError("uri_invalid", "invalid uri: only http, https and data are supported")
 
 
-def load_image(uri: str, fetcher: Fetcher) -> Image.Image:
+def load_image(
+    uri: str, fetcher: Fetcher, prepare: Callable[[Image.Image], object] | None = None
+) -> Image.Image:
     """A Qiniu ``uri`` -> validated RGB image. Raises ImageError only."""
-    return decode_image(read_uri_bytes(uri, fetcher))
+    return decode_image(read_uri_bytes(uri, fetcher), prepare)

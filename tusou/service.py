@@ -174,7 +174,7 @@ class Service:
             if uri is None:
                 return None
             try:
-                return load_image(uri, self.fetcher)
+                return load_image(uri, self.fetcher, self.embedder.prepare)
             except ImageError as exc:
                 return exc
 
@@ -222,7 +222,7 @@ class Service:
         for group in groups:
             self._call(self.store.count, tenant, group)
         try:
-            image = load_image(uri.strip(), self.fetcher)
+            image = load_image(uri.strip(), self.fetcher, self.embedder.prepare)
         except ImageError as exc:
             raise ServiceError(exc.code if 400 <= exc.code < 600 else 400, exc.message) from exc
         queries = self._embed_queries([image])[0]

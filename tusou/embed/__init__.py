@@ -59,6 +59,9 @@ class OnnxEmbedder:
 
     # --- helpers beyond the protocol ---
 
+    def prepare(self, image: Image.Image) -> Image.Image:
+        return self.pre.prepare(image)
+
     def open_image(self, data: bytes) -> Image.Image:
         """Decode image bytes for embedding: large JPEGs decode straight at a reduced scale that still
         covers the model's resize target (several times faster, same result quality); EXIF orientation
