@@ -1,9 +1,10 @@
 """Cross-request batching for the model.
 
 Concurrent requests each bring one or a few images. Feeding them to ONNX Runtime one call per request
-makes the calls compete for the same cores (each call already uses every core), so throughput drops
-under load. One worker thread owns the model instead: it takes whatever is waiting, up to ``max_batch``
-images, runs one call, and hands each request its rows back. A lone request waits no extra time.
+makes the calls compete for the same cores, so throughput drops under load. Worker threads own the model
+instead: each takes whatever is waiting, up to ``max_batch`` items, runs one call, and hands each request
+its rows back. A large request is cut into ``max_batch`` pieces so that every worker can take a share.
+A lone request waits no extra time.
 """
 
 from __future__ import annotations
@@ -16,26 +17,43 @@ from typing import Any
 
 import numpy as np
 
+_Job = tuple[list[Any], "Future[np.ndarray]"]
+
 
 class Batcher:
     def __init__(
-        self, fn: Callable[[list[Any]], np.ndarray], max_batch: int = 16, name: str = "embed"
+        self,
+        fn: Callable[[list[Any]], np.ndarray],
+        max_batch: int = 16,
+        name: str = "embed",
+        workers: int = 1,
     ) -> None:
         self._fn = fn
         self._max_batch = max(1, max_batch)
-        self._queue: queue.Queue[tuple[list[Any], Future[np.ndarray]] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
+            for i in range(max(1, workers))
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def __call__(self, items: Sequence[Any]) -> np.ndarray:
         """Run ``fn`` on ``items`` (possibly together with other callers' items); blocks until done."""
-        future: Future[np.ndarray] = Future()
-        self._queue.put((list(items), future))
-        return future.result()
+        items = list(items)
+        futures: list[Future[np.ndarray]] = []
+        for start in range(0, len(items), self._max_batch):
+            future: Future[np.ndarray] = Future()
+            self._queue.put((items[start : start + self._max_batch], future))
+            futures.append(future)
+        parts = [future.result() for future in futures]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5)
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     def _run(self) -> None:
         while True:
@@ -51,13 +69,13 @@ class Batcher:
                 except queue.Empty:
                     break
                 if more is None:
-                    self._queue.put(None)
+                    self._queue.put(None)  # leave the stop signal for this worker's next turn
                     break
                 jobs.append(more)
                 size += len(more[0])
             self._process(jobs)
 
-    def _process(self, jobs: list[tuple[list[Any], Future[np.ndarray]]]) -> None:
+    def _process(self, jobs: list[_Job]) -> None:
         items = [item for batch, _ in jobs for item in batch]
         try:
             result = self._fn(items)

@@ -9,6 +9,7 @@ message; per-image failures in a batch become ``errors[]`` entries instead.
 from __future__ import annotations
 
 import json
+import os
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -75,7 +76,13 @@ class Service:
         self._loader = ThreadPoolExecutor(
             max_workers=settings.fetch_max_concurrent, thread_name_prefix="load"
         )
-        self._embed_images = Batcher(embedder.embed_images, settings.embed_batch, "embed-index")
+        # Indexing runs one worker per core (throughput); queries one worker whose calls use every core.
+        self._embed_images = Batcher(
+            embedder.embed_images,
+            max(1, settings.embed_batch // 2),
+            "embed-index",
+            workers=os.cpu_count() or 1,
+        )
         self._embed_queries = Batcher(embedder.embed_queries, settings.embed_batch, "embed-query")
         self.default_threshold = (
             settings.default_threshold

@@ -70,6 +70,20 @@ def make_views(image: Image.Image, names: Sequence[str]) -> list[Image.Image]:
     return [VIEWS[n](image) for n in names]
 
 
+_QUARTER_TURNS = {"id": 0, "r90": 1, "r180": 2, "r270": 3}
+
+
+def quarter_turns(names: Sequence[str]) -> list[int] | None:
+    """Counter-clockwise quarter turns for views that are all plain rotations, else None.
+
+    Rotating an image and then centre-cropping it equals centre-cropping and then rotating the crop, so
+    such views can share one preprocessing pass (the model input is rotated instead of the image).
+    """
+    if all(n in _QUARTER_TURNS for n in names):
+        return [_QUARTER_TURNS[n] for n in names]
+    return None
+
+
 def index_views(image: Image.Image) -> list[Image.Image]:
     """Views averaged into the one stored vector of an image."""
     return make_views(image, INDEX_VIEWS)
