@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tusou import __version__
 from tusou.api import schemas
 from tusou.api.auth import AuthError, SignedRequest, verify
+from tusou.api.limits import TOO_MANY_REQUESTS, RateLimiter
 from tusou.config import Settings
 from tusou.service import Service, ServiceError
 from tusou.store.keys import KeyStore
@@ -210,6 +211,8 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal error")
 
+    limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+
     async def authenticate(request: Request) -> str:
         body = await read_body(request, settings.max_body_bytes)
         raw_path = request.scope.get("raw_path") or request.url.path.encode()
@@ -221,9 +224,13 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
             body=body,
         )
         keys: KeyStore = request.app.state.keys
-        return verify(
+        access_key = verify(
             signed, keys.secret_for, public_host=settings.public_host, max_skew_s=settings.max_date_skew_s
         )
+        # After the signature: nobody can drain another key's bucket by naming its access key.
+        if not limiter.allow(access_key):
+            raise ApiError(429, TOO_MANY_REQUESTS)
+        return access_key
 
     async def body_of(request: Request) -> dict[str, Any]:
         return parse_body(request.headers.get("content-type", ""), await request.body())
