@@ -273,3 +273,22 @@ def test_form_encoded_bodies_from_the_sdk_helpers(tusou: Tusou, client: QiniuCli
     assert info.status_code == 200 and ret == {}
     ret, info = _post_with_qiniu_mac(base + "/v1/image/group/f/remove", None, mac)
     assert info.status_code == 200 and ret == {}
+
+
+def test_rate_limit_per_key(tmp_path, embedder) -> None:
+    from tests.conftest import Tusou
+    from tusou.config import Settings
+
+    settings = Settings(data=tmp_path / "data", rate_limit_per_s=0.01, rate_limit_burst=3)
+    running = Tusou(settings, embedder)
+    running.server.__enter__()
+    try:
+        alice, bob = running.client("alice"), running.client("bob")
+        assert [alice.get("/v1/image/group").status_code for _ in range(3)] == [200, 200, 200]
+        limited = alice.get("/v1/image/group")
+        assert limited.status_code == 429 and limited.json() == {"error": "too many requests"}
+        assert limited.headers["X-Reqid"]
+        # Each key has its own bucket, and unsigned requests never spend anyone's tokens.
+        assert bob.get("/v1/image/group").status_code == 200
+    finally:
+        running.close()
