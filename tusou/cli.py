@@ -100,5 +100,69 @@ def keys_revoke(data: Path | None, access_key: str) -> None:
     click.echo(f"revoked {access_key}")
 
 
+@main.command()
+@data_option
+@click.option(
+    "--milvus-uri", required=True, help="Destination Milvus server (http://host:19530) or Lite file."
+)
+@click.option("--milvus-collection", default=None, help="Destination collection (default tusou_images).")
+@click.option("--milvus-token", default=None, help="Milvus token, if the server needs one.")
+@click.option("--access-key", "access_keys", multiple=True, help="Only this key's groups (repeatable).")
+@click.option("--group", "groups", multiple=True, help="Only this group (repeatable; with one --access-key).")
+def migrate(
+    data: Path | None,
+    milvus_uri: str,
+    milvus_collection: str | None,
+    milvus_token: str | None,
+    access_keys: tuple[str, ...],
+    groups: tuple[str, ...],
+) -> None:
+    """Copy groups from the embedded store in --data to Milvus, with their vectors (no re-embedding).
+
+    Safe to repeat after an interruption: images already in Milvus are skipped. Stop the server on --data
+    first, or writes made during the copy may be missed.
+    """
+    from tusou.embed import create_embedder
+    from tusou.store import open_store
+    from tusou.store.migrate import migrate as copy_group
+
+    source_settings = _settings(data=data)
+    target_settings = _settings(
+        data=data,
+        store="milvus",
+        milvus_uri=milvus_uri,
+        milvus_collection=milvus_collection,
+        milvus_token=milvus_token,
+    )
+    if groups and len(access_keys) != 1:
+        raise click.UsageError("--group needs exactly one --access-key")
+    embedder = create_embedder(source_settings)
+    src = open_store(source_settings, model_id=embedder.model_id, dim=embedder.dim)
+    dst = open_store(target_settings, model_id=embedder.model_id, dim=embedder.dim)
+    try:
+        tenants = list(access_keys) or [key.access_key for key in _keys(source_settings).list()]
+        for tenant in tenants:
+            for group in groups or src.list_groups(tenant):
+                label = f"{tenant[:8]}…/{group}"
+
+                def progress(done: int, total: int, label: str = label) -> None:
+                    click.echo(f"{label}: {done}/{total}", err=True)
+
+                result = copy_group(src, dst, tenant, group, progress)
+                click.echo(
+                    json.dumps(
+                        {
+                            "access_key": tenant,
+                            "group": group,
+                            "copied": result.copied,
+                            "skipped": result.skipped,
+                        }
+                    )
+                )
+    finally:
+        src.close()
+        dst.close()
+
+
 if __name__ == "__main__":
     main()
