@@ -51,6 +51,11 @@ ANN_MAX_LIMIT = 1000
 # Candidates whose int8 cosine is within this of the threshold are re-checked in float32. The int8
 # error measured on real embeddings is < 0.005 (docs/index.md); 0.02 leaves a wide margin.
 SCREEN_MARGIN = 0.02
+# Rows asked of the first full scan, and of the first one when many rows are expected to pass. A scan's
+# cost hardly depends on these up to ~16k rows (int8 scan ~100-250 ms at 500k on 2 cores); beyond that
+# usearch's sorting dominates, so the scan widens by steps only while its last row still passes.
+SCAN_FIRST = 256
+SCAN_LONG = 16_384
 CONNECTIVITY = 16
 EXPANSION_ADD = 128
 # The graph's search breadth for small limits; recall@10 vs exact f32 >= 0.99 at 500k (bench/scale.py).
@@ -230,7 +235,14 @@ class VectorIndex:
         """
         # A little more than ``limit`` so that the float re-rank can reorder the border.
         want = n if limit < 0 else min(n, limit + max(32, limit // 8))
-        count = min(want, 256)
+        count = min(want, SCAN_FIRST)
+        if count < want:
+            # A graph search (a few ms) predicts whether a few hundred rows will do. When most of its
+            # candidates pass, a short first scan would only be thrown away: start with a long one. The
+            # answer stays exact either way; only the number of scans changes.
+            _, probe = self._best_over_views(self._index.search(codes, count, threads=1))
+            if np.count_nonzero(probe >= floor) >= count // 2:
+                count = min(want, SCAN_LONG)
         while True:
             matches = self._index.search(codes, count, exact=True, threads=self.threads)
             if count >= want:
