@@ -165,3 +165,38 @@ def test_two_apps_serve_the_same_groups(
     # Removed through one: gone through two.
     assert one.post("/v1/image/group/shop/remove").json() == {}
     assert two.get("/v1/image/group/shop/info").json() == {"error": "group shop not exists"}
+
+
+def test_two_tusou_processes_on_one_milvus(milvus_server, tmp_path: Path, photos: list[Image.Image]) -> None:
+    """Two real `tusou serve` processes (TUSOU_STORE=milvus) sharing one Milvus and one data folder."""
+    from tests.conftest import free_port
+    from tests.test_restart import ServeProcess
+
+    env = {
+        "TUSOU_STORE": "milvus",
+        "TUSOU_MILVUS_URI": milvus_server.uri,
+        "TUSOU_MILVUS_COLLECTION": "procs_" + uuid.uuid4().hex[:8],
+    }
+    first = ServeProcess(tmp_path / "data", free_port(), env)
+    key = first.read_key()
+    second = ServeProcess(tmp_path / "data", free_port(), env)
+    try:
+        first.wait_ready()
+        second.wait_ready()
+        one = QiniuClient(first.url, key["access_key"], key["secret_key"])
+        two = QiniuClient(second.url, key["access_key"], key["secret_key"])
+        assert one.post(
+            "/v1/image/group/p/new", {"data": [entry(photos[i], f"p{i}") for i in range(3)]}
+        ).json() == {
+            "errors": [None, None, None],
+            "images": ["p0", "p1", "p2"],
+        }
+        search = {"data": {"uri": body_uri(photos[1])}, "params": {"groups": ["p"], "limit": 1}}
+        assert [h["id"] for h in two.post("/v1/image/groups/search", search).json()["result"]] == ["p1"]
+        assert two.post("/v1/image/group/p/delete", {"images": ["p1"]}).json() == {}
+        assert one.post("/v1/image/groups/search", search).json()["result"] == []
+        assert one.get("/v1/image/group/p/info").json() == {"count": 2}
+    finally:
+        for proc in (first, second):
+            if proc.proc.poll() is None:
+                proc.kill()

@@ -17,8 +17,9 @@ from tests.conftest import QiniuClient, data_uri, free_port, jpeg
 
 
 class ServeProcess:
-    def __init__(self, data: Path, port: int) -> None:
+    def __init__(self, data: Path, port: int, extra_env: dict[str, str] | None = None) -> None:
         env = dict(os.environ, TUSOU_DATA=str(data), TUSOU_PORT=str(port), PYTHONUNBUFFERED="1")
+        env.update(extra_env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tusou", "serve"],
             env=env,

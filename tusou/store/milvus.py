@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -155,9 +156,24 @@ class MilvusStore(Store):
         # Serialises this process's writes so its own checks (duplicates, group size) are exact.
         self._write_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="milvus")
-        self._ensure_collections(model_id, num_partitions)
+        self._setup(model_id, num_partitions)
 
     # --- schema --------------------------------------------------------------------------------------
+    def _setup(self, model_id: str, num_partitions: int, attempts: int = 10) -> None:
+        """Create or open the collections. Several tusou processes may start at once on a new collection:
+        while one creates, indexes and loads it, another's calls fail ("collection not loaded", "already
+        exists"); each of those steps is idempotent, so a loser waits a moment and runs them again."""
+        from pymilvus import MilvusException
+
+        for attempt in range(attempts):
+            try:
+                self._ensure_collections(model_id, num_partitions)
+                return
+            except MilvusException:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.5 + random.random())
+
     def _ensure_collections(self, model_id: str, num_partitions: int) -> None:
         from pymilvus import DataType, MilvusClient
 
@@ -207,7 +223,11 @@ class MilvusStore(Store):
         rows = self.client.query(
             self.groups, filter=f"seq == {_META_SEQ}", output_fields=["grp"], consistency_level="Strong"
         )
-        found = json.loads(rows[0]["grp"]) if rows else {}
+        if not rows:
+            # No model recorded yet: another process is creating the collection right now (it writes the
+            # record last). Dropping it here would pull it from under that process.
+            return
+        found = json.loads(rows[0]["grp"])
         if found.get("model_id") == model_id and found.get("dim") == self.dim:
             return
         count = self.client.query(
