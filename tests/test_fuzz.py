@@ -29,7 +29,7 @@ from tusou.api.auth import sign_qiniu
 from tusou.config import Settings
 from tusou.embed.base import Embedder
 from tusou.images import ImageError, parse_data_uri
-from tusou.store.sqlite import decode_marker
+from tusou.store.markers import decode_marker
 
 FUZZ = settings(
     max_examples=30,

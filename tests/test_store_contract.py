@@ -510,3 +510,28 @@ def test_racing_writers_never_duplicate(backend: Backend) -> None:
         successes = sum(r == [None] for r in out)
         assert successes <= 1 and s.count(t, group) == successes
         assert all_ids(s, t, group) == ["same"] * successes
+
+
+def test_update_image_changes_metadata_only(backend: Backend) -> None:
+    from tusou.store.base import ImageNotFound
+
+    s, t = backend.store, backend.tenant
+    rng = np.random.default_rng(7)
+    vectors = unit(rng, 3)
+    s.create_group(t, "u", images(vectors))
+    info = s.update_image(t, "u", "i1", label="new")
+    assert (info.id, info.label, info.desc) == ("i1", "new", {"n": 1})
+    info = s.update_image(t, "u", "i1", desc={"price": 3})
+    assert (info.label, info.desc) == ("new", {"price": 3})
+    assert s.update_image(t, "u", "i1", desc=None).desc == ""
+    got = s.get_image(t, "u", "i1")
+    assert (got.label, got.desc) == ("new", "")
+    # Vector, listing position and count are untouched.
+    assert np.allclose(s.get_vector(t, "u", "i1"), vectors[1], atol=1e-6)
+    assert all_ids(s, t, "u") == ["i0", "i1", "i2"] and s.count(t, "u") == 3
+    hits = s.search(t, ["u"], vectors[1][None, :], 1, 0.5)
+    assert [(h.id, h.label) for h in hits] == [("i1", "new")]
+    with pytest.raises(ImageNotFound):
+        s.update_image(t, "u", "nope", label="x")
+    with pytest.raises(GroupNotFound):
+        s.update_image(t, "missing", "i1", label="x")

@@ -51,6 +51,10 @@ class ModelMismatch(Exception):
     """The data folder was indexed with another model; searching it with this one would be meaningless."""
 
 
+#: ``update_image(desc=KEEP)``: leave the desc unchanged (None is a real value: "no desc").
+KEEP: Any = object()
+
+
 @dataclass
 class NewImage:
     id: str
@@ -120,6 +124,15 @@ class Store(ABC):
 
     @abstractmethod
     def get_image(self, tenant: str, group: str, image_id: str) -> ImageInfo: ...
+
+    @abstractmethod
+    def update_image(
+        self, tenant: str, group: str, image_id: str, *, label: str | None = None, desc: Any = KEEP
+    ) -> ImageInfo:
+        """Change an image's label and/or desc (``KEEP`` leaves desc as it is); returns the new record.
+
+        The vector, id, uri and listing position stay as they are.
+        """
 
     @abstractmethod
     def get_vector(self, tenant: str, group: str, image_id: str) -> np.ndarray: ...

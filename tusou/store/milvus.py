@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from tusou.store.base import (
+    KEEP,
     BadMarker,
     GroupExists,
     GroupNotFound,
@@ -65,8 +66,9 @@ from tusou.store.base import (
     ModelMismatch,
     NewImage,
     Store,
+    StoreError,
 )
-from tusou.store.sqlite import decode_marker, encode_marker
+from tusou.store.markers import decode_marker, encode_marker
 
 # Milvus's top-k and query-window cap (maxTopK / maxQueryResultWindow in 2.3).
 TOPK_CAP = 16_384
@@ -452,6 +454,28 @@ class MilvusStore(Store):
     def get_image(self, tenant: str, group: str, image_id: str) -> ImageInfo:
         r = self._image_row(tenant, group, image_id, ["label", "desc", "uri"])
         return ImageInfo(r["image_id"], r["label"], _load_desc(r["desc"]), r["uri"] or None)
+
+    def update_image(
+        self, tenant: str, group: str, image_id: str, *, label: str | None = None, desc: Any = KEEP
+    ) -> ImageInfo:
+        # Milvus updates by rewriting the whole row, vector included.
+        with self._write_lock:
+            fields = ["gkey", "ikey", "label", "desc", "uri", "vec"]
+            row = self._image_row(tenant, group, image_id, fields)
+            if label is not None:
+                row["label"] = label
+            if desc is not KEEP:
+                row["desc"] = _dump_desc(desc)
+            too_long = [k for k in ("label", "desc") if len(row[k].encode()) > _MAX[k]]
+            if too_long:
+                raise StoreError(f"{too_long[0]} too long")
+            row["vec"] = np.asarray(row["vec"], dtype=np.float32)
+            # Delete then insert under the same primary key (so the listing position stays): Milvus
+            # 2.3's own upsert lost the row on a partition-key collection (tests/test_store_contract.py).
+            # Not atomic: a process killed between the two calls loses this image (docs/scale.md).
+            self._delete_seqs(self.images, [row["seq"]])
+            self.client.insert(self.images, [row])
+        return ImageInfo(row["image_id"], row["label"], _load_desc(row["desc"]), row["uri"] or None)
 
     def get_vector(self, tenant: str, group: str, image_id: str) -> np.ndarray:
         r = self._image_row(tenant, group, image_id, ["vec"])

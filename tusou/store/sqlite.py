@@ -13,8 +13,6 @@ is ``snapshot_every_s`` old, and ``close()`` writes the rest.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import os
@@ -24,11 +22,12 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from tusou.store.base import (
-    BadMarker,
+    KEEP,
     GroupExists,
     GroupNotFound,
     Hit,
@@ -39,6 +38,7 @@ from tusou.store.base import (
     NewImage,
     Store,
 )
+from tusou.store.markers import decode_marker, encode_marker
 from tusou.store.vector_index import VectorIndex, snapshot_files
 
 log = logging.getLogger(__name__)
@@ -74,22 +74,6 @@ CREATE TABLE IF NOT EXISTS vectors (
 _CHUNK = 900
 # Rows read per step when rebuilding or replaying an index (bounded memory: ~50 MB of blobs).
 _LOAD_CHUNK = 10_000
-
-
-def encode_marker(seq: int) -> str:
-    return base64.urlsafe_b64encode(seq.to_bytes(8, "big")).decode().rstrip("=")
-
-
-def decode_marker(marker: str) -> int:
-    if not marker:
-        return 0
-    try:
-        raw = base64.urlsafe_b64decode(marker + "=" * (-len(marker) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise BadMarker() from exc
-    if len(raw) != 8 or encode_marker(int.from_bytes(raw, "big")) != marker:
-        raise BadMarker()
-    return int.from_bytes(raw, "big")
 
 
 def _dump_desc(desc: object) -> str | None:
@@ -416,6 +400,29 @@ class SQLiteStore(Store):
     def get_image(self, tenant: str, group: str, image_id: str) -> ImageInfo:
         row = self._image_row(tenant, group, image_id)
         return ImageInfo(row[1], row[2], _load_desc(row[3]), row[4])
+
+    def update_image(
+        self, tenant: str, group: str, image_id: str, *, label: str | None = None, desc: Any = KEEP
+    ) -> ImageInfo:
+        with self._write_lock:
+            gid = self._gid(tenant, group)
+            with self._transaction() as conn:
+                if label is not None:
+                    conn.execute(
+                        "UPDATE images SET label = ? WHERE gid = ? AND image_id = ?", (label, gid, image_id)
+                    )
+                if desc is not KEEP:
+                    conn.execute(
+                        "UPDATE images SET desc = ? WHERE gid = ? AND image_id = ?",
+                        (_dump_desc(desc), gid, image_id),
+                    )
+                row = conn.execute(
+                    "SELECT image_id, label, desc, uri FROM images WHERE gid = ? AND image_id = ?",
+                    (gid, image_id),
+                ).fetchone()
+                if row is None:
+                    raise ImageNotFound(image_id)  # rolls the (empty) transaction back
+        return ImageInfo(row[0], row[1], _load_desc(row[2]), row[3])
 
     def get_vector(self, tenant: str, group: str, image_id: str) -> np.ndarray:
         seq = self._image_row(tenant, group, image_id)[0]
