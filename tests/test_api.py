@@ -292,3 +292,40 @@ def test_rate_limit_per_key(tmp_path, embedder) -> None:
         assert bob.get("/v1/image/group").status_code == 200
     finally:
         running.close()
+
+
+def test_extensions_update_search_by_id_and_label_filter(
+    client: QiniuClient, photos: list[Image.Image]
+) -> None:
+    """Beyond Qiniu, additive: metadata update, search with a stored image, label filter."""
+    data = [entry(photos[0], "a", "shoes", {"v": 1}), entry(photos[1], "b", "bags")]
+    client.post("/v1/image/group/x/new", {"data": data})
+    updated = client.post("/v1/image/group/x/update", {"id": "a", "label": "boots"})
+    assert updated.status_code == 200 and updated.json() == {"desc": {"v": 1}, "label": "boots"}
+    assert client.post("/v1/image/group/x/update", {"id": "a", "desc": None}).json() == {
+        "desc": "",
+        "label": "boots",
+    }
+    assert client.post("/v1/image/group/x/image", {"id": "a"}).json() == {"desc": "", "label": "boots"}
+    missing = client.post("/v1/image/group/x/update", {"id": "zz", "label": "q"})
+    assert missing.status_code == 400 and missing.json() == {"error": "image zz not exists"}
+    too_long = client.post("/v1/image/group/x/update", {"id": "a", "desc": "x" * 5000})
+    assert too_long.status_code == 406 and too_long.json() == {"error": "desc too long"}
+
+    # Search with a stored image: it finds itself, exactly.
+    by_id = client.post("/v1/image/groups/search", {"data": {"id": "b"}, "params": {"groups": ["x"]}}).json()
+    assert [(h["id"], h["score"] > 0.95) for h in by_id["result"]] == [("b", True)]
+    gone = client.post("/v1/image/groups/search", {"data": {"id": "nope"}, "params": {"groups": ["x"]}})
+    assert gone.status_code == 400 and gone.json() == {"error": "image nope not exists"}
+
+    # Label filter: the near-duplicate of "a" is dropped when only "bags" are wanted.
+    query = {"data": {"uri": body_uri(photos[0])}, "params": {"groups": ["x"], "limit": 5}}
+    assert [h["id"] for h in client.post("/v1/image/groups/search", query).json()["result"]] == ["a"]
+    query["params"]["labels"] = ["bags"]
+    assert client.post("/v1/image/groups/search", query).json()["result"] == []
+    query["params"]["labels"] = ["boots", "bags"]
+    assert [h["id"] for h in client.post("/v1/image/groups/search", query).json()["result"]] == ["a"]
+    query["params"]["labels"] = "boots"
+    assert [h["id"] for h in client.post("/v1/image/groups/search", query).json()["result"]] == ["a"]
+    query["params"]["labels"] = [1]
+    assert client.post("/v1/image/groups/search", query).status_code == 406

@@ -23,7 +23,7 @@ from tusou.batching import Batcher
 from tusou.config import Settings
 from tusou.embed.base import Embedder
 from tusou.images import Fetcher, ImageError, load_image
-from tusou.store.base import ImageInfo, ItemError, NewImage, Store, StoreError
+from tusou.store.base import KEEP, ImageInfo, ItemError, NewImage, Store, StoreError
 
 # Group ids travel in URL paths: no separators, dot-segments or control characters.
 GROUP_ID_RE = re.compile(r"^[^\x00-\x1f\x7f/\\?#%]{1,128}$")
@@ -218,24 +218,48 @@ class Service:
         return self._call(self.store.get_image, tenant, check_group_id(group), image_id)
 
     def search(
-        self, tenant: str, groups: Any, uri: Any, limit: Any = None, threshold: Any = None
+        self,
+        tenant: str,
+        groups: Any,
+        uri: Any,
+        limit: Any = None,
+        threshold: Any = None,
+        *,
+        by_id: Any = None,
+        labels: Any = None,
     ) -> list[dict[str, Any]]:
-        """Qiniu's search: the best ``limit`` images over ``groups`` scoring at least the threshold."""
-        if not isinstance(uri, str) or not uri.strip():
+        """Qiniu's search: the best ``limit`` images over ``groups`` scoring at least the threshold.
+
+        Beyond Qiniu (additive): ``by_id`` = (group, image id) searches with a stored image's vector
+        instead of an uploaded one; ``labels`` keeps only hits with one of these labels.
+        """
+        if by_id is None and (not isinstance(uri, str) or not uri.strip()):
             raise ServiceError(406, "empty uri")
         groups = self._check_groups(groups)
         limit = self._check_limit(limit)
         floor = self._check_threshold(threshold)
+        wanted_labels = self._check_labels(labels)
         for group in groups:
             self._call(self.store.count, tenant, group)
-        try:
-            image = load_image(uri.strip(), self.fetcher, self.embedder.prepare)
-        except ImageError as exc:
-            raise ServiceError(exc.code if 400 <= exc.code < 600 else 400, exc.message) from exc
-        queries = self._embed_queries([image])[0]
+        if by_id is not None:
+            source_group, image_id = by_id
+            source_group = check_group_id(source_group if source_group is not None else groups[0])
+            if not isinstance(image_id, str) or not image_id:
+                raise ServiceError(406, "invalid id")
+            queries = self._call(self.store.get_vector, tenant, source_group, image_id)[None, :]
+        else:
+            try:
+                image = load_image(uri.strip(), self.fetcher, self.embedder.prepare)
+            except ImageError as exc:
+                raise ServiceError(exc.code if 400 <= exc.code < 600 else 400, exc.message) from exc
+            queries = self._embed_queries([image])[0]
+        min_cosine = self.embedder.cosine_for_score(floor)
+        # A label filter applies to every match (exact), then the limit.
         hits = self._call(
-            self.store.search, tenant, groups, queries, limit, self.embedder.cosine_for_score(floor)
+            self.store.search, tenant, groups, queries, -1 if wanted_labels else limit, min_cosine
         )
+        if wanted_labels:
+            hits = [hit for hit in hits if hit.label in wanted_labels][:limit]
         scores = self.embedder.score(np.asarray([hit.cosine for hit in hits], dtype=np.float32))
         result = []
         for hit, score in zip(hits, scores.tolist(), strict=True):
@@ -279,6 +303,31 @@ class Service:
             return 1
         # -1 is "every match"; Qiniu capped that at the maximum limit too.
         return self.settings.search_max_limit if value == -1 else value
+
+    @staticmethod
+    def _check_labels(labels: Any) -> set[str] | None:
+        if labels is None or labels == []:
+            return None
+        if isinstance(labels, str):
+            labels = [labels]
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise ServiceError(406, "invalid labels")
+        return set(labels)
+
+    def update_image(self, tenant: str, group: str, image_id: Any, label: Any, desc: Any) -> ImageInfo:
+        """Change a stored image's label and/or desc (beyond Qiniu); its vector stays."""
+        if isinstance(image_id, int) and not isinstance(image_id, bool):
+            image_id = str(image_id)
+        if not isinstance(image_id, str) or not image_id:
+            raise ServiceError(400, "invalid id")
+        if label is not None and (not isinstance(label, str) or len(label) > LABEL_MAX_CHARS):
+            raise ServiceError(400, "invalid label")
+        if desc is not KEEP and desc is not None:
+            if len(json.dumps(desc, ensure_ascii=False).encode()) > self.settings.desc_max_bytes:
+                raise ServiceError(406, "desc too long")
+        return self._call(
+            lambda: self.store.update_image(tenant, check_group_id(group), image_id, label=label, desc=desc)
+        )
 
     def _check_threshold(self, threshold: Any) -> float:
         if threshold is None or threshold == "":

@@ -13,6 +13,7 @@ import math
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -29,8 +30,9 @@ from tusou import __version__
 from tusou.api import schemas
 from tusou.api.auth import AuthError, SignedRequest, verify
 from tusou.api.limits import TOO_MANY_REQUESTS, RateLimiter
+from tusou.api.observe import install as install_observability
 from tusou.config import Settings
-from tusou.service import Service, ServiceError
+from tusou.service import KEEP, Service, ServiceError
 from tusou.store.keys import KeyStore
 
 log = logging.getLogger("tusou.api")
@@ -186,6 +188,7 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
     app.state.service = service
     app.state.keys = keys
     app.add_middleware(RequestIdMiddleware)
+    install_observability(app, settings)  # /metrics, /healthz, access log (docs/operations.md)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -365,12 +368,36 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
         info = await run_in_threadpool(svc(request).get_image, tenant, group_id, body.get("id"))
         return JSONResponse({"desc": info.desc, "label": info.label})
 
-    def search_args(body: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    def search_args(body: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         data = body.get("data") or {}
         params = body.get("params") or {}
         if not isinstance(data, dict) or not isinstance(params, dict):
             raise ApiError(400, "invalid body")
-        return data.get("uri"), params
+        extra: dict[str, Any] = {"labels": params.get("labels")}
+        # Beyond Qiniu: {"data": {"id": ..., "group": ...}} searches with a stored image.
+        if not data.get("uri") and data.get("id") is not None:
+            extra["by_id"] = (data.get("group"), data.get("id"))
+        return data.get("uri"), params, extra
+
+    @app.post(
+        "/v1/image/group/{group_id}/update",
+        summary="Change an image's label and/or desc (tusou extension)",
+        responses={200: {"model": schemas.ImageResponse}, **docs["responses"]},
+        openapi_extra=body_doc(schemas.UpdateRequest),
+    )
+    async def update_image(
+        group_id: str, request: Request, tenant: str = Depends(authenticate)
+    ) -> JSONResponse:
+        body = await body_of(request)
+        info = await run_in_threadpool(
+            svc(request).update_image,
+            tenant,
+            group_id,
+            body.get("id"),
+            body.get("label"),
+            body["desc"] if "desc" in body else KEEP,
+        )
+        return JSONResponse({"desc": info.desc, "label": info.label})
 
     @app.post(
         "/v1/image/groups/search",
@@ -383,9 +410,9 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
         openapi_extra=body_doc(schemas.SearchRequest),
     )
     async def search(request: Request, tenant: str = Depends(authenticate)) -> JSONResponse:
-        uri, params = search_args(await body_of(request))
+        uri, params, extra = search_args(await body_of(request))
         hits = await run_heavy(
-            svc(request).search,
+            partial(svc(request).search, **extra),
             tenant,
             params.get("groups"),
             uri,
@@ -407,13 +434,48 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
     async def legacy_search(
         group_id: str, request: Request, tenant: str = Depends(authenticate)
     ) -> JSONResponse:
-        uri, params = search_args(await body_of(request))
+        uri, params, extra = search_args(await body_of(request))
         hits = await run_heavy(
-            svc(request).search, tenant, [group_id], uri, params.get("limit"), params.get("threshold")
+            partial(svc(request).search, **extra),
+            tenant,
+            [group_id],
+            uri,
+            params.get("limit"),
+            params.get("threshold"),
         )
         for hit in hits:
             hit.pop("group", None)
         return JSONResponse({"code": 0, "message": "", "result": hits})
+
+    # --- built-in web page (tusou/web): static and unauthenticated, since it holds no data and every call it
+    # makes is signed in the browser. Read once: the files ship as package data and do not change at run time.
+    from importlib.resources import files as resource_files
+
+    from fastapi.responses import HTMLResponse, Response
+
+    web_dir = resource_files("tusou") / "web"
+    web_page = (web_dir / "index.html").read_text("utf-8")
+    web_sign_js = (web_dir / "sign.js").read_text("utf-8")
+    # The secret key is typed into this page: scripts and fetches are limited to this origin, as defence in
+    # depth (the page never puts API data into HTML). Images may come from anywhere (hits' thumbnails).
+    web_headers = {
+        "Content-Security-Policy": "default-src 'none'; script-src 'self' 'unsafe-inline'; "
+        "style-src 'unsafe-inline'; img-src * data: blob:; connect-src 'self'; base-uri 'none'; "
+        "form-action 'none'; frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-cache",
+    }
+
+    @app.get("/", include_in_schema=False)
+    async def web_index() -> HTMLResponse:
+        return HTMLResponse(web_page, headers=web_headers)
+
+    @app.get("/static/sign.js", include_in_schema=False)
+    async def web_sign_script() -> Response:
+        return Response(web_sign_js, media_type="text/javascript; charset=utf-8", headers=web_headers)
+
+    # --- end of the web page routes
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -437,6 +499,7 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
             schemas.ImageRequest,
             schemas.SearchRequest,
             schemas.LegacySearchRequest,
+            schemas.UpdateRequest,
         ):
             spec_model = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas_out.update(spec_model.pop("$defs", {}))

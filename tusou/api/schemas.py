@@ -45,13 +45,18 @@ class ImageRequest(BaseModel):
 
 
 class SearchData(BaseModel):
-    uri: str
+    uri: str | None = Field(default=None, description="The query image (required unless id is given).")
+    id: str | None = Field(default=None, description="tusou extension: search with this stored image.")
+    group: str | None = Field(default=None, description="With id: its group (default: the first searched).")
 
 
 class SearchParams(BaseModel):
     groups: list[str] = Field(description="At most 2 groups.")
     limit: int | None = Field(default=1, description="1..10000, or -1 for every match.")
     threshold: float | None = Field(default=None, description="0..1; raised to the system default.")
+    labels: list[str] | None = Field(
+        default=None, description="tusou extension: only hits with these labels."
+    )
 
 
 class SearchRequest(BaseModel):
@@ -62,6 +67,15 @@ class SearchRequest(BaseModel):
 class LegacySearchParams(BaseModel):
     limit: int | None = 1
     threshold: float | None = None
+    labels: list[str] | None = None
+
+
+class UpdateRequest(BaseModel):
+    """tusou extension: change a stored image's label and/or desc; absent fields stay as they are."""
+
+    id: str
+    label: str | None = None
+    desc: Any = None
 
 
 class LegacySearchRequest(BaseModel):
