@@ -1,6 +1,6 @@
 """Scale benchmark: one group filled to N images, searched and fed through the real HTTP API.
 
-    python bench/scale.py [--n 500000] [--quick] [--data DIR] [--queries 30]
+    python bench/scale.py [--n 500000] [--quick] [--data DIR] [--queries 30] [--store sqlite|milvus]
 
 1. Base vectors: real embeddings (default model) of a few hundred photos (the evaluation gallery under
    ~/.cache/tusou-eval/out when present, else generated scenes from tests/imagegen.py).
@@ -13,18 +13,28 @@
 4. ``python -m tusou serve`` on the folder: time from process start to the first answered search; search
    p50/p99 over HTTP with real JPEG queries for limit 1, 100, 10000, -1 (default threshold); ingest img/s
    over HTTP with real JPEGs in batches of 1 and 32; the server's RSS (now and peak); disk use.
+
+``--store milvus``: the same, with the group in Milvus. A Milvus 2.3 standalone server is started on free
+loopback ports in a temporary folder (bench/milvus_server.py, ``proxy.timeTickInterval`` from
+``--milvus-tick-ms``) and stopped at the end, unless ``--milvus-uri`` names one. Step 2 goes through
+``MilvusStore.add_images`` (then one ``flush``, so searches run on sealed segments); step 3 becomes
+exactness against brute force (the index is FLAT) and in-process search latency with Strong and with
+Bounded reads (what the consistency wait costs); step 4 runs ``tusou serve`` with ``TUSOU_STORE=milvus``
+and also reports the Milvus server's RSS.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,13 +105,30 @@ def du_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
-def fill(args: argparse.Namespace, data: Path, embedder, base_jpegs: list[bytes]) -> dict:
+def open_store(args: argparse.Namespace, data: Path, embedder, consistency: str = "Strong"):
+    if args.store == "milvus":
+        from tusou.store.milvus import MilvusStore
+
+        return MilvusStore(
+            args.milvus_uri,
+            collection=args.milvus_collection,
+            model_id=embedder.model_id,
+            dim=embedder.dim,
+            consistency=consistency,
+        )
+    return SQLiteStore(data / "tusou.db", model_id=embedder.model_id, dim=embedder.dim)
+
+
+def fill(
+    args: argparse.Namespace, data: Path, embedder, base_jpegs: list[bytes], kept: list | None = None
+) -> dict:
+    """Fill the group to args.n; with ``kept``, append (ids, vectors) of every row written."""
     keys = KeyStore(data / "keys.db")
     key = keys.list()[0] if keys.active_count() else keys.create("bench")
     keys.close()
     report: dict = {}
     started = time.monotonic()
-    store = SQLiteStore(data / "tusou.db", model_id=embedder.model_id, dim=embedder.dim)
+    store = open_store(args, data, embedder)
     report["open_s"] = time.monotonic() - started
     tenant = key.access_key
     if GROUP in store.list_groups(tenant) and store.count(tenant, GROUP) >= args.n:
@@ -113,21 +140,30 @@ def fill(args: argparse.Namespace, data: Path, embedder, base_jpegs: list[bytes]
         store.create_group(
             tenant, GROUP, [NewImage(f"photo-{i}", "photo", "", None, v) for i, v in enumerate(base)]
         )
+        if kept is not None:
+            kept.append(([f"photo-{i}" for i in range(len(base))], base))
     rng = np.random.default_rng(0)
     have = store.count(tenant, GROUP)
     started = time.monotonic()
     while have < args.n:
         step = min(10_000, args.n - have)
         vectors = synthetic(base, step, rng)
-        store.add_images(
+        errors = store.add_images(
             tenant, GROUP, [NewImage(f"s{have + k}", "synthetic", "", None, v) for k, v in enumerate(vectors)]
         )
+        if any(errors):
+            raise RuntimeError(f"fill: {next(e for e in errors if e)}")
+        if kept is not None:
+            kept.append(([f"s{have + k}" for k in range(step)], vectors))
         have += step
         if have % 50_000 < step:
             print(f"  filled {have} in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
     report["fill_s"] = time.monotonic() - started
     started = time.monotonic()
-    store.close()  # writes the snapshot
+    if args.store == "milvus":
+        store.client.flush(store.images)  # seal the growing segments: searches then run on sealed ones
+        report["milvus_index_wait_s"] = milvus_wait_indexed(store)
+    store.close()  # sqlite: writes the snapshot
     report["close_snapshot_s"] = time.monotonic() - started
     return report
 
@@ -179,6 +215,60 @@ def recall(args: argparse.Namespace, data: Path, embedder, query_jpegs: list[byt
     return report
 
 
+def milvus_wait_indexed(store, timeout_s: float = 300.0) -> float:
+    """Wait until the sealed segments are indexed (FLAT), so timings are not taken during the build."""
+    started = time.monotonic()
+    names = store.client.list_indexes(store.images) or ["vec"]
+    while time.monotonic() - started < timeout_s:
+        info = store.client.describe_index(store.images, names[0])
+        if int(info.get("pending_index_rows", 0)) == 0 and int(info.get("indexed_rows", 0)) >= int(
+            info.get("total_rows", 0)
+        ):
+            break
+        time.sleep(0.5)
+    time.sleep(2.0)  # let the query node take the indexed segments over
+    return time.monotonic() - started
+
+
+def milvus_exactness(
+    args: argparse.Namespace, data: Path, embedder, query_jpegs: list[bytes], kept: list
+) -> dict:
+    """Top 10 from Milvus against brute-force float32 over the rows written; in-process search latency."""
+    keys = KeyStore(data / "keys.db")
+    tenant = keys.list()[0].access_key
+    keys.close()
+    real = embedder.embed_queries([embedder.open_image(b) for b in query_jpegs])
+    report: dict = {}
+    if kept:
+        ids = np.asarray([i for chunk, _ in kept for i in chunk])
+        vectors = np.concatenate([v for _, v in kept]).astype(np.float32)
+        store = open_store(args, data, embedder)
+        same = []
+        worst = 0.0
+        for q in real[:5]:
+            sims = (vectors @ q.reshape(-1, vectors.shape[1]).T).max(axis=1)
+            truth = ids[np.argsort(-sims, kind="stable")[:10]]
+            hits = store.search(tenant, [GROUP], q, 10, -1.0)
+            same.append(len({h.id for h in hits} & set(truth.tolist())) / 10)
+            worst = max(worst, abs(hits[0].cosine - float(sims.max())))
+        store.close()
+        report["milvus_recall_at_10_vs_brute_force"] = float(np.mean(same))
+        report["milvus_top1_cosine_err"] = worst
+    for consistency in ("Strong", "Bounded"):
+        store = open_store(args, data, embedder, consistency)
+        for q in real[:3]:  # warm-up, untimed
+            store.search(tenant, [GROUP], q, 100, -1.0)
+        for limit in (1, 100):
+            times = []
+            for q in real:
+                t = time.perf_counter()
+                store.search(tenant, [GROUP], q, limit, -1.0)
+                times.append((time.perf_counter() - t) * 1000)
+            report[f"inproc_{consistency}_limit_{limit}"] = (pct(times, 50), pct(times, 99))
+        store.close()
+    return report
+
+
 def int8_error(index, store, queries: np.ndarray) -> float:
     """Largest |int8 cosine - float32 cosine| over the top 1000 rows of a few queries."""
     fetch, index.fetch = index.fetch, None
@@ -195,8 +285,9 @@ def int8_error(index, store, queries: np.ndarray) -> float:
 
 
 class Server:
-    def __init__(self, data: Path, port: int) -> None:
+    def __init__(self, data: Path, port: int, extra_env: dict[str, str] | None = None) -> None:
         env = dict(os.environ, TUSOU_DATA=str(data), TUSOU_PORT=str(port), PYTHONUNBUFFERED="1")
+        env.update(extra_env or {})
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tusou", "serve"],
@@ -216,7 +307,11 @@ class Server:
 
 
 def serve_bench(
-    args: argparse.Namespace, data: Path, query_jpegs: list[bytes], ingest_jpegs: list[bytes]
+    args: argparse.Namespace,
+    data: Path,
+    query_jpegs: list[bytes],
+    ingest_jpegs: list[bytes],
+    extra_env: dict[str, str] | None = None,
 ) -> dict:
     keys = KeyStore(data / "keys.db")
     key = keys.list()[0]
@@ -225,7 +320,7 @@ def serve_bench(
     auth = QiniuMacRequestsAuth(QiniuMacAuth(key.access_key, key.secret_key))
     report: dict = {}
     port = 18000 + os.getpid() % 1000
-    server = Server(data, port)
+    server = Server(data, port, extra_env)
 
     def search(jpeg: bytes, limit: int) -> requests.Response:
         body = {"data": {"uri": data_uri(jpeg)}, "params": {"groups": [GROUP], "limit": limit}}
@@ -278,11 +373,36 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="data folder (kept between runs)")
     parser.add_argument("--queries", type=int, default=30)
     parser.add_argument("--skip-recall", action="store_true")
+    parser.add_argument("--store", choices=("sqlite", "milvus"), default="sqlite")
+    parser.add_argument(
+        "--milvus-uri", default=None, help="an existing Milvus server (default: start one on loopback)"
+    )
+    parser.add_argument("--milvus-collection", default=None, help="default bench_scale_<n>")
+    parser.add_argument(
+        "--milvus-tick-ms", type=int, default=20, help="proxy.timeTickInterval of the started server"
+    )
     args = parser.parse_args()
     if args.quick:
         args.n, args.queries = 20_000, min(args.queries, 15)
-    data = args.data or Path(f"/tmp/tusou-scale-{args.n}")
+    suffix = "-milvus" if args.store == "milvus" else ""
+    data = args.data or Path(f"/tmp/tusou-scale-{args.n}{suffix}")
     data.mkdir(parents=True, exist_ok=True)
+    if args.store == "milvus":
+        args.milvus_collection = args.milvus_collection or f"bench_scale_{args.n}"
+        with contextlib.ExitStack() as stack:
+            if args.milvus_uri is None:
+                from milvus_server import milvus_server
+
+                base = Path(tempfile.mkdtemp(prefix="tusou-scale-milvus-"))
+                server = stack.enter_context(milvus_server(base, args.milvus_tick_ms))
+                args.milvus_uri, args.milvus_pid = server.uri, server.pid
+                args.milvus_base, args.milvus_start_s = server.base, server.start_s
+            run(args, data)
+    else:
+        run(args, data)
+
+
+def run(args: argparse.Namespace, data: Path) -> None:
     embedder = create_embedder(Settings(data=data))
     jpegs = photos(300 + 64)
     base_jpegs, ingest_jpegs = jpegs[:300], jpegs[300:] + jpegs[:64]
@@ -291,19 +411,45 @@ def main() -> None:
         jpeg_bytes(Image.open(io.BytesIO(b)), side=480, quality=70)
         for b in base_jpegs[:: max(1, 300 // args.queries)]
     ][: args.queries]
-    report: dict = {"n": args.n}
-    report.update(fill(args, data, embedder, base_jpegs))
-    if not args.skip_recall:
-        report.update(recall(args, data, embedder, query_jpegs))
-    report.update(serve_bench(args, data, query_jpegs, ingest_jpegs))
-    report["disk_mb"] = du_mb(data)
-    report["index_mb"] = du_mb(data / "index")
+    report: dict = {"n": args.n, "store": args.store}
+    if args.store == "milvus":
+        milvus_pid = getattr(args, "milvus_pid", None)
+        report["milvus_uri"], report["milvus_collection"] = args.milvus_uri, args.milvus_collection
+        if milvus_pid:
+            report["milvus_tick_ms"] = args.milvus_tick_ms
+            report["milvus_start_s"] = args.milvus_start_s
+        kept: list = []
+        report.update(fill(args, data, embedder, base_jpegs, kept if args.n <= 200_000 else None))
+        if not args.skip_recall:
+            report.update(milvus_exactness(args, data, embedder, query_jpegs, kept))
+        del kept
+        env = {
+            "TUSOU_STORE": "milvus",
+            "TUSOU_MILVUS_URI": args.milvus_uri,
+            "TUSOU_MILVUS_COLLECTION": args.milvus_collection,
+            "TUSOU_MILVUS_CONSISTENCY": "Strong",
+        }
+        report.update(serve_bench(args, data, query_jpegs, ingest_jpegs, env))
+        if milvus_pid:
+            report["milvus_rss_mb"], report["milvus_peak_rss_mb"] = rss_mb(milvus_pid)
+            report["milvus_disk_mb"] = du_mb(args.milvus_base)
+        report["disk_mb"] = du_mb(data)
+    else:
+        report.update(fill(args, data, embedder, base_jpegs))
+        if not args.skip_recall:
+            report.update(recall(args, data, embedder, query_jpegs))
+        report.update(serve_bench(args, data, query_jpegs, ingest_jpegs))
+        report["disk_mb"] = du_mb(data)
+        report["index_mb"] = du_mb(data / "index")
     print(json.dumps(report, indent=1, default=str), file=sys.stderr)
     (data / "scale-report.json").write_text(json.dumps(report, indent=1, default=str))
     print_table(report)
 
 
 def print_table(r: dict) -> None:
+    if r.get("store") == "milvus":
+        print_milvus_table(r)
+        return
     print(f"\n## scale: {r['n']:,} images in one group, {os.cpu_count()} cores\n")
     print("| measure | value |\n|---|---|")
     for limit in (1, 100, 10_000, -1):
@@ -331,6 +477,51 @@ def print_table(r: dict) -> None:
     if "fill_s" in r:
         print(
             f"| fill (SQLite + HNSW, internal path) / snapshot at close | "
+            f"{r['fill_s']:.0f} s / {r['close_snapshot_s']:.1f} s |"
+        )
+
+
+def print_milvus_table(r: dict) -> None:
+    tick = f", proxy.timeTickInterval {r['milvus_tick_ms']} ms" if "milvus_tick_ms" in r else ""
+    print(
+        f"\n## scale: {r['n']:,} images in one group, Milvus store (Strong reads{tick}), "
+        f"{os.cpu_count()} cores\n"
+    )
+    print("| measure | value |\n|---|---|")
+    for limit in (1, 100, 10_000, -1):
+        p50, p99, returned = r[f"search_limit_{limit}"]
+        print(
+            f"| search limit={limit} p50 / p99 (HTTP, query embedding included) | "
+            f"{p50:.0f} / {p99:.0f} ms ({returned:.0f} hits) |"
+        )
+    for consistency in ("Strong", "Bounded"):
+        for limit in (1, 100):
+            key = f"inproc_{consistency}_limit_{limit}"
+            if key in r:
+                print(
+                    f"| MilvusStore.search in-process, {consistency}, limit={limit} p50 / p99 | "
+                    f"{r[key][0]:.1f} / {r[key][1]:.1f} ms |"
+                )
+    if "milvus_recall_at_10_vs_brute_force" in r:
+        print(
+            f"| FLAT vs brute-force f32, recall@10 / top-1 cosine error (5 queries) | "
+            f"{r['milvus_recall_at_10_vs_brute_force']:.3f} / {r['milvus_top1_cosine_err']:.1e} |"
+        )
+    for batch in (1, 32):
+        print(f"| ingest over HTTP, batch {batch} | {r[f'ingest_batch_{batch}_img_s']:.1f} img/s |")
+    print(f"| tusou process start to first answered search | {r['start_to_first_search_s']:.2f} s |")
+    print(f"| tusou RSS now / peak | {r['server_rss_mb']:.0f} / {r['server_peak_rss_mb']:.0f} MB |")
+    if "milvus_rss_mb" in r:
+        print(
+            f"| Milvus server RSS now / peak | {r['milvus_rss_mb']:.0f} / {r['milvus_peak_rss_mb']:.0f} MB |"
+        )
+        print(
+            f"| Milvus server start (to healthy) / disk | "
+            f"{r['milvus_start_s']:.1f} s / {r['milvus_disk_mb']:.0f} MB |"
+        )
+    if "fill_s" in r:
+        print(
+            f"| fill (MilvusStore.add_images, internal path) / flush at the end | "
             f"{r['fill_s']:.0f} s / {r['close_snapshot_s']:.1f} s |"
         )
 
