@@ -225,3 +225,33 @@ def test_operator_routes_stay_out_of_the_openapi_document(tusou: Tusou) -> None:
     paths = requests.get(tusou.server.url + "/openapi.json", timeout=30).json()["paths"]
     assert "/metrics" not in paths and "/healthz" not in paths
     assert "/v1/image/groups/search" in paths
+
+
+def test_a_service_built_at_startup_is_instrumented_too(
+    tmp_path: Path, embedder: Embedder, photos: list[Image.Image], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `tusou serve` passes no service: the lifespan builds it after install() ran.
+    from tests.conftest import ThreadedServer
+    from tusou import service as service_module
+    from tusou.api.app import create_app
+    from tusou.images import Fetcher
+    from tusou.store.keys import KeyStore
+    from tusou.store.sqlite import SQLiteStore
+
+    settings = Settings(data=tmp_path / "data")
+    settings.data.mkdir(parents=True)
+
+    def build(s: Settings) -> service_module.Service:
+        store = SQLiteStore(s.db_path, model_id=embedder.model_id, dim=embedder.dim)
+        return service_module.Service(s, store, embedder, Fetcher(s))
+
+    monkeypatch.setattr(service_module, "build_service", build)
+    keys = KeyStore(settings.data / "keys.db")
+    key = keys.create("ops")
+    with ThreadedServer(create_app(settings, keys=keys)) as server:
+        client = QiniuClient(server.url, key.access_key, key.secret_key)
+        assert client.post("/v1/image/group/g/new", {"data": [entry(photos[0], "a")]}).status_code == 200
+        page = samples(scrape(server.url).text)
+        assert value(page, "tusou_images_embedded_total", purpose="index") == 1
+        assert value(page, "tusou_images") == 1
+    keys.close()

@@ -7,6 +7,7 @@ Every option of ``tusou serve`` can also be set as an environment variable (``TU
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
         click.echo(json.dumps({"access_key": key.access_key, "secret_key": key.secret_key}))
     click.echo(f"tusou serving {settings.data.resolve()} on http://{settings.host}:{settings.port}", err=True)
     app = create_app(settings, keys=keys)
+    # uvicorn configures only its own loggers; without this, tusou's access log lines go nowhere.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
 
 
