@@ -67,7 +67,7 @@ def test_graph_recall_against_exact_scan() -> None:
     hits = 0
     for q in queries:
         exact, _ = index.search(q[None], 10, -1.0, exact=True)
-        approx, cos = index.search(q[None], 10, -1.0)
+        approx, cos = index.search(q[None], 10, -1.0, exact=False)
         assert np.all(np.diff(cos) <= 0)
         hits += len(set(exact.tolist()) & set(approx.tolist()))
     assert hits / 500 >= 0.97
@@ -179,7 +179,7 @@ def test_graph_recall_at_1280d_50k() -> None:
         hits = sum(
             len(
                 set(index.search(q[None], 10, -1.0, exact=True)[0].tolist())
-                & set(index.search(q[None], 10, -1.0)[0].tolist())
+                & set(index.search(q[None], 10, -1.0, exact=False)[0].tolist())
             )
             for q in queries
         )

@@ -193,8 +193,9 @@ class VectorIndex:
         """Keys and cosines of the best ``limit`` rows (all when limit < 0) at or above ``min_cosine``.
 
         ``queries`` holds the views of one query; a row scores its best cosine over them. ``exact``
-        forces (True) or forbids (False) the full scan; by default the scan is used when the group is
-        small or the request wants many rows.
+        forces (True) or forbids (False) the full scan (False: the graph's own answer, for measuring it);
+        by default the scan is used when the group is small, the request wants many rows, or the graph
+        finds a dense neighbourhood above the threshold.
         """
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         empty = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
@@ -204,7 +205,8 @@ class VectorIndex:
             n = len(self)
             if n == 0:
                 return empty
-            if exact is None:
+            auto = exact is None
+            if auto:
                 exact = n < self.exact_below or limit < 0 or limit > ANN_MAX_LIMIT
             codes = quantize(queries)
             floor = min_cosine - SCREEN_MARGIN
@@ -214,7 +216,7 @@ class VectorIndex:
                 # usearch widens its search breadth to ``count`` when that is larger.
                 count = min(n, max(32, 2 * limit))
                 keys, approx = self._best_over_views(self._index.search(codes, count, threads=1))
-                if limit > 1 and np.count_nonzero(approx >= floor) >= DENSE_MATCHES:
+                if auto and limit > 1 and np.count_nonzero(approx >= floor) >= DENSE_MATCHES:
                     # Many rows pass the threshold around this query: a dense neighbourhood, where the
                     # graph is known to skip some (bench/scale.py: 42 of 55 matches at limit=100). A
                     # search that can return several matches then gets the exact scan's answer.
