@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,16 @@ from tusou.store.base import KEEP, ImageInfo, ItemError, NewImage, Store, StoreE
 GROUP_ID_RE = re.compile(r"^[^\x00-\x1f\x7f/\\?#%]{1,128}$")
 IMAGE_ID_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")
 LABEL_MAX_CHARS = 1024
+
+
+class Observer:
+    """What the service reports as it works (metrics hook). The default does nothing."""
+
+    def embedded(self, purpose: str, count: int, seconds: float) -> None:
+        """``count`` images went through the model in one call (``purpose``: "index" or "query")."""
+
+    def image_failed(self, error: ImageError) -> None:
+        """An image could not be fetched or decoded (a per-image error, or a failed search query)."""
 
 
 class ServiceError(Exception):
@@ -72,23 +84,37 @@ class Service:
         self.store = store
         self.embedder = embedder
         self.fetcher = fetcher
+        self.observer = Observer()
         # Fetching and decoding overlap well across images (network waits, Pillow releases the GIL).
         self._loader = ThreadPoolExecutor(
             max_workers=settings.fetch_max_concurrent, thread_name_prefix="load"
         )
         # Indexing runs one worker per core (throughput); queries one worker whose calls use every core.
         self._embed_images = Batcher(
-            embedder.embed_images,
+            self._timed(embedder.embed_images, "index"),
             max(1, settings.embed_batch // 2),
             "embed-index",
             workers=os.cpu_count() or 1,
         )
-        self._embed_queries = Batcher(embedder.embed_queries, settings.embed_batch, "embed-query")
+        self._embed_queries = Batcher(
+            self._timed(embedder.embed_queries, "query"), settings.embed_batch, "embed-query"
+        )
         self.default_threshold = (
             settings.default_threshold
             if settings.default_threshold is not None
             else float(embedder.default_threshold)
         )
+
+    def _timed(
+        self, fn: Callable[[list[Any]], np.ndarray], purpose: str
+    ) -> Callable[[list[Any]], np.ndarray]:
+        def run(items: list[Any]) -> np.ndarray:
+            start = time.perf_counter()
+            result = fn(items)
+            self.observer.embedded(purpose, len(items), time.perf_counter() - start)
+            return result
+
+        return run
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
@@ -183,6 +209,7 @@ class Service:
             try:
                 return load_image(uri, self.fetcher, self.embedder.prepare)
             except ImageError as exc:
+                self.observer.image_failed(exc)
                 return exc
 
         if len(uris) == 1:
@@ -251,6 +278,7 @@ class Service:
             try:
                 image = load_image(uri.strip(), self.fetcher, self.embedder.prepare)
             except ImageError as exc:
+                self.observer.image_failed(exc)
                 raise ServiceError(exc.code if 400 <= exc.code < 600 else 400, exc.message) from exc
             queries = self._embed_queries([image])[0]
         min_cosine = self.embedder.cosine_for_score(floor)

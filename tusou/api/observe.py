@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tusou import __version__
 from tusou.config import Settings
 from tusou.images import CODES, ImageError
+from tusou.service import Observer
 
 access_log = logging.getLogger("tusou.access")
 log = logging.getLogger("tusou.api.observe")
@@ -173,64 +174,26 @@ class Metrics:
 # service.py has no observer interface; these wrap its pieces on the instance (never the class or module,
 # which other apps in the same process share). Each hook checks what it wraps and, if the service changed
 # shape, logs once and leaves that metric at zero rather than failing requests.
-_INSTRUMENTED = "_tusou_observed"
 
 
-def _timed_embed(
-    fn: Callable[[list[Any]], Any], metrics: Metrics, purpose: str
-) -> Callable[[list[Any]], Any]:
-    embedded = metrics.embedded.labels(purpose=purpose)
-    latency = metrics.embed_latency.labels(purpose=purpose)
+class MetricsObserver(Observer):
+    """The service's observer hook, feeding ``metrics``."""
 
-    def embed(items: list[Any]) -> Any:
-        start = time.perf_counter()
-        result = fn(items)
-        latency.observe(time.perf_counter() - start)
-        embedded.inc(len(items))
-        return result
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
 
-    return embed
+    def embedded(self, purpose: str, count: int, seconds: float) -> None:
+        self.metrics.embed_latency.labels(purpose=purpose).observe(seconds)
+        self.metrics.embedded.labels(purpose=purpose).inc(count)
+
+    def image_failed(self, error: ImageError) -> None:
+        self.metrics.count_image_error(error)
 
 
 def instrument_service(service: Any, metrics: Metrics) -> None:
     """Count embeddings and per-image errors of ``service`` into ``metrics`` (idempotent)."""
-    if service is None or getattr(service, _INSTRUMENTED, False):
-        return
-    setattr(service, _INSTRUMENTED, True)
-    # The Batchers' model call: model time per real batch, not queue wait.
-    for attr, purpose in (("_embed_images", "index"), ("_embed_queries", "query")):
-        batcher = getattr(service, attr, None)
-        fn = getattr(batcher, "_fn", None)
-        if callable(fn):
-            batcher._fn = _timed_embed(fn, metrics, purpose)  # type: ignore[union-attr]
-        else:
-            log.warning("metrics: service has no %s batcher; embedding metrics for %s stay 0", attr, purpose)
-    # new/add: per-image load failures come back from _load_all as ImageError values (errors[] entries).
-    load_all = getattr(service, "_load_all", None)
-    if callable(load_all):
-
-        def counted_load_all(uris: list[str | None]) -> list[Any]:
-            loaded = load_all(uris)
-            for item in loaded:
-                if isinstance(item, ImageError):
-                    metrics.count_image_error(item)
-            return loaded
-
-        service._load_all = counted_load_all
-    else:
-        log.warning("metrics: service has no _load_all; image errors of new/add are not counted")
-    # search: a query image that fails is raised as ServiceError from the ImageError.
-    search = service.search
-
-    def counted_search(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return search(*args, **kwargs)
-        except Exception as exc:
-            if isinstance(exc.__cause__, ImageError):
-                metrics.count_image_error(exc.__cause__)
-            raise
-
-    service.search = counted_search
+    if service is not None and not isinstance(service.observer, MetricsObserver):
+        service.observer = MetricsObserver(metrics)
 
 
 # --- middleware ----------------------------------------------------------------------------------------
