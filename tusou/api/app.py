@@ -379,6 +379,18 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
             extra["by_id"] = (data.get("group"), data.get("id"))
         return data.get("uri"), params, extra
 
+    async def run_search(request: Request, tenant: str, groups: list[str] | None) -> list[dict[str, Any]]:
+        """Both searches: the multi-group one names its groups in params, the legacy one in its path."""
+        uri, params, extra = search_args(await body_of(request))
+        return await run_heavy(
+            partial(svc(request).search, **extra),
+            tenant,
+            params.get("groups") if groups is None else groups,
+            uri,
+            params.get("limit"),
+            params.get("threshold"),
+        )
+
     @app.post(
         "/v1/image/group/{group_id}/update",
         summary="Change an image's label and/or desc (tusou extension)",
@@ -410,15 +422,7 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
         openapi_extra=body_doc(schemas.SearchRequest),
     )
     async def search(request: Request, tenant: str = Depends(authenticate)) -> JSONResponse:
-        uri, params, extra = search_args(await body_of(request))
-        hits = await run_heavy(
-            partial(svc(request).search, **extra),
-            tenant,
-            params.get("groups"),
-            uri,
-            params.get("limit"),
-            params.get("threshold"),
-        )
+        hits = await run_search(request, tenant, None)
         return JSONResponse({"code": 0, "message": "", "result": hits})
 
     @app.post(
@@ -434,15 +438,7 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
     async def legacy_search(
         group_id: str, request: Request, tenant: str = Depends(authenticate)
     ) -> JSONResponse:
-        uri, params, extra = search_args(await body_of(request))
-        hits = await run_heavy(
-            partial(svc(request).search, **extra),
-            tenant,
-            [group_id],
-            uri,
-            params.get("limit"),
-            params.get("threshold"),
-        )
+        hits = await run_search(request, tenant, [group_id])
         for hit in hits:
             hit.pop("group", None)
         return JSONResponse({"code": 0, "message": "", "result": hits})
