@@ -51,13 +51,16 @@ ANN_MAX_LIMIT = 1000
 # Candidates whose int8 cosine is within this of the threshold are re-checked in float32. The int8
 # error measured on real embeddings is < 0.005 (docs/index.md); 0.02 leaves a wide margin.
 SCREEN_MARGIN = 0.02
-# Rows asked of the first full scan, and of the first one when many rows are expected to pass. A scan's
-# cost hardly depends on these up to ~16k rows (int8 scan ~100-250 ms at 500k on 2 cores); beyond that
-# usearch's sorting dominates, so the scan widens by steps only while its last row still passes.
-SCAN_FIRST = 256
+# Rows asked of the first full scan, and of the first one when many rows are expected to pass. At 500k x
+# 1280 (4 views, 2 cores) usearch's exact search costs ~63 ms for up to ~1k rows per view, 77 ms for 4k,
+# 98 ms for 8k and 152 ms for 16k (its sorted top-k grows, not the scan), so the scan widens by steps
+# only while its last row still passes.
+SCAN_FIRST = 1024
+SCAN_LONG = 4096
+# Rows of the graph probe that chooses between the two.
+SCAN_PROBE = 256
 # A graph answer with at least this many rows above the threshold is replaced by an exact scan (limit > 1).
 DENSE_MATCHES = 8
-SCAN_LONG = 16_384
 CONNECTIVITY = 16
 EXPANSION_ADD = 128
 # The graph's search breadth for small limits; recall@10 vs exact f32 >= 0.99 at 500k (bench/scale.py).
@@ -246,11 +249,12 @@ class VectorIndex:
         want = n if limit < 0 else min(n, limit + max(32, limit // 8))
         count = min(want, SCAN_FIRST)
         if count < want:
-            # A graph search (a few ms) predicts whether a few hundred rows will do. When most of its
-            # candidates pass, a short first scan would only be thrown away: start with a long one. The
-            # answer stays exact either way; only the number of scans changes.
-            _, probe = self._best_over_views(self._index.search(codes, count, threads=1))
-            if np.count_nonzero(probe >= floor) >= count // 2:
+            # A graph search (a few ms) predicts whether the first scan's rows will do. When most of its
+            # candidates pass, that scan would only be thrown away: start with a longer one. The answer
+            # stays exact either way; only the number of scans changes.
+            probe_count = min(want, SCAN_PROBE)
+            _, probe = self._best_over_views(self._index.search(codes, probe_count, threads=1))
+            if np.count_nonzero(probe >= floor) >= probe_count // 2:
                 count = min(want, SCAN_LONG)
         while True:
             matches = self._index.search(codes, count, exact=True, threads=self.threads)
@@ -261,7 +265,7 @@ class VectorIndex:
             last_cos = 1.0 - dist[np.arange(len(counts)), np.maximum(counts - 1, 0)]
             if (counts < count).all() or last_cos.max() < floor:
                 break
-            count = min(want, count * 8)
+            count = min(want, count * 4)
         return self._best_over_views(matches)
 
     @staticmethod
