@@ -57,7 +57,7 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
     keys = _keys(settings)
     if keys.active_count() == 0:
         key = keys.create("default")
-        click.echo("Created a first access key (keep the secret safe; `tusou keys list` shows it again):")
+        click.echo("Created a first access key (keep the secret; `tusou keys list --show-secrets` shows it):")
         click.echo(json.dumps({"access_key": key.access_key, "secret_key": key.secret_key}))
     click.echo(f"tusou serving {settings.data.resolve()} on http://{settings.host}:{settings.port}", err=True)
     app = create_app(settings, keys=keys)
