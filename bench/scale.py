@@ -459,18 +459,22 @@ def run(args: argparse.Namespace, data: Path) -> None:
     print_table(report)
 
 
-def print_table(r: dict) -> None:
-    if r.get("store") == "milvus":
-        print_milvus_table(r)
-        return
-    print(f"\n## scale: {r['n']:,} images in one group, {os.cpu_count()} cores\n")
-    print("| measure | value |\n|---|---|")
+def print_search_rows(r: dict) -> None:
     for limit in (1, 100, 10_000, -1):
         p50, p99, returned = r[f"search_limit_{limit}"]
         print(
             f"| search limit={limit} p50 / p99 (HTTP, query embedding included) | "
             f"{p50:.0f} / {p99:.0f} ms ({returned:.0f} hits) |"
         )
+
+
+def print_table(r: dict) -> None:
+    if r.get("store") == "milvus":
+        print_milvus_table(r)
+        return
+    print(f"\n## scale: {r['n']:,} images in one group, {os.cpu_count()} cores\n")
+    print("| measure | value |\n|---|---|")
+    print_search_rows(r)
     if "ann_recall" in r:
         for name, (r1, r10, ms) in r["ann_recall"].items():
             print(
@@ -505,12 +509,7 @@ def print_milvus_table(r: dict) -> None:
         f"{os.cpu_count()} cores\n"
     )
     print("| measure | value |\n|---|---|")
-    for limit in (1, 100, 10_000, -1):
-        p50, p99, returned = r[f"search_limit_{limit}"]
-        print(
-            f"| search limit={limit} p50 / p99 (HTTP, query embedding included) | "
-            f"{p50:.0f} / {p99:.0f} ms ({returned:.0f} hits) |"
-        )
+    print_search_rows(r)
     for consistency in ("Strong", "Bounded"):
         for limit in (1, 100):
             key = f"inproc_{consistency}_limit_{limit}"
