@@ -734,3 +734,14 @@ def test_error_table_documents_every_kind() -> None:
     text = DOCS.read_text(encoding="utf-8")
     rows = dict(re.findall(r"^\|\s*`(\w+)`\s*\|\s*(\d+)\s*\|", text, flags=re.M))
     assert {k: int(v) for k, v in rows.items()} == CODES
+
+
+def test_malformed_idna_hosts_are_a_bad_uri_not_a_crash() -> None:
+    # httpx decodes IDNA lazily; these raised idna's own ValueError past the fetcher (found in review).
+    from tusou.config import Settings as _Settings
+
+    with Fetcher(_Settings()) as fetcher:
+        for url in ("http://xn--ls8h.la/", "http://xn--zz-.com/a.jpg", "http://xn--/"):
+            with pytest.raises(ImageError) as err:
+                load_image(url, fetcher)
+            assert err.value.kind == "uri_invalid"

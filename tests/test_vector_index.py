@@ -186,3 +186,27 @@ def test_graph_recall_at_1280d_50k() -> None:
         assert hits / 1000 >= 0.99
     finally:
         DIM = saved
+
+
+def test_exact_scan_is_exact_when_many_rows_sit_just_under_the_threshold() -> None:
+    """3000 rows just below the threshold in float, one just above: int8 rounding ranks it ~100th, so a
+    scan cut by int8 rank alone returned nothing for limit 1 (found in review)."""
+    rng = np.random.default_rng(0)
+    dim, threshold = 1280, 0.80
+    query = unit(rng.standard_normal((1, dim)))[0]
+
+    def at_cosine(c: float) -> np.ndarray:
+        r = rng.standard_normal(dim)
+        r -= (r @ query) * query
+        return (c * query + np.sqrt(1 - c * c) * r / np.linalg.norm(r)).astype(np.float32)
+
+    cosines = np.r_[rng.uniform(threshold - 0.0015, threshold - 0.0001, 3000), [threshold + 0.0002]]
+    vectors = unit(np.stack([at_cosine(c) for c in cosines]))
+    table = Table()
+    index = VectorIndex(dim, table.fetch)
+    keys = np.arange(1, len(vectors) + 1)
+    table.rows.update(zip(keys.tolist(), vectors, strict=True))
+    index.add(keys, vectors)
+    for limit in (1, 5, 10, -1):
+        found, _ = index.search(query[None], limit, threshold)
+        assert found.tolist() == [len(vectors)], limit

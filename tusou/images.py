@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import logging
 import re
 import socket
 import threading
@@ -32,6 +33,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from tusou.config import Settings
+
+log = logging.getLogger(__name__)
 
 # --- limits (Qiniu's) --------------------------------------------------------------------------------
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
@@ -498,6 +501,12 @@ class Fetcher:
                 raise ImageError("fetch_error", "fetch failed: bad http response") from exc
             except httpx.HTTPError as exc:
                 raise ImageError("fetch_error", "fetch failed: connection error") from exc
+            except ImageError:
+                raise
+            except Exception as exc:
+                # Whatever else a hostile server manages to provoke stays one image's error, never a 500.
+                log.warning("unexpected fetch failure: %s", type(exc).__name__)
+                raise ImageError("fetch_error", "fetch failed: connection error") from exc
         finally:
             _local.deadline = None
             self._sem.release()
@@ -571,11 +580,13 @@ def _parse_http_url(url: str, *, redirect: bool = False) -> httpx.URL:
         raise ImageError("uri_invalid", f"invalid {where}: longer than {MAX_URL_CHARS} characters")
     try:
         parsed = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        # httpx decodes IDNA host names lazily: a malformed one (xn--zz-.com) fails here, not above.
+        host = parsed.host
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:  # idna.IDNAError is a ValueError
         raise ImageError("uri_invalid", f"invalid {where}: bad url") from exc
     if parsed.scheme not in ("http", "https"):
         raise ImageError("uri_invalid", f"invalid {where}: only http, https and data are supported")
-    if not parsed.host:
+    if not host:
         raise ImageError("uri_invalid", f"invalid {where}: no host")
     return parsed
 

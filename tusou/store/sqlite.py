@@ -183,9 +183,11 @@ class SQLiteStore(Store):
                 index = self._new_index()
                 missing = live
             else:
-                stale = np.setdiff1d(index.keys(), live[live <= index.last_seq], assume_unique=True)
-                index.remove(stale)
-                missing = live[live > index.last_seq]
+                held = index.keys()
+                index.remove(np.setdiff1d(held, live, assume_unique=True))
+                # Every live row the snapshot lacks, not only those past its last seq: a row committed but
+                # never indexed (the index add failed after the commit) is caught up here too.
+                missing = np.setdiff1d(live, held, assume_unique=True)
             for start in range(0, len(missing), _LOAD_CHUNK):
                 keys, vectors = self._fetch_vectors(missing[start : start + _LOAD_CHUNK], conn)
                 index.add(keys, vectors)

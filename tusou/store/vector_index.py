@@ -204,26 +204,44 @@ class VectorIndex:
         empty = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         if limit == 0:
             return empty
-        with self._lock.read():
-            n = len(self)
-            if n == 0:
-                return empty
-            auto = exact is None
-            if auto:
-                exact = n < self.exact_below or limit < 0 or limit > ANN_MAX_LIMIT
-            codes = quantize(queries)
-            floor = min_cosine - SCREEN_MARGIN
-            if exact:
-                keys, approx = self._scan(codes, n, limit, floor)
-            else:
-                # usearch widens its search breadth to ``count`` when that is larger.
-                count = min(n, max(32, 2 * limit))
-                keys, approx = self._best_over_views(self._index.search(codes, count, threads=1))
-                if auto and limit > 1 and np.count_nonzero(approx >= floor) >= DENSE_MATCHES:
-                    # Many rows pass the threshold around this query: a dense neighbourhood, where the
-                    # graph is known to skip some (bench/scale.py: 42 of 55 matches at limit=100). A
-                    # search that can return several matches then gets the exact scan's answer.
-                    keys, approx = self._scan(codes, n, limit, floor)
+        floor = min_cosine - SCREEN_MARGIN
+        codes = quantize(queries)
+        at_least = 0
+        while True:
+            # ``bound``: no row left out of the candidates has an int8 cosine above it (-inf: none left).
+            with self._lock.read():
+                n = len(self)
+                if n == 0:
+                    return empty
+                auto = exact is None
+                scan = exact if not auto else n < self.exact_below or limit < 0 or limit > ANN_MAX_LIMIT
+                if scan:
+                    keys, approx, bound, want = self._scan(codes, n, limit, floor, at_least)
+                else:
+                    # usearch widens its search breadth to ``count`` when that is larger.
+                    count = min(n, max(32, 2 * limit))
+                    keys, approx = self._best_over_views(self._index.search(codes, count, threads=1))
+                    bound, want = -np.inf, n  # the graph's answer is approximate by design
+                    if auto and limit > 1 and np.count_nonzero(approx >= floor) >= DENSE_MATCHES:
+                        # Many rows pass the threshold around this query: a dense neighbourhood, where the
+                        # graph is known to skip some (bench/scale.py: 42 of 55 matches at limit=100). A
+                        # search that can return several matches then gets the exact scan's answer.
+                        keys, approx, bound, want = self._scan(codes, n, limit, floor, at_least)
+            keys, cosines = self._rerank(keys, approx, queries, min_cosine, floor)
+            if limit >= 0:
+                keys, cosines = keys[:limit], cosines[:limit]
+            # A scan that stopped at ``want`` rows while still above the floor is exact only if no row it
+            # left out could beat the answer: their float cosines are below ``bound + SCREEN_MARGIN``
+            # (int8 error < margin), so they cannot enter once the limit-th answer is above that.
+            full = limit >= 0 and len(cosines) >= limit
+            if bound < floor or (full and cosines[-1] > bound + SCREEN_MARGIN) or want >= n:
+                return keys, cosines
+            at_least = want * 4
+
+    def _rerank(
+        self, keys: np.ndarray, approx: np.ndarray, queries: np.ndarray, min_cosine: float, floor: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates that pass ``min_cosine`` in float32, best first (ties in seq order)."""
         keep = approx >= floor
         keys, approx = keys[keep], approx[keep]
         if self.fetch is None:
@@ -234,19 +252,22 @@ class VectorIndex:
         passing = np.flatnonzero(cosines >= min_cosine)
         # Best first; equal cosines in seq (insertion) order so answers are repeatable.
         order = passing[np.lexsort((keys[passing], -cosines[passing]))]
-        if limit >= 0:
-            order = order[:limit]
         return keys[order], cosines[order].astype(np.float32)
 
-    def _scan(self, codes: np.ndarray, n: int, limit: int, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    def _scan(
+        self, codes: np.ndarray, n: int, limit: int, floor: float, at_least: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, float, int]:
         """Every row (int8) against the views: the rows that may pass ``floor``, up to what ``limit`` needs.
 
+        Returns the candidates (key, best int8 cosine), the bound above which no row was left out (-inf
+        when none was), and the number of rows per view asked for (``want``).
+
         usearch's brute force keeps a sorted top-``count`` per view, which costs far more than the scan
-        itself when ``count`` is in the thousands; with a real threshold few rows pass, so ask for a few
-        hundred first and widen only while the last row returned for some view still passes ``floor``.
+        itself when ``count`` is in the thousands; with a real threshold few rows pass, so ask for a
+        short list first and widen only while the last row returned for some view still passes ``floor``.
         """
         # A little more than ``limit`` so that the float re-rank can reorder the border.
-        want = n if limit < 0 else min(n, limit + max(32, limit // 8))
+        want = n if limit < 0 else min(n, max(at_least, limit + max(32, limit // 8)))
         count = min(want, SCAN_FIRST)
         if count < want:
             # A graph search (a few ms) predicts whether the first scan's rows will do. When most of its
@@ -257,36 +278,43 @@ class VectorIndex:
             if np.count_nonzero(probe >= floor) >= probe_count // 2:
                 count = min(want, SCAN_LONG)
         while True:
-            matches = self._index.search(codes, count, exact=True, threads=self.threads)
-            if count >= want:
-                break
-            dist = np.atleast_2d(np.asarray(matches.distances))
-            counts = np.atleast_1d(np.asarray(getattr(matches, "counts", [dist.shape[1]])))
-            last_cos = 1.0 - dist[np.arange(len(counts)), np.maximum(counts - 1, 0)]
-            if (counts < count).all() or last_cos.max() < floor:
-                break
+            rows = self._view_rows(self._index.search(codes, count, exact=True, threads=self.threads))
+            cut = [float(cos[-1]) for keys, cos in rows if len(keys) == count and count < n]
+            bound = max(cut) if cut else -np.inf
+            if count >= want or bound < floor:
+                return (*self._best_per_key(rows), bound, want)
             count = min(want, count * 4)
-        return self._best_over_views(matches)
 
     @staticmethod
-    def _best_over_views(matches: object) -> tuple[np.ndarray, np.ndarray]:
-        """Flatten (views x count) matches to one (key, best cosine) per row."""
+    def _view_rows(matches: object) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(keys, cosines) of each view's matches, best first."""
         keys = np.asarray(matches.keys)  # type: ignore[attr-defined]
         dist = np.asarray(matches.distances)  # type: ignore[attr-defined]
         if keys.ndim == 1:  # usearch answers one query with Matches, several with BatchMatches
-            keys, dist, counts = keys[None], dist[None], np.asarray([len(keys)])
-        else:
-            counts = np.asarray(matches.counts)  # type: ignore[attr-defined]
-        valid = np.arange(keys.shape[1])[None, :] < counts[:, None]
-        flat_keys = keys[valid].astype(np.int64)
-        flat_cos = 1.0 - dist[valid].astype(np.float32)
-        if keys.shape[0] > 1 and len(flat_keys):
+            return [(keys.astype(np.int64), 1.0 - dist.astype(np.float32))]
+        counts = np.asarray(matches.counts)  # type: ignore[attr-defined]
+        return [
+            (keys[v, :c].astype(np.int64), 1.0 - dist[v, :c].astype(np.float32)) for v, c in enumerate(counts)
+        ]
+
+    @staticmethod
+    def _best_per_key(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """One (key, best cosine over views) per row found by any view."""
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        flat_keys = np.concatenate([k for k, _ in rows])
+        flat_cos = np.concatenate([c for _, c in rows])
+        if len(rows) > 1 and len(flat_keys):
             order = np.lexsort((-flat_cos, flat_keys))
             flat_keys, flat_cos = flat_keys[order], flat_cos[order]
             first = np.ones(len(flat_keys), dtype=bool)
             first[1:] = flat_keys[1:] != flat_keys[:-1]
             flat_keys, flat_cos = flat_keys[first], flat_cos[first]
         return flat_keys, flat_cos
+
+    def _best_over_views(self, matches: object) -> tuple[np.ndarray, np.ndarray]:
+        """Flatten (views x count) matches to one (key, best cosine) per row."""
+        return self._best_per_key(self._view_rows(matches))
 
     # --- snapshots ---------------------------------------------------------------------------------
     def save(self, folder: Path, name: str) -> int | None:
