@@ -288,9 +288,12 @@ class MilvusStore(Store):
             rows += self._query(self.images, flt, list({"seq", "tenant", "grp", "image_id", *fields}))
         return [r for r in rows if r["tenant"] == tenant and r["grp"] == group and r["image_id"] in wanted]
 
-    def _delete_seqs(self, collection: str, seqs: Sequence[int]) -> None:
+    def _delete_seqs(self, collection: str, seqs: Sequence[int], gkey: str | None = None) -> None:
+        # Scoped to the group where one is named: sequence numbers are unique per process tag, and two
+        # processes that drew the same tag must not be able to delete each other's rows in other groups.
+        scope = f'gkey == "{gkey}" and ' if gkey else ""
         for start in range(0, len(seqs), _IN_CHUNK):
-            self.client.delete(collection, filter=_in("seq", list(seqs[start : start + _IN_CHUNK])))
+            self.client.delete(collection, filter=scope + _in("seq", list(seqs[start : start + _IN_CHUNK])))
 
     # --- groups --------------------------------------------------------------------------------------
     def create_group(self, tenant: str, group: str, images: Sequence[NewImage]) -> list[ItemError | None]:
@@ -382,12 +385,12 @@ class MilvusStore(Store):
         found = self._rows_by_ids(tenant, group, list(mine), [])
         if registry.result() != group_seq:
             # Removed (or removed and recreated) while we wrote: these rows belong to no group.
-            self._delete_seqs(self.images, list(mine.values()))
+            self._delete_seqs(self.images, list(mine.values()), _key(tenant, group))
             raise GroupNotFound(group)
         lost = {r["image_id"] for r in found if r["seq"] != mine[r["image_id"]]}
         if not lost:
             return
-        self._delete_seqs(self.images, [mine[i] for i in lost])
+        self._delete_seqs(self.images, [mine[i] for i in lost], _key(tenant, group))
         for i, image in enumerate(images):
             if results[i] is None and image.id in lost:
                 results[i] = ItemError(400, "id already exists")
@@ -408,7 +411,7 @@ class MilvusStore(Store):
     def delete_images(self, tenant: str, group: str, ids: Sequence[str]) -> int:
         with self._write_lock:
             rows = self._with_group(tenant, group, lambda: self._rows_by_ids(tenant, group, ids, []))
-            self._delete_seqs(self.images, [r["seq"] for r in rows])
+            self._delete_seqs(self.images, [r["seq"] for r in rows], _key(tenant, group))
         return len({r["image_id"] for r in rows})
 
     # --- reads ---------------------------------------------------------------------------------------
@@ -473,7 +476,7 @@ class MilvusStore(Store):
             # Delete then insert under the same primary key (so the listing position stays): Milvus
             # 2.3's own upsert lost the row on a partition-key collection (tests/test_store_contract.py).
             # Not atomic: a process killed between the two calls loses this image (docs/scale.md).
-            self._delete_seqs(self.images, [row["seq"]])
+            self._delete_seqs(self.images, [row["seq"]], row["gkey"])
             self.client.insert(self.images, [row])
         return ImageInfo(row["image_id"], row["label"], _load_desc(row["desc"]), row["uri"] or None)
 
