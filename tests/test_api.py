@@ -329,3 +329,35 @@ def test_extensions_update_search_by_id_and_label_filter(
     assert [h["id"] for h in client.post("/v1/image/groups/search", query).json()["result"]] == ["a"]
     query["params"]["labels"] = [1]
     assert client.post("/v1/image/groups/search", query).status_code == 406
+
+
+def test_review_inputs_get_qiniu_errors_not_500(client: QiniuClient, photos: list[Image.Image]) -> None:
+    client.post("/v1/image/group/r/new", {"data": []})
+    uri = body_uri(photos[0])
+    huge = client.session.post(
+        client.base + "/v1/image/groups/search",
+        data=(
+            json.dumps({"data": {"uri": uri}, "params": {"groups": ["r"], "limit": 0}}).replace(
+                '"limit": 0', '"limit": 1' + "0" * 400
+            )
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+        auth=client.auth,
+    )
+    assert huge.status_code == 406 and huge.json() == {"error": "invalid limit"} and huge.headers["X-Reqid"]
+    lone = client.session.post(
+        client.base + "/v1/image/group/r/add",
+        data=b'{"data": [{"uri": "x", "attribute": {"label": "\\ud800"}}]}',
+        headers={"Content-Type": "application/json"},
+        auth=client.auth,
+    )
+    assert lone.status_code == 400 and lone.json() == {"error": "invalid body"}
+    # desc is measured as stored (compact JSON; a string by its own bytes): 4096 bytes fit, 4097 do not.
+    ok = client.post("/v1/image/group/r/add", {"data": [entry(photos[0], "d1", desc="x" * 4096)]}).json()
+    assert ok["errors"] == [None]
+    compact = {"k": ["v" * 10] * 300}  # 3907 bytes compact, 4207 with json.dumps' default spaces
+    assert client.post("/v1/image/group/r/add", {"data": [entry(photos[1], "d2", desc=compact)]}).json()[
+        "errors"
+    ] == [None]
+    over = client.post("/v1/image/group/r/add", {"data": [entry(photos[2], "d3", desc="x" * 4097)]}).json()
+    assert over["errors"] == [{"code": 406, "message": "desc too long"}]

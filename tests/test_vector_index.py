@@ -210,3 +210,28 @@ def test_exact_scan_is_exact_when_many_rows_sit_just_under_the_threshold() -> No
     for limit in (1, 5, 10, -1):
         found, _ = index.search(query[None], limit, threshold)
         assert found.tolist() == [len(vectors)], limit
+
+
+def test_adds_are_not_starved_by_a_stream_of_searches() -> None:
+    """Liveness, not speed: with searches running back to back, an add still gets the write lock."""
+    import threading
+
+    index, _, vectors = filled(2000)
+    stop = threading.Event()
+
+    def search_forever() -> None:
+        while not stop.is_set():
+            index.search(vectors[:1], 10, 0.0)
+
+    threads = [threading.Thread(target=search_forever) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        added = threading.Thread(target=index.add, args=(np.asarray([10_001]), vectors[:1]))
+        added.start()
+        added.join(timeout=30)
+        assert not added.is_alive()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()

@@ -74,6 +74,13 @@ def check_group_id(group: str) -> str:
     return group
 
 
+def _desc_bytes(desc: Any) -> int:
+    """Size of a desc as stored (compact JSON); a plain string counts its own bytes, not the quotes."""
+    if isinstance(desc, str):
+        return len(desc.encode())
+    return len(json.dumps(desc, ensure_ascii=False, separators=(",", ":")).encode())
+
+
 def _item_error(code: int, message: str) -> dict[str, Any]:
     return {"code": code, "message": message}
 
@@ -168,7 +175,7 @@ class Service:
             return _item_error(400, "invalid label")
         desc = attribute.get("desc")
         if desc is not None:
-            if len(json.dumps(desc, ensure_ascii=False).encode()) > self.settings.desc_max_bytes:
+            if _desc_bytes(desc) > self.settings.desc_max_bytes:
                 return _item_error(406, "desc too long")
         return _Item(image_id, label, desc, uri.strip())
 
@@ -323,9 +330,10 @@ class Service:
             raise ServiceError(406, "invalid limit")
         try:
             value = int(float(limit)) if isinstance(limit, str) else int(limit)
-        except (ValueError, OverflowError) as exc:
+            whole = value == float(limit)
+        except (ValueError, OverflowError) as exc:  # 1e999, or an int too large for a float
             raise ServiceError(406, "invalid limit") from exc
-        if value != float(limit) or value < -1 or value > self.settings.search_max_limit:
+        if not whole or value < -1 or value > self.settings.search_max_limit:
             raise ServiceError(406, "invalid limit")
         if value == 0:
             return 1
@@ -351,7 +359,7 @@ class Service:
         if label is not None and (not isinstance(label, str) or len(label) > LABEL_MAX_CHARS):
             raise ServiceError(400, "invalid label")
         if desc is not KEEP and desc is not None:
-            if len(json.dumps(desc, ensure_ascii=False).encode()) > self.settings.desc_max_bytes:
+            if _desc_bytes(desc) > self.settings.desc_max_bytes:
                 raise ServiceError(406, "desc too long")
         return self._call(
             lambda: self.store.update_image(tenant, check_group_id(group), image_id, label=label, desc=desc)

@@ -10,6 +10,7 @@ import ast
 import json
 import logging
 import math
+import re
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,6 +39,8 @@ from tusou.store.keys import KeyStore
 log = logging.getLogger("tusou.api")
 
 JSON_TYPES = ("application/json", "text/json")
+# Largest form value read as a Python literal (the SDK's str(dict) form encoding of nested values).
+FORM_LITERAL_MAX = 64 * 1024
 FORM_TYPE = "application/x-www-form-urlencoded"
 
 
@@ -98,6 +101,8 @@ def _form_value(value: str) -> Any:
         try:
             return _loads(value)
         except (ValueError, RecursionError):
+            if len(value) > FORM_LITERAL_MAX:
+                return value  # literal_eval is slow and memory-hungry on big input: never on untrusted bulk
             try:
                 parsed = ast.literal_eval(value)
                 json.dumps(parsed, allow_nan=False)  # only what JSON could have carried
@@ -120,8 +125,16 @@ def _finite_float(text: str) -> float:
 
 
 def _loads(text: str | bytes) -> Any:
-    """Strict JSON: no NaN, no Infinity, no float that overflows."""
-    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    """Strict JSON: no NaN, no Infinity, no float that overflows, no unpaired surrogate."""
+    value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    if re.search(rb"\\u[dD][89a-fA-F]", raw):  # only pay for the check when surrogate escapes appear
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            # "\ud800" alone parses to a str that no UTF-8 database or response can hold.
+            raise ValueError("unpaired surrogate") from None
+    return value
 
 
 def parse_body(content_type: str, body: bytes) -> dict[str, Any]:
@@ -214,7 +227,9 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal error")
+        # This handler runs outside RequestIdMiddleware (Starlette's ServerErrorMiddleware): add the id here.
+        reqid = request.scope.get("state", {}).get("reqid") or secrets.token_urlsafe(12)
+        return JSONResponse({"error": "internal error"}, status_code=500, headers={"X-Reqid": reqid})
 
     limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     heavy: list[anyio.CapacityLimiter] = []  # made on first use, inside the event loop
@@ -247,7 +262,10 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
         return access_key
 
     async def body_of(request: Request) -> dict[str, Any]:
-        return parse_body(request.headers.get("content-type", ""), await request.body())
+        # Off the event loop: a large body takes real CPU to parse, and other tenants must not wait.
+        return await run_in_threadpool(
+            parse_body, request.headers.get("content-type", ""), await request.body()
+        )
 
     def svc(request: Request) -> Service:
         return request.app.state.service

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS groups (
-    gid INTEGER PRIMARY KEY,
+    gid INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: a removed group's id never names another
     tenant TEXT NOT NULL,
     name TEXT NOT NULL,
     created REAL NOT NULL,
@@ -107,11 +107,15 @@ class SQLiteStore(Store):
         new_file = not self.path.exists()
         self._write_lock = threading.Lock()
         self._local = threading.local()
-        self._writer = self._connect()
         if new_file:
-            # Must precede the first table; lets deletes hand pages back to the file system.
-            self._writer.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            # Must precede the journal mode and the first table (either fixes the file's layout); lets
+            # deletes hand pages back to the file system.
+            fresh = sqlite3.connect(self.path)
+            fresh.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            fresh.execute("VACUUM")
+            fresh.close()
             os.chmod(self.path, 0o600)
+        self._writer = self._connect()
         self._writer.executescript(SCHEMA)
         self._check_model(model_id)
         self._gids: dict[tuple[str, str], int] = {}
@@ -145,10 +149,12 @@ class SQLiteStore(Store):
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # Also after a failed COMMIT: a transaction left open would refuse every later BEGIN.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def _check_model(self, model_id: str) -> None:
         row = self._writer.execute("SELECT value FROM meta WHERE key='model_id'").fetchone()
@@ -261,6 +267,13 @@ class SQLiteStore(Store):
             raise GroupNotFound(group)
         return gid
 
+    def _index_of(self, tenant: str, group: str) -> VectorIndex:
+        # One lookup that a concurrent remove_group cannot split into a KeyError.
+        index = self._indexes.get(self._gid(tenant, group))
+        if index is None:
+            raise GroupNotFound(group)
+        return index
+
     def create_group(self, tenant: str, group: str, images: Sequence[NewImage]) -> list[ItemError | None]:
         with self._write_lock:
             if (tenant, group) in self._gids:
@@ -367,7 +380,7 @@ class SQLiteStore(Store):
         return [row[0] for row in rows]
 
     def count(self, tenant: str, group: str) -> int:
-        return len(self._indexes[self._gid(tenant, group)])
+        return len(self._index_of(tenant, group))
 
     def list_images(self, tenant: str, group: str, marker: str, limit: int) -> tuple[list[ImageInfo], str]:
         after = decode_marker(marker)
@@ -438,7 +451,7 @@ class SQLiteStore(Store):
     ) -> list[Hit]:
         found: list[tuple[float, int, str]] = []
         for group in groups:
-            keys, cosines = self._indexes[self._gid(tenant, group)].search(queries, limit, min_cosine)
+            keys, cosines = self._index_of(tenant, group).search(queries, limit, min_cosine)
             found += [(float(c), int(k), group) for k, c in zip(keys, cosines, strict=True)]
         found.sort(key=lambda hit: (-hit[0], hit[1]))
         if limit >= 0:

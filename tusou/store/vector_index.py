@@ -86,11 +86,14 @@ class _RWLock:
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
+        # Writers waiting: new readers hold back for them, or a steady stream of searches would keep an
+        # add or delete (and the store's write lock behind it) waiting forever. No path nests reads.
+        self._waiting = 0
 
     @contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
-            while self._writer:
+            while self._writer or self._waiting:
                 self._cond.wait()
             self._readers += 1
         try:
@@ -104,8 +107,12 @@ class _RWLock:
     @contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
+            self._waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
             self._writer = True
         try:
             yield
