@@ -361,3 +361,17 @@ def test_review_inputs_get_qiniu_errors_not_500(client: QiniuClient, photos: lis
     ] == [None]
     over = client.post("/v1/image/group/r/add", {"data": [entry(photos[2], "d3", desc="x" * 4097)]}).json()
     assert over["errors"] == [{"code": 406, "message": "desc too long"}]
+
+
+def test_unknown_keys_are_refused_before_the_body_is_read(tusou: Tusou) -> None:
+    import requests
+
+    stranger = QiniuClient(tusou.server.url, "no-such-key", "whatever")
+    # A declared body over the limit: a known key gets 413 after its signature... an unknown one never
+    # gets that far, so the server reads nothing of it.
+    headers = {"Content-Type": "application/json", "Content-Length": str(tusou.settings.max_body_bytes + 1)}
+    req = requests.Request("POST", tusou.server.url + "/v1/image/group/g/new", headers=headers, data=b"{}")
+    prepared = stranger.auth(req.prepare())
+    prepared.headers["Content-Length"] = str(tusou.settings.max_body_bytes + 1)
+    resp = stranger.session.send(prepared, timeout=10)
+    assert resp.status_code == 401 and resp.json() == {"error": "bad token"}

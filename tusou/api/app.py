@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tusou import __version__
 from tusou.api import schemas
-from tusou.api.auth import AuthError, SignedRequest, verify
+from tusou.api.auth import BAD_TOKEN, AuthError, SignedRequest, claimed_access_key, verify
 from tusou.api.limits import TOO_MANY_REQUESTS, RateLimiter
 from tusou.api.observe import install as install_observability
 from tusou.config import Settings
@@ -243,6 +243,11 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
         return await anyio.to_thread.run_sync(fn, *args, limiter=heavy[0])
 
     async def authenticate(request: Request) -> str:
+        keys: KeyStore = request.app.state.keys
+        # An unknown or malformed key is refused before the body is read: strangers cannot make the
+        # server buffer up to max_body_bytes per connection.
+        if keys.secret_for(claimed_access_key(request.headers.get("authorization"))) is None:
+            raise AuthError(401, BAD_TOKEN)
         body = await read_body(request, settings.max_body_bytes)
         raw_path = request.scope.get("raw_path") or request.url.path.encode()
         signed = SignedRequest(
@@ -252,7 +257,6 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
             headers=dict(request.headers),
             body=body,
         )
-        keys: KeyStore = request.app.state.keys
         access_key = verify(
             signed, keys.secret_for, public_host=settings.public_host, max_skew_s=settings.max_date_skew_s
         )

@@ -287,6 +287,14 @@ def _parse_authorization(value: str | None) -> tuple[str, str, str]:
     return scheme, ak, sign
 
 
+def claimed_access_key(authorization: str | None) -> str:
+    """The access key an Authorization header claims (not yet verified); AuthError 401 if malformed.
+
+    Lets the HTTP layer refuse an unknown key before it reads (and buffers) the request body.
+    """
+    return _parse_authorization(authorization)[1]
+
+
 def _check_date(value: str, now: datetime | None, max_skew_s: int) -> None:
     # A malformed date answers 403, not 401: this runs only after the signature matched, so the keys are
     # right and a 401 would send the client hunting for a credential problem it does not have. Qiniu
