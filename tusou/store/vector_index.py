@@ -15,9 +15,9 @@ Why this shape (numbers from ``bench/scale.py`` and docs/index.md, 500k x 1280-d
 Search paths: small groups, large limits and "every match" scan all rows (exact, int8 then float32 on
 the survivors); otherwise the graph proposes candidates (approximate, recall measured >= 0.99).
 
-Snapshots: ``save`` writes ``<name>.<seq>.usearch`` beside the previous one (temp file, fsync, rename)
-and then a ``.json`` with its size and CRC; ``load`` takes the newest snapshot whose JSON and CRC check
-out. The owner replays rows with seq > the snapshot's seq from the record of truth.
+Snapshots: ``save`` writes ``<name>.<seq>.<generation>.usearch`` beside the previous one (temp file,
+fsync, rename) and then a ``.json`` with its size and CRC; ``load`` takes the newest snapshot whose JSON
+and CRC check out. The owner replays the live rows the snapshot lacks from the record of truth.
 """
 
 from __future__ import annotations
@@ -335,14 +335,17 @@ class VectorIndex:
             if not self.dirty:
                 return None
             seq, count, dirty = self.last_seq, len(self), self.dirty
-            tmp = folder / f"{name}.{seq}.usearch.tmp"
+            # A generation in the name as well: after deletes alone the seq is unchanged, and replacing
+            # the live file under its old name would leave no valid snapshot until the new JSON lands.
+            stem = f"{name}.{seq}.{time.time_ns()}"
+            tmp = folder / f"{stem}.usearch.tmp"
             self._index.save(str(tmp))
             # No writer can run while we hold the read lock, so nothing changed since ``dirty``.
             self.dirty = 0
         try:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            final = folder / f"{name}.{seq}.usearch"
+            final = folder / f"{stem}.usearch"
             os.replace(tmp, final)
             meta = {
                 "format": SNAPSHOT_FORMAT,
@@ -352,12 +355,12 @@ class VectorIndex:
                 "size": final.stat().st_size,
                 "crc32": _crc32(final),
             }
-            meta_tmp = folder / f"{name}.{seq}.json.tmp"
+            meta_tmp = folder / f"{stem}.json.tmp"
             with open(meta_tmp, "w") as f:
                 json.dump(meta, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(meta_tmp, folder / f"{name}.{seq}.json")
+            os.replace(meta_tmp, folder / f"{stem}.json")
             _fsync_dir(folder)
         except BaseException:
             with self._lock.write():
@@ -366,21 +369,22 @@ class VectorIndex:
             raise
         # Only now, with the new snapshot durable, may older ones go.
         for old in snapshot_files(folder, name):
-            if not old.name.startswith(f"{name}.{seq}."):
+            if not old.name.startswith(f"{stem}."):
                 old.unlink(missing_ok=True)
         return seq
 
     @classmethod
     def load(cls, folder: Path, name: str, dim: int, fetch: Fetch | None = None) -> VectorIndex | None:
         """The newest valid snapshot of ``name`` in ``folder``, or None when there is none."""
-        metas: list[tuple[int, Path]] = []
+        metas: list[tuple[int, int, Path]] = []
         for path in folder.glob(f"{name}.*.json"):
             try:
-                metas.append((int(path.name[len(name) + 1 : -len(".json")]), path))
+                seq_text, gen_text = path.name[len(name) + 1 : -len(".json")].split(".")
+                metas.append((int(seq_text), int(gen_text), path))
             except ValueError:
                 continue
-        for seq, meta_path in sorted(metas, reverse=True):
-            data = folder / f"{name}.{seq}.usearch"
+        for seq, gen, meta_path in sorted(metas, reverse=True):
+            data = folder / f"{name}.{seq}.{gen}.usearch"
             try:
                 meta = json.loads(meta_path.read_text())
                 if meta.get("format") != SNAPSHOT_FORMAT or meta["dim"] != dim or meta["seq"] != seq:
