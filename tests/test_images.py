@@ -745,3 +745,30 @@ def test_malformed_idna_hosts_are_a_bad_uri_not_a_crash() -> None:
             with pytest.raises(ImageError) as err:
                 load_image(url, fetcher)
             assert err.value.kind == "uri_invalid"
+
+
+def test_a_hanging_name_lookup_ends_at_the_fetch_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import threading
+    import time as _time
+
+    from tusou.config import Settings as _Settings
+
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def slow(host: str, *args: object, **kwargs: object) -> object:
+        if host == "slow-dns.example":
+            release.wait(10)  # an authoritative server that never answers
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    try:
+        with Fetcher(_Settings(fetch_timeout_s=0.5, fetch_connect_timeout_s=0.5)) as fetcher:
+            started = _time.monotonic()
+            with pytest.raises(ImageError) as err:
+                load_image("http://slow-dns.example/a.jpg", fetcher)
+            assert err.value.kind == "fetch_timeout"
+            assert _time.monotonic() - started < 5  # not the resolver's own 10 s
+    finally:
+        release.set()

@@ -23,6 +23,8 @@ import time
 import urllib.parse
 import zlib
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from io import BytesIO
 from typing import Any
@@ -283,6 +285,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 # server trickling a byte per second never trips a 10 s read timeout); our network streams read this and
 # shrink every socket timeout to what is left, so the whole fetch ends at fetch_timeout_s.
 _local = threading.local()
+# Name lookups run here so that a fetch can stop waiting for one at its deadline (see _Guard.resolve).
+_DNS_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tusou-dns")
 
 
 def _bounded(timeout: float | None, exc: type[Exception]) -> float | None:
@@ -349,8 +353,17 @@ class _Guard:
     def resolve(self, host: str, port: int) -> list[str]:
         """Addresses of ``host`` that passed the guard, in resolver order. Raises ImageError."""
         name = host.strip("[]").lower().rstrip(".")
+        # getaddrinfo has no timeout of its own (a slow authoritative server holds it 10-30 s): run it
+        # aside and wait only for what is left of the fetch's deadline.
+        deadline: float | None = getattr(_local, "deadline", None)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        lookup = _DNS_POOL.submit(
+            socket.getaddrinfo, name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
         try:
-            infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+            infos = lookup.result(timeout=left)
+        except FutureTimeout as exc:
+            raise ImageError("fetch_timeout", f"fetch failed: timeout resolving host {name}") from exc
         except (OSError, UnicodeError) as exc:
             raise ImageError("fetch_error", f"fetch failed: cannot resolve host {name}") from exc
         addrs: list[str] = []
