@@ -102,6 +102,8 @@ def test_delete_images(client: QiniuClient, photos: list[Image.Image]) -> None:
     assert resp.status_code == 200 and resp.json() == {}
     assert [r["id"] for r in client.get("/v1/image/group/d").json()["result"]] == ["1"]
     assert client.get("/v1/image/group/d/info").json() == {"count": 1}
+    bad = client.post("/v1/image/group/d/delete", {"images": [True]})
+    assert bad.status_code == 400 and bad.json() == {"error": "invalid images"}
 
 
 def test_search_finds_near_duplicates_with_scores(

@@ -74,6 +74,10 @@ def check_group_id(group: str) -> str:
     return group
 
 
+def _is_id_like(value: Any) -> bool:
+    return isinstance(value, str | int) and not isinstance(value, bool)
+
+
 def _desc_bytes(desc: Any) -> int:
     """Size of a desc as stored (compact JSON); a plain string counts its own bytes, not the quotes."""
     if isinstance(desc, str):
@@ -228,7 +232,8 @@ class Service:
 
     def delete_images(self, tenant: str, group: str, ids: Any) -> int:
         check_group_id(group)
-        if not isinstance(ids, list) or not all(isinstance(i, str | int) for i in ids):
+        # bool is an int to Python; true is not an image id.
+        if not isinstance(ids, list) or not all(_is_id_like(i) for i in ids):
             raise ServiceError(400, "invalid images")
         return self._call(self.store.delete_images, tenant, group, [str(i) for i in ids])
 
