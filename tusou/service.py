@@ -74,8 +74,26 @@ def check_group_id(group: str) -> str:
     return group
 
 
-def _is_id_like(value: Any) -> bool:
-    return isinstance(value, str | int) and not isinstance(value, bool)
+def _id_text(value: Any) -> str | None:
+    """An image id as its string, or None if it is no id at all.
+
+    Clients often send numeric ids and Qiniu echoed them as strings; bool is an int to Python, but true
+    is not an id.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value if isinstance(value, str) else None
+
+
+def _required_id(value: Any) -> str:
+    text = _id_text(value)
+    if not text:
+        raise ServiceError(400, "invalid id")
+    return text
+
+
+def _label_ok(label: Any) -> bool:
+    return isinstance(label, str) and len(label) <= LABEL_MAX_CHARS
 
 
 def _desc_bytes(desc: Any) -> int:
@@ -165,17 +183,14 @@ class Service:
         attribute = entry.get("attribute") or {}
         if not isinstance(attribute, dict):
             return _item_error(400, "invalid attribute")
-        image_id = attribute.get("id")
-        if image_id is None or image_id == "":
-            image_id = uuid.uuid4().hex
-        elif isinstance(image_id, int) and not isinstance(image_id, bool):
-            image_id = str(image_id)  # clients often send numeric ids; Qiniu echoed them as strings
-        if not isinstance(image_id, str) or not IMAGE_ID_RE.match(image_id):
+        raw_id = attribute.get("id")
+        image_id = uuid.uuid4().hex if raw_id is None or raw_id == "" else _id_text(raw_id)
+        if image_id is None or not IMAGE_ID_RE.match(image_id):
             return _item_error(400, "invalid id")
         label = attribute.get("label")
         if label is None:
             label = ""
-        if not isinstance(label, str) or len(label) > LABEL_MAX_CHARS:
+        if not _label_ok(label):
             return _item_error(400, "invalid label")
         desc = attribute.get("desc")
         if desc is not None:
@@ -232,10 +247,10 @@ class Service:
 
     def delete_images(self, tenant: str, group: str, ids: Any) -> int:
         check_group_id(group)
-        # bool is an int to Python; true is not an image id.
-        if not isinstance(ids, list) or not all(_is_id_like(i) for i in ids):
+        texts = [_id_text(i) for i in ids] if isinstance(ids, list) else [None]
+        if any(text is None for text in texts):
             raise ServiceError(400, "invalid images")
-        return self._call(self.store.delete_images, tenant, group, [str(i) for i in ids])
+        return self._call(self.store.delete_images, tenant, group, texts)
 
     # --- reads ---------------------------------------------------------------------------------------
     def list_groups(self, tenant: str) -> list[str]:
@@ -250,11 +265,7 @@ class Service:
         return self._call(self.store.list_images, tenant, check_group_id(group), marker, limit)
 
     def get_image(self, tenant: str, group: str, image_id: Any) -> ImageInfo:
-        if isinstance(image_id, int) and not isinstance(image_id, bool):
-            image_id = str(image_id)
-        if not isinstance(image_id, str) or not image_id:
-            raise ServiceError(400, "invalid id")
-        return self._call(self.store.get_image, tenant, check_group_id(group), image_id)
+        return self._call(self.store.get_image, tenant, check_group_id(group), _required_id(image_id))
 
     def search(
         self,
@@ -357,11 +368,8 @@ class Service:
 
     def update_image(self, tenant: str, group: str, image_id: Any, label: Any, desc: Any) -> ImageInfo:
         """Change a stored image's label and/or desc (beyond Qiniu); its vector stays."""
-        if isinstance(image_id, int) and not isinstance(image_id, bool):
-            image_id = str(image_id)
-        if not isinstance(image_id, str) or not image_id:
-            raise ServiceError(400, "invalid id")
-        if label is not None and (not isinstance(label, str) or len(label) > LABEL_MAX_CHARS):
+        image_id = _required_id(image_id)
+        if label is not None and not _label_ok(label):
             raise ServiceError(400, "invalid label")
         if desc is not KEEP and desc is not None:
             if _desc_bytes(desc) > self.settings.desc_max_bytes:

@@ -274,6 +274,12 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
     def svc(request: Request) -> Service:
         return request.app.state.service
 
+    async def batch_write(request: Request, write: Any, tenant: str, group_id: str) -> JSONResponse:
+        """new and add: the body's ``data`` through ``write``, answered images[]/errors[] index for index."""
+        body = await body_of(request)
+        result = await run_heavy(write, tenant, group_id, _as_list(body.get("data", [])))
+        return JSONResponse({"errors": result.errors, "images": result.images})
+
     security = [{"QiniuMac": []}]
     docs = {"responses": {400: {"model": schemas.ErrorResponse}, 401: {"model": schemas.ErrorResponse}}}
 
@@ -291,9 +297,7 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
         openapi_extra=body_doc(schemas.BatchRequest),
     )
     async def new_group(group_id: str, request: Request, tenant: str = Depends(authenticate)) -> JSONResponse:
-        body = await body_of(request)
-        result = await run_heavy(svc(request).new_group, tenant, group_id, _as_list(body.get("data", [])))
-        return JSONResponse({"errors": result.errors, "images": result.images})
+        return await batch_write(request, svc(request).new_group, tenant, group_id)
 
     @app.post(
         "/v1/image/group/{group_id}/remove",
@@ -316,9 +320,7 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
     async def add_images(
         group_id: str, request: Request, tenant: str = Depends(authenticate)
     ) -> JSONResponse:
-        body = await body_of(request)
-        result = await run_heavy(svc(request).add_images, tenant, group_id, _as_list(body.get("data", [])))
-        return JSONResponse({"errors": result.errors, "images": result.images})
+        return await batch_write(request, svc(request).add_images, tenant, group_id)
 
     @app.post(
         "/v1/image/group/{group_id}/delete",
