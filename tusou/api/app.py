@@ -38,7 +38,6 @@ from tusou.store.keys import KeyStore
 
 log = logging.getLogger("tusou.api")
 
-JSON_TYPES = ("application/json", "text/json")
 # Largest form value read as a Python literal (the SDK's str(dict) form encoding of nested values).
 FORM_LITERAL_MAX = 64 * 1024
 FORM_TYPE = "application/x-www-form-urlencoded"

@@ -14,7 +14,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
 
 TOO_MANY_REQUESTS = "too many requests"
 
@@ -91,11 +90,3 @@ class RateLimiter:
                 break
             del self._buckets[key]
         self._next_sweep = now + max(self._idle_s, 1.0)
-
-
-def from_settings(settings: Any) -> RateLimiter:
-    """The limiter ``settings`` asks for; older settings without the fields get the documented defaults."""
-    return RateLimiter(
-        getattr(settings, "rate_limit_per_s", 50.0),
-        getattr(settings, "rate_limit_burst", 100),
-    )
