@@ -245,6 +245,17 @@ class Harness:
             except requests.RequestException:
                 return  # the server is gone; the op already marked itself uncertain
 
+    def _post(self, client: SignedClient, path: str, body: Any = None) -> requests.Response:
+        """One write; a request the kill cut off counts as uncertain (either outcome, but whole)."""
+        try:
+            resp = client.post(path, body)
+        except requests.RequestException:
+            with self.lock:
+                self.stats.uncertain += 1
+            raise
+        self._count_request()
+        return resp
+
     def _entries(self, rng: random.Random, n: int) -> list[tuple[str, int, dict[str, Any]]]:
         out = []
         for _ in range(n):
@@ -263,13 +274,7 @@ class Harness:
         entries = self._entries(rng, rng.randint(0, self.batch_max))
         with self.lock:
             self.groups[name] = GroupModel(maybe_created=True, initial={i: s for i, s, _ in entries})
-        try:
-            resp = client.post(f"/v1/image/group/{name}/new", {"data": [e for _, _, e in entries]})
-        except requests.RequestException:
-            with self.lock:
-                self.stats.uncertain += 1
-            raise
-        self._count_request()
+        resp = self._post(client, f"/v1/image/group/{name}/new", {"data": [e for _, _, e in entries]})
         with self.lock:
             model = self.groups[name]
             self._expect(resp.status_code == 200, f"new {name}: {resp.status_code} {resp.text[:200]}")
@@ -285,13 +290,7 @@ class Harness:
         entries = self._entries(rng, rng.randint(1, self.batch_max))
         with self.lock:
             self.groups[name].maybe_present.update({i: s for i, s, _ in entries})
-        try:
-            resp = client.post(f"/v1/image/group/{name}/add", {"data": [e for _, _, e in entries]})
-        except requests.RequestException:
-            with self.lock:
-                self.stats.uncertain += 1
-            raise
-        self._count_request()
+        resp = self._post(client, f"/v1/image/group/{name}/add", {"data": [e for _, _, e in entries]})
         with self.lock:
             model = self.groups[name]
             self._expect(resp.status_code == 200, f"add {name}: {resp.status_code} {resp.text[:200]}")
@@ -313,13 +312,7 @@ class Harness:
             victims = rng.sample(sorted(model.present), min(len(model.present), rng.randint(1, 2)))
             for v in victims:
                 model.maybe_present[v] = model.present.pop(v)
-        try:
-            resp = client.post(f"/v1/image/group/{name}/delete", {"images": victims})
-        except requests.RequestException:
-            with self.lock:
-                self.stats.uncertain += 1
-            raise
-        self._count_request()
+        resp = self._post(client, f"/v1/image/group/{name}/delete", {"images": victims})
         with self.lock:
             self._expect(resp.status_code == 200, f"delete {name}: {resp.status_code} {resp.text[:200]}")
             if resp.status_code == 200:
@@ -331,13 +324,7 @@ class Harness:
     def _remove(self, client: SignedClient, name: str) -> None:
         with self.lock:
             self.groups[name].maybe_removed = True
-        try:
-            resp = client.post(f"/v1/image/group/{name}/remove")
-        except requests.RequestException:
-            with self.lock:
-                self.stats.uncertain += 1
-            raise
-        self._count_request()
+        resp = self._post(client, f"/v1/image/group/{name}/remove")
         with self.lock:
             self._expect(resp.status_code == 200, f"remove {name}: {resp.status_code} {resp.text[:200]}")
             if resp.status_code == 200:
