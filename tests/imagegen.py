@@ -51,3 +51,29 @@ def scene(seed: int, size: tuple[int, int] = (480, 360)) -> Image.Image:
                     width=rng.randint(1, 6),
                 )
     return image.filter(ImageFilter.GaussianBlur(0.8))
+
+
+def photo_variants(photos: list[Image.Image], count: int, side: int = 160) -> list[Image.Image]:
+    """``count`` distinct images made from real photos: each photo as it is, then crops, flips, turns and
+    colour shifts of them (deterministic), at most ``side`` pixels on a side to keep decoding cheap."""
+    from PIL import ImageEnhance, ImageOps
+
+    out: list[Image.Image] = []
+    for n in range(count):
+        photo = photos[n % len(photos)].convert("RGB")
+        k = n // len(photos)
+        rng = random.Random(n)
+        img = photo
+        if k:
+            w, h = img.size
+            dx, dy = rng.randint(0, w // 4), rng.randint(0, h // 4)
+            img = img.crop((dx, dy, w - rng.randint(0, w // 4), h - rng.randint(0, h // 4)))
+            if k % 2:
+                img = ImageOps.mirror(img)
+            img = img.rotate(rng.choice((0, 90, 180, 270)), expand=True)
+            img = ImageEnhance.Color(img).enhance(rng.uniform(0.4, 1.6))
+            img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.7, 1.3))
+        img = img.copy()
+        img.thumbnail((side, side))
+        out.append(img)
+    return out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from tusou.cli_data import COMMANDS as DATA_COMMANDS
 from tusou.config import Settings
 from tusou.store.keys import KeyStore
 
@@ -165,6 +166,11 @@ def migrate(
     finally:
         src.close()
         dst.close()
+
+
+# import, copy, groups, info, search (tusou/cli_data.py): clients of a running server.
+for command in DATA_COMMANDS:
+    main.add_command(command)
 
 
 if __name__ == "__main__":
