@@ -366,4 +366,73 @@ def search(group: str, image: str, server: str, limit: int, threshold: float | N
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
-COMMANDS = [import_, copy, groups, info, search]
+@click.command("backup")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The data folder to back up (env TUSOU_DATA; default ./tusou-data).",
+)
+@json_option
+def backup(dest: Path, data: Path | None, as_json: bool) -> None:
+    """Copy the records and keys of --data into the new folder DEST, with a checksum manifest.
+
+    Safe while the server runs and writes: every write acknowledged before the backup started is in it.
+    The search index is not copied; the server rebuilds it on its first start after a restore.
+    """
+    from tusou.backup import BackupError
+    from tusou.backup import backup as take_backup
+    from tusou.config import Settings
+
+    folder = data if data is not None else Settings().data
+    try:
+        result = take_backup(folder, dest)
+    except BackupError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    summary = {
+        "dest": str(dest),
+        "groups": result.groups,
+        "images": result.images,
+        "bytes": sum(f["bytes"] for f in result.files.values()),
+        "seconds": round(result.seconds, 2),
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(
+            f"backed up {result.groups} groups, {result.images} images ({summary['bytes']} bytes) "
+            f"to {dest} in {result.seconds:.1f} s"
+        )
+
+
+@click.command("restore")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The data folder to restore into (new, or holding no tusou data).",
+)
+def restore(src: Path, data: Path) -> None:
+    """Verify the backup in SRC (sizes, checksums, SQLite check) and restore it into --data.
+
+    A damaged or partial backup is refused and nothing is written. Start `tusou serve --data` afterwards:
+    its first start rebuilds the search index.
+    """
+    from tusou.backup import BackupError
+    from tusou.backup import restore as restore_backup
+
+    try:
+        manifest = restore_backup(src, data)
+    except BackupError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(
+        f"restored {manifest['groups']} groups, {manifest['images']} images "
+        f"(backup of {manifest['created']}) into {data}"
+    )
+
+
+COMMANDS = [import_, copy, groups, info, search, backup, restore]
