@@ -1,4 +1,4 @@
-"""Retrieval quality of tusou's embedder on the shared evaluation sets (../shared/eval).
+"""Retrieval quality of tusou's embedder on the evaluation sets that bench/eval_build.py builds.
 
     python bench/quality.py [--model lite0] [--eval-dir ~/.cache/tusou-eval] [--build] [--time 50]
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -36,10 +35,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+
+import eval_score  # noqa: E402
+
 from tusou.embed import score as score_mod  # noqa: E402
 from tusou.embed import views as views_mod  # noqa: E402
 
-SHARED_EVAL = ROOT.parent / "shared" / "eval"
 SETS = ("neardup", "semantic", "semantic_cutouts")
 TOPK = 100
 NEAR_DUP_T = 0.85  # the threshold Qiniu clients commonly send
@@ -48,47 +50,24 @@ NEAR_DUP_T = 0.85  # the threshold Qiniu clients commonly send
 # --------------------------------------------------------------------------------------------- eval sets
 
 
-def build_commands(eval_dir: Path) -> list[list[str]]:
-    return [
-        ["bash", str(SHARED_EVAL / "fetch_sources.sh"), str(eval_dir / "deb")],
-        [
-            sys.executable,
-            str(SHARED_EVAL / "build_eval.py"),
-            "--debs",
-            str(eval_dir / "deb"),
-            "--cache",
-            str(eval_dir / "cache"),
-            "--out",
-            str(eval_dir / "out"),
-            "--jobs",
-            str(os.cpu_count() or 2),
-        ],
-    ]
-
-
 def ensure_sets(eval_dir: Path, build: bool) -> Path:
+    """The development half of the evaluation sets under ``<eval-dir>/out``, built by bench/eval_build.py
+    (apt-get download of the Debian packages, unpacked in Python) when missing and ``build`` is set."""
     out = eval_dir / "out"
     if all((out / s / "gt.json").is_file() for s in SETS):
         return out
-    cmds = build_commands(eval_dir)
+    cmd = [sys.executable, str(ROOT / "bench" / "eval_build.py"), "--eval-dir", str(eval_dir)]
     if not build:
         print("evaluation sets missing under", out, "- build them with --build, or run:", file=sys.stderr)
-        for c in cmds:
-            print("  " + " ".join(c), file=sys.stderr)
+        print("  " + " ".join(cmd), file=sys.stderr)
         sys.exit(2)
-    for c in cmds:
-        print("+", " ".join(c), file=sys.stderr)
-        subprocess.run(c, check=True)
+    print("+", " ".join(cmd), file=sys.stderr)
+    subprocess.run(cmd, check=True)
     return out
 
 
 def load_scorer() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("eval_retrieval", SHARED_EVAL / "eval_retrieval.py")
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load {SHARED_EVAL / 'eval_retrieval.py'}")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return eval_score
 
 
 class EvalSet:
@@ -613,7 +592,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="lite0")
     ap.add_argument("--eval-dir", type=Path, default=Path("~/.cache/tusou-eval").expanduser())
-    ap.add_argument("--build", action="store_true", help="fetch and build the evaluation sets if missing")
+    ap.add_argument(
+        "--build", action="store_true", help="fetch (apt-get download) and build the sets if missing"
+    )
     ap.add_argument("--data", type=Path, default=None, help="tusou data folder (model cache)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--time", type=int, default=0, metavar="N", help="also time N queries end to end")

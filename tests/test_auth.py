@@ -27,7 +27,7 @@ from tusou.api.auth import (
     verify,
 )
 
-# A copy of ../shared/spec/signature-vectors.json (requests signed by the official qiniu SDK 7.18.0).
+# Signature test vectors (requests signed by the official qiniu SDK 7.18.0).
 VECTORS_PATH = Path(__file__).resolve().parent / "data" / "signature-vectors.json"
 VECTORS: list[dict[str, Any]] = json.loads(VECTORS_PATH.read_text(encoding="utf-8"))
 
