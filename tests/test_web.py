@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import shutil
 import subprocess
 from datetime import UTC, datetime
@@ -85,7 +86,10 @@ def test_page_is_served_without_auth(tusou: Tusou) -> None:
     page = resp.text
     assert "tusou" in page and "/static/sign.js" in page
     # Self-contained: no CDN or other origin is ever loaded by the page itself.
-    assert "//cdn" not in page and 'src="http' not in page and "<link" not in page
+    assert "//cdn" not in page and 'src="http' not in page
+    # The only <link> is the favicon, inline (so the browser never asks for /favicon.ico).
+    icon = re.findall(r'<link rel="icon" href="data:image/svg\+xml,[^"]+">', page)
+    assert re.findall(r"<link[^>]*>", page) == icon and len(icon) == 1
 
     script = requests.get(tusou.server.url + "/static/sign.js", timeout=30)
     assert script.status_code == 200
