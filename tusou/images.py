@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from tusou.config import Settings
+from tusou.errors import QiniuError
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +78,16 @@ CODES: dict[str, int] = {
 }
 
 
-class ImageError(Exception):
-    """A uri that cannot become an image. ``code`` and ``message`` go to the client as they are."""
+class ImageError(QiniuError):
+    """A uri that cannot become an image. ``status`` (also ``code``) and ``message`` go to the client."""
 
     def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(CODES[kind], message)
         self.kind = kind
-        self.code = CODES[kind]
-        self.message = message
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message}
+    @property
+    def code(self) -> int:
+        return self.status
 
     def __repr__(self) -> str:
         return f"ImageError({self.kind!r}, {self.code}, {self.message!r})"

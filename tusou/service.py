@@ -2,8 +2,8 @@
 
 The HTTP layer (``tusou.api``) parses requests and calls these methods from worker threads; they validate
 input, turn URIs into images (``tusou.images``), images into vectors (``tusou.embed``) and keep or search
-them (``tusou.store``). Errors the client caused are raised as :class:`ServiceError` with Qiniu's status and
-message; per-image failures in a batch become ``errors[]`` entries instead.
+them (``tusou.store``). Errors the client caused are raised as :class:`tusou.errors.QiniuError` with
+Qiniu's status and message; per-image failures in a batch become ``errors[]`` entries instead.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from PIL import Image
 from tusou.batching import Batcher
 from tusou.config import Settings
 from tusou.embed.base import Embedder
+from tusou.errors import QiniuError
 from tusou.images import Fetcher, ImageError, load_image
-from tusou.store.base import KEEP, ImageInfo, ItemError, NewImage, Store, StoreError
+from tusou.store.base import KEEP, ImageInfo, ItemError, NewImage, Store
 
 # Group ids travel in URL paths: no separators, dot-segments or control characters.
 GROUP_ID_RE = re.compile(r"^[^\x00-\x1f\x7f/\\?#%]{1,128}$")
@@ -41,15 +42,6 @@ class Observer:
 
     def image_failed(self, error: ImageError) -> None:
         """An image could not be fetched or decoded (a per-image error, or a failed search query)."""
-
-
-class ServiceError(Exception):
-    """A request the client got wrong; ``status`` is the HTTP status, ``message`` Qiniu's error text."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -70,7 +62,7 @@ class _Item:
 
 def check_group_id(group: str) -> str:
     if not isinstance(group, str) or not GROUP_ID_RE.match(group) or group in (".", ".."):
-        raise ServiceError(400, "invalid group id")
+        raise QiniuError(400, "invalid group id")
     return group
 
 
@@ -88,7 +80,7 @@ def _id_text(value: Any) -> str | None:
 def _required_id(value: Any) -> str:
     text = _id_text(value)
     if not text:
-        raise ServiceError(400, "invalid id")
+        raise QiniuError(400, "invalid id")
     return text
 
 
@@ -155,22 +147,22 @@ class Service:
         check_group_id(group)
         items = self._check_batch(data, allow_empty=True)
         if group in self.store.list_groups(tenant):
-            raise ServiceError(400, "group already exists")
+            raise QiniuError(400, "group already exists")
         return self._write(items, lambda images: self.store.create_group(tenant, group, images))
 
     def add_images(self, tenant: str, group: str, data: Any) -> BatchResult:
         check_group_id(group)
         items = self._check_batch(data, allow_empty=True)
-        self._call(self.store.count, tenant, group)  # fail fast on an unknown group, before fetching
+        self.store.count(tenant, group)  # fail fast on an unknown group, before fetching
         return self._write(items, lambda images: self.store.add_images(tenant, group, images))
 
     def _check_batch(self, data: Any, allow_empty: bool) -> list[_Item | dict[str, Any]]:
         if not isinstance(data, list):
-            raise ServiceError(400, "invalid data")
+            raise QiniuError(400, "invalid data")
         if not data and not allow_empty:
-            raise ServiceError(400, "empty data")
+            raise QiniuError(400, "empty data")
         if len(data) > self.settings.max_batch_images:
-            raise ServiceError(400, f"too many images, at most {self.settings.max_batch_images}")
+            raise QiniuError(400, f"too many images, at most {self.settings.max_batch_images}")
         return [self._check_item(entry) for entry in data]
 
     def _check_item(self, entry: Any) -> _Item | dict[str, Any]:
@@ -216,10 +208,7 @@ class Service:
             assert isinstance(item, _Item)
             uri = item.uri if not item.uri.startswith("data:") else None
             new_images.append(NewImage(item.id, item.label, item.desc, uri, vectors[row]))
-        try:
-            results: list[ItemError | None] = commit(new_images)
-        except StoreError as exc:
-            raise ServiceError(exc.status, exc.message) from exc
+        results: list[ItemError | None] = commit(new_images)
         ids = [""] * len(items)
         for i, new_image, result in zip(ready, new_images, results, strict=True):
             if result is None:
@@ -243,29 +232,29 @@ class Service:
         return list(self._loader.map(load, uris))
 
     def remove_group(self, tenant: str, group: str) -> None:
-        self._call(self.store.remove_group, tenant, check_group_id(group))
+        self.store.remove_group(tenant, check_group_id(group))
 
     def delete_images(self, tenant: str, group: str, ids: Any) -> int:
         check_group_id(group)
         texts = [_id_text(i) for i in ids] if isinstance(ids, list) else [None]
         if any(text is None for text in texts):
-            raise ServiceError(400, "invalid images")
-        return self._call(self.store.delete_images, tenant, group, texts)
+            raise QiniuError(400, "invalid images")
+        return self.store.delete_images(tenant, group, texts)
 
     # --- reads ---------------------------------------------------------------------------------------
     def list_groups(self, tenant: str) -> list[str]:
         return self.store.list_groups(tenant)
 
     def group_count(self, tenant: str, group: str) -> int:
-        return self._call(self.store.count, tenant, check_group_id(group))
+        return self.store.count(tenant, check_group_id(group))
 
     def list_images(self, tenant: str, group: str, marker: str, limit: int) -> tuple[list[ImageInfo], str]:
         if not 1 <= limit <= 1000:
-            raise ServiceError(400, "invalid limit")
-        return self._call(self.store.list_images, tenant, check_group_id(group), marker, limit)
+            raise QiniuError(400, "invalid limit")
+        return self.store.list_images(tenant, check_group_id(group), marker, limit)
 
     def get_image(self, tenant: str, group: str, image_id: Any) -> ImageInfo:
-        return self._call(self.store.get_image, tenant, check_group_id(group), _required_id(image_id))
+        return self.store.get_image(tenant, check_group_id(group), _required_id(image_id))
 
     def search(
         self,
@@ -284,31 +273,29 @@ class Service:
         instead of an uploaded one; ``labels`` keeps only hits with one of these labels.
         """
         if by_id is None and (not isinstance(uri, str) or not uri.strip()):
-            raise ServiceError(406, "empty uri")
+            raise QiniuError(406, "empty uri")
         groups = self._check_groups(groups)
         limit = self._check_limit(limit)
         floor = self._check_threshold(threshold)
         wanted_labels = self._check_labels(labels)
         for group in groups:
-            self._call(self.store.count, tenant, group)
+            self.store.count(tenant, group)
         if by_id is not None:
             source_group, image_id = by_id
             source_group = check_group_id(source_group if source_group is not None else groups[0])
             if not isinstance(image_id, str) or not image_id:
-                raise ServiceError(406, "invalid id")
-            queries = self._call(self.store.get_vector, tenant, source_group, image_id)[None, :]
+                raise QiniuError(406, "invalid id")
+            queries = self.store.get_vector(tenant, source_group, image_id)[None, :]
         else:
             try:
                 image = load_image(uri.strip(), self.fetcher, self.embedder.prepare)
             except ImageError as exc:
                 self.observer.image_failed(exc)
-                raise ServiceError(exc.code if 400 <= exc.code < 600 else 400, exc.message) from exc
+                raise
             queries = self._embed_queries([image])[0]
         min_cosine = self.embedder.cosine_for_score(floor)
         # A label filter applies to every match (exact), then the limit.
-        hits = self._call(
-            self.store.search, tenant, groups, queries, -1 if wanted_labels else limit, min_cosine
-        )
+        hits = self.store.search(tenant, groups, queries, -1 if wanted_labels else limit, min_cosine)
         if wanted_labels:
             hits = [hit for hit in hits if hit.label in wanted_labels][:limit]
         scores = self.embedder.score(np.asarray([hit.cosine for hit in hits], dtype=np.float32))
@@ -332,25 +319,25 @@ class Service:
         if isinstance(groups, str):
             groups = [groups]
         if not isinstance(groups, list) or not groups:
-            raise ServiceError(406, "empty groups")
+            raise QiniuError(406, "empty groups")
         if len(groups) > self.settings.search_max_groups:
-            raise ServiceError(406, f"too many groups, at most {self.settings.search_max_groups}")
+            raise QiniuError(406, f"too many groups, at most {self.settings.search_max_groups}")
         if not all(isinstance(g, str) for g in groups):
-            raise ServiceError(406, "invalid groups")
+            raise QiniuError(406, "invalid groups")
         return list(dict.fromkeys(check_group_id(g) for g in groups))
 
     def _check_limit(self, limit: Any) -> int:
         if limit is None:
             return 1
         if isinstance(limit, bool) or not isinstance(limit, int | float | str):
-            raise ServiceError(406, "invalid limit")
+            raise QiniuError(406, "invalid limit")
         try:
             value = int(float(limit)) if isinstance(limit, str) else int(limit)
             whole = value == float(limit)
         except (ValueError, OverflowError) as exc:  # 1e999, or an int too large for a float
-            raise ServiceError(406, "invalid limit") from exc
+            raise QiniuError(406, "invalid limit") from exc
         if not whole or value < -1 or value > self.settings.search_max_limit:
-            raise ServiceError(406, "invalid limit")
+            raise QiniuError(406, "invalid limit")
         if value == 0:
             return 1
         # -1 is "every match"; Qiniu capped that at the maximum limit too.
@@ -363,40 +350,31 @@ class Service:
         if isinstance(labels, str):
             labels = [labels]
         if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-            raise ServiceError(406, "invalid labels")
+            raise QiniuError(406, "invalid labels")
         return set(labels)
 
     def update_image(self, tenant: str, group: str, image_id: Any, label: Any, desc: Any) -> ImageInfo:
         """Change a stored image's label and/or desc (beyond Qiniu); its vector stays."""
         image_id = _required_id(image_id)
         if label is not None and not _label_ok(label):
-            raise ServiceError(400, "invalid label")
+            raise QiniuError(400, "invalid label")
         if desc is not KEEP and desc is not None:
             if _desc_bytes(desc) > self.settings.desc_max_bytes:
-                raise ServiceError(406, "desc too long")
-        return self._call(
-            lambda: self.store.update_image(tenant, check_group_id(group), image_id, label=label, desc=desc)
-        )
+                raise QiniuError(406, "desc too long")
+        return self.store.update_image(tenant, check_group_id(group), image_id, label=label, desc=desc)
 
     def _check_threshold(self, threshold: Any) -> float:
         if threshold is None or threshold == "":
             return self.default_threshold
         if isinstance(threshold, bool):
-            raise ServiceError(406, "invalid threshold")
+            raise QiniuError(406, "invalid threshold")
         try:
             value = float(threshold)
         except (TypeError, ValueError, OverflowError) as exc:
-            raise ServiceError(406, "invalid threshold") from exc
+            raise QiniuError(406, "invalid threshold") from exc
         if not 0.0 <= value <= 1.0:
-            raise ServiceError(406, "invalid threshold")
+            raise QiniuError(406, "invalid threshold")
         return max(value, self.default_threshold)
-
-    @staticmethod
-    def _call(fn: Any, *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except StoreError as exc:
-            raise ServiceError(exc.status, exc.message) from exc
 
 
 def build_service(settings: Settings) -> Service:

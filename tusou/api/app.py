@@ -29,11 +29,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tusou import __version__
 from tusou.api import schemas
-from tusou.api.auth import BAD_TOKEN, AuthError, SignedRequest, claimed_access_key, verify
+from tusou.api.auth import BAD_TOKEN, SignedRequest, claimed_access_key, verify
 from tusou.api.limits import TOO_MANY_REQUESTS, RateLimiter
 from tusou.api.observe import install as install_observability
 from tusou.config import Settings
-from tusou.service import KEEP, Service, ServiceError
+from tusou.errors import AuthError, QiniuError
+from tusou.service import KEEP, Service
 from tusou.store.keys import KeyStore
 
 log = logging.getLogger("tusou.api")
@@ -41,13 +42,6 @@ log = logging.getLogger("tusou.api")
 # Largest form value read as a Python literal (the SDK's str(dict) form encoding of nested values).
 FORM_LITERAL_MAX = 64 * 1024
 FORM_TYPE = "application/x-www-form-urlencoded"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class RequestIdMiddleware:
@@ -81,13 +75,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refused past ``limit`` bytes without reading it all into memory first."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "request body too large")
+        raise QiniuError(413, "request body too large")
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, "request body too large")
+            raise QiniuError(413, "request body too large")
         chunks.append(chunk)
     body = b"".join(chunks)
     request._body = body  # Starlette's own cache, so later readers see the same bytes
@@ -145,7 +139,7 @@ def parse_body(content_type: str, body: bytes) -> dict[str, Any]:
         try:
             pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
         except (UnicodeDecodeError, ValueError) as exc:
-            raise ApiError(400, "invalid body") from exc
+            raise QiniuError(400, "invalid body") from exc
         parsed: dict[str, Any] = {}
         for key, value in pairs:
             item = _form_value(value)
@@ -161,9 +155,9 @@ def parse_body(content_type: str, body: bytes) -> dict[str, Any]:
     try:
         parsed = _loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ApiError(400, "invalid body") from exc
+        raise QiniuError(400, "invalid body") from exc
     if not isinstance(parsed, dict):
-        raise ApiError(400, "invalid body")
+        raise QiniuError(400, "invalid body")
     return parsed
 
 
@@ -202,16 +196,8 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
     app.add_middleware(RequestIdMiddleware)
     install_observability(app, settings)  # /metrics, /healthz, access log (docs/operations.md)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message)
-
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.message)
-
-    @app.exception_handler(AuthError)
-    async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
+    @app.exception_handler(QiniuError)
+    async def _qiniu_error(request: Request, exc: QiniuError) -> JSONResponse:
         return error_response(exc.status, exc.message)
 
     @app.exception_handler(RequestValidationError)
@@ -261,7 +247,7 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
         )
         # After the signature: nobody can drain another key's bucket by naming its access key.
         if not limiter.allow(access_key):
-            raise ApiError(429, TOO_MANY_REQUESTS)
+            raise QiniuError(429, TOO_MANY_REQUESTS)
         return access_key
 
     async def body_of(request: Request) -> dict[str, Any]:
@@ -375,7 +361,7 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
         try:
             count = int(limit) if limit != "" else 1000
         except ValueError as exc:
-            raise ApiError(400, "invalid limit") from exc
+            raise QiniuError(400, "invalid limit") from exc
         page, next_marker = await run_in_threadpool(svc(request).list_images, tenant, group_id, marker, count)
         result = [{"id": img.id, "value": {"desc": img.desc, "label": img.label}} for img in page]
         return JSONResponse({"code": 0, "marker": next_marker, "message": "", "result": result})
@@ -395,7 +381,7 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
         data = body.get("data") or {}
         params = body.get("params") or {}
         if not isinstance(data, dict) or not isinstance(params, dict):
-            raise ApiError(400, "invalid body")
+            raise QiniuError(400, "invalid body")
         extra: dict[str, Any] = {"labels": params.get("labels")}
         # Beyond Qiniu: {"data": {"id": ..., "group": ...}} searches with a stored image.
         if not data.get("uri") and data.get("id") is not None:

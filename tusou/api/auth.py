@@ -31,6 +31,8 @@ from datetime import UTC, datetime, timedelta
 from hashlib import sha1
 from urllib.parse import unquote_to_bytes, urlsplit
 
+from tusou.errors import AuthError
+
 __all__ = [
     "AuthError",
     "SignedRequest",
@@ -58,18 +60,6 @@ _OCTET = "application/octet-stream"
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 BAD_TOKEN = "bad token"
-
-
-class AuthError(Exception):
-    """A request that must be refused. ``message`` is safe to send to the client."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(status, message)
-        self.status = status
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.status} {self.message}"
 
 
 @dataclass(frozen=True)

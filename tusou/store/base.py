@@ -14,37 +14,12 @@ from typing import Any
 
 import numpy as np
 
-
-class StoreError(Exception):
-    """A request the store refuses; ``status`` follows Qiniu's use of HTTP codes."""
-
-    status = 400
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class GroupExists(StoreError):
-    def __init__(self, group: str) -> None:
-        super().__init__("group already exists")
-        self.group = group
-
-
-class GroupNotFound(StoreError):
-    def __init__(self, group: str) -> None:
-        super().__init__(f"group {group} not exists")
-        self.group = group
-
-
-class ImageNotFound(StoreError):
-    def __init__(self, image_id: str) -> None:
-        super().__init__(f"image {image_id} not exists")
-
-
-class BadMarker(StoreError):
-    def __init__(self) -> None:
-        super().__init__("invalid marker")
+# The store's refusals are part of the one error hierarchy (tusou.errors); re-exported for the backends.
+from tusou.errors import BadMarker as BadMarker
+from tusou.errors import GroupExists as GroupExists
+from tusou.errors import GroupNotFound as GroupNotFound
+from tusou.errors import ImageNotFound as ImageNotFound
+from tusou.errors import StoreError as StoreError
 
 
 class ModelMismatch(Exception):
