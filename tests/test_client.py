@@ -163,7 +163,11 @@ def test_unreachable_server_is_one_error() -> None:
     with Client(f"http://127.0.0.1:{free_port()}", "ak", "sk", retries=1, backoff_s=0.01) as api:
         with pytest.raises(TusouError) as err:
             api.list_groups()
-    assert err.value.status == 0 and "cannot connect" in err.value.message
+        assert err.value.status == 0 and "cannot connect" in err.value.message
+        for unsigned in (api.health, api.metrics):
+            with pytest.raises(TusouError) as err:
+                unsigned()
+            assert err.value.status == 0 and "cannot reach" in err.value.message
 
 
 def test_client_needs_no_qiniu_sdk() -> None:

@@ -374,14 +374,21 @@ class Client:
         return [Hit.from_json(e) for e in answer.get("result") or []]
 
     # --- operations (tusou only, unsigned) -----------------------------------------------------------
+    def _get_unsigned(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        """One GET without retries; a transport failure is a :class:`TusouError` with status 0 like any."""
+        try:
+            return self._http.get(self.server + path, headers=headers or {})
+        except httpx.HTTPError as exc:
+            raise TusouError(0, f"cannot reach {self.server}: {type(exc).__name__}: {exc}") from exc
+
     def health(self) -> dict[str, Any]:
         """``GET /healthz``: ``{"status": "ok", ...}``; 503 while starting or if the store fails."""
-        return self._answer(self._http.get(self.server + "/healthz"))  # type: ignore[no-any-return]
+        return self._answer(self._get_unsigned("/healthz"))  # type: ignore[no-any-return]
 
     def metrics(self, token: str | None = None) -> str:
         """``GET /metrics`` (Prometheus text); ``token`` when the server sets ``TUSOU_METRICS_TOKEN``."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        response = self._http.get(self.server + "/metrics", headers=headers)
+        response = self._get_unsigned("/metrics", headers)
         if response.status_code != 200:
             self._answer(response)
         return response.text
