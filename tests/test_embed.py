@@ -221,8 +221,10 @@ def test_graph_is_valid_onnx_with_dynamic_batch() -> None:
     onnx.checker.check_model(m, full_check=True)
     dims = m.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 224, 224]
-    # BatchNorm folded away: only Conv, Clip, Add and the pooling head.
-    assert {n.op_type for n in m.graph.node} == {"Conv", "Clip", "Add", "GlobalAveragePool", "Flatten"}
+    # BatchNorm folded away: only Conv, Clip, Add, the pooling head and the classifier (tags).
+    ops = {n.op_type for n in m.graph.node}
+    assert ops == {"Conv", "Clip", "Add", "GlobalAveragePool", "Flatten", "Gemm", "Softmax"}
+    assert [o.name for o in m.graph.output] == ["features", "probs"]
 
 
 def test_graph_rejects_wrong_weights() -> None:

@@ -79,13 +79,24 @@ class OnnxEmbedder:
 
     def features(self, images: Sequence[Image.Image], encoder: OnnxEncoder | None = None) -> np.ndarray:
         """Raw (n, dim) features of exactly these images, no views, no post-processing."""
-        encoder = encoder or self.encoder
+        return self._features(images, encoder or self.encoder, False)[0]
+
+    def _features(
+        self, images: Sequence[Image.Image], encoder: OnnxEncoder, with_probs: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw features and, with ``with_probs`` and a graph that has them, the classifier's probabilities."""
+        with_probs = with_probs and bool(encoder.probs_name)
+
+        def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            return encoder.predict_with_probs(batch) if with_probs else (encoder.predict(batch), None)
+
         out = np.empty((len(images), self.dim), dtype=np.float32)
+        probs: np.ndarray | None = None
         starts = range(0, len(images), self.max_batch)
         if len(starts) <= 1:
             if images:
-                out[:] = encoder.predict(self.pre.to_array(images))
-            return out
+                out[:], probs = run(self.pre.to_array(images))
+            return out, probs
         # Several batches: preprocess batch i+1 while ONNX Runtime runs batch i. Both release the GIL
         # (Pillow while resampling), so on a 2-core machine decode-side work and the network overlap.
         with ThreadPoolExecutor(1, thread_name_prefix="tusou-preprocess") as pool:
@@ -95,20 +106,50 @@ class OnnxEmbedder:
                 nxt = start + self.max_batch
                 if nxt < len(images):
                     pending = pool.submit(self.pre.to_array, images[nxt : nxt + self.max_batch])
-                out[start : start + len(batch)] = encoder.predict(batch)
-        return out
+                feats, p = run(batch)
+                out[start : start + len(batch)] = feats
+                if p is not None:
+                    if probs is None:
+                        probs = np.empty((len(images), p.shape[1]), dtype=np.float32)
+                    probs[start : start + len(batch)] = p
+        return out, probs
 
     # --- Embedder ---
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self._embed_images(images, False)[0]
+
+    @property
+    def has_classes(self) -> bool:
+        """Whether the model also gives class probabilities (the built-in EfficientNet-Lite graphs)."""
+        return bool(self.index_encoder.probs_name)
+
+    def embed_images_tagged(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`embed_images` plus the classifier's probabilities of each image, (n, classes), taken on
+        the full image (the ``id`` view); None when the model has no classifier."""
+        return self._embed_images(images, True)
+
+    def _embed_images(
+        self, images: Sequence[Image.Image], with_probs: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         if not images:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return np.zeros((0, self.dim), dtype=np.float32), None
+        names = _views.INDEX_VIEWS
         views = [_views.index_views(img) for img in images]
-        feats = self.features([v for vs in views for v in vs], self.index_encoder)
+        feats, probs = self._features([v for vs in views for v in vs], self.index_encoder, with_probs)
         # One stored vector per image: the mean of its views' raw features, then post-processed.
         bounds = np.cumsum([0] + [len(vs) for vs in views])
         mean = np.stack([feats[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
-        return np.ascontiguousarray(_score.postprocess(self.model_key, mean), dtype=np.float32)
+        vecs = np.ascontiguousarray(_score.postprocess(self.model_key, mean), dtype=np.float32)
+        if probs is not None:
+            first = names.index("id") if "id" in names else None
+            probs = np.stack(
+                [
+                    probs[a + first] if first is not None else probs[a:b].mean(axis=0)
+                    for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+                ]
+            )
+        return vecs, probs
 
     def embed_queries(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:

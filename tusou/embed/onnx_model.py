@@ -28,7 +28,7 @@ __all__ = ["OnnxEncoder", "file_sha256", "lite_onnx_path", "lite_weights_path"]
 log = logging.getLogger(__name__)
 
 #: Bumped whenever build_efficientnet_lite changes the graph it emits, so stale caches are not reused.
-GRAPH_VERSION = 1
+GRAPH_VERSION = 2  # 2: the classifier's softmax as a second output ("probs")
 
 
 def file_sha256(path: Path) -> str:
@@ -111,6 +111,8 @@ class OnnxEncoder:
         self._lock = threading.Lock()
         self.input_name = ""
         self.output_name = ""
+        #: Name of the classifier's softmax output ("probs"), "" when the graph has none (user models).
+        self.probs_name = ""
         self.dim = 0
         self._half = False
 
@@ -137,6 +139,7 @@ class OnnxEncoder:
                 raise ValueError(f"{self.path}: no 2-D (batch, dim) output among {session.get_outputs()}")
             inp = inputs[0]
             self.input_name, self.output_name = inp.name, outs[0].name
+            self.probs_name = next((o.name for o in outs[1:] if o.name == "probs"), "")
             self._half = inp.type == "tensor(float16)"
             if isinstance(inp.shape[1], int) and inp.shape[1] != 3:
                 raise ValueError(f"{self.path}: input {inp.shape} is not N x 3 x H x W (RGB, channels first)")
@@ -162,3 +165,14 @@ class OnnxEncoder:
         x = batch.astype(np.float16) if self._half else batch
         (y,) = self._session.run([self.output_name], {self.input_name: x})
         return np.asarray(y, dtype=np.float32)
+
+    def predict_with_probs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Features and the classifier's probabilities (None when the graph has no ``probs`` output)."""
+        if self._session is None:
+            self.load()
+        assert self._session is not None
+        if not self.probs_name:
+            return self.predict(batch), None
+        x = batch.astype(np.float16) if self._half else batch
+        y, p = self._session.run([self.output_name, self.probs_name], {self.input_name: x})
+        return np.asarray(y, dtype=np.float32), np.asarray(p, dtype=np.float32)
