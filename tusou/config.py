@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     rate_limit_per_s: float = Field(default=50.0, description="Requests per second per access key; 0 = off.")
     rate_limit_burst: int = Field(default=100, description="Requests a key may send at once before 429.")
     embed_batch: int = Field(default=16, description="Most images in one model call, across requests.")
+    heavy_threads: int = Field(
+        default=8,
+        description="Threads for requests that process images (new, add, search), apart from the shared "
+        "pool that serves the light ones (info, list, image, delete).",
+    )
     metrics: bool = Field(default=True, description="Serve GET /metrics (Prometheus; no tenant data).")
     metrics_token: str | None = Field(
         default=None, description="If set, /metrics requires Authorization: Bearer <token>."

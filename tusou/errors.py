@@ -28,6 +28,14 @@ class AuthError(QiniuError):
         return f"{self.status} {self.message}"
 
 
+class RateLimited(QiniuError):
+    """429: the access key sent more than its rate; ``retry_after_s`` goes out as ``Retry-After``."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(429, message)
+        self.retry_after_s = retry_after_s
+
+
 class StoreError(QiniuError):
     """A request the store refuses (400 unless said otherwise)."""
 

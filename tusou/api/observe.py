@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tusou import __version__
 from tusou.config import Settings
 from tusou.images import CODES, ImageError
-from tusou.service import Observer
+from tusou.service import Observer, Service
 
 access_log = logging.getLogger("tusou.access")
 log = logging.getLogger("tusou.api.observe")
@@ -171,9 +171,8 @@ class Metrics:
 
 
 # --- hooks into the service ----------------------------------------------------------------------------
-# service.py has no observer interface; these wrap its pieces on the instance (never the class or module,
-# which other apps in the same process share). Each hook checks what it wraps and, if the service changed
-# shape, logs once and leaves that metric at zero rather than failing requests.
+# The service reports through its ``observer`` (tusou.service.Observer); this one feeds the app's metrics.
+# It is set on the instance, never the class or module, which other apps in the same process share.
 
 
 class MetricsObserver(Observer):
@@ -190,7 +189,7 @@ class MetricsObserver(Observer):
         self.metrics.count_image_error(error)
 
 
-def instrument_service(service: Any, metrics: Metrics) -> None:
+def instrument_service(service: Service | None, metrics: Metrics) -> None:
     """Count embeddings and per-image errors of ``service`` into ``metrics`` (idempotent)."""
     if service is not None and not isinstance(service.observer, MetricsObserver):
         service.observer = MetricsObserver(metrics)
@@ -346,8 +345,7 @@ def install(app: FastAPI, settings: Settings) -> None:
         if service is None:
             return JSONResponse({"error": "starting"}, status_code=503)
         try:
-            # Any tenant answers; "" is never an access key, so this reads no one's data.
-            await health(lambda: service.store.list_groups(""))
+            await health(service.health)
         except Exception as exc:  # noqa: BLE001 - any failure is "unhealthy"
             # The detail goes to the log, not to an unauthenticated caller.
             log.warning("healthz: store read failed: %s", type(exc).__name__)

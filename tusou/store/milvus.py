@@ -578,5 +578,8 @@ class MilvusStore(Store):
         return [(float(hit["distance"]), hit["entity"]) for hit in result[0]]
 
     def close(self) -> None:
+        if getattr(self, "_closed", False):
+            return  # the service closes its store; an owner that also does is harmless
+        self._closed = True
         self._pool.shutdown(wait=False)
         self.client.close()

@@ -1,0 +1,424 @@
+"""Qiniu's wire format, in one place: request bodies in, typed requests out; domain results in, JSON out.
+
+Bodies come as JSON or form-encoded (Qiniu's Python SDK sends nested values as ``str(dict)``). Each field is
+coerced with the status and message Qiniu answers for it, in the order Qiniu checks them, into the typed
+requests of :mod:`tusou.domain`; the service never sees a wire dict. The renderers write the exact JSON
+Qiniu's clients parse (key order included). Limits come from :class:`tusou.config.Settings`, and the
+OpenAPI request models (:func:`request_models`) are built from the same limits.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from typing import Any
+from urllib.parse import parse_qsl
+
+from pydantic import BaseModel, Field, create_model
+
+from tusou.config import Settings
+from tusou.domain import (
+    BatchResult,
+    DeleteImages,
+    ImageInfo,
+    ImageRef,
+    ItemError,
+    ListImages,
+    Match,
+    NewImages,
+    NewItem,
+    Page,
+    SearchQuery,
+    UpdateImage,
+)
+from tusou.errors import QiniuError
+
+# Group ids travel in URL paths: no separators, dot-segments or control characters.
+GROUP_ID_RE = re.compile(r"^[^\x00-\x1f\x7f/\\?#%]{1,128}$")
+IMAGE_ID_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")
+LABEL_MAX_CHARS = 1024
+LIST_MAX_LIMIT = 1000  # images in one page of GET /v1/image/group/<id>
+# Largest form value read as a Python literal (the SDK's str(dict) form encoding of nested values).
+FORM_LITERAL_MAX = 64 * 1024
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+Body = dict[str, Any]  # a parsed request body: untrusted until coerced below
+
+
+# --- bodies ---------------------------------------------------------------------------------------------
+def _refuse_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; Python's parser accepts them unless told otherwise.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 overflows to inf, which no JSON response can carry back
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def loads(text: str | bytes) -> Any:
+    """Strict JSON: no NaN, no Infinity, no float that overflows, no unpaired surrogate."""
+    value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    if re.search(rb"\\u[dD][89a-fA-F]", raw):  # only pay for the check when surrogate escapes appear
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            # "\ud800" alone parses to a str that no UTF-8 database or response can hold.
+            raise ValueError("unpaired surrogate") from None
+    return value
+
+
+def _form_value(value: str) -> Any:
+    # requests form-encodes nested values with str(): '{"uri": ...}' or "{'uri': ...}".
+    if value[:1] in "{[":
+        try:
+            return loads(value)
+        except (ValueError, RecursionError):
+            if len(value) > FORM_LITERAL_MAX:
+                return value  # literal_eval is slow and memory-hungry on big input: never on untrusted bulk
+            try:
+                parsed = ast.literal_eval(value)
+                json.dumps(parsed, allow_nan=False)  # only what JSON could have carried
+                return parsed
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                return value
+    return value
+
+
+def parse_body(content_type: str, body: bytes) -> Body:
+    """A request body as a dict, read by its Content-Type (JSON, or form-encoded as the Python SDK sends)."""
+    if not body.strip():
+        return {}
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == FORM_TYPE:
+        try:
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise QiniuError(400, "invalid body") from exc
+        parsed: Body = {}
+        for key, value in pairs:
+            item = _form_value(value)
+            if key.endswith("[]"):
+                key = key[:-2]
+                parsed.setdefault(key, [])
+            if key in parsed:
+                existing = parsed[key]
+                parsed[key] = [*existing, item] if isinstance(existing, list) else [existing, item]
+            else:
+                parsed[key] = item
+        return parsed
+    try:
+        parsed = loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise QiniuError(400, "invalid body") from exc
+    if not isinstance(parsed, dict):
+        raise QiniuError(400, "invalid body")
+    return parsed
+
+
+# --- fields ---------------------------------------------------------------------------------------------
+def group_id(group: object) -> str:
+    if not isinstance(group, str) or not GROUP_ID_RE.match(group) or group in (".", ".."):
+        raise QiniuError(400, "invalid group id")
+    return group
+
+
+def _id_text(value: object) -> str | None:
+    """An image id as its string, or None if it is no id at all.
+
+    Clients often send numeric ids and Qiniu echoed them as strings; bool is an int to Python, but true
+    is not an id.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value if isinstance(value, str) else None
+
+
+def _required_id(value: object) -> str:
+    text = _id_text(value)
+    if not text:
+        raise QiniuError(400, "invalid id")
+    return text
+
+
+def _label_ok(label: object) -> bool:
+    return isinstance(label, str) and len(label) <= LABEL_MAX_CHARS
+
+
+def desc_bytes(desc: object) -> int:
+    """Size of a desc as stored (compact JSON); a plain string counts its own bytes, not the quotes."""
+    if isinstance(desc, str):
+        return len(desc.encode())
+    return len(json.dumps(desc, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+class Wire:
+    """Coerces request bodies into typed requests under ``settings``' limits."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    # --- new / add ------------------------------------------------------------------------------------
+    def new_images(self, group: str, body: Body) -> NewImages:
+        group = group_id(group)
+        data = body.get("data", [])
+        if isinstance(data, dict):  # a form-encoded list of one entry arrives as that entry
+            data = [data]
+        if not isinstance(data, list):
+            raise QiniuError(400, "invalid data")
+        if len(data) > self.settings.max_batch_images:
+            raise QiniuError(400, f"too many images, at most {self.settings.max_batch_images}")
+        return NewImages(group, [self._item(entry) for entry in data])
+
+    def _item(self, entry: object) -> NewItem | ItemError:
+        """A valid item, or the ``errors[]`` entry explaining why it is not."""
+        if not isinstance(entry, dict):
+            return ItemError(400, "invalid image entry")
+        uri = entry.get("uri")
+        if not isinstance(uri, str) or not uri.strip():
+            return ItemError(400, "empty uri")
+        attribute = entry.get("attribute") or {}
+        if not isinstance(attribute, dict):
+            return ItemError(400, "invalid attribute")
+        raw_id = attribute.get("id")
+        image_id = None
+        if raw_id is not None and raw_id != "":
+            image_id = _id_text(raw_id)
+            if image_id is None or not IMAGE_ID_RE.match(image_id):
+                return ItemError(400, "invalid id")
+        label = attribute.get("label")
+        if label is None:
+            label = ""
+        if not _label_ok(label):
+            return ItemError(400, "invalid label")
+        desc = attribute.get("desc")
+        if desc is not None and desc_bytes(desc) > self.settings.desc_max_bytes:
+            return ItemError(406, "desc too long")
+        return NewItem(image_id, label, desc, uri.strip())
+
+    # --- delete, list, image, update ------------------------------------------------------------------
+    def delete_images(self, group: str, body: Body) -> DeleteImages:
+        group = group_id(group)
+        images = body.get("images")
+        if isinstance(images, str | int):
+            images = [images]
+        texts = [_id_text(i) for i in images] if isinstance(images, list) else [None]
+        ids = [text for text in texts if text is not None]
+        if len(ids) != len(texts):
+            raise QiniuError(400, "invalid images")
+        return DeleteImages(group, ids)
+
+    def list_images(self, group: str, marker: str, limit: str) -> ListImages:
+        try:
+            count = int(limit) if limit != "" else LIST_MAX_LIMIT
+        except ValueError as exc:
+            raise QiniuError(400, "invalid limit") from exc
+        if not 1 <= count <= LIST_MAX_LIMIT:
+            raise QiniuError(400, "invalid limit")
+        return ListImages(group_id(group), marker, count)
+
+    def image_ref(self, group: str, body: Body) -> ImageRef:
+        group = group_id(group)
+        return ImageRef(group, _required_id(body.get("id")))
+
+    def update_image(self, group: str, body: Body) -> UpdateImage:
+        image_id = _required_id(body.get("id"))
+        label = body.get("label")
+        if label is not None and not _label_ok(label):
+            raise QiniuError(400, "invalid label")
+        keep_desc = "desc" not in body
+        desc = body.get("desc")
+        if desc is not None and desc_bytes(desc) > self.settings.desc_max_bytes:
+            raise QiniuError(406, "desc too long")
+        return UpdateImage(group_id(group), image_id, label, desc, keep_desc)
+
+    # --- search ---------------------------------------------------------------------------------------
+    def search(self, body: Body, group: str | None = None) -> SearchQuery:
+        """Both searches: the multi-group one names its groups in params, the legacy one in its path."""
+        data = body.get("data") or {}
+        params = body.get("params") or {}
+        if not isinstance(data, dict) or not isinstance(params, dict):
+            raise QiniuError(400, "invalid body")
+        uri = data.get("uri")
+        # Beyond Qiniu: {"data": {"id": ..., "group": ...}} searches with a stored image.
+        stored = not uri and data.get("id") is not None
+        if not stored and (not isinstance(uri, str) or not uri.strip()):
+            raise QiniuError(406, "empty uri")
+        groups = self._groups(params.get("groups") if group is None else [group])
+        limit = self._search_limit(params.get("limit"))
+        threshold = self._threshold(params.get("threshold"))
+        labels = self._labels(params.get("labels"))
+        if stored:
+            source = data.get("group")
+            image_id = data.get("id")
+            source_group = group_id(source if source is not None else groups[0])
+            if not isinstance(image_id, str) or not image_id:
+                raise QiniuError(406, "invalid id")
+            return SearchQuery(
+                groups, limit, threshold, by_id=ImageRef(source_group, image_id), labels=labels
+            )
+        assert isinstance(uri, str)
+        return SearchQuery(groups, limit, threshold, uri=uri.strip(), labels=labels)
+
+    def _groups(self, groups: object) -> list[str]:
+        if isinstance(groups, str):
+            groups = [groups]
+        if not isinstance(groups, list) or not groups:
+            raise QiniuError(406, "empty groups")
+        if len(groups) > self.settings.search_max_groups:
+            raise QiniuError(406, f"too many groups, at most {self.settings.search_max_groups}")
+        if not all(isinstance(g, str) for g in groups):
+            raise QiniuError(406, "invalid groups")
+        return list(dict.fromkeys(group_id(g) for g in groups))
+
+    def _search_limit(self, limit: object) -> int:
+        if limit is None:
+            return 1
+        if isinstance(limit, bool) or not isinstance(limit, int | float | str):
+            raise QiniuError(406, "invalid limit")
+        try:
+            value = int(float(limit)) if isinstance(limit, str) else int(limit)
+            whole = value == float(limit)
+        except (ValueError, OverflowError) as exc:  # 1e999, or an int too large for a float
+            raise QiniuError(406, "invalid limit") from exc
+        if not whole or value < -1 or value > self.settings.search_max_limit:
+            raise QiniuError(406, "invalid limit")
+        if value == 0:
+            return 1
+        # -1 is "every match"; Qiniu capped that at the maximum limit too.
+        return self.settings.search_max_limit if value == -1 else value
+
+    @staticmethod
+    def _threshold(threshold: object) -> float | None:
+        if threshold is None or threshold == "":
+            return None
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float | str):
+            raise QiniuError(406, "invalid threshold")
+        try:
+            value = float(threshold)
+        except (ValueError, OverflowError) as exc:
+            raise QiniuError(406, "invalid threshold") from exc
+        if not 0.0 <= value <= 1.0:
+            raise QiniuError(406, "invalid threshold")
+        return value
+
+    @staticmethod
+    def _labels(labels: object) -> frozenset[str] | None:
+        if labels is None or labels == []:
+            return None
+        if isinstance(labels, str):
+            labels = [labels]
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise QiniuError(406, "invalid labels")
+        return frozenset(labels)
+
+
+# --- responses ------------------------------------------------------------------------------------------
+def item_error(error: ItemError | None) -> dict[str, Any] | None:
+    return None if error is None else {"code": error.code, "message": error.message}
+
+
+def batch(result: BatchResult) -> dict[str, Any]:
+    return {"errors": [item_error(e) for e in result.errors], "images": result.images}
+
+
+def groups(names: list[str]) -> dict[str, Any]:
+    return {"code": 0, "message": "", "result": names}
+
+
+def count(n: int) -> dict[str, Any]:
+    return {"count": n}
+
+
+def page(result: Page) -> dict[str, Any]:
+    listed = [{"id": img.id, "value": {"desc": img.desc, "label": img.label}} for img in result.images]
+    return {"code": 0, "marker": result.marker, "message": "", "result": listed}
+
+
+def image(info: ImageInfo) -> dict[str, Any]:
+    return {"desc": info.desc, "label": info.label}
+
+
+def hits(matches: list[Match], *, with_group: bool = True) -> dict[str, Any]:
+    """Search results; the legacy single-group search leaves ``group`` out."""
+    result = []
+    for match in matches:
+        entry: dict[str, Any] = {"desc": match.desc}
+        if with_group:
+            entry["group"] = match.group
+        entry.update(id=match.id, label=match.label, score=round(float(match.score), 7))
+        if match.uri:
+            entry["uri"] = match.uri
+        result.append(entry)
+    return {"code": 0, "message": "", "result": result}
+
+
+EMPTY: dict[str, Any] = {}
+
+
+# --- OpenAPI --------------------------------------------------------------------------------------------
+def request_models(settings: Settings) -> list[type[BaseModel]]:
+    """The request bodies for the OpenAPI document, with the limits this server enforces."""
+    attribute = create_model(
+        "Attribute",
+        id=(str | None, Field(default=None, description="Image id; generated when empty.")),
+        label=(str | None, Field(default=None, description=f"At most {LABEL_MAX_CHARS} characters.")),
+        desc=(
+            Any,
+            Field(default=None, description=f"Any JSON value, at most {settings.desc_max_bytes} bytes."),
+        ),
+    )
+    entry = create_model(
+        "ImageEntry",
+        uri=(str, Field(description="http(s) URL or data:application/octet-stream;base64,... URI.")),
+        attribute=(attribute | None, None),  # type: ignore[operator]
+    )
+    batch_request = create_model(
+        "BatchRequest",
+        data=(list[entry], Field(description=f"At most {settings.max_batch_images} images.")),  # type: ignore[valid-type]
+    )
+    search_data = create_model(
+        "SearchData",
+        uri=(str | None, Field(default=None, description="The query image (required unless id is given).")),
+        id=(str | None, Field(default=None, description="tusou extension: search with this stored image.")),
+        group=(
+            str | None,
+            Field(default=None, description="With id: its group (default: the first searched)."),
+        ),
+    )
+    limit_doc = f"1..{settings.search_max_limit}, or -1 for every match."
+    threshold_doc = "0..1; raised to the system default."
+    labels_doc = "tusou extension: only hits with these labels."
+    search_params = create_model(
+        "SearchParams",
+        groups=(list[str], Field(description=f"At most {settings.search_max_groups} groups.")),
+        limit=(int | None, Field(default=1, description=limit_doc)),
+        threshold=(float | None, Field(default=None, description=threshold_doc)),
+        labels=(list[str] | None, Field(default=None, description=labels_doc)),
+    )
+    legacy_params = create_model(
+        "LegacySearchParams",
+        limit=(int | None, Field(default=1, description=limit_doc)),
+        threshold=(float | None, Field(default=None, description=threshold_doc)),
+        labels=(list[str] | None, Field(default=None, description=labels_doc)),
+    )
+    return [
+        batch_request,
+        create_model("DeleteRequest", images=(list[str], ...)),
+        create_model("ImageRequest", id=(str, ...)),
+        create_model("SearchRequest", data=(search_data, ...), params=(search_params, ...)),
+        create_model("LegacySearchRequest", data=(search_data, ...), params=(legacy_params | None, None)),  # type: ignore[operator]
+        create_model(
+            "UpdateRequest",
+            __doc__="tusou extension: change a stored image's label and/or desc; "
+            "absent fields stay as they are.",
+            id=(str, ...),
+            label=(str | None, None),
+            desc=(Any, None),
+        ),
+    ]

@@ -1,0 +1,122 @@
+"""What the use cases take and give: typed requests and domain results, free of any wire format.
+
+:mod:`tusou.api.qiniu` builds these from Qiniu's JSON and form bodies (with Qiniu's exact statuses and
+messages for whatever does not fit) and renders the results back; :class:`tusou.service.Service` works on
+them alone. Fields hold values that already passed the wire rules: ids are strings, limits are resolved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from tusou.store.base import ImageInfo, ItemError
+
+#: A value JSON can carry (an image's ``desc``).
+JSONValue: TypeAlias = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
+
+__all__ = [
+    "BatchResult",
+    "DeleteImages",
+    "ImageInfo",
+    "ImageRef",
+    "ItemError",
+    "JSONValue",
+    "ListImages",
+    "Match",
+    "NewImages",
+    "NewItem",
+    "Page",
+    "SearchQuery",
+    "UpdateImage",
+]
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """One image of a new/add request, valid as far as the request itself can tell."""
+
+    id: str | None  # None: the service generates one
+    label: str
+    desc: JSONValue
+    uri: str
+
+
+@dataclass(frozen=True)
+class NewImages:
+    """new and add: ``items`` index for index with the request; an ItemError is refused in place."""
+
+    group: str
+    items: list[NewItem | ItemError]
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Per item: its id (``""`` where it failed) and its error (None where it was stored)."""
+
+    images: list[str]
+    errors: list[ItemError | None]
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    group: str
+    id: str
+
+
+@dataclass(frozen=True)
+class DeleteImages:
+    group: str
+    ids: list[str]
+
+
+@dataclass(frozen=True)
+class ListImages:
+    group: str
+    marker: str
+    limit: int
+
+
+@dataclass(frozen=True)
+class Page:
+    images: list[ImageInfo]
+    marker: str  # "" after the last page
+
+
+@dataclass(frozen=True)
+class UpdateImage:
+    """Change a stored image's label (None: keep) and/or desc (``keep_desc``: keep; None is a value)."""
+
+    group: str
+    id: str
+    label: str | None
+    desc: JSONValue
+    keep_desc: bool
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """The best ``limit`` images over ``groups`` scoring at least the threshold.
+
+    The query is an image (``uri``) or, beyond Qiniu, a stored image's vector (``by_id``); ``labels``
+    (beyond Qiniu) keeps only hits with one of these labels.
+    """
+
+    groups: list[str]
+    limit: int
+    threshold: float | None  # None: the system default; a lower one is raised to it
+    uri: str | None = None
+    by_id: ImageRef | None = None
+    labels: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class Match:
+    """A search hit with its 0..1 score."""
+
+    group: str
+    id: str
+    label: str
+    desc: JSONValue
+    uri: str | None
+    score: float
