@@ -36,6 +36,7 @@ class Page:
         self.driver = driver
         self.url = url
         self.allowed_statuses: set[int] = set()
+        self.allowed_urls: set[str] = set()
         driver.get(url + "/")
         self.wait("the page script running", lambda: self.js("return !!window.QiniuSign"))
 
@@ -57,6 +58,14 @@ class Page:
         if text:
             field.send_keys(text)
 
+    def choose(self, select_id: str, value: str) -> None:
+        from selenium.webdriver.support.ui import Select
+
+        Select(self.el(select_id)).select_by_value(value)
+
+    def options(self, select_id: str) -> list[str]:
+        return list(self.js("return [...arguments[0].options].map(o => o.value)", self.el(select_id)))
+
     def text(self, element_id: str) -> str:
         return str(self.js("return document.getElementById(arguments[0]).innerText", element_id))
 
@@ -69,19 +78,73 @@ class Page:
             )
         )
 
-    def press(self, button_id: str) -> None:
+    def press(self, button: Any) -> None:
         """Clicks a button whose action disables it while it runs, and waits for the action to end."""
-        button = self.el(button_id)
+        if isinstance(button, str):
+            button = self.el(button)
         button.click()
-        self.wait(f"#{button_id} finishing", lambda: not self.js("return arguments[0].disabled", button))
+        self.wait("the action finishing", lambda: not self.js("return arguments[0].disabled", button))
+
+    def message(self, element_id: str, kind: str) -> str:
+        """The message next to an action once it is of kind "ok" or "bad"; checked to be in view."""
+        self.wait(
+            f"a {kind} message in #{element_id}",
+            lambda: self.js(
+                "const e = arguments[0];"
+                "return e.classList.contains(arguments[1]) && e.innerText.trim() !== ''",
+                self.el(element_id),
+                kind,
+            ),
+        )
+        assert self.in_view(element_id), (
+            f"#{element_id} is not in view",
+            self.js(
+                "const r = arguments[0].getBoundingClientRect(); return [r.top, r.bottom, r.left, r.right,"
+                " innerWidth, innerHeight, scrollY]",
+                self.el(element_id),
+            ),
+        )
+        return self.text(element_id)
+
+    def in_view(self, element_id: str) -> bool:
+        return bool(
+            self.js(
+                "const r = arguments[0].getBoundingClientRect();"
+                "return r.width > 0 && r.height > 0 && r.top >= 0 && r.left >= 0"
+                " && r.bottom <= window.innerHeight + 1 && r.right <= window.innerWidth + 1",
+                self.el(element_id),
+            )
+        )
+
+    def count_of(self, group: str) -> str:
+        return next((row[1] for row in self.rows("grouprows") if row[0] == group), "")
+
+    def row_button(self, tbody_id: str, image_or_group: str, text: str) -> Any:
+        from selenium.webdriver.common.by import By
+
+        attr = "data-group" if tbody_id == "grouprows" else "data-id"
+        css = f"#{tbody_id} tr[{attr}='{image_or_group}'] button"
+        return next(b for b in self.driver.find_elements(By.CSS_SELECTOR, css) if text in b.text)
+
+    def confirm(self, accept: bool) -> str:
+        alert = self.wait("a confirmation", lambda: self.driver.switch_to.alert)
+        text = str(alert.text)
+        if accept:
+            alert.accept()
+        else:
+            alert.dismiss()
+        return text
 
     def log_lines(self) -> list[str]:
         return [line for line in self.text("log").splitlines() if line.strip()]
 
     def sign_in(self, access_key: str, secret_key: str) -> None:
+        from selenium.webdriver.common.keys import Keys
+
         self.type("ak", access_key)
         self.type("sk", secret_key)
-        self.press("refresh")
+        self.el("sk").send_keys(Keys.ENTER)  # Enter submits
+        self.wait("signing in finishing", lambda: self.el("signin").is_enabled())
 
     # --- the console: any JavaScript error fails; HTTP refusals only with a status the test expects
     def console_errors(self) -> list[str]:
@@ -90,9 +153,12 @@ class Page:
             if entry["level"] != "SEVERE":
                 continue
             message = entry["message"]
-            status = re.search(r"status of (\d{3})", message)
-            if entry.get("source") == "network" and status and int(status.group(1)) in self.allowed_statuses:
-                continue
+            if entry.get("source") == "network":
+                status = re.search(r"status of (\d{3})", message)
+                if status and int(status.group(1)) in self.allowed_statuses:
+                    continue
+                if any(message.startswith(url + " ") for url in self.allowed_urls):
+                    continue
             bad.append(message)
         return bad
 
@@ -124,58 +190,79 @@ def photo_files(tmp_path: Path, photos: list[Image.Image]) -> list[Path]:
     return paths
 
 
-def test_wrong_secret_shows_an_error(page: Page, tusou: Tusou) -> None:
+def test_wrong_secret_shows_an_error_in_view(page: Page, tusou: Tusou) -> None:
     key = tusou.keys.create("web")
     page.allowed_statuses.add(401)
     page.sign_in(key.access_key, key.secret_key[:-1] + ("A" if key.secret_key[-1] != "A" else "B"))
-    log = page.wait("a refused request in the log", lambda: [x for x in page.log_lines() if "401" in x])
-    assert "bad token" in log[0]
+    shown = page.message("keys-msg", "bad")
+    assert "401" in shown and "bad token" in shown
+    assert "私钥" in shown and "secret key is wrong" in shown  # the hint, in both languages
+    assert "clock" not in shown
     assert page.rows("grouprows") == []
+    assert any("401" in line for line in page.log_lines())
+
+    # The right secret: the error gives way to the groups.
+    page.sign_in(key.access_key, key.secret_key)
+    assert "Signed in" in page.message("keys-msg", "ok")
+    assert page.rows("grouprows") == [["还没有分组 No groups yet"]]
 
 
-def test_sign_in_create_add_search_and_page(
+def test_sign_in_create_add_search_page_delete_remove(
     page: Page, tusou: Tusou, photo_files: list[Path], photos: list[Image.Image], image_server: ImageServer
 ) -> None:
+    from selenium.webdriver.common.keys import Keys
+
     key = tusou.keys.create("web")
     page.sign_in(key.access_key, key.secret_key)
     assert page.rows("grouprows") == [["还没有分组 No groups yet"]]
 
-    # Create a group: it is listed with 0 images and chosen in every group field.
-    page.type("newgroup", "shop")
-    page.press("create")
-    listed = [["shop", "0", "选用 Use 浏览 Browse"]]
-    page.wait("the new group listed", lambda: page.rows("grouprows") == listed)
-    assert page.el("agroup").get_attribute("value") == "shop"
+    # Create two groups (Enter submits); an id with a space is one group, never split.
+    for group in ("shop", "summer shoes"):
+        page.type("newgroup", group)
+        page.el("newgroup").send_keys(Keys.ENTER)
+        assert f"Created group {group}" in page.message("groups-msg", "ok")
+    page.wait(
+        "both groups listed",
+        lambda: [r[:2] for r in page.rows("grouprows")] == [["shop", "0"], ["summer shoes", "0"]],
+    )
+    assert page.options("sgroup1") == ["shop", "summer shoes"]
+    assert page.options("sgroup2") == ["", "shop", "summer shoes"]
+    assert page.el("agroup").get_attribute("value") == "summer shoes"  # the new group is chosen
 
-    # Two files and a URL (a loopback server, allow-listed in the test settings).
+    # Two files into "shop", a URL (a loopback server, allow-listed in the test settings) into "summer shoes";
+    # the counts follow every add without a refresh.
+    page.choose("agroup", "shop")
     for i, path in enumerate(photo_files[:2]):
         page.el("file").send_keys(str(path))
         page.type("aid", f"p{i}")
         page.type("alabel", "鞋子" if i == 0 else "bag")
         page.press("add")
-        page.wait(f"p{i} added", lambda i=i: any(f"added id p{i} to shop" in x for x in page.log_lines()))
+        assert f"Added id p{i} to shop" in page.message("add-msg", "ok")
+        page.wait(f"the count of shop at {i + 1}", lambda i=i: page.count_of("shop") == str(i + 1))
     url = image_server.put("p2.jpg", jpeg(photos[2]))
     page.type("url", url)
     assert page.el("file").get_attribute("value") == ""  # a URL replaces the chosen file
+    page.choose("agroup", "summer shoes")
     page.type("aid", "p2")
     page.type("alabel", "")
     page.press("add")
-    page.wait("p2 added", lambda: any("added id p2 to shop" in x for x in page.log_lines()))
+    assert "Added id p2 to summer shoes" in page.message("add-msg", "ok")
+    page.wait("the count of summer shoes at 1", lambda: page.count_of("summer shoes") == "1")
 
-    page.press("refresh")
-    page.wait("the count of 3", lambda: page.rows("grouprows")[0][:2] == ["shop", "3"])
-
-    # Search with the first file: it is the first hit.
+    # Search both groups with the first file: it is the first hit.
     page.el("file").send_keys(str(photo_files[0]))
+    page.choose("sgroup1", "shop")
+    page.choose("sgroup2", "summer shoes")
     page.press("search")
     hits = page.rows("hits")
     assert hits[0][1:3] == ["p0", "鞋子"] and hits[0][4] == "shop"
     assert float(hits[0][3]) > 0.9
+    assert {row[1] for row in hits} <= {"p0", "p1", "p2"}
 
-    # Search with the URL: the hit shows the picture it was added from.
+    # Search with the URL: the hit from the second group shows the picture it was added from.
     page.type("url", url)
     page.press("search")
-    assert page.rows("hits")[0][1] == "p2"
+    assert page.rows("hits")[0][1] == "p2" and page.rows("hits")[0][4] == "summer shoes"
     thumb = page.wait(
         "the first hit's thumbnail loaded",
         lambda: page.js(
@@ -185,15 +272,126 @@ def test_sign_in_create_add_search_and_page(
     )
     assert thumb == url
 
-    # Page through the group, two at a time.
-    page.type("bgroup", "shop")
-    page.type("blimit", "2")
+    # A failed search: the error is next to the button with a hint that fits, and the old results are gone.
+    refused = url.replace("127.0.0.1", "127.0.0.2")
+    page.allowed_statuses.add(403)
+    page.allowed_urls.add(refused)  # the preview of a URL nothing answers
+    page.type("url", refused)
+    page.press("search")
+    shown = page.message("search-msg", "bad")
+    assert "403" in shown and "fetch refused" in shown and "TUSOU_FETCH_ALLOW" in shown
+    assert "clock" not in shown and "时钟" not in shown
+    assert page.rows("hits") == []
+
+    # Page through "shop" and then "summer shoes", two at a time.
+    page.choose("bgroup", "shop")
+    page.type("blimit", "1")
     page.press("first")
     first = page.rows("images")
-    assert len(first) == 2
-    assert page.el("next").is_enabled()
+    assert len(first) == 1
+    page.wait("next turned on", lambda: page.el("next").is_enabled())
     page.el("next").click()
     page.wait("the second page", lambda: len(page.rows("images")) == 1 and page.rows("images") != first)
     page.wait("next turned off on the last page", lambda: not page.el("next").is_enabled())
-    shown = {row[0] for row in first} | {page.rows("images")[0][0]}
-    assert shown == {"p0", "p1", "p2"}
+    assert {first[0][1], page.rows("images")[0][1]} == {"p0", "p1"}
+    page.type("blimit", "50")
+    page.press("first")
+    assert sorted(row[1] for row in page.rows("images")) == ["p0", "p1"]
+
+    # Delete from the browsed page: cancelling keeps the image; confirming deletes it and the count follows.
+    page.row_button("images", "p1", "Delete").click()
+    assert "p1" in page.confirm(accept=False)
+    assert [row[1] for row in page.rows("images")] == ["p0", "p1"]
+    page.row_button("images", "p1", "Delete").click()
+    assert "p1" in page.confirm(accept=True)
+    assert "Deleted p1" in page.message("browse-msg", "ok")
+    assert [row[1] for row in page.rows("images")] == ["p0"]
+    page.wait("the count of shop at 1", lambda: page.count_of("shop") == "1")
+
+    # Delete from the results.
+    page.el("file").send_keys(str(photo_files[0]))
+    page.press("search")
+    assert page.rows("hits")[0][1] == "p0"
+    page.row_button("hits", "p0", "Delete").click()
+    page.confirm(accept=True)
+    assert "Deleted p0" in page.message("search-msg", "ok")
+    assert "p0" not in [row[1] for row in page.rows("hits")]
+    assert "p0" not in [row[1] for row in page.rows("images")]
+    page.wait("the count of shop at 0", lambda: page.count_of("shop") == "0")
+
+    # Remove a group: it asks first, then the group is gone from the table and every picker.
+    page.row_button("grouprows", "summer shoes", "Remove").click()
+    assert "summer shoes" in page.confirm(accept=True)
+    assert "Removed group summer shoes" in page.message("groups-msg", "ok")
+    assert [row[0] for row in page.rows("grouprows")] == ["shop"]
+    assert page.options("sgroup1") == ["shop"]
+    # The server agrees.
+    assert "summer shoes" not in tusou.service.list_groups(key.access_key)
+
+
+@pytest.mark.parametrize("width", [375, 1920])
+def test_layout_fits_phone_and_wide_screens(
+    page: Page, tusou: Tusou, photo_files: list[Path], width: int
+) -> None:
+    page.driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": width < 500},
+    )
+    try:
+        page.driver.refresh()
+        page.wait("the page script running", lambda: page.js("return !!window.QiniuSign"))
+        assert page.js("return window.innerWidth") == width
+        # With content in every table: a group, an image with a long label and desc, results and a page.
+        key = tusou.keys.create("web")
+        page.sign_in(key.access_key, key.secret_key)
+        page.type("newgroup", "a-group-with-a-rather-long-name-" + "x" * 40)
+        page.press("create")
+        page.message("groups-msg", "ok")
+        page.el("file").send_keys(str(photo_files[0]))
+        page.type("alabel", "a label that goes on and on " * 3)
+        page.type("adesc", '{"note": "' + "a long description without spaces " * 8 + '"}')
+        page.press("add")
+        page.message("add-msg", "ok")
+        page.press("search")
+        page.message("search-msg", "ok")
+        page.press("first")
+        page.wait("the browsed page", lambda: len(page.rows("images")) == 1)
+        # Nothing makes the page scroll sideways; every control is on screen horizontally, except row buttons
+        # in a table that scrolls sideways on its own (a phone).
+        assert page.js("return document.documentElement.scrollWidth") <= width
+        off = page.js(
+            "return [...document.querySelectorAll('input, select, button')].filter(e => {"
+            "  const r = e.getBoundingClientRect();"
+            "  return r.width > 0 && (r.left < 0 || r.right > innerWidth) && !e.closest('.scroll');"
+            "}).map(e => e.id || e.innerText)"
+        )
+        assert off == []
+        scrolling = page.js(
+            "return [...document.querySelectorAll('.scroll')].filter(e => e.scrollWidth > e.clientWidth + 1)"
+            ".length"
+        )
+        if width >= 1920:
+            assert scrolling == 0  # wide screens show every table whole
+    finally:
+        page.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_labels_and_keyboard_order(page: Page) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    # Every field has a label; every button says what it does.
+    unlabelled = page.js(
+        "return [...document.querySelectorAll('input, select')].filter(e => !e.labels.length).map(e => e.id)"
+    )
+    assert unlabelled == []
+    mute = page.js(
+        "return [...document.querySelectorAll('button')].filter(e => !e.innerText.trim()).map(e => e.id)"
+    )
+    assert mute == []
+    # Tab walks the page in reading order.
+    page.el("ak").click()
+    order = ["ak"]
+    for _ in range(6):
+        page.driver.switch_to.active_element.send_keys(Keys.TAB)
+        order.append(page.js("return document.activeElement.id"))
+    assert order == ["ak", "sk", "signin", "forget", "newgroup", "create", "refresh"]
