@@ -20,6 +20,7 @@ from tusou.errors import GroupExists as GroupExists
 from tusou.errors import GroupNotFound as GroupNotFound
 from tusou.errors import ImageNotFound as ImageNotFound
 from tusou.errors import StoreError as StoreError
+from tusou.store.filters import Filter
 
 
 class ModelMismatch(Exception):
@@ -37,6 +38,8 @@ class NewImage:
     desc: Any
     uri: str | None
     vector: np.ndarray
+    #: Automatic tags, [[class index, probability], ...] (tusou.embed.concepts); None: not computed.
+    tags: list[list[float]] | None = None
 
 
 @dataclass
@@ -45,6 +48,7 @@ class ImageInfo:
     label: str
     desc: Any
     uri: str | None
+    tags: list[list[float]] | None = None
 
 
 @dataclass
@@ -54,7 +58,8 @@ class Hit:
     label: str
     desc: Any
     uri: str | None
-    cosine: float
+    cosine: float  # for search_tags: the evidence (0..1)
+    tags: list[list[float]] | None = None
 
 
 @dataclass
@@ -120,12 +125,31 @@ class Store(ABC):
         queries: np.ndarray,
         limit: int,
         min_cosine: float,
+        where: Filter | None = None,
     ) -> list[Hit]:
         """Best ``limit`` images over ``groups`` with cosine >= min_cosine, best first.
 
         ``queries`` is (v, dim): several views of one query; an image scores its best cosine over them.
-        ``limit`` -1 means every match.
+        ``limit`` -1 means every match. ``where`` (tusou.store.filters) keeps only the images it matches,
+        applied before the limit.
         """
+
+    def search_tags(
+        self,
+        tenant: str,
+        groups: Sequence[str],
+        classes: Sequence[int],
+        limit: int,
+        min_evidence: float,
+        where: Filter | None = None,
+    ) -> list[Hit]:
+        """Keyword search: images whose stored tags put at least ``min_evidence`` of probability on
+        ``classes`` (Hit.cosine = that sum, 0..1), best first, ties in insertion order."""
+        raise StoreError("keyword search is not supported by this store", 400)
+
+    def set_tags(self, tenant: str, group: str, tags: dict[str, list[list[float]]]) -> int:
+        """Replace the tags of the named images (``tusou retag``); returns how many were updated."""
+        raise StoreError("tags are not supported by this store", 400)
 
     @abstractmethod
     def close(self) -> None: ...

@@ -68,6 +68,7 @@ from tusou.store.base import (
     Store,
     StoreError,
 )
+from tusou.store.filters import Filter
 from tusou.store.markers import decode_marker, encode_marker
 
 # Milvus's top-k and query-window cap (maxTopK / maxQueryResultWindow in 2.3).
@@ -485,7 +486,13 @@ class MilvusStore(Store):
         return np.asarray(r["vec"], dtype=np.float32)
 
     def search(
-        self, tenant: str, groups: Sequence[str], queries: np.ndarray, limit: int, min_cosine: float
+        self,
+        tenant: str,
+        groups: Sequence[str],
+        queries: np.ndarray,
+        limit: int,
+        min_cosine: float,
+        where: Filter | None = None,
     ) -> list[Hit]:
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         groups = list(dict.fromkeys(groups))
@@ -494,9 +501,14 @@ class MilvusStore(Store):
         flt = _in("gkey", list(names))
         best: dict[int, tuple[float, dict]] = {}
         for view in queries:
-            for cosine, entity in self._search_view(view, flt, limit, min_cosine):
+            # A filter is applied here in Python to every match above the threshold (desc is JSON text in
+            # this schema, which Milvus expressions cannot look into), so the limit still counts passing
+            # images; the cost grows with the number of matches, not with the filter's selectivity.
+            for cosine, entity in self._search_view(view, flt, -1 if where else limit, min_cosine):
                 if entity["tenant"] != tenant or names.get(_key(tenant, entity["grp"])) != entity["grp"]:
                     continue  # a hash collision with another tenant's group: never shown
+                if where is not None and not where.matches(entity["label"], _load_desc(entity["desc"])):
+                    continue
                 seq = int(entity["seq"])
                 if seq not in best or cosine > best[seq][0]:
                     best[seq] = (cosine, entity)

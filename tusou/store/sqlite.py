@@ -38,6 +38,7 @@ from tusou.store.base import (
     NewImage,
     Store,
 )
+from tusou.store.filters import Filter
 from tusou.store.markers import decode_marker, encode_marker
 from tusou.store.vector_index import VectorIndex, snapshot_files
 
@@ -60,6 +61,7 @@ CREATE TABLE IF NOT EXISTS images (
     desc TEXT,
     uri TEXT,
     created REAL NOT NULL,
+    tags TEXT,  -- automatic tags, JSON [[class, p], ...]; NULL: none computed (tusou retag)
     UNIQUE (gid, image_id)
 );
 CREATE INDEX IF NOT EXISTS images_by_group ON images (gid, seq);
@@ -82,6 +84,14 @@ def _dump_desc(desc: object) -> str | None:
 
 def _load_desc(text: str | None) -> object:
     return "" if text is None else json.loads(text)
+
+
+def _dump_tags(tags: list[list[float]] | None) -> str | None:
+    return None if tags is None else json.dumps(tags, separators=(",", ":"))
+
+
+def _load_tags(text: str | None) -> list[list[float]] | None:
+    return None if text is None else json.loads(text)
 
 
 class SQLiteStore(Store):
@@ -117,6 +127,9 @@ class SQLiteStore(Store):
             os.chmod(self.path, 0o600)
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
+        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(images)")}
+        if "tags" not in columns:  # a data folder from before tags: the column is added, rows keep NULL
+            self._writer.execute("ALTER TABLE images ADD COLUMN tags TEXT")
         self._check_model(model_id)
         self._gids: dict[tuple[str, str], int] = {}
         self._indexes: dict[int, VectorIndex] = {}
@@ -312,8 +325,17 @@ class SQLiteStore(Store):
             vector = np.ascontiguousarray(image.vector, dtype=np.float32).reshape(self.dim)
             try:
                 seq = conn.execute(
-                    "INSERT INTO images (gid, image_id, label, desc, uri, created) VALUES (?, ?, ?, ?, ?, ?)",
-                    (gid, image.id, image.label, _dump_desc(image.desc), image.uri, now),
+                    "INSERT INTO images (gid, image_id, label, desc, uri, created, tags) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        gid,
+                        image.id,
+                        image.label,
+                        _dump_desc(image.desc),
+                        image.uri,
+                        now,
+                        _dump_tags(image.tags),
+                    ),
                 ).lastrowid
             except sqlite3.IntegrityError:
                 results.append(ItemError(400, "id already exists"))
@@ -388,7 +410,7 @@ class SQLiteStore(Store):
         rows = (
             self._reader()
             .execute(
-                "SELECT seq, image_id, label, desc, uri FROM images WHERE gid = ? AND seq > ? "
+                "SELECT seq, image_id, label, desc, uri, tags FROM images WHERE gid = ? AND seq > ? "
                 "ORDER BY seq LIMIT ?",
                 (gid, after, limit + 1),
             )
@@ -396,14 +418,14 @@ class SQLiteStore(Store):
         )
         more = len(rows) > limit
         rows = rows[:limit]
-        page = [ImageInfo(r[1], r[2], _load_desc(r[3]), r[4]) for r in rows]
+        page = [ImageInfo(r[1], r[2], _load_desc(r[3]), r[4], _load_tags(r[5])) for r in rows]
         return page, (encode_marker(rows[-1][0]) if more else "")
 
     def _image_row(self, tenant: str, group: str, image_id: str) -> tuple:
         row = (
             self._reader()
             .execute(
-                "SELECT seq, image_id, label, desc, uri FROM images WHERE gid = ? AND image_id = ?",
+                "SELECT seq, image_id, label, desc, uri, tags FROM images WHERE gid = ? AND image_id = ?",
                 (self._gid(tenant, group), image_id),
             )
             .fetchone()
@@ -414,7 +436,7 @@ class SQLiteStore(Store):
 
     def get_image(self, tenant: str, group: str, image_id: str) -> ImageInfo:
         row = self._image_row(tenant, group, image_id)
-        return ImageInfo(row[1], row[2], _load_desc(row[3]), row[4])
+        return ImageInfo(row[1], row[2], _load_desc(row[3]), row[4], _load_tags(row[5]))
 
     def update_image(
         self, tenant: str, group: str, image_id: str, *, label: str | None = None, desc: Any = KEEP
@@ -432,12 +454,12 @@ class SQLiteStore(Store):
                         (_dump_desc(desc), gid, image_id),
                     )
                 row = conn.execute(
-                    "SELECT image_id, label, desc, uri FROM images WHERE gid = ? AND image_id = ?",
+                    "SELECT image_id, label, desc, uri, tags FROM images WHERE gid = ? AND image_id = ?",
                     (gid, image_id),
                 ).fetchone()
                 if row is None:
                     raise ImageNotFound(image_id)  # rolls the (empty) transaction back
-        return ImageInfo(row[0], row[1], _load_desc(row[2]), row[3])
+        return ImageInfo(row[0], row[1], _load_desc(row[2]), row[3], _load_tags(row[4]))
 
     def get_vector(self, tenant: str, group: str, image_id: str) -> np.ndarray:
         seq = self._image_row(tenant, group, image_id)[0]
@@ -447,12 +469,28 @@ class SQLiteStore(Store):
         return rows[0].copy()
 
     def search(
-        self, tenant: str, groups: Sequence[str], queries: np.ndarray, limit: int, min_cosine: float
+        self,
+        tenant: str,
+        groups: Sequence[str],
+        queries: np.ndarray,
+        limit: int,
+        min_cosine: float,
+        where: Filter | None = None,
     ) -> list[Hit]:
         found: list[tuple[float, int, str]] = []
         for group in groups:
-            keys, cosines = self._index_of(tenant, group).search(queries, limit, min_cosine)
+            index = self._index_of(tenant, group)
+            if where is None:
+                keys, cosines = index.search(queries, limit, min_cosine)
+            else:
+                # Pre-filter: the matching rows come from SQL, only they are scored (limit counts them).
+                keys, cosines = index.search_among(
+                    queries, self._filtered_seqs(self._gid(tenant, group), where), limit, min_cosine
+                )
             found += [(float(c), int(k), group) for k, c in zip(keys, cosines, strict=True)]
+        return self._hits(found, limit)
+
+    def _hits(self, found: list[tuple[float, int, str]], limit: int) -> list[Hit]:
         found.sort(key=lambda hit: (-hit[0], hit[1]))
         if limit >= 0:
             found = found[:limit]
@@ -461,8 +499,53 @@ class SQLiteStore(Store):
         for cosine, seq, group in found:
             record = records.get(seq)
             if record is not None:  # deleted between the index scan and this read
-                hits.append(Hit(group, record.id, record.label, record.desc, record.uri, cosine))
+                hits.append(Hit(group, record.id, record.label, record.desc, record.uri, cosine, record.tags))
         return hits
+
+    def _filtered_seqs(self, gid: int, where: Filter) -> np.ndarray:
+        sql, params = where.sql()
+        rows = self._reader().execute(f"SELECT seq FROM images WHERE gid = ? AND {sql}", (gid, *params))
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def search_tags(
+        self,
+        tenant: str,
+        groups: Sequence[str],
+        classes: Sequence[int],
+        limit: int,
+        min_evidence: float,
+        where: Filter | None = None,
+    ) -> list[Hit]:
+        wanted = json.dumps(sorted({int(c) for c in classes}))
+        found: list[tuple[float, int, str]] = []
+        extra, params = where.sql() if where is not None else ("1", [])
+        for group in groups:
+            gid = self._gid(tenant, group)
+            # Summed in SQLite over each image's stored tags (json_each): no row leaves the database
+            # unless it has evidence; the threshold applies to the sum.
+            rows = self._reader().execute(
+                "SELECT seq, SUM(json_extract(t.value, '$[1]')) AS ev "
+                "FROM images, json_each(images.tags) AS t "
+                f"WHERE gid = ? AND tags IS NOT NULL AND {extra} "
+                "AND json_extract(t.value, '$[0]') IN (SELECT value FROM json_each(?)) "
+                "GROUP BY seq HAVING ev >= ? ORDER BY ev DESC, seq" + (" LIMIT ?" if limit >= 0 else ""),
+                (gid, *params, wanted, min_evidence, *([limit] if limit >= 0 else [])),
+            )
+            found += [(min(1.0, float(ev)), int(seq), group) for seq, ev in rows]
+        return self._hits(found, limit)
+
+    def set_tags(self, tenant: str, group: str, tags: dict[str, list[list[float]]]) -> int:
+        with self._write_lock:
+            gid = self._gid(tenant, group)
+            with self._transaction() as conn:
+                n = 0
+                for image_id, t in tags.items():
+                    cur = conn.execute(
+                        "UPDATE images SET tags = ? WHERE gid = ? AND image_id = ?",
+                        (_dump_tags(t), gid, image_id),
+                    )
+                    n += cur.rowcount
+        return n
 
     def _records(self, seqs: list[int]) -> dict[int, ImageInfo]:
         records: dict[int, ImageInfo] = {}
@@ -470,10 +553,10 @@ class SQLiteStore(Store):
         for start in range(0, len(seqs), _CHUNK):
             chunk = seqs[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            for seq, image_id, label, desc, uri in conn.execute(
-                f"SELECT seq, image_id, label, desc, uri FROM images WHERE seq IN ({marks})", chunk
+            for seq, image_id, label, desc, uri, tags in conn.execute(
+                f"SELECT seq, image_id, label, desc, uri, tags FROM images WHERE seq IN ({marks})", chunk
             ):
-                records[seq] = ImageInfo(image_id, label, _load_desc(desc), uri)
+                records[seq] = ImageInfo(image_id, label, _load_desc(desc), uri, _load_tags(tags))
         return records
 
     def close(self) -> None:

@@ -245,6 +245,51 @@ class VectorIndex:
                 return keys, cosines
             at_least = want * 4
 
+    def search_among(
+        self, queries: np.ndarray, among: np.ndarray, limit: int, min_cosine: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` restricted to the rows ``among`` (a filter's matches), exact: their int8 codes are
+        scored in numpy, the candidates that may make the answer are re-ranked in float32.
+
+        Costs one pass over ``among`` (about 1 ms per 5k rows and view), whatever the group's size.
+        """
+        queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        among = np.unique(np.asarray(among, dtype=np.int64))
+        empty = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        if limit == 0 or not len(among):
+            return empty
+        floor = min_cosine - SCREEN_MARGIN
+        q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        keys_out: list[np.ndarray] = []
+        approx_out: list[np.ndarray] = []
+        for start in range(0, len(among), 16_384):
+            chunk = among[start : start + 16_384]
+            with self._lock.read():
+                got = self._index.get(chunk.astype(np.uint64), dtype=np.int8)
+            if not isinstance(got, tuple):
+                got = tuple(got) if len(chunk) > 1 else (got,)
+            present = [i for i, row in enumerate(got) if row is not None]  # deleted meanwhile: skipped
+            if not present:
+                continue
+            codes = np.stack([got[i] for i in present]).astype(np.float32)
+            codes /= np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
+            cos = (codes @ q.T).max(axis=1)
+            keep = cos >= floor
+            keys_out.append(chunk[present][keep])
+            approx_out.append(cos[keep].astype(np.float32))
+        if not keys_out:
+            return empty
+        keys, approx = np.concatenate(keys_out), np.concatenate(approx_out)
+        if limit > 0 and len(keys) > limit:
+            # Rows whose int8 cosine is below the limit-th best by more than the int8 error cannot enter.
+            kth = float(np.partition(approx, len(approx) - limit)[len(approx) - limit])
+            keep = approx >= kth - 2 * SCREEN_MARGIN
+            keys, approx = keys[keep], approx[keep]
+        keys, cosines = self._rerank(keys, approx, queries, min_cosine, floor)
+        if limit >= 0:
+            keys, cosines = keys[:limit], cosines[:limit]
+        return keys, cosines
+
     def _rerank(
         self, keys: np.ndarray, approx: np.ndarray, queries: np.ndarray, min_cosine: float, floor: float
     ) -> tuple[np.ndarray, np.ndarray]:
