@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     onnx_input_size: int = 224
     onnx_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     onnx_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    model_dir: Path | None = Field(
+        default=None,
+        description="Folder of the built ONNX graphs; default <data>/models. May be read-only once built "
+        "(a container image builds it at build time).",
+    )
     threads: int = Field(default=0, description="ONNX Runtime intra-op threads; 0 = one per core.")
     default_threshold: float | None = Field(
         default=None, description="System score threshold; None = the model's calibrated default."
@@ -89,4 +94,4 @@ class Settings(BaseSettings):
 
     @property
     def model_cache(self) -> Path:
-        return self.data / "models"
+        return self.model_dir if self.model_dir is not None else self.data / "models"
