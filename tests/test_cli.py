@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -47,3 +50,32 @@ def test_env_settings_reach_the_cli(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TUSOU_DATA", str(tmp_path / "from-env"))
     run("keys", "create")
     assert (tmp_path / "from-env" / "keys.db").exists()
+
+
+def test_reading_keys_outside_a_data_folder_creates_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TUSOU_DATA", raising=False)
+    for args in (["keys", "list"], ["keys", "revoke", "AK"], ["keys", "list", "--data", "elsewhere"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1, result.output
+        assert "no tusou data folder at" in result.output and "--data" in result.output
+    assert list(tmp_path.iterdir()) == []  # neither ./tusou-data nor ./elsewhere
+
+
+def test_serve_on_a_busy_port_fails_before_printing_a_key(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "tusou", "serve", "--data", str(tmp_path / "data"), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stdout == ""  # no access key was created or printed
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "already running" in proc.stderr
+    assert "serving" not in proc.stderr
+    assert not (tmp_path / "data").exists()

@@ -6,8 +6,10 @@ Every option of ``tusou serve`` can also be set as an environment variable (``TU
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -34,6 +36,36 @@ def _keys(settings: Settings) -> KeyStore:
     return KeyStore(settings.data / "keys.db")
 
 
+def _existing_keys(settings: Settings) -> KeyStore:
+    """The key store of a data folder that exists: reading keys never creates a folder as a side effect."""
+    path = settings.data / "keys.db"
+    if not path.is_file():
+        raise click.ClickException(
+            f"no tusou data folder at {settings.data.resolve()} (it has no keys.db); "
+            "pass --data DIR or set TUSOU_DATA to the folder `tusou serve` uses"
+        )
+    return KeyStore(path)
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before anything is printed or created: a busy port fails first."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = " (is tusou already running? choose another --port)" if exc.errno == errno.EADDRINUSE else ""
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 @click.group()
 @click.version_option(package_name="tusou")
 def main() -> None:
@@ -55,6 +87,7 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
     from tusou.api.app import create_app
 
     settings = _settings(data=data, host=host, port=port, model=model)
+    sock = _listen_socket(settings.host, settings.port)
     keys = _keys(settings)
     if keys.active_count() == 0:
         key = keys.create("default")
@@ -64,7 +97,8 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
     app = create_app(settings, keys=keys)
     # uvicorn configures only its own loggers; without this, tusou's access log lines go nowhere.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 @main.group()
@@ -86,7 +120,7 @@ def keys_create(data: Path | None, name: str) -> None:
 @click.option("--show-secrets", is_flag=True, help="Print secret keys too.")
 def keys_list(data: Path | None, show_secrets: bool) -> None:
     """List keys as JSON lines."""
-    for key in _keys(_settings(data=data)).list():
+    for key in _existing_keys(_settings(data=data)).list():
         entry = {"access_key": key.access_key, "name": key.name, "revoked": key.revoked}
         if show_secrets:
             entry["secret_key"] = key.secret_key
@@ -98,7 +132,7 @@ def keys_list(data: Path | None, show_secrets: bool) -> None:
 @click.argument("access_key")
 def keys_revoke(data: Path | None, access_key: str) -> None:
     """Revoke ACCESS_KEY: its requests are refused from then on (its groups stay on disk)."""
-    if not _keys(_settings(data=data)).revoke(access_key):
+    if not _existing_keys(_settings(data=data)).revoke(access_key):
         click.echo(f"no active key {access_key}", err=True)
         sys.exit(1)
     click.echo(f"revoked {access_key}")
