@@ -23,7 +23,7 @@ from qiniu.auth import QiniuMacRequestsAuth
 from tusou.config import Settings
 from tusou.embed import create_embedder
 from tusou.embed.base import Embedder
-from tusou.images import Fetcher
+from tusou.fetch import Fetcher
 from tusou.service import Service
 from tusou.store.keys import KeyStore
 from tusou.store.sqlite import SQLiteStore

@@ -29,18 +29,10 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tusou import images
+from tusou import fetch, images
 from tusou.config import Settings
-from tusou.images import (
-    CODES,
-    MAX_IMAGE_BYTES,
-    Fetcher,
-    ImageError,
-    decode_image,
-    load_image,
-    parse_data_uri,
-    read_uri_bytes,
-)
+from tusou.fetch import Fetcher, load_image, read_uri_bytes
+from tusou.images import CODES, MAX_IMAGE_BYTES, ImageError, decode_image, parse_data_uri
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
 
@@ -688,7 +680,7 @@ def test_https_pinned_address_keeps_sni_and_cert_check(tls_server: tuple[int, st
     """The socket goes to the checked IP, yet TLS still verifies the certificate against the host name."""
     port, cert = tls_server
     _resolve_to_loopback(monkeypatch, "tls.test")
-    monkeypatch.setattr(images.httpx, "create_ssl_context",
+    monkeypatch.setattr(fetch.httpx, "create_ssl_context",
                         lambda **kw: ssl.create_default_context(cafile=cert))
     with Fetcher(make_settings(fetch_allow=["127.0.0.1"])) as f:
         assert f.fetch(f"https://tls.test:{port}/ok.png") == GOOD_PNG
@@ -724,9 +716,9 @@ def test_is_blocked_table() -> None:
     public = ["93.184.216.34", "8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8",
               "64:ff9b::808:808"]
     for a in blocked:
-        assert images._is_blocked(ipaddress.ip_address(a)), a
+        assert fetch._is_blocked(ipaddress.ip_address(a)), a
     for a in public:
-        assert not images._is_blocked(ipaddress.ip_address(a)), a
+        assert not fetch._is_blocked(ipaddress.ip_address(a)), a
 
 
 # --- docs stay in sync ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from tests.conftest import QiniuClient, ThreadedServer
 from tests.test_api import body_uri, entry
 from tusou.config import Settings
 from tusou.embed.base import Embedder
-from tusou.images import Fetcher
+from tusou.fetch import Fetcher
 from tusou.service import Service
 from tusou.store.keys import KeyStore
 

@@ -234,7 +234,7 @@ def test_a_service_built_at_startup_is_instrumented_too(
     from tests.conftest import ThreadedServer
     from tusou import service as service_module
     from tusou.api.app import create_app
-    from tusou.images import Fetcher
+    from tusou.fetch import Fetcher
     from tusou.store.keys import KeyStore
     from tusou.store.sqlite import SQLiteStore
 

@@ -29,7 +29,8 @@ from tusou.domain import (
     UpdateImage,
 )
 from tusou.errors import GroupExists, GroupNotFound, ImageNotFound
-from tusou.images import Fetcher, ImageError
+from tusou.fetch import Fetcher
+from tusou.images import ImageError
 from tusou.service import Observer, Service
 from tusou.store.sqlite import SQLiteStore
 
@@ -45,12 +46,10 @@ class ThumbnailEmbedder:
     model_id = "fake-thumbnail"
     dim = 8 * 8 * 3
     default_threshold = 0.9
+    min_short = 8
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int]] = []
-
-    def prepare(self, image: Image.Image) -> object:
-        return None
 
     def _vector(self, image: Image.Image) -> np.ndarray:
         pixels = np.asarray(image.convert("RGB").resize((8, 8)), dtype=np.float32).ravel()
@@ -120,7 +119,10 @@ def test_batch_keeps_refused_items_in_place_and_generates_missing_ids(service: S
     )
     assert result.images[:3] == ["a", "", ""] and len(result.images[3]) == 32
     assert result.errors == [None, refused, ItemError(415, "not an image: unknown format"), None]
-    assert recorder.failed == ["image_unrecognized"] and recorder.embedded_counts == [("index", 2)]
+    # Each image is embedded as soon as it is decoded: calls may or may not have merged them.
+    assert recorder.failed == ["image_unrecognized"]
+    assert {p for p, _ in recorder.embedded_counts} == {"index"}
+    assert sum(n for _, n in recorder.embedded_counts) == 2
     assert service.group_count("t", "g") == 2
     # A repeated id is the store's per-image error, in place too.
     again = service.add_images("t", NewImages("g", [item(2, "a"), item(3, "b")]))

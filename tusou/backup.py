@@ -13,7 +13,6 @@ and writes only into a folder that holds no tusou data yet.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tusou import __version__
+from tusou.files import sha256_file
 
 MANIFEST = "MANIFEST.json"
 FORMAT = "tusou-backup"
@@ -42,14 +42,6 @@ class BackupResult:
     groups: int
     images: int
     seconds: float
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _online_copy(source: Path, target: Path) -> None:
@@ -92,7 +84,7 @@ def backup(data: Path, dest: Path) -> BackupResult:
             continue
         target = dest / name
         _online_copy(data / name, target)
-        files[name] = {"bytes": target.stat().st_size, "sha256": sha256_of(target)}
+        files[name] = {"bytes": target.stat().st_size, "sha256": sha256_file(target)}
     groups, images = _counts(dest / "tusou.db") if "tusou.db" in files else (0, 0)
     manifest = {
         "format": FORMAT,
@@ -134,7 +126,7 @@ def verify(src: Path) -> dict[str, Any]:
             raise BackupError(f"{src}: {name} is missing")
         if path.stat().st_size != expected.get("bytes"):
             raise BackupError(f"{src}: {name} has the wrong size: damaged or partial backup")
-        if sha256_of(path) != expected.get("sha256"):
+        if sha256_file(path) != expected.get("sha256"):
             raise BackupError(f"{src}: {name} fails its checksum: damaged backup")
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:

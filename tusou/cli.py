@@ -17,6 +17,7 @@ import click
 
 from tusou.cli_data import COMMANDS as DATA_COMMANDS
 from tusou.config import Settings
+from tusou.files import private_dir
 from tusou.store.keys import KeyStore
 
 data_option = click.option(
@@ -32,7 +33,7 @@ def _settings(**overrides: object) -> Settings:
 
 
 def _keys(settings: Settings) -> KeyStore:
-    settings.data.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data)
     return KeyStore(settings.data / "keys.db")
 
 
@@ -85,7 +86,9 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
     import uvicorn
 
     from tusou.api.app import create_app
+    from tusou.images import return_freed_memory_promptly
 
+    return_freed_memory_promptly()
     settings = _settings(data=data, host=host, port=port, model=model)
     sock = _listen_socket(settings.host, settings.port)
     keys = _keys(settings)

@@ -74,6 +74,16 @@ class Settings(BaseSettings):
     fetch_user_agent: str = "tusou/0.1 (+image search)"
     fetch_max_concurrent: int = 16
 
+    # --- decoding (untrusted work) ---
+    decode_max_pixels: int = Field(
+        default=2 * 4999 * 4999,
+        description="Decoded pixels the server holds at once, all requests together (a 4999x4999 image is "
+        "25M). Peak memory for decoding is about 4-8 bytes per pixel of this budget.",
+    )
+    decode_wait_s: float = Field(
+        default=30.0, description="How long an image waits for its share of decode_max_pixels before 503."
+    )
+
     # --- abuse limits ---
     rate_limit_per_s: float = Field(default=50.0, description="Requests per second per access key; 0 = off.")
     rate_limit_burst: int = Field(default=100, description="Requests a key may send at once before 429.")

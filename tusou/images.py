@@ -1,7 +1,9 @@
-"""Turn a Qiniu ``uri`` into a validated RGB image, or a precise :class:`ImageError`.
+"""Turn image bytes into a validated RGB image, or a precise :class:`ImageError`.
 
-A ``uri`` is either ``data:<type>;base64,<payload>`` or an ``http(s)://`` URL. Everything here handles
-untrusted input: base64 from clients, bytes from arbitrary servers, and image files crafted to exhaust memory.
+Bytes come from a ``data:<type>;base64,<payload>`` uri (:func:`parse_data_uri`) or from a download
+(``tusou.fetch``). Everything here handles untrusted input, including image files crafted to exhaust memory:
+a few KB of PNG can claim 4999x4999 pixels. Decoding is bounded by :class:`PixelBudget` (pixels decoded at
+once, server-wide) and shrinks each image right away to the size the model needs (``min_short``).
 
 Qiniu's rules (文件适用规格): at most 10 MB; 30x30 up to 4999x4999 pixels; png, jpg/jpeg, bmp, webp or gif.
 Qiniu also says "no alpha channel"; we are more lenient and composite alpha onto white instead of refusing.
@@ -14,30 +16,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
-import logging
 import re
-import socket
 import threading
 import time
 import urllib.parse
-import zlib
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from http.cookiejar import CookieJar, DefaultCookiePolicy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from io import BytesIO
-from typing import Any
 
-import httpcore
-import httpx
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, JpegImagePlugin
 
-from tusou.config import Settings
 from tusou.errors import QiniuError
-
-log = logging.getLogger(__name__)
 
 # --- limits (Qiniu's) --------------------------------------------------------------------------------
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
@@ -75,6 +65,7 @@ CODES: dict[str, int] = {
     "fetch_error": 502,
     "fetch_busy": 503,
     "fetch_timeout": 504,
+    "image_busy": 503,
 }
 
 
@@ -189,20 +180,117 @@ def _dimensions_error(size: tuple[int, int] | None) -> ImageError:
     return ImageError("image_dimensions_invalid", f"image size {size[0]}x{size[1]} outside {rule}")
 
 
-def decode_image(data: bytes, prepare: Callable[[Image.Image], object] | None = None) -> Image.Image:
-    """Bytes -> RGB image following Qiniu's rules, or ImageError. Dimensions are checked from the header,
-    before any pixel is decoded.
+class PixelBudget:
+    """How many decoded pixels the whole server may hold at once (``Settings.decode_max_pixels``).
 
-    ``prepare`` sees the opened, not yet decoded image: the model uses it to let a large JPEG decode at a
-    reduced scale that still covers its input size (several times faster, far less memory).
+    A PNG of 95 KB can decode to 4999x4999 pixels (100 MB as RGB, more while converting); a request may
+    carry a thousand of them. Each decode reserves its pixel count from the header before a pixel is
+    decoded and gives it back once the image is shrunk to what the model needs, so concurrent decodes, of
+    one request or of many, cannot add up past the budget. One image larger than the whole budget still
+    decodes, alone. A decode that cannot get its share within ``wait_s`` fails with ``image_busy`` (503).
+    """
+
+    def __init__(self, pixels: int, wait_s: float) -> None:
+        self.total = max(1, int(pixels))
+        self.wait_s = wait_s
+        self._free = self.total
+        self._cond = threading.Condition()
+
+    @property
+    def in_use(self) -> int:
+        with self._cond:
+            return self.total - self._free
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        need = min(max(0, int(pixels)), self.total)
+        deadline = time.monotonic() + self.wait_s
+        with self._cond:
+            while self._free < need:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._cond.wait(left) and self._free < need:
+                    raise ImageError(
+                        "image_busy", "server busy: too many large images being decoded, retry later"
+                    )
+            self._free -= need
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += need
+                self._cond.notify_all()
+
+
+_UNLIMITED = PixelBudget(1 << 62, 0.0)
+
+
+def return_freed_memory_promptly() -> None:
+    """Make glibc give large freed blocks back to the system at once (process-wide; call once at start).
+
+    glibc raises its mmap threshold each time a large block is freed, so after the first big image later
+    ones are carved from the heap arenas of whichever of many threads decoded them, and stay in RSS when
+    freed: measured, the 16-image attack of ``bench/hostile.py`` grew a server by ~670 MB with the pixel
+    budget alone and by ~210 MB with a fixed 1 MB threshold. A no-op where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold = -3
+    mallopt(m_mmap_threshold, 1 << 20)
+
+
+def decode_image(data: bytes, min_short: int | None = None, budget: PixelBudget | None = None) -> Image.Image:
+    """Bytes -> RGB image following Qiniu's rules, or ImageError. Dimensions are checked from the header,
+    before any pixel is decoded; the decode itself runs inside ``budget``.
+
+    ``min_short``: the shorter side the caller needs (the model's resize target). A large JPEG then decodes
+    straight at a reduced scale (DCT scaling, nearly free), any other image is shrunk by a whole factor
+    right after decoding, in its own mode, keeping the shorter side at least twice ``min_short`` (what
+    Pillow's ``reducing_gap=2`` keeps: the model's own resize is unaffected). Without it, full size.
     """
     if not data:
         raise ImageError("image_empty", "image is empty")
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageError("image_too_large", f"image too large: {len(data)} bytes, max {MAX_IMAGE_BYTES}")
+    im = _open(data)
+    with im:
+        w, h = im.size
+        if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE):
+            raise _dimensions_error((w, h))
+        try:
+            if min_short is not None and isinstance(im, JpegImagePlugin.JpegImageFile):
+                scale = min_short / min(w, h)
+                im.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
+        except Exception as exc:
+            raise ImageError("image_corrupt", "image is corrupt or truncated") from exc
+        with (budget or _UNLIMITED).hold(im.size[0] * im.size[1]):
+            try:
+                # Only the first frame of an animated gif/webp: a freshly opened image sits on frame 0.
+                im.load()
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise _dimensions_error(None) from exc
+            except Exception as exc:  # truncated data, bad checksums, broken streams: never a half-grey image
+                raise ImageError("image_corrupt", "image is corrupt or truncated") from exc
+            try:
+                out = to_rgb(_orient(_shrink(im, min_short)))
+                # The result must not share pixels with `im`, which the with-block closes.
+                return out.copy() if out is im else out
+            except Exception as exc:
+                raise ImageError("image_corrupt", "image is corrupt or truncated") from exc
+
+
+def _open(data: bytes) -> Image.Image:
     try:
         # formats= keeps every other Pillow plugin (and its parser) away from untrusted bytes.
-        im = Image.open(BytesIO(bytes(data)), formats=ALLOWED_FORMATS)
+        return Image.open(BytesIO(bytes(data)), formats=ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # The warning arrives as an exception only where warnings are errors (python -W error).
         raise _dimensions_error(None) from exc
@@ -221,25 +309,35 @@ def decode_image(data: bytes, prepare: Callable[[Image.Image], object] | None = 
         raise ImageError("image_unrecognized", "not an image: unknown format") from exc
     except Exception as exc:  # a recognised header that its plugin could not parse
         raise ImageError("image_corrupt", "image is corrupt or truncated") from exc
-    with im:
-        w, h = im.size
-        if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE):
-            raise _dimensions_error((w, h))
-        try:
-            if prepare is not None:
-                prepare(im)
-            # Only the first frame of an animated gif/webp: a freshly opened image sits on frame 0.
-            im.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise _dimensions_error(None) from exc
-        except Exception as exc:  # truncated data, bad checksums, broken streams: never a half-grey image
-            raise ImageError("image_corrupt", "image is corrupt or truncated") from exc
-        try:
-            out = _to_rgb(_orient(im))
-            # The result must not share pixels with `im`, which the with-block closes.
-            return out.copy() if out is im else out
-        except Exception as exc:
-            raise ImageError("image_corrupt", "image is corrupt or truncated") from exc
+
+
+# Modes Image.reduce() works in directly; others are brought to one of them first.
+_REDUCIBLE = {"L", "LA", "La", "RGB", "RGBA", "RGBa", "PA", "I", "F", "CMYK", "YCbCr"}
+
+
+def _shrink(im: Image.Image, min_short: int | None) -> Image.Image:
+    """``im`` reduced by a whole factor so that its shorter side stays >= 2 * min_short; 16-bit grey becomes
+    8-bit first (half the memory, no 32- or 64-bit copy of the full image)."""
+    if im.mode.startswith("I;16"):
+        im = _sixteen_to_l(im)
+    if min_short is None:
+        return im
+    factor = min(im.size) // (2 * max(1, min_short))
+    if factor < 2:
+        return im
+    if im.mode not in _REDUCIBLE:
+        has_alpha = "transparency" in im.info or im.mode == "P" and im.palette is not None and (
+            im.palette.mode == "RGBA")
+        im = im.convert("RGBA" if has_alpha else "RGB")
+    return im.reduce(factor)
+
+
+def _sixteen_to_l(im: Image.Image) -> Image.Image:
+    """16-bit grey -> 8-bit grey, keeping the high byte (Pillow's convert() would clip at 255 instead)."""
+    arr = np.asarray(im)  # uint16 in native byte order
+    high = (arr >> 8).astype(np.uint8)
+    del arr
+    return Image.fromarray(high, "L")
 
 
 def _orient(im: Image.Image) -> Image.Image:
@@ -254,15 +352,17 @@ def _orient(im: Image.Image) -> Image.Image:
 _WHITE = (255, 255, 255)
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow image -> RGB, transparency flattened onto white (what a viewer shows), 16-bit grey scaled
+    to 8 bits. The one such conversion in tusou: decoding, the model's preprocessing and its views use it."""
     mode = im.mode
     if mode == "RGB" and "transparency" not in im.info:
         return im
-    if mode.startswith("I;16") or mode == "I":
-        # 16-bit grey (png). Pillow's convert() clips values above 255 instead of scaling; scale by hand.
-        arr = np.asarray(im.convert("I") if mode != "I" else im, dtype=np.int64)
-        grey = np.clip(arr >> 8, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
+    if mode.startswith("I;16"):
+        return _sixteen_to_l(im).convert("RGB")
+    if mode == "I":
+        # 32-bit grey holding 16-bit values (png): scale like 16-bit grey, in C, without a numpy copy.
+        return im.point(lambda v: v * (1 / 256)).convert("L").convert("RGB")
     if mode == "P":
         has_alpha = "transparency" in im.info or im.palette is not None and im.palette.mode == "RGBA"
         im = im.convert("RGBA" if has_alpha else "RGB")
@@ -278,359 +378,3 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         bg.paste(im, mask=im.getchannel("A"))
         return bg
     return im.convert("RGB")
-
-
-# --- fetching --------------------------------------------------------------------------------------------
-# The overall deadline of the fetch running in this thread. httpx has per-operation timeouts only (a
-# server trickling a byte per second never trips a 10 s read timeout); our network streams read this and
-# shrink every socket timeout to what is left, so the whole fetch ends at fetch_timeout_s.
-_local = threading.local()
-# Name lookups run here so that a fetch can stop waiting for one at its deadline (see _Guard.resolve).
-_DNS_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tusou-dns")
-
-
-def _bounded(timeout: float | None, exc: type[Exception]) -> float | None:
-    deadline: float | None = getattr(_local, "deadline", None)
-    if deadline is None:
-        return timeout
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise exc("fetch deadline exceeded")
-    return left if timeout is None else min(timeout, left)
-
-
-_BLOCKED_NETS = [
-    ipaddress.ip_network(n)
-    for n in (
-        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-        "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
-        "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
-        "::/96",  # unspecified, loopback and the deprecated IPv4-compatible form
-        "100::/64", "2001::/23", "2001:db8::/32", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
-    )
-]
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-def _is_blocked(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """True for anything that is not a plain public unicast address."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        # Forms that embed an IPv4 address and can reach it: judge the embedded address.
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None:
-            return _is_blocked(embedded)
-    if any(ip.version == n.version and ip in n for n in _BLOCKED_NETS):
-        return True
-    return (
-        not ip.is_global or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
-        or ip.is_reserved or ip.is_unspecified
-    )
-
-
-class _Guard:
-    """Resolves a host once and says which addresses may be connected to (SSRF guard)."""
-
-    def __init__(self, allow: Iterable[str]) -> None:
-        self._hosts: set[str] = set()
-        self._nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        for entry in allow:
-            entry = entry.strip()
-            if not entry:
-                continue
-            try:
-                self._nets.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
-            except ValueError:
-                self._hosts.add(entry.lower().rstrip("."))
-
-    def _ip_allowed(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        cands = [ip]
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            cands.append(ip.ipv4_mapped)
-        return any(c.version == n.version and c in n for c in cands for n in self._nets)
-
-    def resolve(self, host: str, port: int) -> list[str]:
-        """Addresses of ``host`` that passed the guard, in resolver order. Raises ImageError."""
-        name = host.strip("[]").lower().rstrip(".")
-        # getaddrinfo has no timeout of its own (a slow authoritative server holds it 10-30 s): run it
-        # aside and wait only for what is left of the fetch's deadline.
-        deadline: float | None = getattr(_local, "deadline", None)
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        lookup = _DNS_POOL.submit(
-            socket.getaddrinfo, name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-        )
-        try:
-            infos = lookup.result(timeout=left)
-        except FutureTimeout as exc:
-            raise ImageError("fetch_timeout", f"fetch failed: timeout resolving host {name}") from exc
-        except (OSError, UnicodeError) as exc:
-            raise ImageError("fetch_error", f"fetch failed: cannot resolve host {name}") from exc
-        addrs: list[str] = []
-        for family, _type, _proto, _canon, sockaddr in infos:
-            if family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            raw = str(sockaddr[0])
-            ip = ipaddress.ip_address(raw.split("%", 1)[0])
-            if name not in self._hosts and not self._ip_allowed(ip) and _is_blocked(ip):
-                # Refuse the host if any of its addresses is private: a name that mixes public and private
-                # answers is exactly what a rebinding attack looks like.
-                what = name if name == str(ip) else f"{name} resolves to {ip}, which"
-                raise ImageError("fetch_refused", f"fetch refused: {what} is not a public address")
-            if raw not in addrs:
-                addrs.append(raw)
-        if not addrs:
-            raise ImageError("fetch_error", f"fetch failed: cannot resolve host {name}")
-        return addrs
-
-
-class _DeadlineStream(httpcore.NetworkStream):
-    """Passes everything through, with every timeout cut to what is left of the fetch's deadline."""
-
-    def __init__(self, inner: httpcore.NetworkStream) -> None:
-        self._inner = inner
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, _bounded(timeout, httpcore.ReadTimeout))
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, _bounded(timeout, httpcore.WriteTimeout))
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                  timeout: float | None = None) -> httpcore.NetworkStream:
-        bounded = _bounded(timeout, httpcore.ConnectTimeout)
-        inner = self._inner.start_tls(ssl_context, server_hostname, bounded)
-        return _DeadlineStream(inner)
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-class _GuardedBackend(httpcore.SyncBackend):
-    """httpcore's socket layer, with the SSRF guard at the one place a connection is made.
-
-    Why here: checking a URL's host and then letting the HTTP library resolve it again leaves a window for
-    DNS rebinding (public answer for the check, 127.0.0.1 for the connect). Here the name is resolved once,
-    every answer is checked, and the socket connects to one of those very addresses. Everything above the
-    socket is untouched, so the Host header, TLS SNI and certificate checks still use the real host name,
-    and every hop of a redirect goes through this check because every new connection does.
-    """
-
-    def __init__(self, guard: _Guard) -> None:
-        self._guard = guard
-
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                    local_address: str | None = None,
-                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
-        addrs = self._guard.resolve(host, port)
-        last: Exception | None = None
-        for addr in addrs:
-            try:
-                stream = super().connect_tcp(addr, port, _bounded(timeout, httpcore.ConnectTimeout),
-                                             local_address, socket_options)
-            except httpcore.ConnectError as exc:  # try the next address, like socket.create_connection
-                last = exc
-                continue
-            return _DeadlineStream(stream)
-        assert last is not None
-        raise last
-
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
-        raise ImageError("fetch_refused", "fetch refused: unix sockets")
-
-
-class _GuardedTransport(httpx.HTTPTransport):
-    def __init__(self, guard: _Guard, max_connections: int) -> None:
-        super().__init__(http1=True, http2=False, trust_env=False)
-        # httpx builds its httpcore pool without a way to pass a network backend; replace the pool with
-        # the same one on our backend. Checked so an httpx upgrade that renames it fails loudly, not open.
-        if not isinstance(getattr(self, "_pool", None), httpcore.ConnectionPool):
-            raise RuntimeError("unsupported httpx version: cannot install the fetch guard")
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=5.0,
-            http1=True,
-            http2=False,
-            network_backend=_GuardedBackend(guard),
-        )
-
-
-_REDIRECTS = {301, 302, 303, 307, 308}
-
-
-class Fetcher:
-    """Downloads image URLs for the service: bounded in time, size, redirects, concurrency and addresses."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._max_bytes = settings.fetch_max_bytes
-        self._sem = threading.BoundedSemaphore(max(1, settings.fetch_max_concurrent))
-        # Never keep cookies: one server's cookies must not follow a different client's later request.
-        jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-        self._client = httpx.Client(
-            transport=_GuardedTransport(_Guard(settings.fetch_allow), max(1, settings.fetch_max_concurrent)),
-            trust_env=False,  # an environment proxy would connect on our behalf, past the guard
-            follow_redirects=False,  # followed by hand so every hop is validated and counted
-            cookies=jar,
-            headers={
-                "User-Agent": settings.fetch_user_agent,
-                "Accept": "image/*,*/*;q=0.5",
-                # Compressed bodies would let a small transfer expand past the byte cap in one chunk.
-                "Accept-Encoding": "identity",
-            },
-        )
-
-    def __enter__(self) -> Fetcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._client.close()
-
-    def fetch(self, url: str) -> bytes:
-        first = _parse_http_url(url)
-        timeout_s = self._settings.fetch_timeout_s
-        # Waiting for a slot has its own bound (fetch_timeout_s) and does not eat into the download's time:
-        # a queued image should not fail because others were slow.
-        if not self._sem.acquire(timeout=timeout_s):
-            raise ImageError("fetch_busy", "fetch busy: too many downloads, retry later")
-        try:
-            _local.deadline = time.monotonic() + timeout_s
-            try:
-                return self._fetch(first)
-            except httpx.TimeoutException as exc:
-                raise ImageError("fetch_timeout", f"fetch failed: timeout after {timeout_s:g} s") from exc
-            except httpx.ConnectError as exc:
-                raise ImageError("fetch_error", f"fetch failed: {_connect_reason(exc)}") from exc
-            except (httpx.RemoteProtocolError, httpx.LocalProtocolError, httpx.DecodingError) as exc:
-                raise ImageError("fetch_error", "fetch failed: bad http response") from exc
-            except httpx.HTTPError as exc:
-                raise ImageError("fetch_error", "fetch failed: connection error") from exc
-            except ImageError:
-                raise
-            except Exception as exc:
-                # Whatever else a hostile server manages to provoke stays one image's error, never a 500.
-                log.warning("unexpected fetch failure: %s", type(exc).__name__)
-                raise ImageError("fetch_error", "fetch failed: connection error") from exc
-        finally:
-            _local.deadline = None
-            self._sem.release()
-
-    def _fetch(self, url: httpx.URL) -> bytes:
-        max_redirects = self._settings.fetch_max_redirects
-        seen = {str(url)}
-        for hop in range(max_redirects + 1):
-            left = _bounded(self._settings.fetch_timeout_s, httpx.PoolTimeout)
-            timeout = httpx.Timeout(left, connect=min(self._settings.fetch_connect_timeout_s, left or 0.0))
-            request = self._client.build_request("GET", url, timeout=timeout)
-            response = self._client.send(request, stream=True)
-            try:
-                location = response.headers.get("location")
-                if response.status_code in _REDIRECTS and location:
-                    try:
-                        nxt = response.url.join(location.strip())
-                    except (httpx.InvalidURL, ValueError) as exc:
-                        raise ImageError("fetch_error", "fetch failed: bad redirect location") from exc
-                    url = _parse_http_url(str(nxt), redirect=True)
-                    if str(url) in seen:
-                        raise ImageError("fetch_redirects", "fetch failed: redirect loop")
-                    if hop == max_redirects:
-                        raise ImageError("fetch_redirects",
-                                         f"fetch failed: too many redirects (max {max_redirects})")
-                    seen.add(str(url))
-                    continue
-                if not 200 <= response.status_code < 300:
-                    raise ImageError("fetch_http_status", f"fetch failed: http {response.status_code}")
-                return self._read_body(response)
-            finally:
-                # Closing an unread (or partly read) body drops the connection rather than draining it.
-                response.close()
-        raise AssertionError("unreachable")
-
-    def _read_body(self, response: httpx.Response) -> bytes:
-        cap = self._max_bytes
-        too_large = ImageError("image_too_large", f"image too large: more than {cap} bytes")
-        length = response.headers.get("content-length", "").strip()
-        if length.isdigit() and int(length) > cap:
-            raise too_large  # refused before reading a byte of the body
-        inflater = _inflater(response.headers.get("content-encoding", ""))
-        body = bytearray()
-        for chunk in response.iter_raw():
-            if inflater is not None:
-                try:
-                    # max_length: a compressed chunk may not expand past the cap in one step.
-                    chunk = inflater.decompress(chunk, cap + 1 - len(body))
-                except zlib.error as exc:
-                    raise ImageError("fetch_error", "fetch failed: bad content-encoding") from exc
-            body += chunk
-            if len(body) > cap:
-                raise too_large  # stop reading here
-        return bytes(body)
-
-
-def _inflater(encoding: str) -> Any:
-    enc = encoding.strip().lower()
-    if enc in ("", "identity"):
-        return None
-    if enc in ("gzip", "x-gzip"):
-        return zlib.decompressobj(wbits=31)
-    if enc == "deflate":
-        return zlib.decompressobj()
-    raise ImageError("fetch_error", f"fetch failed: unsupported content-encoding {enc[:20]}")
-
-
-def _parse_http_url(url: str, *, redirect: bool = False) -> httpx.URL:
-    where = "redirect to" if redirect else "uri"
-    if len(url) > MAX_URL_CHARS:
-        raise ImageError("uri_invalid", f"invalid {where}: longer than {MAX_URL_CHARS} characters")
-    try:
-        parsed = httpx.URL(url)
-        # httpx decodes IDNA host names lazily: a malformed one (xn--zz-.com) fails here, not above.
-        host = parsed.host
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:  # idna.IDNAError is a ValueError
-        raise ImageError("uri_invalid", f"invalid {where}: bad url") from exc
-    if parsed.scheme not in ("http", "https"):
-        raise ImageError("uri_invalid", f"invalid {where}: only http, https and data are supported")
-    if not host:
-        raise ImageError("uri_invalid", f"invalid {where}: no host")
-    return parsed
-
-
-def _connect_reason(exc: Exception) -> str:
-    text = str(exc).lower()
-    if "certificate" in text or "ssl" in text or "tls" in text:
-        return "tls error"
-    if "refused" in text:
-        return "connection refused"
-    return "cannot connect"
-
-
-# --- entry points ----------------------------------------------------------------------------------------
-def read_uri_bytes(uri: str, fetcher: Fetcher) -> bytes:
-    """The bytes behind a Qiniu ``uri``: a base64 data uri or an http(s) URL."""
-    if not isinstance(uri, str):
-        raise ImageError("uri_invalid", "invalid uri: must be a string")
-    uri = uri.strip()
-    if not uri:
-        raise ImageError("uri_invalid", "invalid uri: empty")
-    scheme = uri.partition(":")[0].lower() if ":" in uri else ""
-    if scheme == "data":
-        return parse_data_uri(uri)
-    if scheme in ("http", "https"):
-        return fetcher.fetch(uri)
-    raise ImageError("uri_invalid", "invalid uri: only http, https and data are supported")
-
-
-def load_image(
-    uri: str, fetcher: Fetcher, prepare: Callable[[Image.Image], object] | None = None
-) -> Image.Image:
-    """A Qiniu ``uri`` -> validated RGB image. Raises ImageError only."""
-    return decode_image(read_uri_bytes(uri, fetcher), prepare)

@@ -37,7 +37,9 @@ from tusou.domain import (
 )
 from tusou.embed.base import Embedder
 from tusou.errors import GroupExists, QiniuError
-from tusou.images import Fetcher, ImageError, load_image
+from tusou.fetch import Fetcher, load_image
+from tusou.files import tighten_tree
+from tusou.images import ImageError, PixelBudget
 from tusou.store.base import KEEP, NewImage, Store
 
 
@@ -58,6 +60,7 @@ class Service:
         self.embedder = embedder
         self.fetcher = fetcher
         self.observer = Observer()
+        self.budget = PixelBudget(settings.decode_max_pixels, settings.decode_wait_s)
         # Fetching and decoding overlap well across images (network waits, Pillow releases the GIL).
         self._loader = ThreadPoolExecutor(
             max_workers=settings.fetch_max_concurrent, thread_name_prefix="load"
@@ -117,26 +120,25 @@ class Service:
         items: Sequence[NewItem | ItemError],
         commit: Callable[[list[NewImage]], list[ItemError | None]],
     ) -> BatchResult:
-        images = self._load_all([it.uri if isinstance(it, NewItem) else None for it in items])
+        vectors = self._vectors([it.uri if isinstance(it, NewItem) else None for it in items])
         errors: list[ItemError | None] = [None] * len(items)
-        ready: list[tuple[int, NewItem, Image.Image]] = []
-        for i, (item, loaded) in enumerate(zip(items, images, strict=True)):
+        ready: list[tuple[int, NewItem, np.ndarray]] = []
+        for i, (item, vector) in enumerate(zip(items, vectors, strict=True)):
             if isinstance(item, ItemError):
                 errors[i] = item
-            elif isinstance(loaded, ImageError):
-                errors[i] = ItemError(loaded.status, loaded.message)
-            elif loaded is not None:
-                ready.append((i, item, loaded))
-        vectors = self._embed_images([image for _, _, image in ready]) if ready else np.zeros((0, 0))
+            elif isinstance(vector, ImageError):
+                errors[i] = ItemError(vector.status, vector.message)
+            elif vector is not None:
+                ready.append((i, item, vector))
         new_images = [
             NewImage(
                 item.id if item.id is not None else uuid.uuid4().hex,
                 item.label,
                 item.desc,
                 item.uri if not item.uri.startswith("data:") else None,
-                vectors[row],
+                vector,
             )
-            for row, (_, item, _) in enumerate(ready)
+            for _, item, vector in ready
         ]
         results = commit(new_images)
         ids = [""] * len(items)
@@ -147,19 +149,31 @@ class Service:
                 errors[i] = result
         return BatchResult(ids, errors)
 
-    def _load_all(self, uris: list[str | None]) -> list[Image.Image | ImageError | None]:
-        def load(uri: str | None) -> Image.Image | ImageError | None:
+    def _load(self, uri: str) -> Image.Image:
+        """A uri -> RGB image shrunk to what the model needs, decoded inside the server's pixel budget."""
+        try:
+            return load_image(uri, self.fetcher, self.embedder.min_short, self.budget)
+        except ImageError as exc:
+            self.observer.image_failed(exc)
+            raise
+
+    def _vectors(self, uris: list[str | None]) -> list[np.ndarray | ImageError | None]:
+        """One index vector per uri (None stays None). Each image is embedded as soon as it is decoded and
+        dropped right after, so a request never holds its whole batch decoded."""
+
+        def one(uri: str | None) -> np.ndarray | ImageError | None:
             if uri is None:
                 return None
             try:
-                return load_image(uri, self.fetcher, self.embedder.prepare)
+                image = self._load(uri)
             except ImageError as exc:
-                self.observer.image_failed(exc)
                 return exc
+            vector: np.ndarray = self._embed_images([image])[0]
+            return vector
 
         if len(uris) == 1:
-            return [load(uris[0])]
-        return list(self._loader.map(load, uris))
+            return [one(uris[0])]
+        return list(self._loader.map(one, uris))
 
     def remove_group(self, tenant: str, group: str) -> None:
         self.store.remove_group(tenant, group)
@@ -198,11 +212,7 @@ class Service:
         if query.by_id is not None:
             queries = self.store.get_vector(tenant, query.by_id.group, query.by_id.id)[None, :]
         elif query.uri is not None:
-            try:
-                image = load_image(query.uri, self.fetcher, self.embedder.prepare)
-            except ImageError as exc:
-                self.observer.image_failed(exc)
-                raise
+            image = self._load(query.uri)
             queries = self._embed_queries([image])[0]
         else:
             raise QiniuError(406, "empty uri")
@@ -226,7 +236,7 @@ def build_service(settings: Settings) -> Service:
     from tusou.embed import create_embedder
     from tusou.store import open_store
 
-    settings.data.mkdir(parents=True, exist_ok=True)
+    tighten_tree(settings.data)
     embedder = create_embedder(settings)
     store = open_store(settings, model_id=embedder.model_id, dim=embedder.dim)
     return Service(settings, store, embedder, Fetcher(settings))

@@ -9,15 +9,15 @@ scores (score.py) are decided elsewhere; this module only runs the network, in b
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..config import Settings
+from ..images import decode_image
 from . import score as _score
 from . import views as _views
 from .base import Embedder
@@ -55,6 +55,8 @@ class OnnxEmbedder:
         # (bench/embed_speed.py), while a lone query is fastest on the multi-threaded one.
         self.index_encoder = index_encoder or encoder
         self.pre = preprocessor
+        # Decoding may shrink an image as long as its shorter side stays >= 2x this (tusou.images).
+        self.min_short = preprocessor.resize_short
         self.max_batch = max_batch
         encoder.load()
         self.index_encoder.load()
@@ -65,17 +67,11 @@ class OnnxEmbedder:
 
     # --- helpers beyond the protocol ---
 
-    def prepare(self, image: Image.Image) -> Image.Image:
-        return self.pre.prepare(image)
-
     def open_image(self, data: bytes) -> Image.Image:
-        """Decode image bytes for embedding: large JPEGs decode straight at a reduced scale that still
-        covers the model's resize target (several times faster, same result quality); EXIF orientation
-        applied. Use it where the image is only needed for embedding."""
-        img = Image.open(io.BytesIO(data))
-        self.pre.prepare(img)
-        img.load()
-        return ImageOps.exif_transpose(img)
+        """Decode image bytes for embedding, the way the server does (``tusou.images.decode_image``): large
+        JPEGs decode straight at a reduced scale that still covers the model's resize target, other large
+        images are shrunk right after decoding; EXIF orientation applied. Raises ImageError."""
+        return decode_image(data, self.min_short)
 
     def features(self, images: Sequence[Image.Image], encoder: OnnxEncoder | None = None) -> np.ndarray:
         """Raw (n, dim) features of exactly these images, no views, no post-processing."""

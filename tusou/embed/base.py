@@ -23,9 +23,9 @@ class Embedder(Protocol):
     #: The calibrated system default threshold (a score in 0..1).
     default_threshold: float
 
-    def prepare(self, image: Image.Image) -> object:
-        """Called on an opened, not yet decoded image: may ask for a reduced-scale decode (JPEG draft)."""
-        ...
+    #: The shorter side the model's preprocessing resizes an image to: decoding may shrink a large image
+    #: (JPEG draft, whole-factor reduce) as long as its shorter side stays at least twice this.
+    min_short: int
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Vectors to index: float32 array (n, dim), each row L2-normalised."""

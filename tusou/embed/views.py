@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image
 
+from tusou.images import to_rgb
+
 _T = Image.Transpose
 
 #: Short side of the ``low64`` thumbnail view.
@@ -38,13 +40,11 @@ def _low_res(image: Image.Image, side: int = LOW_RES_SIDE) -> Image.Image:
     scale = side / min(w, h)
     if scale >= 1.0:
         return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Flatten on white first, as the preprocessing does for the full image: resizing would otherwise
-        # smear the arbitrary colour of transparent pixels into the picture.
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    # Flatten on white first, as the preprocessing does for the full image: resizing would otherwise smear
+    # the arbitrary colour of transparent pixels into the picture.
+    image = to_rgb(image)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return image.convert("RGB").resize(size, Image.Resampling.BOX)
+    return image.resize(size, Image.Resampling.BOX)
 
 
 #: Named views: the dihedral group of the square (quarter turns, each with and without mirroring) and a

@@ -42,6 +42,8 @@ except ImportError:  # a store-only process without the model stack
     pass
 from usearch.index import Index  # noqa: E402
 
+from tusou.files import FILE_MODE, fsync_dir, private_dir  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 # Below this many rows a full scan costs a few ms and is exact: no graph is consulted.
@@ -131,14 +133,6 @@ def _new_index(dim: int) -> Index:
         expansion_add=EXPANSION_ADD,
         expansion_search=EXPANSION_SEARCH,
     )
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _crc32(path: Path) -> int:
@@ -375,7 +369,7 @@ class VectorIndex:
         Searches go on meanwhile; adds and deletes wait only while usearch serialises into the page
         cache. fsync, CRC and renames happen after the lock is released.
         """
-        folder.mkdir(parents=True, exist_ok=True)
+        private_dir(folder)
         with self._lock.read():
             if not self.dirty:
                 return None
@@ -389,6 +383,8 @@ class VectorIndex:
             self.dirty = 0
         try:
             with open(tmp, "rb+") as f:
+                # Every tenant's vectors: as private as the databases.
+                os.fchmod(f.fileno(), FILE_MODE)
                 os.fsync(f.fileno())
             final = folder / f"{stem}.usearch"
             os.replace(tmp, final)
@@ -401,12 +397,12 @@ class VectorIndex:
                 "crc32": _crc32(final),
             }
             meta_tmp = folder / f"{stem}.json.tmp"
-            with open(meta_tmp, "w") as f:
+            with open(os.open(meta_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "w") as f:
                 json.dump(meta, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(meta_tmp, folder / f"{stem}.json")
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except BaseException:
             with self._lock.write():
                 self._touch(dirty)
