@@ -346,7 +346,8 @@ def test_review_inputs_get_qiniu_errors_not_500(client: QiniuClient, photos: lis
         headers={"Content-Type": "application/json"},
         auth=client.auth,
     )
-    assert huge.status_code == 406 and huge.json() == {"error": "invalid limit"} and huge.headers["X-Reqid"]
+    assert huge.status_code == 406 and huge.headers["X-Reqid"]
+    assert huge.json() == {"error": "invalid limit: must be 1-10000, or -1 for all"}
     lone = client.session.post(
         client.base + "/v1/image/group/r/add",
         data=b'{"data": [{"uri": "x", "attribute": {"label": "\\ud800"}}]}',
@@ -377,3 +378,29 @@ def test_unknown_keys_are_refused_before_the_body_is_read(tusou: Tusou) -> None:
     prepared.headers["Content-Length"] = str(tusou.settings.max_body_bytes + 1)
     resp = stranger.session.send(prepared, timeout=10)
     assert resp.status_code == 401 and resp.json() == {"error": "bad token"}
+
+
+def test_new_whose_every_image_fails_creates_no_group(client: QiniuClient) -> None:
+    # A private address: refused before any connection, with the setting that would allow it named.
+    body = {"data": [{"uri": "http://10.0.0.1/shoe.jpg", "attribute": {"id": "1"}}]}
+    for _ in range(2):  # the same request again answers the same, not "group already exists"
+        resp = client.post("/v1/image/group/first-run/new", body)
+        assert resp.status_code == 200
+        error = resp.json()["errors"][0]
+        assert resp.json()["images"] == [""] and error["code"] == 403
+        assert error["message"].startswith("fetch refused: 10.0.0.1 is not a public address")
+        assert "TUSOU_FETCH_ALLOW" in error["message"]
+        assert "first-run" not in client.get("/v1/image/group").json()["result"]
+    # An explicitly empty group is still created, as Qiniu does.
+    assert client.post("/v1/image/group/first-run/new", {"data": []}).status_code == 200
+    assert client.get("/v1/image/group/first-run/info").json() == {"count": 0}
+
+
+def test_invalid_limit_names_the_range(client: QiniuClient) -> None:
+    assert client.post("/v1/image/group/g/new", {"data": []}).status_code == 200
+    listed = client.get("/v1/image/group/g", {"limit": 1001})
+    assert listed.status_code == 400 and listed.json() == {"error": "invalid limit: must be 1-1000"}
+    query = {"data": {"uri": "http://10.0.0.1/x.jpg"}, "params": {"groups": ["g"], "limit": -2}}
+    searched = client.post("/v1/image/groups/search", query)
+    assert searched.status_code == 406
+    assert searched.json() == {"error": "invalid limit: must be 1-10000, or -1 for all"}

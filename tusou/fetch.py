@@ -124,7 +124,9 @@ class _Guard:
                 # Refuse the host if any of its addresses is private: a name that mixes public and private
                 # answers is exactly what a rebinding attack looks like.
                 what = name if name == str(ip) else f"{name} resolves to {ip}, which"
-                raise ImageError("fetch_refused", f"fetch refused: {what} is not a public address")
+                # The operator's way out is named: TUSOU_FETCH_ALLOW (Settings.fetch_allow).
+                refused = f"fetch refused: {what} is not a public address (allow it with TUSOU_FETCH_ALLOW)"
+                raise ImageError("fetch_refused", refused)
             if raw not in addrs:
                 addrs.append(raw)
         if not addrs:

@@ -107,9 +107,15 @@ class Service:
     def new_group(self, tenant: str, request: NewImages) -> BatchResult:
         if request.group in self.store.list_groups(tenant):
             raise GroupExists(request.group)
-        return self._write(
-            request.items, lambda images: self.store.create_group(tenant, request.group, images)
-        )
+
+        def create(images: list[NewImage]) -> list[ItemError | None]:
+            # Images were sent and none could be stored: no group either, so the same request can simply be
+            # sent again (an empty group would answer "group already exists"). `data: []` still creates one.
+            if request.items and not images:
+                return []
+            return self.store.create_group(tenant, request.group, images)
+
+        return self._write(request.items, create)
 
     def add_images(self, tenant: str, request: NewImages) -> BatchResult:
         self.store.count(tenant, request.group)  # fail fast on an unknown group, before fetching

@@ -40,6 +40,7 @@ GROUP_ID_RE = re.compile(r"^[^\x00-\x1f\x7f/\\?#%]{1,128}$")
 IMAGE_ID_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")
 LABEL_MAX_CHARS = 1024
 LIST_MAX_LIMIT = 1000  # images in one page of GET /v1/image/group/<id>
+LIST_LIMIT_ERROR = f"invalid limit: must be 1-{LIST_MAX_LIMIT}"  # Qiniu's message first, then the range
 # Largest form value read as a Python literal (the SDK's str(dict) form encoding of nested values).
 FORM_LITERAL_MAX = 64 * 1024
 FORM_TYPE = "application/x-www-form-urlencoded"
@@ -217,9 +218,9 @@ class Wire:
         try:
             count = int(limit) if limit != "" else LIST_MAX_LIMIT
         except ValueError as exc:
-            raise QiniuError(400, "invalid limit") from exc
+            raise QiniuError(400, LIST_LIMIT_ERROR) from exc
         if not 1 <= count <= LIST_MAX_LIMIT:
-            raise QiniuError(400, "invalid limit")
+            raise QiniuError(400, LIST_LIMIT_ERROR)
         return ListImages(group_id(group), marker, count)
 
     def image_ref(self, group: str, body: Body) -> ImageRef:
@@ -279,15 +280,17 @@ class Wire:
     def _search_limit(self, limit: object) -> int:
         if limit is None:
             return 1
+        # Qiniu's message first (clients match on it), then the range.
+        bad = f"invalid limit: must be 1-{self.settings.search_max_limit}, or -1 for all"
         if isinstance(limit, bool) or not isinstance(limit, int | float | str):
-            raise QiniuError(406, "invalid limit")
+            raise QiniuError(406, bad)
         try:
             value = int(float(limit)) if isinstance(limit, str) else int(limit)
             whole = value == float(limit)
         except (ValueError, OverflowError) as exc:  # 1e999, or an int too large for a float
-            raise QiniuError(406, "invalid limit") from exc
+            raise QiniuError(406, bad) from exc
         if not whole or value < -1 or value > self.settings.search_max_limit:
-            raise QiniuError(406, "invalid limit")
+            raise QiniuError(406, bad)
         if value == 0:
             return 1
         # -1 is "every match"; Qiniu capped that at the maximum limit too.
