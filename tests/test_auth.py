@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import string
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import Tusou
 from tusou.api.auth import (
     AuthError,
     SignedRequest,
@@ -609,3 +611,39 @@ def test_verify_only_raises_auth_error_for_junk_dates(date: str) -> None:
         assert verify(req, secret_for, now=NOW) == AK
     except AuthError as e:
         assert e.status == 403
+
+
+def test_refusals_keep_bad_token_but_the_log_says_why(tusou: Tusou, caplog: pytest.LogCaptureFixture) -> None:
+    key = tusou.keys.create("log")
+    revoked = tusou.keys.create("old")
+    tusou.keys.revoke(revoked.access_key)
+    base = tusou.server.url
+    port = urlsplit(base).port
+    path = "/v1/image/group"
+
+    def get(signed_url: str, access_key: str, secret_key: str, **headers: str) -> str:
+        signed = sign_qiniu(access_key, secret_key, "GET", signed_url)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tusou.api"):
+            resp = requests.get(base + path, headers={**signed, **headers}, timeout=30)
+        assert resp.status_code == 401 and resp.json() == {"error": "bad token"}  # the wire says no more
+        lines = [r.getMessage() for r in caplog.records if r.name == "tusou.api"]
+        assert len(lines) == 1, lines
+        assert signed["Authorization"].split(":")[-1] not in lines[0]  # never the signature
+        return lines[0]
+
+    assert "unknown access key" in get(base + path, "NOPE" * 10, key.secret_key)
+    assert "revoked access key" in get(base + path, revoked.access_key, revoked.secret_key)
+    assert "bad signature" in get(base + path, key.access_key, key.secret_key[::-1])
+    mismatch = get(f"http://localhost:{port}{path}", key.access_key, key.secret_key)
+    assert f"host mismatch: signed for 'localhost:{port}'" in mismatch and "TUSOU_PUBLIC_HOST" in mismatch
+    proxied = get(
+        "https://images.example" + path,
+        key.access_key,
+        key.secret_key,
+        **{"X-Forwarded-Host": "images.example"},
+    )
+    assert "host mismatch: signed for 'images.example'" in proxied
+    assert f"ak={key.access_key}" in proxied
+    unsigned = requests.get(base + path, timeout=30)
+    assert unsigned.status_code == 401 and unsigned.json() == {"error": "bad token"}

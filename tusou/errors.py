@@ -22,7 +22,15 @@ class QiniuError(Exception):
 
 
 class AuthError(QiniuError):
-    """A request whose signature, key or date is refused (401 bad token, 403 stale or malformed date)."""
+    """A request whose signature, key or date is refused (401 bad token, 403 stale or malformed date).
+
+    ``reason`` says why for the server's log (unknown key, revoked key, bad signature, host mismatch, ...);
+    the client only ever gets ``message``, so a prober learns nothing about which keys exist.
+    """
+
+    def __init__(self, status: int, message: str, reason: str = "") -> None:
+        super().__init__(status, message)
+        self.reason = reason
 
     def __str__(self) -> str:
         return f"{self.status} {self.message}"

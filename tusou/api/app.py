@@ -22,9 +22,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tusou import __version__
 from tusou.api import page, qiniu, routes
 from tusou.api.limits import RateLimiter
+from tusou.api.observe import access_key_of, route_template
 from tusou.api.observe import install as install_observability
 from tusou.config import Settings
-from tusou.errors import QiniuError, RateLimited
+from tusou.errors import AuthError, QiniuError, RateLimited
 from tusou.service import Service, build_service
 from tusou.store.keys import KeyStore
 
@@ -63,6 +64,11 @@ async def qiniu_error(request: Request, exc: Exception) -> JSONResponse:
     """The one handler for refused requests: Qiniu's status and ``{"error": message}``."""
     if isinstance(exc, RateLimited):
         return error_response(429, exc.message, {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
+    if isinstance(exc, AuthError) and exc.reason:
+        # The client gets Qiniu's bare "bad token"; the operator's log says why (never the signature).
+        ak = access_key_of(request.headers.get("authorization", ""))
+        route = route_template(request.scope)
+        log.warning("%d %s on %s: %s (ak=%s)", exc.status, exc.message, route, exc.reason, ak)
     if isinstance(exc, QiniuError):
         return error_response(exc.status, exc.message)
     if isinstance(exc, StarletteHTTPException):

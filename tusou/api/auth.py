@@ -266,14 +266,14 @@ def _lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
 def _parse_authorization(value: str | None) -> tuple[str, str, str]:
     """``"Qiniu AK:Sign"`` -> ("Qiniu", AK, Sign); anything else is a bad token."""
     if not value:
-        raise AuthError(401, BAD_TOKEN)
+        raise AuthError(401, BAD_TOKEN, "no Authorization header")
     scheme, _, cred = value.strip().partition(" ")
     if scheme not in ("Qiniu", "QBox"):
-        raise AuthError(401, BAD_TOKEN)
+        raise AuthError(401, BAD_TOKEN, "Authorization is not 'Qiniu AK:sign' or 'QBox AK:sign'")
     # rpartition: the signature (base64url) never has a colon, so an AK with one still parses.
     ak, sep, sign = cred.strip().rpartition(":")
     if not sep or not ak or not sign:
-        raise AuthError(401, BAD_TOKEN)
+        raise AuthError(401, BAD_TOKEN, "malformed Authorization (no AK:sign)")
     return scheme, ak, sign
 
 
@@ -304,6 +304,27 @@ def _check_date(value: str, now: datetime | None, max_skew_s: int) -> None:
         raise AuthError(403, "request date expired")
 
 
+def _mismatch_reason(req: SignedRequest, lower: Mapping[str, str], key: bytes, given: bytes) -> str:
+    """Why a Qiniu signature did not match, for the log: a host mismatch when the request verifies for a
+    host a proxy or the client would plausibly have signed instead (X-Forwarded-Host, a loopback alias),
+    else a bad signature (wrong secret, or the path, query, headers or body changed on the way)."""
+    host = lower.get("host", "")
+    _, port = _split_port(host)
+    suffix = f":{port}" if port else ""
+    others = [lower.get("x-forwarded-host", "").split(",")[0].strip()]
+    others += [alias + suffix for alias in ("localhost", "127.0.0.1", "[::1]")]
+    for other in dict.fromkeys(h for h in others if h and h != host):
+        if any(
+            hmac.compare_digest(_hmac_sign(key, prefix, tail), given)
+            for prefix, tail in _qiniu_candidates(req, {**lower, "host": other}, None)
+        ):
+            return (
+                f"host mismatch: signed for {other!r} but the request's Host is {host!r} "
+                "(behind a proxy, set TUSOU_PUBLIC_HOST to the signed host)"
+            )
+    return "bad signature (wrong secret key, or the request changed after it was signed)"
+
+
 def verify(
     req: SignedRequest,
     secret_for: Callable[[str], str | None],
@@ -321,7 +342,7 @@ def verify(
     scheme, ak, sign = _parse_authorization(lower.get("authorization"))
     secret = secret_for(ak)
     if not secret:
-        raise AuthError(401, BAD_TOKEN)
+        raise AuthError(401, BAD_TOKEN, "unknown or revoked access key")
     key = secret.encode("utf-8", "surrogatepass")
     given = sign.encode("utf-8", "surrogatepass")
 
@@ -330,7 +351,7 @@ def verify(
     )
     # Stopping at the first match is fine: it reveals which variant the client used, nothing about the secret.
     if not any(hmac.compare_digest(_hmac_sign(key, prefix, tail), given) for prefix, tail in candidates):
-        raise AuthError(401, BAD_TOKEN)
+        raise AuthError(401, BAD_TOKEN, _mismatch_reason(req, lower, key, given) if scheme == "Qiniu" else "")
 
     # Only the Qiniu scheme signs X-Qiniu-Date; under QBox it is unauthenticated, so it proves no freshness
     # and is ignored rather than trusted. Absent is fine: older SDKs and clients that turned it off omit it.

@@ -82,8 +82,10 @@ async def authenticate(request: Request) -> str:
     keys: KeyStore = request.app.state.keys
     # An unknown or malformed key is refused before the body is read: strangers cannot make the
     # server buffer up to max_body_bytes per connection.
-    if keys.secret_for(claimed_access_key(request.headers.get("authorization"))) is None:
-        raise AuthError(401, BAD_TOKEN)
+    claimed = claimed_access_key(request.headers.get("authorization"))
+    if keys.secret_for(claimed) is None:
+        reason = "revoked access key" if keys.is_revoked(claimed) else "unknown access key"
+        raise AuthError(401, BAD_TOKEN, reason)
     body = await read_body(request, settings.max_body_bytes)
     raw_path = request.scope.get("raw_path") or request.url.path.encode()
     signed = SignedRequest(

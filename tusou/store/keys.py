@@ -77,6 +77,14 @@ class KeyStore:
         with self._lock:
             return self._conn.execute("SELECT COUNT(*) FROM keys WHERE revoked = 0").fetchone()[0]
 
+    def is_revoked(self, access_key: str) -> bool:
+        """Whether ``access_key`` exists and was revoked (for the log of a refused request)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT revoked FROM keys WHERE access_key = ?", (access_key,)
+            ).fetchone()
+        return bool(row and row[0])
+
     def secret_for(self, access_key: str) -> str | None:
         """The secret of an active key, or None; what the signature verifier asks."""
         now = time.monotonic()
