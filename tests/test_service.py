@@ -47,6 +47,7 @@ class ThumbnailEmbedder:
     dim = 8 * 8 * 3
     default_threshold = 0.9
     min_short = 8
+    min_short = 8
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int]] = []

@@ -120,11 +120,13 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     uri = _milvus_uri(request, name)
 
     def make_milvus(group_max_images: int) -> Store:
+        from tests.milvus_lite import LiteMilvusStore
         from tusou.store.milvus import MilvusStore
 
         key = (name, group_max_images)
         if key not in _milvus_stores:
-            _milvus_stores[key] = MilvusStore(
+            store_class = LiteMilvusStore if name == "lite" else MilvusStore
+            _milvus_stores[key] = store_class(
                 uri, collection=COLLECTION, model_id="m", dim=DIM, group_max_images=group_max_images
             )
         return _milvus_stores[key]

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
 
     # --- storage ---
     store: str = Field(default="sqlite", description="sqlite (embedded, default) or milvus.")
-    milvus_uri: str = Field(default="http://127.0.0.1:19530", description="Milvus server or Lite file.")
+    milvus_uri: str = Field(default="http://127.0.0.1:19530", description="Milvus server address (http://host:19530).")
     milvus_token: str | None = None
     milvus_user: str | None = None
     milvus_password: str | None = None

@@ -181,6 +181,20 @@ class Service:
             return [one(uris[0])]
         return list(self._loader.map(one, uris))
 
+    def _query_vectors(self, tenant: str, query: SearchQuery) -> np.ndarray:
+        """(v, dim): the views of the query image, or the stored image's vector as one view."""
+        if query.by_id is not None:
+            return self.store.get_vector(tenant, query.by_id.group, query.by_id.id)[None, :]
+        if query.uri is None:
+            raise QiniuError(406, "empty uri")
+        image = self._load(query.uri)
+        queries: np.ndarray = self._embed_queries([image])[0]
+        return queries
+
+    def totals(self) -> tuple[int, int]:
+        """Groups and images in the store, all tenants together (for /metrics)."""
+        return self.store.totals()
+
     def remove_group(self, tenant: str, group: str) -> None:
         self.store.remove_group(tenant, group)
 
@@ -213,17 +227,17 @@ class Service:
             if query.threshold is None
             else max(query.threshold, self.default_threshold)
         )
-        for group in query.groups:
-            self.store.count(tenant, group)
-        if query.by_id is not None:
-            queries = self.store.get_vector(tenant, query.by_id.group, query.by_id.id)[None, :]
-        elif query.uri is not None:
-            image = self._load(query.uri)
-            queries = self._embed_queries([image])[0]
-        else:
-            raise QiniuError(406, "empty uri")
+        try:
+            queries = self._query_vectors(tenant, query)
+        except QiniuError:
+            # A missing searched group is the answer even when the query image is bad too (as before the
+            # check moved into the search); only this failure path pays for a separate check.
+            for group in query.groups:
+                self.store.count(tenant, group)
+            raise
         min_cosine = self.embedder.cosine_for_score(floor)
-        # A label filter applies to every match (exact), then the limit.
+        # A label filter applies to every match (exact), then the limit. The store checks that the groups
+        # exist in the same call (on Milvus, in the same consistency round as the search).
         wanted = query.labels
         hits = self.store.search(tenant, query.groups, queries, -1 if wanted else query.limit, min_cosine)
         if wanted:

@@ -50,7 +50,7 @@ _ACCESS_KEY_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 # Batch writes of up to 1000 URLs legitimately take a minute: the default buckets stop at 10 s.
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _EMBED_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Group/image totals read the store (one query per group on Milvus): an unauthenticated scraper hammering
+# Group/image totals read the store (two count queries on Milvus): an unauthenticated scraper hammering
 # /metrics must not turn into store load, so the totals are reused for this long.
 _TOTALS_TTL_S = 15.0
 _HEALTH_TIMEOUT_S = 5.0
@@ -81,8 +81,8 @@ def access_key_of(authorization: str) -> str:
 class _StoreTotals(Collector):
     """``tusou_groups`` and ``tusou_images``: totals over every tenant, computed on scrape, cached briefly.
 
-    The Store interface has no global count, so this walks tenants (the key store's access keys, revoked ones
-    included: their data stays) through the service's public reads. Only sums leave this class.
+    One read of the store's own totals (``Service.totals``: every tenant, revoked keys' data included).
+    Only sums leave this class.
     """
 
     def __init__(self, app: FastAPI) -> None:
@@ -99,22 +99,15 @@ class _StoreTotals(Collector):
         yield GaugeMetricFamily("tusou_images", "Images in the store, all tenants together.", value=images)
 
     def _totals(self) -> tuple[int, int] | None:
-        with self._lock:  # concurrent scrapes share one walk instead of each doing it
+        with self._lock:  # concurrent scrapes share one read instead of each doing it
             now = time.monotonic()
             if self._cached is not None and now - self._cached[0] < _TOTALS_TTL_S:
                 return self._cached[1], self._cached[2]
-            service, keys = self._app.state.service, self._app.state.keys
-            if service is None or keys is None:
+            service = self._app.state.service
+            if service is None:
                 return None  # still starting
             try:
-                groups = images = 0
-                for key in keys.list():
-                    for group in service.list_groups(key.access_key):
-                        try:
-                            images += service.group_count(key.access_key, group)
-                        except Exception:  # noqa: BLE001 - removed since listed: not counted, not an error
-                            continue
-                        groups += 1
+                groups, images = service.totals()
             except Exception:
                 # Logged without the exception text: a store message may name a tenant or group.
                 log.warning("metrics: could not count groups and images (store unavailable?)")

@@ -131,7 +131,9 @@ class Store(ABC):
 
         ``queries`` is (v, dim): several views of one query; an image scores its best cosine over them.
         ``limit`` -1 means every match. ``where`` (tusou.store.filters) keeps only the images it matches,
-        applied before the limit.
+        applied before the limit. Raises GroupNotFound for the first of ``groups`` that does not exist:
+        callers need no separate check, and a backend with a read-consistency wait (Milvus) makes the
+        check in the same round as the search.
         """
 
     def search_tags(
@@ -152,4 +154,9 @@ class Store(ABC):
         raise StoreError("tags are not supported by this store", 400)
 
     @abstractmethod
-    def close(self) -> None: ...
+    def totals(self) -> tuple[int, int]:
+        """Groups and images, all tenants together (for /metrics): one cheap read, not a walk."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the store; a second call does nothing."""

@@ -21,8 +21,8 @@ Choices, and why:
 * **pk = seq.** A 63-bit number: microseconds since 2024 in the high bits, a random 12-bit process tag in
   the low bits, strictly increasing within a process. Distinct processes therefore never share a value
   unless they draw the same tag *and* the same microsecond; no central counter is needed. Listing pages
-  are ``seq > marker`` ordered by seq: the server answers ``query(limit=)`` with the smallest primary keys
-  (Milvus Lite does not, so against Lite the page is chosen from every key, a test-double shortcut).
+  are ``seq > marker`` ordered by seq: the server answers ``query(limit=)`` with the smallest primary keys.
+  (Milvus Lite does not; it is only a test double, tests/milvus_lite.py, and this class refuses a file uri.)
 * **Repeated ids.** Milvus does not enforce uniqueness of anything but cannot even do that for the pk.
   A write checks for existing ids, inserts, then checks again: a writer that sees *another* row with one
   of its ids deletes its own row and reports "id already exists". Of two racing writers the one checking
@@ -31,7 +31,8 @@ Choices, and why:
 * **Read-your-writes.** Reads use ``consistency`` (default ``Strong``): every read waits until Milvus has
   applied all writes acknowledged before it, whichever tusou process made them. The cost is a wait of up
   to about two ``proxy.timeTickInterval`` (200 ms by default; see docs/scale.md). Reads that an operation
-  needs together (group check and data) run in parallel so one call pays that wait once. ``Session``
+  needs together (group check and data) run in parallel so one call pays that wait once; a search checks
+  its groups in the same round (tests/test_milvus_rounds.py counts the reads). ``Session``
   gives read-your-writes only within one process and costs nothing; use it for a single tusou process.
 * **Durability.** A write is acknowledged once Milvus has accepted it into its log (rocksmq in standalone,
   Pulsar/Kafka in a cluster), from which it replays after a crash; tusou never calls ``flush`` per request
@@ -147,8 +148,7 @@ class MilvusStore(Store):
         self.consistency = consistency
         self.images = collection
         self.groups = f"{collection}_groups"
-        # Milvus Lite (a local file) answers query(limit=) in insertion order, not primary-key order.
-        self._lite = not uri.startswith(("http://", "https://", "tcp://", "unix:", "grpc://"))
+        self._check_uri(uri)
         kwargs: dict[str, Any] = {"uri": uri}
         if token:
             kwargs["token"] = token
@@ -160,6 +160,15 @@ class MilvusStore(Store):
         self._write_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="milvus")
         self._setup(model_id, num_partitions)
+
+    SERVER_SCHEMES = ("http://", "https://", "tcp://", "unix:", "grpc://")
+
+    @classmethod
+    def _check_uri(cls, uri: str) -> None:
+        # Milvus Lite (a local file) behaves differently (query order, range search): it is only a test
+        # double (tests/milvus_lite.py), never something to serve from.
+        if not uri.startswith(cls.SERVER_SCHEMES):
+            raise ValueError(f"milvus_uri must be a Milvus server address ({', '.join(cls.SERVER_SCHEMES)})")
 
     # --- schema --------------------------------------------------------------------------------------
     def _setup(self, model_id: str, num_partitions: int, attempts: int = 10) -> None:
@@ -424,6 +433,13 @@ class MilvusStore(Store):
     def count(self, tenant: str, group: str) -> int:
         return self._with_group(tenant, group, lambda: self._count(_key(tenant, group)))
 
+    def totals(self) -> tuple[int, int]:
+        # Two count(*) reads in one round. A group two processes created at once may count twice for the
+        # moment it takes the loser to delete its registry row (see "Repeated ids" above).
+        groups = self._pool.submit(self._query, self.groups, f"seq != {_META_SEQ}", ["count(*)"])
+        images = self._query(self.images, "", ["count(*)"])
+        return int(groups.result()[0]["count(*)"]), int(images[0]["count(*)"])
+
     def list_images(self, tenant: str, group: str, marker: str, limit: int) -> tuple[list[ImageInfo], str]:
         after = decode_marker(marker)
         if after >= 1 << 63:
@@ -432,12 +448,9 @@ class MilvusStore(Store):
         flt = f'gkey == "{gkey}" and seq > {after}'
 
         def page() -> list[dict]:
-            if not self._lite:
-                # The server returns the smallest primary keys for query(limit=): seq order, explicitly
-                # re-sorted below. Lite does not, so pick the page from every later key.
-                return self._query(self.images, flt, _IMAGE_FIELDS, limit=limit + 1)
-            seqs = sorted(r["seq"] for r in self._query_all(flt, ["seq"]))[: limit + 1]
-            return self._query(self.images, _in("seq", seqs), _IMAGE_FIELDS) if seqs else []
+            # The server returns the smallest primary keys for query(limit=): seq order, explicitly
+            # re-sorted below.
+            return self._page_rows(flt, limit + 1)
 
         rows = sorted(self._with_group(tenant, group, page), key=lambda r: r["seq"])[: limit + 1]
         more = len(rows) > limit
@@ -445,9 +458,9 @@ class MilvusStore(Store):
         infos = [ImageInfo(r["image_id"], r["label"], _load_desc(r["desc"]), r["uri"] or None) for r in rows]
         return infos, (encode_marker(rows[-1]["seq"]) if more else "")
 
-    def _query_all(self, flt: str, fields: list[str]) -> list[dict]:
-        """Every matching row; only used against Milvus Lite, which has no result window to respect."""
-        return list(self.client.query(self.images, filter=flt, output_fields=fields))
+    def _page_rows(self, flt: str, limit: int) -> list[dict]:
+        """The ``limit`` rows with the smallest seq matching ``flt`` (in any order)."""
+        return self._query(self.images, flt, _IMAGE_FIELDS, limit=limit)
 
     def _image_row(self, tenant: str, group: str, image_id: str, fields: list[str]) -> dict:
         rows = self._with_group(tenant, group, lambda: self._rows_by_ids(tenant, group, [image_id], fields))
@@ -536,10 +549,6 @@ class MilvusStore(Store):
             return []  # unit vectors: no cosine above 1
         seen: dict[int, tuple[float, dict]] = {}
         while True:
-            if seen and self._lite:
-                # Lite's range search is "top-k, then filter", so a band below the first comes back
-                # short; the test double scores every row instead.
-                return self._search_exhaustive(view, flt, limit, min_cosine)
             hits = self._range_search(view, flt, want, min_cosine, upper)
             fresh = 0
             for cosine, entity in hits:
@@ -555,19 +564,6 @@ class MilvusStore(Store):
                 raise RuntimeError("too many equal scores to page through; lower the limit")
             upper = lowest
         found = sorted(seen.values(), key=lambda item: (-item[0], item[1]["seq"]))
-        return found if limit < 0 else found[:limit]
-
-    def _search_exhaustive(
-        self, view: np.ndarray, flt: str, limit: int, min_cosine: float
-    ) -> list[tuple[float, dict]]:
-        rows = self._query_all(flt, [*_IMAGE_FIELDS, "vec"])
-        if not rows:
-            return []
-        cosines = np.asarray([r["vec"] for r in rows], dtype=np.float32) @ view
-        found = sorted(
-            ((float(c), r) for c, r in zip(cosines, rows, strict=True) if c >= min_cosine),
-            key=lambda item: (-item[0], item[1]["seq"]),
-        )
         return found if limit < 0 else found[:limit]
 
     def _range_search(

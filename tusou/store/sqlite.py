@@ -547,6 +547,10 @@ class SQLiteStore(Store):
                     n += cur.rowcount
         return n
 
+    def totals(self) -> tuple[int, int]:
+        indexes = list(self._indexes.values())  # a snapshot: writers may add or remove groups meanwhile
+        return len(indexes), sum(len(index) for index in indexes)
+
     def _records(self, seqs: list[int]) -> dict[int, ImageInfo]:
         records: dict[int, ImageInfo] = {}
         conn = self._reader()

@@ -1,0 +1,150 @@
+"""A search on the Milvus store costs one read-consistency round, counted at the Milvus client.
+
+Under ``Strong`` consistency every Milvus read waits until the server has applied all earlier writes (up to
+about two time ticks, 200 ms by default). The service's search therefore must not check its groups in
+calls of their own before searching: the store checks them in the same round as the search.
+
+The Milvus client is wrapped so that every read is recorded with its consistency level, and every read
+waits at a barrier for the others of its round: reads issued one after another would never meet there
+(the barrier breaks after its timeout and the search fails), so passing proves that they were in flight
+together. Runs on the Milvus Lite test double and, where it starts, a real Milvus server.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import PHOTOS
+from tests.test_store_contract import DIM, unit
+from tusou.config import Settings
+from tusou.domain import SearchQuery
+from tusou.errors import GroupNotFound
+from tusou.images import Fetcher
+from tusou.service import Service
+from tusou.store.base import NewImage
+
+pytest_plugins = ["tests.store_backends"]
+
+COLLECTION = "tusou_rounds"
+READS = ("query", "search")
+
+
+class VectorEmbedder:
+    """Stands in for the model: every image becomes ``vector`` (one view); score is the cosine."""
+
+    model_id = "m"
+    default_threshold = 0.0
+    min_short = 8
+
+    def __init__(self, vector: np.ndarray) -> None:
+        self.vector = vector
+        self.dim = len(vector)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return np.stack([self.vector] * len(images))
+
+    def embed_queries(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return np.stack([self.vector[None, :]] * len(images))
+
+    def score(self, cosine: np.ndarray) -> np.ndarray:
+        return np.clip(np.asarray(cosine, dtype=np.float32), 0, 1)
+
+    def cosine_for_score(self, score: float) -> float:
+        return score
+
+
+class RoundCounter:
+    """Wraps a MilvusClient: records every read; reads meet at a barrier of ``parties`` (one round)."""
+
+    def __init__(self, client: Any, parties: int) -> None:
+        self._client = client
+        self.reads: list[tuple[str, str, str | None]] = []
+        self._lock = threading.Lock()
+        self._barrier = threading.Barrier(parties, timeout=30)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if name not in READS:
+            return method
+
+        def read(collection: str, *args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                self.reads.append((name, collection, kwargs.get("consistency_level")))
+            self._barrier.wait()
+            return method(collection, *args, **kwargs)
+
+        return read
+
+
+@pytest.fixture(params=["lite", "server"])
+def milvus_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.milvus_lite import LiteMilvusStore
+    from tusou.store.milvus import MilvusStore
+
+    if request.param == "server":
+        store = MilvusStore(
+            request.getfixturevalue("milvus_server").uri, collection=COLLECTION, model_id="m", dim=DIM
+        )
+    else:
+        pytest.importorskip("milvus_lite")
+        lite = str(tmp_path_factory.mktemp("milvus-lite") / "rounds.db")
+        store = LiteMilvusStore(lite, collection=COLLECTION, model_id="m", dim=DIM)
+    yield store
+    store.close()
+
+
+def photo_uri() -> str:
+    data = sorted(PHOTOS.glob("*.jpg"))[0].read_bytes()
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize("groups", [["r1"], ["r1", "r2"]])
+def test_a_search_is_one_strong_round(milvus_store: Any, tmp_path: Path, groups: list[str]) -> None:
+    store, tenant = milvus_store, "t-" + uuid.uuid4().hex[:12]
+    vectors = unit(np.random.default_rng(3), 6)
+    for g, group in enumerate(groups):
+        rows = vectors[g * 3 : g * 3 + 3]
+        store.create_group(
+            tenant, group, [NewImage(f"{group}-{i}", "", None, None, v) for i, v in enumerate(rows)]
+        )
+    settings = Settings(data=tmp_path)
+    service = Service(settings, store, VectorEmbedder(vectors[0]), Fetcher(settings))
+    counter = RoundCounter(store.client, parties=len(groups) + 1)  # a check per group, and the search
+    store.client = counter
+    try:
+        matches = service.search(tenant, SearchQuery(groups, 10, 0.5, uri=photo_uri()))
+    finally:
+        store.client = counter._client
+        service.close()
+    assert [m.id for m in matches][:1] == ["r1-0"] and matches[0].score == pytest.approx(1.0, abs=1e-4)
+    # Every read is Strong, and all of them were in flight together: one consistency wait per search.
+    assert [level for _, _, level in counter.reads] == ["Strong"] * (len(groups) + 1)
+    assert sorted(name for name, _, _ in counter.reads) == ["query"] * len(groups) + ["search"]
+    print(f"\n[milvus rounds] {len(groups)} group(s): {len(counter.reads)} Strong reads in 1 round")
+
+
+def test_a_missing_group_is_found_in_the_same_round(milvus_store: Any, tmp_path: Path) -> None:
+    store, tenant = milvus_store, "t-" + uuid.uuid4().hex[:12]
+    store.create_group(tenant, "here", [NewImage("a", "", None, None, unit(np.random.default_rng(4), 1)[0])])
+    settings = Settings(data=tmp_path)
+    service = Service(
+        settings, store, VectorEmbedder(unit(np.random.default_rng(5), 1)[0]), Fetcher(settings)
+    )
+    counter = RoundCounter(store.client, parties=3)
+    store.client = counter
+    try:
+        with pytest.raises(GroupNotFound) as missing:
+            service.search(tenant, SearchQuery(["here", "gone"], 10, None, uri=photo_uri()))
+    finally:
+        store.client = counter._client
+        service.close()
+    assert missing.value.message == "group gone not exists" and len(counter.reads) == 3
