@@ -28,7 +28,7 @@ from tests.test_store_contract import DIM, unit
 from tusou.config import Settings
 from tusou.domain import SearchQuery
 from tusou.errors import GroupNotFound
-from tusou.images import Fetcher
+from tusou.fetch import Fetcher
 from tusou.service import Service
 from tusou.store.base import NewImage
 
