@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     default_threshold: float | None = Field(
         default=None, description="System score threshold; None = the model's calibrated default."
     )
+    tags: bool = Field(
+        default=True,
+        description="Store automatic tags (the classifier's top concepts) with each new image; they feed "
+        "keyword search (data.text). Built-in models only.",
+    )
 
     # --- limits (Qiniu's unless noted) ---
     group_max_images: int = 500_000

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 from tusou.store.base import ImageInfo, ItemError
+from tusou.store.filters import Filter
 
 #: A value JSON can carry (an image's ``desc``).
 JSONValue: TypeAlias = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
@@ -62,6 +63,7 @@ class BatchResult:
 class ImageRef:
     group: str
     id: str
+    with_tags: bool = False  # beyond Qiniu: the image call answers the automatic tags too
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class ListImages:
     group: str
     marker: str
     limit: int
+    with_tags: bool = False  # beyond Qiniu: each listed value carries its automatic tags
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,10 @@ class SearchQuery:
     """The best ``limit`` images over ``groups`` scoring at least the threshold.
 
     The query is an image (``uri``) or, beyond Qiniu, a stored image's vector (``by_id``); ``labels``
-    (beyond Qiniu) keeps only hits with one of these labels.
+    (beyond Qiniu) keeps only hits with one of these labels. Also beyond Qiniu: ``text`` searches by a
+    word instead (keyword search over the automatic tags; ``threshold`` is then the least evidence),
+    ``where`` keeps only images that pass a filter on label and desc keys, inside the search, and
+    ``with_tags`` returns each hit's tags.
     """
 
     groups: list[str]
@@ -108,6 +114,9 @@ class SearchQuery:
     uri: str | None = None
     by_id: ImageRef | None = None
     labels: frozenset[str] | None = None
+    text: str | None = None
+    where: Filter | None = None
+    with_tags: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,3 +129,4 @@ class Match:
     desc: JSONValue
     uri: str | None
     score: float
+    tags: list[list[float]] | None = None  # only filled when the query asked for them

@@ -35,6 +35,7 @@ from tusou.domain import (
     SearchQuery,
     UpdateImage,
 )
+from tusou.embed import concepts
 from tusou.embed.base import Embedder
 from tusou.errors import GroupExists, QiniuError
 from tusou.fetch import Fetcher, load_image
@@ -65,9 +66,11 @@ class Service:
         self._loader = ThreadPoolExecutor(
             max_workers=settings.fetch_max_concurrent, thread_name_prefix="load"
         )
+        # Automatic tags need the classifier's output, which only the built-in graphs have.
+        self.tagging = bool(settings.tags and getattr(embedder, "has_classes", False))
         # Indexing runs one worker per core (throughput); queries one worker whose calls use every core.
         self._embed_images = Batcher(
-            self._timed(embedder.embed_images, "index"),
+            self._timed(self._embed_tagged if self.tagging else embedder.embed_images, "index"),
             max(1, settings.embed_batch // 2),
             "embed-index",
             workers=os.cpu_count() or 1,
@@ -91,6 +94,21 @@ class Service:
             return result
 
         return run
+
+    def _embed_tagged(self, images: list[Any]) -> np.ndarray:
+        """Vectors and class probabilities side by side, (n, dim + classes): one array for the Batcher."""
+        vecs, probs = self.embedder.embed_images_tagged(images)  # type: ignore[attr-defined]
+        if probs is None:
+            return np.asarray(vecs)
+        return np.hstack([vecs, probs])
+
+    def tags_for(self, rows: np.ndarray) -> list[list[list[float]] | None]:
+        """Stored tags of each row of ``_embed_tagged``'s output (None where there are no probabilities)."""
+        dim = self.embedder.dim
+        if rows.ndim != 2 or rows.shape[1] <= dim:
+            return [None] * len(rows)
+        table = concepts.load()
+        return [table.tags(row[dim:]) for row in rows]
 
     def close(self) -> None:
         """Stop the workers and close the store (the service owns it from here on)."""
@@ -136,15 +154,19 @@ class Service:
                 errors[i] = ItemError(vector.status, vector.message)
             elif vector is not None:
                 ready.append((i, item, vector))
+        # With tags on, each row is the vector followed by the class probabilities (_embed_tagged).
+        dim = self.embedder.dim
+        tags = self.tags_for(np.stack([row for _, _, row in ready])) if self.tagging and ready else None
         new_images = [
             NewImage(
                 item.id if item.id is not None else uuid.uuid4().hex,
                 item.label,
                 item.desc,
                 item.uri if not item.uri.startswith("data:") else None,
-                vector,
+                np.ascontiguousarray(vector[:dim]),
+                tags[row] if tags is not None else None,
             )
-            for _, item, vector in ready
+            for row, (_, item, vector) in enumerate(ready)
         ]
         results = commit(new_images)
         ids = [""] * len(items)
@@ -213,6 +235,39 @@ class Service:
     def group_count(self, tenant: str, group: str) -> int:
         return self.store.count(tenant, group)
 
+    def retag(
+        self, tenant: str, group: str, progress: Callable[[int, int, int], None] | None = None
+    ) -> dict[str, int]:
+        """Recompute the automatic tags of a group's images from their stored URIs (``tusou retag``).
+
+        Images added from data URIs have no stored URI (tusou keeps only the vector), so they cannot be
+        retagged and keep the tags they have (none, if added before tags existed); re-add them to tag them.
+        Returns counts: ``tagged``, ``no_uri`` (data-URI images), ``failed`` (fetch or decode failed).
+        """
+        if not self.tagging:
+            raise QiniuError(400, "tags need a built-in model (lite0/1/2) with tags enabled")
+        total = self.store.count(tenant, group)
+        counts = {"tagged": 0, "no_uri": 0, "failed": 0}
+        marker = ""
+        while True:
+            page, marker = self.store.list_images(tenant, group, marker, 200)
+            with_uri = [info for info in page if info.uri]
+            counts["no_uri"] += len(page) - len(with_uri)
+            loaded = self._vectors([info.uri for info in with_uri])
+            ok = [(info, v) for info, v in zip(with_uri, loaded, strict=True) if isinstance(v, np.ndarray)]
+            counts["failed"] += len(with_uri) - len(ok)
+            if ok:
+                tags = self.tags_for(np.stack([v for _, v in ok]))
+                counts["tagged"] += self.store.set_tags(
+                    tenant,
+                    group,
+                    {info.id: t for (info, _), t in zip(ok, tags, strict=True) if t is not None},
+                )
+            if progress is not None:
+                progress(sum(counts.values()), total, counts["tagged"])
+            if not marker:
+                return counts
+
     def list_images(self, tenant: str, request: ListImages) -> Page:
         images, marker = self.store.list_images(tenant, request.group, request.marker, request.limit)
         return Page(images, marker)
@@ -222,6 +277,8 @@ class Service:
 
     def search(self, tenant: str, query: SearchQuery) -> list[Match]:
         """Qiniu's search: the best ``limit`` images over ``groups`` scoring at least the threshold."""
+        if query.text is not None:
+            return self.search_text(tenant, query)
         floor = (
             self.default_threshold
             if query.threshold is None
@@ -239,15 +296,60 @@ class Service:
         # A label filter applies to every match (exact), then the limit. The store checks that the groups
         # exist in the same call (on Milvus, in the same consistency round as the search).
         wanted = query.labels
-        hits = self.store.search(tenant, query.groups, queries, -1 if wanted else query.limit, min_cosine)
+        limit = -1 if wanted else query.limit
+        if query.where is not None:
+            hits = self.store.search(tenant, query.groups, queries, limit, min_cosine, query.where)
+        else:
+            hits = self.store.search(tenant, query.groups, queries, limit, min_cosine)
         if wanted:
             hits = [hit for hit in hits if hit.label in wanted][: query.limit]
         scores = self.embedder.score(np.asarray([hit.cosine for hit in hits], dtype=np.float32))
         return [
-            Match(hit.group, hit.id, hit.label, hit.desc, hit.uri or None, float(score))
+            Match(
+                hit.group,
+                hit.id,
+                hit.label,
+                hit.desc,
+                hit.uri or None,
+                float(score),
+                (hit.tags or []) if query.with_tags else None,
+            )
             for hit, score in zip(hits, scores.tolist(), strict=True)
             # The inverse map is approximate at the boundary; the score decides.
             if score >= floor
+        ]
+
+    def search_text(self, tenant: str, query: SearchQuery) -> list[Match]:
+        """Keyword search (beyond Qiniu): images whose automatic tags give the word's concepts at least
+        ``threshold`` of evidence (default :data:`tusou.embed.concepts.TEXT_THRESHOLD`), best first.
+
+        The score is the evidence itself: the classifier's summed probability for the classes the word
+        covers (docs/words.md). A word that names no known concept finds nothing.
+        """
+        for group in query.groups:
+            self.store.count(tenant, group)
+        assert query.text is not None
+        classes = concepts.load().resolve(query.text)
+        if not classes:
+            return []
+        floor = concepts.TEXT_THRESHOLD if query.threshold is None else query.threshold
+        wanted = query.labels
+        hits = self.store.search_tags(
+            tenant, query.groups, sorted(classes), -1 if wanted else query.limit, floor, query.where
+        )
+        if wanted:
+            hits = [hit for hit in hits if hit.label in wanted][: query.limit]
+        return [
+            Match(
+                hit.group,
+                hit.id,
+                hit.label,
+                hit.desc,
+                hit.uri or None,
+                round(hit.cosine, 4),
+                (hit.tags or []) if query.with_tags else None,
+            )
+            for hit in hits
         ]
 
 

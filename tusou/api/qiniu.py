@@ -33,7 +33,9 @@ from tusou.domain import (
     SearchQuery,
     UpdateImage,
 )
+from tusou.embed import concepts
 from tusou.errors import QiniuError
+from tusou.store.filters import parse_filter
 
 # Group ids travel in URL paths: no separators, dot-segments or control characters.
 GROUP_ID_RE = re.compile(r"^[^\x00-\x1f\x7f/\\?#%]{1,128}$")
@@ -41,6 +43,7 @@ IMAGE_ID_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")
 LABEL_MAX_CHARS = 1024
 LIST_MAX_LIMIT = 1000  # images in one page of GET /v1/image/group/<id>
 LIST_LIMIT_ERROR = f"invalid limit: must be 1-{LIST_MAX_LIMIT}"  # Qiniu's message first, then the range
+TEXT_MAX_CHARS = 256  # a keyword query (data.text)
 # Largest form value read as a Python literal (the SDK's str(dict) form encoding of nested values).
 FORM_LITERAL_MAX = 64 * 1024
 FORM_TYPE = "application/x-www-form-urlencoded"
@@ -214,18 +217,20 @@ class Wire:
             raise QiniuError(400, "invalid images")
         return DeleteImages(group, ids)
 
-    def list_images(self, group: str, marker: str, limit: str) -> ListImages:
+    def list_images(self, group: str, marker: str, limit: str, tags: str = "") -> ListImages:
         try:
             count = int(limit) if limit != "" else LIST_MAX_LIMIT
         except ValueError as exc:
             raise QiniuError(400, LIST_LIMIT_ERROR) from exc
         if not 1 <= count <= LIST_MAX_LIMIT:
             raise QiniuError(400, LIST_LIMIT_ERROR)
-        return ListImages(group_id(group), marker, count)
+        if tags not in ("", "0", "1", "true", "false"):
+            raise QiniuError(400, "invalid tags")
+        return ListImages(group_id(group), marker, count, with_tags=tags in ("1", "true"))
 
     def image_ref(self, group: str, body: Body) -> ImageRef:
         group = group_id(group)
-        return ImageRef(group, _required_id(body.get("id")))
+        return ImageRef(group, _required_id(body.get("id")), with_tags=_flag(body.get("tags"), 400))
 
     def update_image(self, group: str, body: Body) -> UpdateImage:
         image_id = _required_id(body.get("id"))
@@ -246,14 +251,27 @@ class Wire:
         if not isinstance(data, dict) or not isinstance(params, dict):
             raise QiniuError(400, "invalid body")
         uri = data.get("uri")
-        # Beyond Qiniu: {"data": {"id": ..., "group": ...}} searches with a stored image.
+        text = data.get("text")
+        # Beyond Qiniu: {"data": {"id": ..., "group": ...}} searches with a stored image, and
+        # {"data": {"text": ...}} with a word (keyword search over the automatic tags).
         stored = not uri and data.get("id") is not None
-        if not stored and (not isinstance(uri, str) or not uri.strip()):
+        by_text = not uri and not stored and text is not None
+        if by_text and (not isinstance(text, str) or not text.strip() or len(text) > TEXT_MAX_CHARS):
+            raise QiniuError(406, "invalid text")
+        if not stored and not by_text and (not isinstance(uri, str) or not uri.strip()):
             raise QiniuError(406, "empty uri")
         groups = self._groups(params.get("groups") if group is None else [group])
         limit = self._search_limit(params.get("limit"))
         threshold = self._threshold(params.get("threshold"))
         labels = self._labels(params.get("labels"))
+        extra: dict[str, Any] = {}
+        if "filter" in params:
+            extra["where"] = parse_filter(params["filter"])
+        if "tags" in params:
+            extra["with_tags"] = _flag(params["tags"], 406)
+        if by_text:
+            assert isinstance(text, str)
+            return SearchQuery(groups, limit, threshold, labels=labels, text=text.strip(), **extra)
         if stored:
             source = data.get("group")
             image_id = data.get("id")
@@ -261,10 +279,10 @@ class Wire:
             if not isinstance(image_id, str) or not image_id:
                 raise QiniuError(406, "invalid id")
             return SearchQuery(
-                groups, limit, threshold, by_id=ImageRef(source_group, image_id), labels=labels
+                groups, limit, threshold, by_id=ImageRef(source_group, image_id), labels=labels, **extra
             )
         assert isinstance(uri, str)
-        return SearchQuery(groups, limit, threshold, uri=uri.strip(), labels=labels)
+        return SearchQuery(groups, limit, threshold, uri=uri.strip(), labels=labels, **extra)
 
     def _groups(self, groups: object) -> list[str]:
         if isinstance(groups, str):
@@ -321,7 +339,20 @@ class Wire:
         return frozenset(labels)
 
 
+def _flag(value: object, status: int) -> bool:
+    """A yes/no request field (beyond Qiniu): absent, true/false, 1/0 or their strings."""
+    if value is None or value is False or value in (0, "0", "false", ""):
+        return False
+    if value is True or value in (1, "1", "true"):
+        return True
+    raise QiniuError(status, "invalid tags")
+
+
 # --- responses ------------------------------------------------------------------------------------------
+def tags(stored: list[list[float]] | None) -> list[dict[str, Any]]:
+    """Stored tags as answered when asked for: [{"id", "name", "name_zh"?, "score"}, ...], best first."""
+    return concepts.load().describe(stored or [])
+
 def item_error(error: ItemError | None) -> dict[str, Any] | None:
     return None if error is None else {"code": error.code, "message": error.message}
 
@@ -338,12 +369,17 @@ def count(n: int) -> dict[str, Any]:
     return {"count": n}
 
 
-def page(result: Page) -> dict[str, Any]:
+def page(result: Page, with_tags: bool = False) -> dict[str, Any]:
     listed = [{"id": img.id, "value": {"desc": img.desc, "label": img.label}} for img in result.images]
+    if with_tags:
+        for entry, img in zip(listed, result.images, strict=True):
+            entry["value"]["tags"] = tags(img.tags)
     return {"code": 0, "marker": result.marker, "message": "", "result": listed}
 
 
-def image(info: ImageInfo) -> dict[str, Any]:
+def image(info: ImageInfo, with_tags: bool = False) -> dict[str, Any]:
+    if with_tags:
+        return {"desc": info.desc, "label": info.label, "tags": tags(info.tags)}
     return {"desc": info.desc, "label": info.label}
 
 
@@ -357,6 +393,8 @@ def hits(matches: list[Match], *, with_group: bool = True) -> dict[str, Any]:
         entry.update(id=match.id, label=match.label, score=round(float(match.score), 7))
         if match.uri:
             entry["uri"] = match.uri
+        if match.tags is not None:  # only when the query asked for them (beyond Qiniu)
+            entry["tags"] = tags(match.tags)
         result.append(entry)
     return {"code": 0, "message": "", "result": result}
 
@@ -389,6 +427,10 @@ def request_models(settings: Settings) -> list[type[BaseModel]]:
         "SearchData",
         uri=(str | None, Field(default=None, description="The query image (required unless id is given).")),
         id=(str | None, Field(default=None, description="tusou extension: search with this stored image.")),
+        text=(
+            str | None,
+            Field(default=None, description="tusou extension: search by a word, English or Chinese."),
+        ),
         group=(
             str | None,
             Field(default=None, description="With id: its group (default: the first searched)."),
@@ -397,23 +439,29 @@ def request_models(settings: Settings) -> list[type[BaseModel]]:
     limit_doc = f"1..{settings.search_max_limit}, or -1 for every match."
     threshold_doc = "0..1; raised to the system default."
     labels_doc = "tusou extension: only hits with these labels."
+    filter_doc = "tusou extension: conditions on label and desc.<key> (eq, in, gt, gte, lt, lte)."
+    tags_doc = "tusou extension: answer each hit's automatic tags."
     search_params = create_model(
         "SearchParams",
         groups=(list[str], Field(description=f"At most {settings.search_max_groups} groups.")),
         limit=(int | None, Field(default=1, description=limit_doc)),
         threshold=(float | None, Field(default=None, description=threshold_doc)),
         labels=(list[str] | None, Field(default=None, description=labels_doc)),
+        filter=(dict[str, Any] | None, Field(default=None, description=filter_doc)),
+        tags=(bool | None, Field(default=None, description=tags_doc)),
     )
     legacy_params = create_model(
         "LegacySearchParams",
         limit=(int | None, Field(default=1, description=limit_doc)),
         threshold=(float | None, Field(default=None, description=threshold_doc)),
         labels=(list[str] | None, Field(default=None, description=labels_doc)),
+        filter=(dict[str, Any] | None, Field(default=None, description=filter_doc)),
+        tags=(bool | None, Field(default=None, description=tags_doc)),
     )
     return [
         batch_request,
         create_model("DeleteRequest", images=(list[str], ...)),
-        create_model("ImageRequest", id=(str, ...)),
+        create_model("ImageRequest", id=(str, ...), tags=(bool | None, None)),
         create_model("SearchRequest", data=(search_data, ...), params=(search_params, ...)),
         create_model("LegacySearchRequest", data=(search_data, ...), params=(legacy_params | None, None)),  # type: ignore[operator]
         create_model(

@@ -213,10 +213,16 @@ async def group_info(group_id: str, request: Request, tenant: str = Tenant) -> J
     openapi_extra=SIGNED,
 )
 async def list_images(
-    group_id: str, request: Request, marker: str = "", limit: str = "1000", tenant: str = Tenant
+    group_id: str,
+    request: Request,
+    marker: str = "",
+    limit: str = "1000",
+    tags: str = "",
+    tenant: str = Tenant,
 ) -> JSONResponse:
-    listing = wire_of(request).list_images(group_id, marker, limit)
-    return answer(qiniu.page(await run_in_threadpool(service_of(request).list_images, tenant, listing)))
+    listing = wire_of(request).list_images(group_id, marker, limit, tags)
+    page = await run_in_threadpool(service_of(request).list_images, tenant, listing)
+    return answer(qiniu.page(page, listing.with_tags))
 
 
 @router.post(
@@ -227,7 +233,8 @@ async def list_images(
 )
 async def get_image(group_id: str, request: Request, tenant: str = Tenant) -> JSONResponse:
     ref = wire_of(request).image_ref(group_id, await body_of(request))
-    return answer(qiniu.image(await run_in_threadpool(service_of(request).get_image, tenant, ref)))
+    info = await run_in_threadpool(service_of(request).get_image, tenant, ref)
+    return answer(qiniu.image(info, ref.with_tags))
 
 
 @router.post(

@@ -33,6 +33,8 @@ TAG_TOP = 10
 TAG_MIN_P = 0.01
 #: Stored probabilities are rounded to this many decimals.
 TAG_DECIMALS = 4
+#: Keyword search's default least evidence (a client's ``threshold`` replaces it, lower or higher).
+TEXT_THRESHOLD = 0.1
 
 
 @dataclass(frozen=True)
