@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from tests import imagegen  # noqa: E402
 from tusou.client import Client, TusouError, data_uri  # noqa: E402
 from tusou.config import Settings  # noqa: E402
+from tusou.domain import NewImages, NewItem  # noqa: E402
 from tusou.service import build_service  # noqa: E402
 from tusou.store.base import NewImage  # noqa: E402
 from tusou.store.keys import KeyStore  # noqa: E402
@@ -201,23 +202,24 @@ def ingest_in_process(
     size = args.batch_size
     try:
         tenant = "bench"
-        service.new_group(tenant, "warm", [{"uri": data_uri(p)} for p in sorted(PHOTOS.glob("*.jpg"))])
+        warm = [NewItem(None, "", None, data_uri(p)) for p in sorted(PHOTOS.glob("*.jpg"))]
+        service.new_group(tenant, NewImages("warm", warm))
 
-        def batches(group: str) -> list[list[dict]]:
+        def batches(group: str) -> list[NewImages]:
             return [
-                [
-                    {"uri": u, "attribute": {"id": f"{group}-{i + k}"}}
-                    for k, u in enumerate(uris[i : i + size])
-                ]
+                NewImages(
+                    group,
+                    [NewItem(f"{group}-{i + k}", "", None, u) for k, u in enumerate(uris[i : i + size])],
+                )
                 for i in range(0, len(uris), size)
             ]
 
         for threads, group in ((1, "one"), (args.concurrency, "many")):
-            service.new_group(tenant, group, [])
+            service.new_group(tenant, NewImages(group, []))
             todo = batches(group)
             started = time.perf_counter()
             with ThreadPoolExecutor(threads) as pool:
-                results = list(pool.map(lambda b, g=group: service.add_images(tenant, g, b), todo))
+                results = list(pool.map(lambda request: service.add_images(tenant, request), todo))
             seconds = time.perf_counter() - started
             if any(e for r in results for e in r.errors) or service.store.count(tenant, group) != len(uris):
                 raise RuntimeError(f"in-process ingest into {group} failed")
@@ -229,7 +231,6 @@ def ingest_in_process(
         return base, service.embedder.model_id, service.embedder.dim
     finally:
         service.close()
-        service.store.close()
 
 
 def synthetic(base: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
