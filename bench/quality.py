@@ -255,7 +255,8 @@ def run_service(args: argparse.Namespace, root: Path) -> None:
     t0 = time.perf_counter()
     sem: dict[str, dict[str, Any]] = {}
     nd: dict[str, Any] = {}
-    for name in SETS:
+    words: list[dict[str, Any]] = []
+    for name in args.sets:
         s = EvalSet(root, name)
         gfiles = [file_key(s, m) for m in s.gallery]
         gids = [m["id"] for m in s.gallery]
@@ -285,10 +286,116 @@ def run_service(args: argparse.Namespace, root: Path) -> None:
                 res_loo = dict(zip(gids, search(key, ql, g, gids), strict=True))
                 (out_dir / f"{name}.loo.json").write_text(json.dumps(res_loo))
                 sem[name + " (gt_loo)"] = scorer.score(str(s.dir), res_loo, gt_name="gt_loo.json")
-    print_table(f"{args.model} ({emb.model_id})", time.perf_counter() - t0, nd, sem)
+            words += keyword_report(emb, cache, s, gpath)
+    if nd:
+        print_table(f"{args.model} ({emb.model_id})", time.perf_counter() - t0, nd, sem)
+    if words:
+        print_words(words, sem)
+        (out_dir / "keywords.json").write_text(json.dumps(words, ensure_ascii=False, indent=1))
     print(f"results: {out_dir}")
     if args.time:
         time_queries(emb, key, root, args.time)
+
+
+# ------------------------------------------------------------------------------------- keyword search
+
+#: Class words per semantic set: (English, Chinese, the set labels that are relevant). "animal" covers
+#: the fish, mammal and bird photos too (they are animals). Rows marked False are reported, not targets:
+#: ImageNet-1k has no class below these concepts for most of their photos (2 flowers, no monuments).
+WORDS: dict[str, list[tuple[str, str, frozenset[str], bool]]] = {
+    "semantic": [
+        ("animal", "动物", frozenset({"animal", "fish"}), True),
+        ("fish", "鱼", frozenset({"fish"}), True),
+        ("hand tool", "手工具", frozenset({"hand_tool"}), True),
+        ("monument", "纪念碑", frozenset({"monument"}), False),
+    ],
+    "semantic_cutouts": [
+        ("animal", "动物", frozenset({"mammal", "bird"}), True),
+        ("mammal", "哺乳动物", frozenset({"mammal"}), True),
+        ("bird", "鸟", frozenset({"bird"}), True),
+        ("flower", "花", frozenset({"flower"}), False),
+    ],
+}
+TOP = 10
+
+
+def keyword_report(emb: Any, cache: Cache, s: EvalSet, gpath: dict[str, Path]) -> list[dict[str, Any]]:
+    """Keyword search as the service runs it, on every photo of a semantic set (gallery + queries): the
+    stored tags (top classes, tusou.embed.concepts.tags), evidence = summed probability over the word's
+    classes, ranked best first (ties in set order), the default threshold applied. Precision@10 divides by
+    10; AP is over the whole ranked answer (images below the threshold are not returned, so they count as
+    misses)."""
+    from tusou.embed import concepts
+
+    table = concepts.load()
+    metas = s.gallery + s.queries
+    files = [file_key(s, m) for m in metas]
+
+    def probs(f: str) -> np.ndarray:
+        _, p = emb.embed_images_tagged([emb.open_image(gpath[f].read_bytes())])
+        return p[0]
+
+    tags = [table.tags(p) for p in cache.get((emb.model_id, "probs", s.name), files, probs)]
+    labels = [m["label"] for m in metas]
+    rows = []
+    for en, zh, relevant, target in WORDS.get(s.name, []):
+        for lang, word in (("en", en), ("zh", zh)):
+            classes = table.resolve(word)
+            ev = np.array([concepts.evidence(t, classes) for t in tags])
+            order = [i for i in np.argsort(-ev, kind="stable") if ev[i] >= concepts.TEXT_THRESHOLD]
+            rel = [labels[i] in relevant for i in order]
+            n_rel = sum(lab in relevant for lab in labels)
+            hits, ap = 0, 0.0
+            for rank, ok in enumerate(rel, 1):
+                if ok:
+                    hits += 1
+                    ap += hits / rank
+            rows.append(
+                {
+                    "set": s.name,
+                    "word": word,
+                    "lang": lang,
+                    "target": target,
+                    "classes": len(classes),
+                    "relevant": n_rel,
+                    "returned": len(order),
+                    "p@10": sum(rel[:TOP]) / TOP,
+                    "AP": ap / n_rel if n_rel else 0.0,
+                }
+            )
+    return rows
+
+
+def print_words(rows: list[dict[str, Any]], sem: dict[str, dict[str, Any]]) -> None:
+    from tusou.embed import concepts
+
+    print(f"\n## keyword search (data.text), default threshold {concepts.TEXT_THRESHOLD}\n")
+    print("| set | word | lang | ImageNet classes | relevant photos | returned | precision@10 | AP |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        mark = "" if r["target"] else " (not a target)"
+        print(
+            f"| {r['set']} | {r['word']}{mark} | {r['lang']} | {r['classes']} | {r['relevant']} | "
+            f"{r['returned']} | {r['p@10']:.2f} | {r['AP']:.3f} |"
+        )
+    print(
+        "\n| set | image-query mAP (gt / gt_loo) | text-query mAP en | text-query mAP zh | min p@10 en / zh |"
+    )
+    print("|---|---|---|---|---|")
+    for name in dict.fromkeys(r["set"] for r in rows):
+        t = [r for r in rows if r["set"] == name and r["target"]]
+        en = [r for r in t if r["lang"] == "en"]
+        zh = [r for r in t if r["lang"] == "zh"]
+        img = (
+            sem.get(name, {}).get("mAP", float("nan")),
+            sem.get(name + " (gt_loo)", {}).get("mAP", float("nan")),
+        )
+        print(
+            f"| {name} | {img[0]:.3f} / {img[1]:.3f} | {np.mean([r['AP'] for r in en]):.3f} | "
+            f"{np.mean([r['AP'] for r in zh]):.3f} | {min(r['p@10'] for r in en):.2f} / "
+            f"{min(r['p@10'] for r in zh):.2f} |"
+        )
+    print()
 
 
 def time_queries(emb: Any, key: str, root: Path, n: int) -> None:
@@ -598,6 +705,11 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None, help="tusou data folder (model cache)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--time", type=int, default=0, metavar="N", help="also time N queries end to end")
+    ap.add_argument(
+        "--sets",
+        default=",".join(SETS),
+        help="comma-separated sets to run (keyword search: the semantic ones)",
+    )
     ap.add_argument("--calibrate", action="store_true", help="fit mean/score data and compare views")
     ap.add_argument("--write", action="store_true", help="with --calibrate: write tusou/embed/data files")
     ap.add_argument("--configs", nargs="*", default=[], help="with --calibrate: only these candidates")
@@ -605,6 +717,7 @@ def main() -> None:
     ap.add_argument("--power", type=float, default=0.5, help="with --calibrate: power normalisation")
     args = ap.parse_args()
     args.eval_dir = args.eval_dir.expanduser()
+    args.sets = [s for s in args.sets.split(",") if s]
     if args.data is None:
         args.data = args.eval_dir / "tusou-data"
     root = ensure_sets(args.eval_dir, args.build)
