@@ -1,6 +1,7 @@
 """End-to-end embedding speed: JPEG bytes -> decode -> preprocess -> model -> unit vector.
 
     python bench/embed_speed.py [--model lite0] [--images DIR] [--n 96] [--seconds 4]
+    python bench/embed_speed.py --tags [--rounds 3]     ingest with automatic tags on vs off
 
 Prints img/s at batch 1 and 16, with 1 and 2 ONNX Runtime threads, plus two service-like rows (2 Python
 threads calling one shared embedder concurrently, as the server's request threads do) and peak RSS.
@@ -113,6 +114,47 @@ def pipeline(emb: OnnxEmbedder, jpegs: list[bytes], batch: int, index: bool) -> 
     return step
 
 
+def tagged_pipeline(emb: OnnxEmbedder, jpegs: list[bytes], batch: int) -> Callable[[], int]:
+    """What the service runs per added image with tags on: vector + probabilities, then the stored tags."""
+    from tusou.embed import concepts
+
+    table = concepts.load()
+    pos = [0]
+
+    def step() -> int:
+        i = pos[0]
+        chunk = [jpegs[(i + k) % len(jpegs)] for k in range(batch)]
+        pos[0] = (i + batch) % len(jpegs)
+        _, probs = emb.embed_images_tagged([emb.open_image(b) for b in chunk])
+        assert probs is not None
+        for row in probs:
+            table.tags(row)
+        return batch
+
+    return step
+
+
+def tags_cost(args: argparse.Namespace, jpegs: list[bytes]) -> None:
+    """Index img/s with tags off and on, the two measured in alternation (``--rounds`` times, best of
+    each), so a load change on a shared machine hits both alike. img/cpu-s is the figure to compare."""
+    data = Path(tempfile.mkdtemp(prefix="tusou-bench-"))
+    emb = create_embedder(Settings(data=data, model=args.model, threads=1))
+    print(
+        "\nindex (embed_images) with automatic tags off vs on, 1 ORT thread; best of", args.rounds, "rounds"
+    )
+    print(f"{'batch':>6}{'off img/s':>11}{'img/cpu-s':>11}{'on img/s':>10}{'img/cpu-s':>11}{'cpu cost':>10}")
+    for batch in (1, 16):
+        off = [0.0, 0.0]
+        on = [0.0, 0.0]
+        for _ in range(args.rounds):
+            a = run_for(args.seconds, pipeline(emb, jpegs, batch, index=True))
+            b = run_for(args.seconds, tagged_pipeline(emb, jpegs, batch))
+            off = [max(off[0], a[0]), max(off[1], a[1])]
+            on = [max(on[0], b[0]), max(on[1], b[1])]
+        cost = 100.0 * (off[1] / on[1] - 1.0)
+        print(f"{batch:>6}{off[0]:>11.1f}{off[1]:>11.1f}{on[0]:>10.1f}{on[1]:>11.1f}{cost:>+9.1f}%")
+
+
 def concurrent(emb: OnnxEmbedder, jpegs: list[bytes], batch: int, workers: int, seconds: float) -> float:
     """Throughput of ``workers`` Python threads sharing one embedder (one ORT session); best of WINDOWS."""
     return max(_concurrent_once(emb, jpegs, batch, workers, seconds / WINDOWS) for _ in range(WINDOWS))
@@ -146,6 +188,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=96, help="distinct images cycled through")
     ap.add_argument("--seconds", type=float, default=4.0, help="measuring time per row")
     ap.add_argument("--spin", action="store_true", help="let ORT worker threads spin (ORT's own default)")
+    ap.add_argument("--tags", action="store_true", help="only: index img/s with automatic tags off vs on")
+    ap.add_argument("--rounds", type=int, default=3, help="with --tags: alternations of off and on")
     args = ap.parse_args()
 
     jpegs = photo_jpegs(args.images, args.n) if args.images else []
@@ -157,6 +201,9 @@ def main() -> None:
         f"model {args.model}; {len(jpegs)} JPEGs ({source}), e.g. {sorted(sizes)[:2]}, "
         f"mean {np.mean([len(b) for b in jpegs]) / 1024:.0f} KiB"
     )
+    if args.tags:
+        tags_cost(args, jpegs)
+        return
 
     data = Path(tempfile.mkdtemp(prefix="tusou-bench-"))
     rows = []
