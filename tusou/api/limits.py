@@ -40,10 +40,6 @@ class RateLimiter:
         self._idle_s = self.burst / self.rate if self.rate > 0 else 0.0
         self._next_sweep = 0.0
 
-    @property
-    def enabled(self) -> bool:
-        return self.rate > 0
-
     def allow(self, key: str) -> bool:
         if self.rate <= 0:
             return True

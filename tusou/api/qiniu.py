@@ -403,6 +403,11 @@ EMPTY: dict[str, Any] = {}
 
 
 # --- OpenAPI --------------------------------------------------------------------------------------------
+def maybe(model: type[BaseModel]) -> Any:
+    """``model | None`` for create_model (a type built at run time, which a type checker cannot follow)."""
+    return model | None
+
+
 def request_models(settings: Settings) -> list[type[BaseModel]]:
     """The request bodies for the OpenAPI document, with the limits this server enforces."""
     attribute = create_model(
@@ -417,7 +422,7 @@ def request_models(settings: Settings) -> list[type[BaseModel]]:
     entry = create_model(
         "ImageEntry",
         uri=(str, Field(description="http(s) URL or data:application/octet-stream;base64,... URI.")),
-        attribute=(attribute | None, None),  # type: ignore[operator]
+        attribute=(maybe(attribute), None),
     )
     batch_request = create_model(
         "BatchRequest",
@@ -463,7 +468,7 @@ def request_models(settings: Settings) -> list[type[BaseModel]]:
         create_model("DeleteRequest", images=(list[str], ...)),
         create_model("ImageRequest", id=(str, ...), tags=(bool | None, None)),
         create_model("SearchRequest", data=(search_data, ...), params=(search_params, ...)),
-        create_model("LegacySearchRequest", data=(search_data, ...), params=(legacy_params | None, None)),  # type: ignore[operator]
+        create_model("LegacySearchRequest", data=(search_data, ...), params=(maybe(legacy_params), None)),
         create_model(
             "UpdateRequest",
             __doc__="tusou extension: change a stored image's label and/or desc; "

@@ -117,7 +117,7 @@ def answer(content: dict[str, Any]) -> JSONResponse:
 
 
 # --- OpenAPI helpers ------------------------------------------------------------------------------------
-SECURITY = [{"QiniuMac": []}]
+SECURITY: list[dict[str, list[str]]] = [{"QiniuMac": []}]
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": schemas.ErrorResponse},
     401: {"model": schemas.ErrorResponse},

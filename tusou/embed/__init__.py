@@ -228,7 +228,3 @@ def _with_vector_space(model_key: str, model_id: str) -> str:
         repr(_views.INDEX_VIEWS).encode(),
     ]
     return f"{model_id}/v{hashlib.sha256(b'|'.join(parts)).hexdigest()[:8]}"
-
-
-def _check_protocol(e: OnnxEmbedder) -> Embedder:
-    return e  # static check that OnnxEmbedder satisfies the Embedder protocol

@@ -150,7 +150,9 @@ def cosine_from_score(model_key: str, score: float) -> float:
             t = (score - s[i - 1]) / (s[i] - s[i - 1])
             cos = c[i - 1] + t * (c[i] - c[i - 1])
             # float rounding must not make score_from_cosine(cos) fall below the target.
-            while float(score_from_cosine(model_key, np.float32(cos))) < score and cos < 1.0:
+            while (
+                float(score_from_cosine(model_key, np.asarray(cos, dtype=np.float32))) < score and cos < 1.0
+            ):
                 cos = float(np.nextafter(np.float32(cos), np.float32(2.0)))
             return float(cos)
     return 1.0  # pragma: no cover - unreachable: s[-1] == 1 >= score

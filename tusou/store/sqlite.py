@@ -381,12 +381,12 @@ class SQLiteStore(Store):
         with self._transaction() as conn:
             seqs: list[int] = []
             for start in range(0, len(ids), _CHUNK):
-                chunk = list(ids[start : start + _CHUNK])
-                marks = ",".join("?" * len(chunk))
+                names = list(ids[start : start + _CHUNK])
+                marks = ",".join("?" * len(names))
                 seqs += [
                     row[0]
                     for row in conn.execute(
-                        f"SELECT seq FROM images WHERE gid = ? AND image_id IN ({marks})", (gid, *chunk)
+                        f"SELECT seq FROM images WHERE gid = ? AND image_id IN ({marks})", (gid, *names)
                     )
                 ]
             for start in range(0, len(seqs), _CHUNK):

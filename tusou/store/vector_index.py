@@ -31,6 +31,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -259,7 +260,7 @@ class VectorIndex:
         for start in range(0, len(among), 16_384):
             chunk = among[start : start + 16_384]
             with self._lock.read():
-                got = self._index.get(chunk.astype(np.uint64), dtype=np.int8)
+                got: Any = self._index.get(chunk.astype(np.uint64), dtype=np.int8)  # type: ignore[arg-type]
             if not isinstance(got, tuple):
                 got = tuple(got) if len(chunk) > 1 else (got,)
             present = [i for i, row in enumerate(got) if row is not None]  # deleted meanwhile: skipped
