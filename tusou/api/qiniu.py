@@ -370,7 +370,9 @@ def count(n: int) -> dict[str, Any]:
 
 
 def page(result: Page, with_tags: bool = False) -> dict[str, Any]:
-    listed = [{"id": img.id, "value": {"desc": img.desc, "label": img.label}} for img in result.images]
+    listed: list[dict[str, Any]] = [
+        {"id": img.id, "value": {"desc": img.desc, "label": img.label}} for img in result.images
+    ]
     if with_tags:
         for entry, img in zip(listed, result.images, strict=True):
             entry["value"]["tags"] = tags(img.tags)
