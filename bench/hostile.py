@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -79,6 +80,79 @@ def big_grey16_png(side: int = SIDE, shade: int = 0) -> bytes:
 
 def data_uri(data: bytes, kind: str = "image/png") -> str:
     return f"data:{kind};base64," + base64.b64encode(data).decode()
+
+
+# --- a slow image host ------------------------------------------------------------------------------------
+class DribbleServer:
+    """A loopback HTTP server: ``/slow/...`` sends its headers, then one byte every ``every_s`` until
+    :meth:`release` (then it hangs up); ``/fast/...`` answers a small JPEG at once.
+
+    ``slow_started`` counts slow downloads begun: until the release none ends, so it is also how many
+    run at once."""
+
+    def __init__(self, every_s: float = 0.5) -> None:
+        import http.server
+        import io
+
+        from tests import imagegen
+
+        out = io.BytesIO()
+        imagegen.scene(5, (96, 72)).save(out, "JPEG", quality=90)
+        jpeg = out.getvalue()
+        self.released = threading.Event()
+        self.slow_started = 0
+        self._lock = threading.Lock()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                if self.path.startswith("/fast/"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(len(jpeg)))
+                    self.end_headers()
+                    self.wfile.write(jpeg)
+                    return
+                with owner._lock:
+                    owner.slow_started += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(jpeg)))
+                self.end_headers()
+                try:
+                    for byte in jpeg:
+                        if owner.released.wait(every_s):
+                            break
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                except OSError:
+                    pass
+                self.close_connection = True
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 128
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def release(self) -> None:
+        self.released.set()
+
+    def close(self) -> None:
+        self.release()
+        self._server.shutdown()
+        self._server.server_close()
 
 
 # --- the server under attack --------------------------------------------------------------------------------
@@ -204,6 +278,133 @@ def attack_grey16_searches(
     ), responses
 
 
+@dataclass
+class Flood:
+    """One tenant's slow-URL flood running in the background: one add with ``urls`` slow URLs and
+    ``searches`` concurrent searches with one slow URL each."""
+
+    threads: list[threading.Thread]
+    responses: list[requests.Response]
+
+    def alive(self) -> int:
+        return sum(thread.is_alive() for thread in self.threads)
+
+    def join(self, timeout: float) -> None:
+        for thread in self.threads:
+            thread.join(timeout)
+
+
+def start_flood(
+    t: Tenants, slow: DribbleServer, urls: int = 40, searches: int = 8, group: str = "warm"
+) -> Flood:
+    responses: list[requests.Response] = []
+
+    def call(path: str, body: Any) -> None:
+        try:
+            responses.append(t.attacker.post(path, body))
+        except requests.RequestException:
+            pass  # the attacker's own timeouts are not a result
+
+    add = {
+        "data": [
+            {"uri": slow.url(f"/slow/add-{i}.jpg"), "attribute": {"id": f"slow-{i}"}} for i in range(urls)
+        ]
+    }
+    jobs = [(f"/v1/image/group/{group}/add", add)] + [
+        (
+            "/v1/image/groups/search",
+            {"data": {"uri": slow.url(f"/slow/search-{i}.jpg")}, "params": {"groups": [group]}},
+        )
+        for i in range(searches)
+    ]
+    threads = [threading.Thread(target=call, args=job, daemon=True) for job in jobs]
+    for thread in threads:
+        thread.start()
+    return Flood(threads, responses)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def other_tenant_calls(
+    t: Tenants, slow: DribbleServer, group: str = "warm"
+) -> dict[str, tuple[float, requests.Response]]:
+    """The other tenant's inline add (two base64 images), inline search and URL add, each timed."""
+    from bench.crash import image_uri
+
+    calls = {
+        "inline add": (
+            f"/v1/image/group/{group}/add",
+            {
+                "data": [
+                    {"uri": image_uri(11), "attribute": {"id": "inline-1"}},
+                    {"uri": image_uri(12), "attribute": {"id": "inline-2"}},
+                ]
+            },
+        ),
+        "inline search": (
+            "/v1/image/groups/search",
+            {"data": {"uri": image_uri(11)}, "params": {"groups": [group]}},
+        ),
+        "URL add": (
+            f"/v1/image/group/{group}/add",
+            {"data": [{"uri": slow.url("/fast/1.jpg"), "attribute": {"id": "url-1"}}]},
+        ),
+    }
+    out = {}
+    for name, (path, body) in calls.items():
+        start = time.perf_counter()
+        resp = t.other.post(path, body)
+        out[name] = (time.perf_counter() - start, resp)
+    return out
+
+
+def attack_slow_flood(
+    t: Tenants, urls: int = 40, searches: int = 8
+) -> tuple[list[Row], list[requests.Response]]:
+    """While the attacker floods slow URLs, the other tenant's inline add/search and URL add (<= 3 s, 200)."""
+    slow = DribbleServer()
+    try:
+        flood = start_flood(t, slow, urls, searches)
+        wait_for(lambda: slow.slow_started >= min(urls + searches, 4), 30)
+        time.sleep(0.5)
+        timed = other_tenant_calls(t, slow)
+        rows = []
+        for name, (seconds, resp) in timed.items():
+            errors = resp.json().get("errors") if resp.status_code == 200 else None
+            note = f"status {resp.status_code}" + (f", errors {errors}" if errors and any(errors) else "")
+            ok = resp.status_code == 200 and not (errors and any(errors))
+            rows.append(
+                Row(
+                    f"other tenant's {name} during a slow-URL flood",
+                    seconds if ok else float("inf"),
+                    3,
+                    "s",
+                    note,
+                )
+            )
+        rows.append(
+            Row(
+                "attacker's slow downloads at once (its share)",
+                float(slow.slow_started),
+                4,
+                "",
+                f"{flood.alive()} of its {len(flood.threads)} requests still waiting",
+            )
+        )
+        slow.release()
+        flood.join(60)
+        return rows, [resp for _, resp in timed.values()] + flood.responses
+    finally:
+        slow.close()
+
+
 # --- the table ----------------------------------------------------------------------------------------------
 def print_table(rows: list[Row], extra: list[str] | None = None) -> None:
     width = max(len(r.attack) for r in rows)
@@ -217,7 +418,7 @@ def print_table(rows: list[Row], extra: list[str] | None = None) -> None:
         print(line)
 
 
-ATTACKS = ("pixels", "grey16")
+ATTACKS = ("pixels", "grey16", "flood")
 
 
 def main() -> None:
@@ -243,6 +444,12 @@ def main() -> None:
                 warm_up(t)
                 row, got = attack_grey16_searches(t, args.searches)
                 rows.append(row)
+                responses += got
+        if "flood" in chosen:
+            with serve(folder / "flood", env={"TUSOU_FETCH_ALLOW": '["127.0.0.1"]'}) as t:
+                warm_up(t)
+                got_rows, got = attack_slow_flood(t)
+                rows += got_rows
                 responses += got
     rows.append(Row("responses with status 500", sum(r.status_code == 500 for r in responses), 0, ""))
     rows.append(Row("responses without X-Reqid", sum("X-Reqid" not in r.headers for r in responses), 0, ""))

@@ -14,18 +14,24 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from bench.crash import image_uri
 from bench.hostile import (
+    DribbleServer,
     attack_grey16_searches,
     attack_pixel_batch,
     big_grey16_png,
     big_rgb_png,
+    other_tenant_calls,
     serve,
+    start_flood,
+    wait_for,
     warm_up,
 )
+from tusou.batching import Batcher, FairPool
 from tusou.images import ImageError, PixelBudget, decode_image
 
 # Peak RSS growth allowed in CI. Before the pixel budget: ~2.6 GB for the 16-image add, ~2.3 GB for four
@@ -80,6 +86,94 @@ def _b64(data: bytes) -> str:
     import base64
 
     return base64.b64encode(data).decode()
+
+
+# --- fairness --------------------------------------------------------------------------------------------
+def test_a_slow_url_flood_does_not_starve_another_tenant(tmp_path: Path) -> None:
+    """Tenant 1: an add of 40 URLs and 8 searches, on a host that dribbles a byte per 0.5 s and holds them
+    all until released. Tenant 2's inline add, inline search and URL add are served meanwhile (before the
+    fix: queued behind tenant 1's downloads, or refused "fetch busy")."""
+    slow = DribbleServer()
+    env = {"TUSOU_FETCH_ALLOW": '["127.0.0.1"]', "TUSOU_FETCH_TIMEOUT_S": "120"}
+    try:
+        with serve(tmp_path, env=env) as t:
+            warm_up(t)
+            t.other.timeout = 60
+            flood = start_flood(t, slow, urls=40, searches=8)
+            # Tenant 1's downloads are under way (its share of the download threads: 4).
+            assert wait_for(lambda: slow.slow_started >= 4, 60), slow.slow_started
+            timed = other_tenant_calls(t, slow)
+            # Served while every one of tenant 1's requests still waits for its bytes.
+            assert flood.alive() == len(flood.threads) and not slow.released.is_set()
+            for name, (_, resp) in timed.items():
+                assert resp.status_code == 200, (name, resp.text)
+                assert "X-Reqid" in resp.headers
+                if "errors" in resp.json():
+                    assert resp.json()["errors"] == [None] * len(resp.json()["errors"]), (name, resp.text)
+            assert timed["inline search"][1].json()["result"][0]["id"] == "inline-1"
+            assert slow.slow_started == 4  # no more than its share, however many it queued
+            slow.release()
+            flood.join(120)
+            assert flood.alive() == 0
+            assert all(r.status_code != 500 for r in flood.responses)
+    finally:
+        slow.close()
+
+
+def test_fair_pool_caps_each_tenant_and_serves_tenants_in_turn() -> None:
+    pool = FairPool(workers=4, per_tenant=2, name="test")
+    gate = threading.Event()
+    started: list[str] = []
+    lock = threading.Lock()
+
+    def job(name: str) -> str:
+        with lock:
+            started.append(name)
+        gate.wait(30)
+        return name
+
+    try:
+        flood = [pool.submit("a", lambda i=i: job(f"a{i}")) for i in range(10)]
+        assert wait_for(lambda: len(started) == 2, 10)
+        other = pool.submit("b", lambda: job("b0"))
+        assert wait_for(lambda: len(started) == 3, 10)
+        assert pool.running("a") == 2 and started[2] == "b0"  # a's 8 queued jobs did not delay b's
+        gate.set()
+        assert [f.result(10) for f in flood] == [f"a{i}" for i in range(10)] and other.result(10) == "b0"
+    finally:
+        gate.set()
+        pool.close()
+
+
+def test_batcher_takes_tenants_in_turn() -> None:
+    order: list[str] = []
+    first = threading.Event()
+    go = threading.Event()
+
+    def model(items: list[str]) -> np.ndarray:
+        first.set()
+        go.wait(30)
+        order.extend(items)
+        return np.zeros((len(items), 1), dtype=np.float32)
+
+    batcher = Batcher(model, max_batch=1, workers=1)
+    try:
+        threads = [threading.Thread(target=batcher, args=(["a0"], "a"))]
+        threads[0].start()
+        assert first.wait(10)  # the worker is busy with a0; the rest queue up
+        threads.append(threading.Thread(target=batcher, args=([f"a{i}" for i in range(1, 6)], "a")))
+        threads[1].start()
+        assert wait_for(lambda: len(batcher._turns) == 1, 10)
+        threads.append(threading.Thread(target=batcher, args=(["b0"], "b")))
+        threads[2].start()
+        assert wait_for(lambda: len(batcher._turns) == 2, 10)
+        go.set()
+        for thread in threads:
+            thread.join(10)
+        assert order[:3] == ["a0", "a1", "b0"], order  # b's one job after one of a's, not after all five
+    finally:
+        go.set()
+        batcher.close()
 
 
 # --- the budget itself ---------------------------------------------------------------------------------

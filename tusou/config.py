@@ -77,7 +77,10 @@ class Settings(BaseSettings):
         description="Hosts or CIDR ranges that may be fetched although private (tests, intranets).",
     )
     fetch_user_agent: str = "tusou/0.1 (+image search)"
-    fetch_max_concurrent: int = 16
+    fetch_max_concurrent: int = Field(default=16, description="Downloads at once, all tenants together.")
+    fetch_max_per_tenant: int = Field(
+        default=4, description="Downloads of one access key at once; its other URLs wait their turn."
+    )
 
     # --- decoding (untrusted work) ---
     decode_max_pixels: int = Field(
@@ -97,6 +100,10 @@ class Settings(BaseSettings):
         default=8,
         description="Threads for requests that process images (new, add, search), apart from the shared "
         "pool that serves the light ones (info, list, image, delete).",
+    )
+    heavy_per_tenant: int = Field(
+        default=4, description="Of heavy_threads, how many one access key may hold at once; its other "
+        "new/add/search requests wait their turn without holding a thread.",
     )
     metrics: bool = Field(default=True, description="Serve GET /metrics (Prometheus; no tenant data).")
     metrics_token: str | None = Field(

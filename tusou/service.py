@@ -13,13 +13,12 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from tusou.batching import Batcher
+from tusou.batching import Batcher, FairPool
 from tusou.config import Settings
 from tusou.domain import (
     BatchResult,
@@ -62,10 +61,12 @@ class Service:
         self.fetcher = fetcher
         self.observer = Observer()
         self.budget = PixelBudget(settings.decode_max_pixels, settings.decode_wait_s)
-        # Fetching and decoding overlap well across images (network waits, Pillow releases the GIL).
-        self._loader = ThreadPoolExecutor(
-            max_workers=settings.fetch_max_concurrent, thread_name_prefix="load"
-        )
+        cpus = os.cpu_count() or 1
+        # Images of a new/add: downloads on their own threads, a few per tenant at once, so one tenant's
+        # slow URLs hold only its own share; inline (data:) images on others, so they never wait behind
+        # anybody's downloads. Both serve tenants in turn; each thread decodes, embeds, and drops its image.
+        self._fetches = FairPool(settings.fetch_max_concurrent, settings.fetch_max_per_tenant, "fetch")
+        self._decodes = FairPool(2 * cpus, cpus, "decode")
         # Automatic tags need the classifier's output, which only the built-in graphs have.
         self.tagging = bool(settings.tags and getattr(embedder, "has_classes", False))
         # Indexing runs one worker per core (throughput); queries one worker whose calls use every core.
@@ -112,7 +113,8 @@ class Service:
 
     def close(self) -> None:
         """Stop the workers and close the store (the service owns it from here on)."""
-        self._loader.shutdown(wait=False, cancel_futures=True)
+        self._fetches.close()
+        self._decodes.close()
         self._embed_images.close()
         self._embed_queries.close()
         self.store.close()
@@ -133,18 +135,21 @@ class Service:
                 return []
             return self.store.create_group(tenant, request.group, images)
 
-        return self._write(request.items, create)
+        return self._write(tenant, request.items, create)
 
     def add_images(self, tenant: str, request: NewImages) -> BatchResult:
         self.store.count(tenant, request.group)  # fail fast on an unknown group, before fetching
-        return self._write(request.items, lambda images: self.store.add_images(tenant, request.group, images))
+        return self._write(
+            tenant, request.items, lambda images: self.store.add_images(tenant, request.group, images)
+        )
 
     def _write(
         self,
+        tenant: str,
         items: Sequence[NewItem | ItemError],
         commit: Callable[[list[NewImage]], list[ItemError | None]],
     ) -> BatchResult:
-        vectors = self._vectors([it.uri if isinstance(it, NewItem) else None for it in items])
+        vectors = self._vectors(tenant, [it.uri if isinstance(it, NewItem) else None for it in items])
         errors: list[ItemError | None] = [None] * len(items)
         ready: list[tuple[int, NewItem, np.ndarray]] = []
         for i, (item, vector) in enumerate(zip(items, vectors, strict=True)):
@@ -177,31 +182,39 @@ class Service:
                 errors[i] = result
         return BatchResult(ids, errors)
 
-    def _load(self, uri: str) -> Image.Image:
-        """A uri -> RGB image shrunk to what the model needs, decoded inside the server's pixel budget."""
+    def _load(self, tenant: str, uri: str) -> Image.Image:
+        """A uri -> RGB image shrunk to what the model needs, decoded inside the server's pixel budget.
+        A download runs on the fetch threads in ``tenant``'s turn; an inline image right here."""
         try:
+            if _is_url(uri):
+                return self._fetches.run(
+                    tenant, lambda: load_image(uri, self.fetcher, self.embedder.min_short, self.budget)
+                )
             return load_image(uri, self.fetcher, self.embedder.min_short, self.budget)
         except ImageError as exc:
             self.observer.image_failed(exc)
             raise
 
-    def _vectors(self, uris: list[str | None]) -> list[np.ndarray | ImageError | None]:
+    def _vectors(self, tenant: str, uris: list[str | None]) -> list[np.ndarray | ImageError | None]:
         """One index vector per uri (None stays None). Each image is embedded as soon as it is decoded and
         dropped right after, so a request never holds its whole batch decoded."""
 
-        def one(uri: str | None) -> np.ndarray | ImageError | None:
-            if uri is None:
-                return None
+        def one(uri: str) -> np.ndarray | ImageError:
             try:
-                image = self._load(uri)
+                image = load_image(uri, self.fetcher, self.embedder.min_short, self.budget)
             except ImageError as exc:
+                self.observer.image_failed(exc)
                 return exc
-            vector: np.ndarray = self._embed_images([image])[0]
+            vector: np.ndarray = self._embed_images([image], tenant)[0]
             return vector
 
-        if len(uris) == 1:
-            return [one(uris[0])]
-        return list(self._loader.map(one, uris))
+        futures = [
+            None if uri is None else (self._fetches if _is_url(uri) else self._decodes).submit(
+                tenant, lambda uri=uri: one(uri)  # type: ignore[misc]
+            )
+            for uri in uris
+        ]
+        return [None if future is None else future.result() for future in futures]
 
     def _query_vectors(self, tenant: str, query: SearchQuery) -> np.ndarray:
         """(v, dim): the views of the query image, or the stored image's vector as one view."""
@@ -209,8 +222,8 @@ class Service:
             return self.store.get_vector(tenant, query.by_id.group, query.by_id.id)[None, :]
         if query.uri is None:
             raise QiniuError(406, "empty uri")
-        image = self._load(query.uri)
-        queries: np.ndarray = self._embed_queries([image])[0]
+        image = self._load(tenant, query.uri)
+        queries: np.ndarray = self._embed_queries([image], tenant)[0]
         return queries
 
     def totals(self) -> tuple[int, int]:
@@ -253,7 +266,7 @@ class Service:
             page, marker = self.store.list_images(tenant, group, marker, 200)
             with_uri = [info for info in page if info.uri]
             counts["no_uri"] += len(page) - len(with_uri)
-            loaded = self._vectors([info.uri for info in with_uri])
+            loaded = self._vectors(tenant, [info.uri for info in with_uri])
             ok = [(info, v) for info, v in zip(with_uri, loaded, strict=True) if isinstance(v, np.ndarray)]
             counts["failed"] += len(with_uri) - len(ok)
             if ok:
@@ -351,6 +364,10 @@ class Service:
             )
             for hit in hits
         ]
+
+
+def _is_url(uri: str) -> bool:
+    return uri.lstrip()[:8].lower().startswith(("http://", "https://"))
 
 
 def build_service(settings: Settings) -> Service:
