@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -180,3 +181,47 @@ def test_tags_off_then_retag_from_uris(
     assert [h["id"] for h in text_search(client, "hand tool", limit=1)] == ["hammer8"]
     koala = client.post("/v1/image/group/g/image", {"id": "koala", "tags": True}).json()
     assert koala["tags"] == []  # added from a data URI: nothing to fetch again, re-add it to tag it
+
+
+def test_retag_command(
+    tmp_path: Path, image_server: ImageServer, photos: list[Image.Image], embedder: Embedder
+) -> None:
+    from click.testing import CliRunner
+
+    from tusou.cli import main
+
+    data = tmp_path / "data"
+    running = Tusou(Settings(data=data, fetch_allow=["127.0.0.1"], tags=False), embedder)
+    running.server.__enter__()
+    client = running.client()
+    items = [{"uri": image_server.put("h.jpg", jpeg(photos[2])), "attribute": {"id": "hammer8"}}]
+    items.append({"uri": data_uri(jpeg(photos[3])), "attribute": {"id": "fish19"}})
+    assert client.post("/v1/image/group/g/new", {"data": items}).status_code == 200
+    running.close()
+
+    env = {"TUSOU_FETCH_ALLOW": '["127.0.0.1"]'}
+    result = CliRunner().invoke(main, ["retag", "g", "--data", str(data)], env=env)
+    assert result.exit_code == 0, result.output
+    line = [x for x in result.stdout.splitlines() if x.startswith("{")][0]
+    assert json.loads(line) == {
+        "access_key": client.access_key,
+        "group": "g",
+        "tagged": 1,
+        "no_uri": 1,
+        "failed": 0,
+    }
+    missing = CliRunner().invoke(main, ["retag", "nope", "--data", str(data)], env=env)
+    assert missing.exit_code != 0 and "no group 'nope'" in missing.output
+
+    again = Tusou(Settings(data=data, fetch_allow=["127.0.0.1"]), embedder)
+    again.server.__enter__()
+    try:
+        info = client_for(again, client).post("/v1/image/group/g/image", {"id": "hammer8", "tags": True})
+        assert info.json()["tags"][0]["name"] == "hammer"
+    finally:
+        again.close()
+
+
+def client_for(running: Tusou, old: QiniuClient) -> QiniuClient:
+    """The same access key against another server on the same data folder."""
+    return QiniuClient(running.server.url, old.access_key, old.secret_key)

@@ -206,6 +206,43 @@ def migrate(
         dst.close()
 
 
+@main.command()
+@data_option
+@click.argument("group")
+@click.option("--access-key", "access_keys", multiple=True, help="Only this key's group (repeatable).")
+def retag(data: Path | None, group: str, access_keys: tuple[str, ...]) -> None:
+    """Recompute the automatic tags of GROUP's images from their stored URIs (docs/words.md).
+
+    Each image is fetched and run through the model again; its vector stays as it is. Images added from
+    data: URIs have no stored URI and keep the tags they have (none, if added before tags existed): add
+    them again to tag them. Prints one JSON line per access key owning GROUP: tagged, no_uri, failed.
+    Best run with the server on --data stopped, as this opens the same store; tags are read from it per
+    request, so a server started afterwards answers them at once.
+    """
+    from tusou.service import build_service
+
+    settings = _settings(data=data)
+    if not (settings.data / "keys.db").is_file():
+        _existing_keys(settings)  # the same clear error as the key commands
+    service = build_service(settings)
+    try:
+        if not service.tagging:
+            raise click.ClickException("tags need a built-in model (lite0, lite1, lite2) and TUSOU_TAGS on")
+        tenants = list(access_keys) or [key.access_key for key in _keys(settings).list()]
+        owners = [t for t in tenants if group in service.store.list_groups(t)]
+        if not owners:
+            raise click.ClickException(f"no group {group!r} in {settings.data}")
+        for tenant in owners:
+
+            def progress(done: int, total: int, tagged: int, tenant: str = tenant) -> None:
+                click.echo(f"{tenant[:8]}…/{group}: {done}/{total} ({tagged} tagged)", err=True)
+
+            counts = service.retag(tenant, group, progress)
+            click.echo(json.dumps({"access_key": tenant, "group": group, **counts}))
+    finally:
+        service.close()
+
+
 # import, copy, groups, info, search (tusou/cli_data.py): clients of a running server.
 for command in DATA_COMMANDS:
     main.add_command(command)
