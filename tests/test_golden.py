@@ -300,6 +300,12 @@ def cases(url_of: Callable[[str], str]) -> list[Case]:
             json={"data": {"id": 2}, "params": {"groups": ["g1"]}},
         ),
         Case(
+            "search by stored id true",
+            "POST",
+            "/v1/image/groups/search",
+            json={"data": {"id": True}, "params": {"groups": ["g1"]}},
+        ),
+        Case(
             "search form: str(dict) values",
             "POST",
             "/v1/image/groups/search",

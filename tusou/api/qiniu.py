@@ -274,9 +274,10 @@ class Wire:
             return SearchQuery(groups, limit, threshold, labels=labels, text=text.strip(), **extra)
         if stored:
             source = data.get("group")
-            image_id = data.get("id")
             source_group = group_id(source if source is not None else groups[0])
-            if not isinstance(image_id, str) or not image_id:
+            # The same ids as everywhere else: a JSON integer is its decimal string, true is no id.
+            image_id = _id_text(data.get("id"))
+            if not image_id:
                 raise QiniuError(406, "invalid id")
             return SearchQuery(
                 groups, limit, threshold, by_id=ImageRef(source_group, image_id), labels=labels, **extra
