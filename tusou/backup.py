@@ -28,8 +28,9 @@ from tusou.files import sha256_file
 MANIFEST = "MANIFEST.json"
 FORMAT = "tusou-backup"
 VERSION = 1
-# What a backup holds, in order; tusou.db is optional (a Milvus deployment keeps only keys.db locally).
-DATABASES = ("tusou.db", "keys.db")
+# What a backup holds, in order; tusou.db is optional (a Milvus deployment keeps only keys.db locally), and
+# thumbs.db (the web page's thumbnails) is there unless thumbnails are turned off.
+DATABASES = ("tusou.db", "keys.db", "thumbs.db")
 
 
 class BackupError(Exception):

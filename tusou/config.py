@@ -105,6 +105,11 @@ class Settings(BaseSettings):
         default=4, description="Of heavy_threads, how many one access key may hold at once; its other "
         "new/add/search requests wait their turn without holding a thread.",
     )
+    thumbnails: bool = Field(
+        default=True,
+        description="Keep a small JPEG (at most 128 px, 16 KB) per stored image for the web page "
+        "(thumbs.db in the data folder); false keeps none.",
+    )
     metrics: bool = Field(default=True, description="Serve GET /metrics (Prometheus; no tenant data).")
     metrics_token: str | None = Field(
         default=None, description="If set, /metrics requires Authorization: Bearer <token>."

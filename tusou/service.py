@@ -41,6 +41,7 @@ from tusou.fetch import Fetcher, load_image
 from tusou.files import tighten_tree
 from tusou.images import ImageError, PixelBudget
 from tusou.store.base import KEEP, NewImage, Store
+from tusou.thumbs import ThumbStore, make_thumbnail
 
 
 class Observer:
@@ -61,6 +62,8 @@ class Service:
         self.fetcher = fetcher
         self.observer = Observer()
         self.budget = PixelBudget(settings.decode_max_pixels, settings.decode_wait_s)
+        # Small pictures of stored images for the web page (tusou/thumbs.py); None when turned off.
+        self.thumbs = ThumbStore(settings.data / "thumbs.db") if settings.thumbnails else None
         cpus = os.cpu_count() or 1
         # Images of a new/add: downloads on their own threads, a few per tenant at once, so one tenant's
         # slow URLs hold only its own share; inline (data:) images on others, so they never wait behind
@@ -117,6 +120,8 @@ class Service:
         self._decodes.close()
         self._embed_images.close()
         self._embed_queries.close()
+        if self.thumbs is not None:
+            self.thumbs.close()
         self.store.close()
 
     def health(self) -> None:
@@ -135,30 +140,37 @@ class Service:
                 return []
             return self.store.create_group(tenant, request.group, images)
 
-        return self._write(tenant, request.items, create)
+        return self._write(tenant, request.group, request.items, create)
 
     def add_images(self, tenant: str, request: NewImages) -> BatchResult:
         self.store.count(tenant, request.group)  # fail fast on an unknown group, before fetching
         return self._write(
-            tenant, request.items, lambda images: self.store.add_images(tenant, request.group, images)
+            tenant,
+            request.group,
+            request.items,
+            lambda images: self.store.add_images(tenant, request.group, images),
         )
 
     def _write(
         self,
         tenant: str,
+        group: str,
         items: Sequence[NewItem | ItemError],
         commit: Callable[[list[NewImage]], list[ItemError | None]],
     ) -> BatchResult:
-        vectors = self._vectors(tenant, [it.uri if isinstance(it, NewItem) else None for it in items])
+        uris = [it.uri if isinstance(it, NewItem) else None for it in items]
+        vectors = self._vectors_and_pictures(tenant, uris)
         errors: list[ItemError | None] = [None] * len(items)
         ready: list[tuple[int, NewItem, np.ndarray]] = []
-        for i, (item, vector) in enumerate(zip(items, vectors, strict=True)):
+        pictures: list[bytes | None] = []
+        for i, (item, loaded) in enumerate(zip(items, vectors, strict=True)):
             if isinstance(item, ItemError):
                 errors[i] = item
-            elif isinstance(vector, ImageError):
-                errors[i] = ItemError(vector.status, vector.message)
-            elif vector is not None:
-                ready.append((i, item, vector))
+            elif isinstance(loaded, ImageError):
+                errors[i] = ItemError(loaded.status, loaded.message)
+            elif loaded is not None:
+                ready.append((i, item, loaded[0]))
+                pictures.append(loaded[1])
         # With tags on, each row is the vector followed by the class probabilities (_embed_tagged).
         dim = self.embedder.dim
         tags = self.tags_for(np.stack([row for _, _, row in ready])) if self.tagging and ready else None
@@ -175,11 +187,17 @@ class Service:
         ]
         results = commit(new_images)
         ids = [""] * len(items)
-        for (i, _, _), new_image, result in zip(ready, new_images, results, strict=True):
+        stored: list[tuple[str, bytes]] = []
+        for (i, _, _), new_image, result, picture in zip(ready, new_images, results, pictures, strict=True):
             if result is None:
                 ids[i] = new_image.id
+                if picture is not None:
+                    stored.append((new_image.id, picture))
             else:
                 errors[i] = result
+        # After the images are stored: a crash between leaves an image without a picture, never the reverse.
+        if self.thumbs is not None:
+            self.thumbs.put(tenant, group, stored)
         return BatchResult(ids, errors)
 
     def _load(self, tenant: str, uri: str) -> Image.Image:
@@ -196,17 +214,26 @@ class Service:
             raise
 
     def _vectors(self, tenant: str, uris: list[str | None]) -> list[np.ndarray | ImageError | None]:
-        """One index vector per uri (None stays None). Each image is embedded as soon as it is decoded and
-        dropped right after, so a request never holds its whole batch decoded."""
+        """One index vector per uri (None stays None)."""
+        loaded = self._vectors_and_pictures(tenant, uris, pictures=False)
+        return [v[0] if isinstance(v, tuple) else v for v in loaded]
 
-        def one(uri: str) -> np.ndarray | ImageError:
+    def _vectors_and_pictures(
+        self, tenant: str, uris: list[str | None], pictures: bool = True
+    ) -> list[tuple[np.ndarray, bytes | None] | ImageError | None]:
+        """One index vector per uri (None stays None), with its thumbnail when those are kept and wanted.
+        Each image is embedded as soon as it is decoded and dropped right after, so a request never holds
+        its whole batch decoded."""
+        keep = pictures and self.thumbs is not None
+
+        def one(uri: str) -> tuple[np.ndarray, bytes | None] | ImageError:
             try:
                 image = load_image(uri, self.fetcher, self.embedder.min_short, self.budget)
             except ImageError as exc:
                 self.observer.image_failed(exc)
                 return exc
             vector: np.ndarray = self._embed_images([image], tenant)[0]
-            return vector
+            return vector, make_thumbnail(image) if keep else None
 
         futures = [
             None if uri is None else (self._fetches if _is_url(uri) else self._decodes).submit(
@@ -231,10 +258,22 @@ class Service:
         return self.store.totals()
 
     def remove_group(self, tenant: str, group: str) -> None:
+        self.store.count(tenant, group)  # an unknown group is refused before anything is touched
+        if self.thumbs is not None:  # pictures first: a crash between leaves images without pictures only
+            self.thumbs.drop_group(tenant, group)
         self.store.remove_group(tenant, group)
 
     def delete_images(self, tenant: str, request: DeleteImages) -> int:
+        if self.thumbs is not None:
+            self.thumbs.delete(tenant, request.group, request.ids)
         return self.store.delete_images(tenant, request.group, request.ids)
+
+    def thumbnails(self, tenant: str, request: DeleteImages) -> dict[str, bytes]:
+        """The kept thumbnails (JPEG) of these images of a group; images without one are left out."""
+        self.store.count(tenant, request.group)  # an unknown group: the store's usual error
+        if self.thumbs is None:
+            return {}
+        return self.thumbs.get(tenant, request.group, request.ids)
 
     def update_image(self, tenant: str, request: UpdateImage) -> ImageInfo:
         """Change a stored image's label and/or desc (beyond Qiniu); its vector stays."""

@@ -8,6 +8,7 @@ loop), and render Qiniu's JSON. ``app.state`` holds ``settings``, ``service``, `
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -189,6 +190,23 @@ async def delete_images(group_id: str, request: Request, tenant: str = Tenant) -
     delete = wire_of(request).delete_images(group_id, await body_of(request))
     await run_in_threadpool(service_of(request).delete_images, tenant, delete)
     return answer(qiniu.EMPTY)
+
+
+@router.post(
+    "/v1/image/group/{group_id}/thumbs",
+    summary="Small JPEG thumbnails of images, as data URIs (tusou extension, for the web page)",
+    responses=ERRORS,
+    openapi_extra=body_doc("DeleteRequest"),
+)
+async def thumbnails(group_id: str, request: Request, tenant: str = Tenant) -> JSONResponse:
+    # {"images": [ids]} as for delete -> {"thumbs": {id: "data:image/jpeg;base64,..."}}; ids without a kept
+    # thumbnail (added before thumbnails, or with Settings.thumbnails off) are left out.
+    wanted = wire_of(request).delete_images(group_id, await body_of(request))
+    if len(wanted.ids) > qiniu.LIST_MAX_LIMIT:
+        raise QiniuError(400, f"too many images, at most {qiniu.LIST_MAX_LIMIT}")
+    found = await run_in_threadpool(service_of(request).thumbnails, tenant, wanted)
+    uris = {i: "data:image/jpeg;base64," + base64.b64encode(jpeg).decode() for i, jpeg in found.items()}
+    return answer({"thumbs": uris})
 
 
 @router.get(

@@ -1,0 +1,127 @@
+"""Thumbnails kept per stored image (tusou/thumbs.py) and POST /v1/image/group/<id>/thumbs, over real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import ImageServer, QiniuClient, Tusou, data_uri, jpeg
+from tusou.config import Settings
+from tusou.embed.base import Embedder
+from tusou.thumbs import MAX_BYTES, MAX_SIDE
+
+
+def decode(uri: str) -> Image.Image:
+    head, _, payload = uri.partition(",")
+    assert head == "data:image/jpeg;base64"
+    raw = base64.b64decode(payload)
+    assert len(raw) <= MAX_BYTES
+    image = Image.open(io.BytesIO(raw))
+    assert image.format == "JPEG"
+    return image
+
+
+def thumbs(client: QiniuClient, group: str, ids: list[str]) -> dict[str, str]:
+    resp = client.post(f"/v1/image/group/{group}/thumbs", {"images": ids})
+    assert resp.status_code == 200, resp.text
+    return dict(resp.json()["thumbs"])
+
+
+def test_every_stored_image_has_a_small_picture_until_it_is_deleted(
+    tusou: Tusou, client: QiniuClient, photos: list[Image.Image], image_server: ImageServer
+) -> None:
+    big = photos[0].resize((2400, 1800))  # a large upload still gives a bounded thumbnail
+    url = image_server.put("p2.jpg", jpeg(photos[2]))
+    body = {
+        "data": [
+            {"uri": data_uri(jpeg(big)), "attribute": {"id": "big"}},
+            {"uri": data_uri(jpeg(photos[1])), "attribute": {"id": "file"}},
+            {"uri": url, "attribute": {"id": "url"}},
+            {"uri": "data:application/octet-stream;base64,bm90IGFuIGltYWdl", "attribute": {"id": "junk"}},
+        ]
+    }
+    resp = client.post("/v1/image/group/t/new", body)
+    assert resp.json()["images"] == ["big", "file", "url", ""]
+
+    got = thumbs(client, "t", ["big", "file", "url", "junk", "never"])
+    assert set(got) == {"big", "file", "url"}  # a failed image and an unknown id have none
+    for image_id, uri in got.items():
+        picture = decode(uri)
+        assert max(picture.size) == MAX_SIDE, image_id
+    # The aspect ratio is kept: 4:3 photos give 128x96.
+    assert decode(got["big"]).size == (MAX_SIDE, MAX_SIDE * 3 // 4)
+    # The picture is of the image: the big upload's thumbnail looks like the photo, not like another one.
+    small = decode(got["big"]).convert("L").resize((16, 12))
+    ref = photos[0].convert("L").resize((16, 12))
+    other = photos[5].convert("L").resize((16, 12))
+
+    def distance(a: Image.Image, b: Image.Image) -> int:
+        return sum(abs(x - y) for x, y in zip(a.tobytes(), b.tobytes(), strict=True))
+
+    assert distance(small, ref) * 3 < distance(small, other)
+
+    # A repeated id does not replace the stored image, nor its picture.
+    again = client.post("/v1/image/group/t/add", {"data": [{"uri": url, "attribute": {"id": "file"}}]})
+    assert again.json()["errors"][0]["message"] == "id already exists"
+    assert thumbs(client, "t", ["file"]) == {"file": got["file"]}
+
+    # Deleted with the image, and with the group.
+    assert client.post("/v1/image/group/t/delete", {"images": ["file"]}).status_code == 200
+    assert set(thumbs(client, "t", ["big", "file", "url"])) == {"big", "url"}
+    assert tusou.service.thumbs is not None
+    assert tusou.service.thumbs.count(client.access_key, "t") == 2
+    assert client.post("/v1/image/group/t/remove").status_code == 200
+    assert tusou.service.thumbs.count(client.access_key, "t") == 0
+    gone = client.post("/v1/image/group/t/thumbs", {"images": ["big"]})
+    assert gone.status_code == 400 and gone.json() == {"error": "group t not exists"}
+
+
+def test_thumbnails_belong_to_their_tenant(tusou: Tusou, photos: list[Image.Image]) -> None:
+    alice, bob = tusou.client("alice"), tusou.client("bob")
+    for who, photo in ((alice, photos[0]), (bob, photos[1])):
+        body = {"data": [{"uri": data_uri(jpeg(photo)), "attribute": {"id": "same"}}]}
+        assert who.post("/v1/image/group/g/new", body).status_code == 200
+    assert thumbs(alice, "g", ["same"]) != thumbs(bob, "g", ["same"])
+    assert bob.post("/v1/image/group/g/remove").status_code == 200
+    assert set(thumbs(alice, "g", ["same"])) == {"same"}
+
+
+def test_thumbs_requests_are_checked(client: QiniuClient) -> None:
+    assert client.post("/v1/image/group/g/new", {"data": []}).status_code == 200
+    for body, status, error in (
+        ({"images": "x"}, 200, None),
+        ({"images": [1, "2"]}, 200, None),
+        ({"images": [None]}, 400, "invalid images"),
+        ({"images": {"a": 1}}, 400, "invalid images"),
+        ({"images": [str(i) for i in range(1001)]}, 400, "too many images, at most 1000"),
+    ):
+        resp = client.post("/v1/image/group/g/thumbs", body)
+        assert resp.status_code == status, (body, resp.text)
+        if error:
+            assert resp.json() == {"error": error}
+        else:
+            assert resp.json() == {"thumbs": {}}
+    unsigned = client.session.post(client.base + "/v1/image/group/g/thumbs", json={"images": ["a"]})
+    assert unsigned.status_code == 401
+
+
+@pytest.fixture
+def no_thumbs(tmp_path: Path, embedder: Embedder) -> Iterator[Tusou]:
+    running = Tusou(Settings(data=tmp_path / "data", thumbnails=False), embedder)
+    running.server.__enter__()
+    yield running
+    running.close()
+
+
+def test_thumbnails_can_be_turned_off(no_thumbs: Tusou, photos: list[Image.Image]) -> None:
+    client = no_thumbs.client()
+    body = {"data": [{"uri": data_uri(jpeg(photos[0])), "attribute": {"id": "a"}}]}
+    assert client.post("/v1/image/group/g/new", body).status_code == 200
+    assert thumbs(client, "g", ["a"]) == {}
+    assert no_thumbs.service.thumbs is None
+    assert not (no_thumbs.settings.data / "thumbs.db").exists()
