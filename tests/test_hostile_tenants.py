@@ -246,3 +246,97 @@ def test_everything_in_the_data_folder_is_private(tmp_path: Path) -> None:
             assert mode == 0o700, (path, oct(mode))
         else:
             assert mode & 0o077 == 0, (path, oct(mode))
+
+
+# --- markers and literals -----------------------------------------------------------------------------------
+def _tiny(seed: int) -> dict[str, object]:
+    return {"uri": image_uri(seed), "attribute": {"id": f"m{seed}"}}
+
+
+def test_bad_markers_are_400_and_markers_stay_in_their_group(tusou) -> None:  # type: ignore[no-untyped-def]
+    alice, bob = tusou.client("alice"), tusou.client("bob")
+    for client in (alice, bob):
+        assert client.post("/v1/image/group/m/new", {"data": [_tiny(i) for i in range(3)]}).status_code == 200
+    assert alice.post("/v1/image/group/n/new", {"data": [_tiny(9), _tiny(8)]}).status_code == 200
+    first = alice.get("/v1/image/group/m", {"limit": 1}).json()
+    marker = first["marker"]
+    assert alice.get("/v1/image/group/m", {"limit": 1, "marker": marker}).json()["result"][0]["id"] == "m1"
+    flipped = marker[:-2] + ("A" if marker[-2] != "A" else "B") + marker[-1]
+    # gAAAAAAAAAA decoded to >= 2^63 under the old counter markers: a 500 from SQLite.
+    for bad in ("gAAAAAAAAAA", "_____________________", flipped, marker + "A", marker[:-1], "AAAAAAAAAAA"):
+        resp = alice.get("/v1/image/group/m", {"limit": 1, "marker": bad})
+        assert resp.status_code == 400 and resp.json() == {"error": "invalid marker"}, (bad, resp.text)
+    # A marker means a place in one group of one tenant: not in another group, nor in bob's "m".
+    for client, group in ((alice, "n"), (bob, "m")):
+        resp = client.get(f"/v1/image/group/{group}", {"limit": 1, "marker": marker})
+        assert resp.status_code == 400 and resp.json() == {"error": "invalid marker"}
+
+
+def test_markers_carry_no_counter() -> None:
+    """Consecutive sequence numbers give unrelated markers (the old ones were the counter in base64, so
+    two of them told a tenant how many images others had inserted in between)."""
+    import base64
+
+    from tusou.store.markers import MarkerCodec, new_marker_key
+
+    codec = MarkerCodec(new_marker_key())
+    for seq in (1, 2, 1000, 1 << 40):
+        a, b = codec.encode("t", "g", seq), codec.encode("t", "g", seq + 1)
+        bits = int.from_bytes(base64.urlsafe_b64decode(a + "="), "big") ^ int.from_bytes(
+            base64.urlsafe_b64decode(b + "="), "big"
+        )
+        assert bin(bits).count("1") >= 24, (seq, a, b)  # ~56 of 112 on average
+        assert codec.decode("t", "g", a) == seq and codec.decode("t", "g", b) == seq + 1
+    assert codec.encode("t", "g", 5) != codec.encode("t", "h", 5) != codec.encode("u", "g", 5)
+    assert MarkerCodec(new_marker_key()).encode("t", "g", 5) != codec.encode("t", "g", 5)
+
+
+def _post_form(client, path: str, fields: dict[str, str]):  # type: ignore[no-untyped-def]
+    from urllib.parse import urlencode
+
+    import requests
+
+    from tusou.api.auth import sign_qiniu
+
+    url = client.base + path
+    body = urlencode(fields).encode()
+    headers = sign_qiniu(
+        client.access_key,
+        client.secret_key,
+        "POST",
+        url,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        body=body,
+    )
+    return requests.post(url, data=body, headers=headers, timeout=30)
+
+
+def test_form_literals_with_lone_surrogates_are_400(tusou) -> None:  # type: ignore[no-untyped-def]
+    client = tusou.client("forms")
+    assert client.post("/v1/image/group/f/new", {"data": [_tiny(1)]}).status_code == 200
+    lone = "'\\ud800'"  # a valid Python literal for a str no UTF-8 database or response can hold
+    cases = [
+        (
+            "/v1/image/group/f/add",
+            {"data": f"[{{'uri': {image_uri(2)!r}, 'attribute': {{'id': {lone}}}}}]"},
+        ),
+        (
+            "/v1/image/group/f/add",
+            {"data": f"[{{'uri': {image_uri(2)!r}, 'attribute': {{'label': {lone}}}}}]"},
+        ),
+        (
+            "/v1/image/group/f/add",
+            {"data": f"[{{'uri': {image_uri(2)!r}, 'attribute': {{'desc': {{'k': {lone}}}}}}}]"},
+        ),
+        (
+            "/v1/image/groups/search",
+            {"data": f"{{'uri': {image_uri(2)!r}}}", "params": f"{{'groups': [{lone}]}}"},
+        ),
+        ("/v1/image/group/f/delete", {"images": f"[{lone}]"}),
+        ("/v1/image/group/f/update", {"id": "m1", "desc": f"{{'k': {lone}}}"}),
+        ("/v1/image/group/f/image", {"id": f"[{lone}]"}),
+    ]
+    for path, fields in cases:
+        resp = _post_form(client, path, fields)
+        assert resp.status_code == 400, (path, fields, resp.status_code, resp.text)
+        assert "X-Reqid" in resp.headers and "error" in resp.json()

@@ -87,8 +87,11 @@ def _form_value(value: str) -> Any:
                 return value  # literal_eval is slow and memory-hungry on big input: never on untrusted bulk
             try:
                 parsed = ast.literal_eval(value)
-                json.dumps(parsed, allow_nan=False)  # only what JSON could have carried
+                # Only what JSON could have carried, and no lone surrogate ('\ud800' is a valid literal).
+                json.dumps(parsed, allow_nan=False, ensure_ascii=False).encode("utf-8")
                 return parsed
+            except UnicodeEncodeError:
+                raise QiniuError(400, "invalid body") from None
             except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                 return value
     return value

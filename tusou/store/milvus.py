@@ -57,7 +57,6 @@ import numpy as np
 
 from tusou.store.base import (
     KEEP,
-    BadMarker,
     GroupExists,
     GroupNotFound,
     Hit,
@@ -70,7 +69,7 @@ from tusou.store.base import (
     StoreError,
 )
 from tusou.store.filters import Filter
-from tusou.store.markers import decode_marker, encode_marker
+from tusou.store.markers import MarkerCodec, new_marker_key
 
 # Milvus's top-k and query-window cap (maxTopK / maxQueryResultWindow in 2.3).
 TOPK_CAP = 16_384
@@ -226,10 +225,22 @@ class MilvusStore(Store):
                 num_partitions=num_partitions,
             )
         self.client.load_collection(self.images)
-        # The model that indexed the collection, kept as the registry's row 0 (no tenant hashes to "meta").
-        meta = json.dumps({"model_id": model_id, "dim": self.dim})
+        # The model that indexed the collection, kept as the registry's row 0 (no tenant hashes to "meta"),
+        # with the key of the list markers (tusou.store.markers): kept once made, so markers stay valid
+        # across restarts and across the processes sharing the collection.
+        key = self._meta().get("marker_key") or new_marker_key().hex()
+        meta = json.dumps({"model_id": model_id, "dim": self.dim, "marker_key": key})
         row = {"seq": _META_SEQ, "gkey": "meta", "tkey": "meta", "tenant": "", "grp": meta}
         self.client.upsert(self.groups, [{**row, "vec": [0.0] * _REGISTRY_DIM}])
+        # Processes creating the collection at once each wrote a key: all adopt the one that stayed.
+        self._markers = MarkerCodec(bytes.fromhex(self._meta().get("marker_key") or key))
+
+    def _meta(self) -> dict[str, Any]:
+        rows = self.client.query(
+            self.groups, filter=f"seq == {_META_SEQ}", output_fields=["grp"], consistency_level="Strong"
+        )
+        found = json.loads(rows[0]["grp"]) if rows else {}
+        return found if isinstance(found, dict) else {}
 
     def _check_model(self, model_id: str) -> None:
         rows = self.client.query(
@@ -441,9 +452,7 @@ class MilvusStore(Store):
         return int(groups.result()[0]["count(*)"]), int(images[0]["count(*)"])
 
     def list_images(self, tenant: str, group: str, marker: str, limit: int) -> tuple[list[ImageInfo], str]:
-        after = decode_marker(marker)
-        if after >= 1 << 63:
-            raise BadMarker()
+        after = self._markers.decode(tenant, group, marker)
         gkey = _key(tenant, group)
         flt = f'gkey == "{gkey}" and seq > {after}'
 
@@ -456,7 +465,7 @@ class MilvusStore(Store):
         more = len(rows) > limit
         rows = rows[:limit]
         infos = [ImageInfo(r["image_id"], r["label"], _load_desc(r["desc"]), r["uri"] or None) for r in rows]
-        return infos, (encode_marker(rows[-1]["seq"]) if more else "")
+        return infos, (self._markers.encode(tenant, group, rows[-1]["seq"]) if more else "")
 
     def _page_rows(self, flt: str, limit: int) -> list[dict]:
         """The ``limit`` rows with the smallest seq matching ``flt`` (in any order)."""

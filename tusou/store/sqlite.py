@@ -39,7 +39,7 @@ from tusou.store.base import (
     Store,
 )
 from tusou.store.filters import Filter
-from tusou.store.markers import decode_marker, encode_marker
+from tusou.store.markers import MarkerCodec, new_marker_key
 from tusou.store.vector_index import VectorIndex, snapshot_files
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,13 @@ class SQLiteStore(Store):
         with self._write_lock, self._transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('model_id', ?)", (model_id,))
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('dim', ?)", (str(self.dim),))
+            # The key of this store's list markers (tusou.store.markers), kept for its lifetime and its
+            # backups, so markers stay valid across restarts and restores.
+            conn.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('marker_key', ?)", (new_marker_key().hex(),)
+            )
+            key = conn.execute("SELECT value FROM meta WHERE key='marker_key'").fetchone()[0]
+        self._markers = MarkerCodec(bytes.fromhex(key))
 
     def _new_index(self) -> VectorIndex:
         return VectorIndex(self.dim, self._fetch_vectors)
@@ -405,8 +412,8 @@ class SQLiteStore(Store):
         return len(self._index_of(tenant, group))
 
     def list_images(self, tenant: str, group: str, marker: str, limit: int) -> tuple[list[ImageInfo], str]:
-        after = decode_marker(marker)
         gid = self._gid(tenant, group)
+        after = self._markers.decode(tenant, group, marker)
         rows = (
             self._reader()
             .execute(
@@ -419,7 +426,7 @@ class SQLiteStore(Store):
         more = len(rows) > limit
         rows = rows[:limit]
         page = [ImageInfo(r[1], r[2], _load_desc(r[3]), r[4], _load_tags(r[5])) for r in rows]
-        return page, (encode_marker(rows[-1][0]) if more else "")
+        return page, (self._markers.encode(tenant, group, rows[-1][0]) if more else "")
 
     def _image_row(self, tenant: str, group: str, image_id: str) -> tuple:
         row = (
