@@ -174,6 +174,20 @@ def test_search_with_a_bad_image_raises_its_image_error(service: Service) -> Non
     assert bad.value.status >= 400
 
 
+def test_a_missing_group_outranks_a_bad_query_image(service: Service) -> None:
+    # The store checks groups inside the search, after the image is loaded; a request wrong twice still
+    # gets the group error first, as it did when the service checked the groups beforehand.
+    service.new_group("t", NewImages("g", []))
+    bad = "data:application/octet-stream;base64,bm90IGFuIGltYWdl"
+    with pytest.raises(GroupNotFound) as missing:
+        service.search("t", SearchQuery(["g", "zz"], 1, None, uri=bad))
+    assert missing.value.message == "group zz not exists"
+    with pytest.raises(GroupNotFound):
+        service.search("t", SearchQuery(["zz"], 1, None, by_id=ImageRef("g", "nope")))
+    with pytest.raises(ImageError):
+        service.search("t", SearchQuery(["g"], 1, None, uri=bad))
+
+
 def test_list_get_update_delete(service: Service) -> None:
     service.new_group("t", NewImages("g", [item(i, f"p{i}", "l", {"n": i}) for i in range(5)]))
     first = service.list_images("t", ListImages("g", "", 2))
