@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,12 @@ import pytest
 from PIL import Image
 
 from tests import browser
-from tests.conftest import ImageServer, Tusou, jpeg
+from tests.conftest import MODEL_CACHE, ImageServer, Tusou, jpeg
+from tusou.config import Settings
+from tusou.embed.base import Embedder
 
 pytestmark = pytest.mark.browser
+ROOT = Path(__file__).resolve().parent.parent
 
 _why = browser.missing()
 if _why and not os.environ.get("TUSOU_REQUIRE_BROWSER"):
@@ -406,3 +411,28 @@ def test_labels_and_keyboard_order(page: Page) -> None:
         page.driver.switch_to.active_element.send_keys(Keys.TAB)
         order.append(page.js("return document.activeElement.id"))
     assert order == ["ak", "sk", "signin", "forget", "newgroup", "create", "refresh"]
+
+
+def test_screenshot_command_writes_every_screen(tmp_path: Path, embedder: Embedder) -> None:
+    """tools/screenshots.py regenerates docs/web-*.png; docs/web.md lists exactly those files."""
+    from tools.screenshots import SHOTS
+
+    # The graph the embedder fixture built, so the tool's server does not build it again.
+    models = Settings(data=MODEL_CACHE.parent / "tusou-model-data").model_cache
+    env = {**os.environ, "TUSOU_MODEL_DIR": str(models), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "screenshots.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(SHOTS)
+    for name in SHOTS:
+        with Image.open(tmp_path / name) as shot:
+            assert shot.format == "PNG" and shot.size[0] >= 375 and shot.size[1] >= 300, name
+        assert (ROOT / "docs" / name).is_file(), f"docs/{name} is missing: run python tools/screenshots.py"
+    listed = set(re.findall(r"\(([\w-]+\.png)\)", (ROOT / "docs" / "web.md").read_text("utf-8")))
+    assert listed == set(SHOTS)
