@@ -27,7 +27,7 @@ class LiteMilvusStore(MilvusStore):
     def _page_rows(self, flt: str, limit: int) -> list[dict]:
         # Lite answers query(limit=) in insertion order: pick the page from every later key.
         seqs = sorted(r["seq"] for r in self._query_all(flt, ["seq"]))[:limit]
-        return self._query(self.images, milvus._in("seq", seqs), milvus._IMAGE_FIELDS) if seqs else []
+        return self._query(self.images, milvus._in("seq", seqs), self._fields) if seqs else []
 
     def _search_view(
         self, view: np.ndarray, flt: str, limit: int, min_cosine: float
@@ -42,7 +42,7 @@ class LiteMilvusStore(MilvusStore):
                 ((c, e) for c, e in hits if c >= min_cosine), key=lambda item: (-item[0], item[1]["seq"])
             )
             return found if limit < 0 else found[:limit]
-        rows = self._query_all(flt, [*milvus._IMAGE_FIELDS, "vec"])
+        rows = self._query_all(flt, [*self._fields, "vec"])
         if not rows:
             return []
         cosines = np.asarray([r["vec"] for r in rows], dtype=np.float32) @ view

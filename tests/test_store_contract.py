@@ -537,3 +537,55 @@ def test_update_image_changes_metadata_only(backend: Backend) -> None:
         s.update_image(t, "u", "nope", label="x")
     with pytest.raises(GroupNotFound):
         s.update_image(t, "missing", "i1", label="x")
+
+
+# --- automatic tags and filters (docs/words.md) ------------------------------------------------------
+
+
+def test_tags_filters_and_keyword_search(backend: Backend) -> None:
+    from tusou.store.filters import parse_filter
+
+    store, t = backend.store, backend.tenant
+    rng = np.random.default_rng(11)
+    vecs = unit(rng, 6)
+    imgs = [
+        NewImage(f"i{k}", "a" if k % 2 else "b", {"n": k, "kind": "x" if k < 3 else "y"}, None, vecs[k])
+        for k in range(6)
+    ]
+    for k, img in enumerate(imgs):
+        img.tags = [[k % 3, 0.7], [9, 0.2]] if k != 5 else None
+    store.create_group(t, "g", imgs)
+    assert store.get_image(t, "g", "i1").tags == [[1, 0.7], [9, 0.2]]
+    assert store.get_image(t, "g", "i5").tags is None
+    page, _ = store.list_images(t, "g", "", 10)
+    assert [i.tags for i in page][:2] == [[[0, 0.7], [9, 0.2]], [[1, 0.7], [9, 0.2]]]
+
+    # Filtered vector search: the limit counts passing images.
+    where = parse_filter({"desc.kind": "y", "label": "a"})
+    hits = store.search(t, ["g"], vecs[0][None, :], 2, -1.0, where)
+    assert {h.id for h in hits} == {"i3", "i5"} and all(h.desc["kind"] == "y" for h in hits)
+    assert store.search(t, ["g"], vecs[0][None, :], 5, -1.0, parse_filter({"desc.n": {"gte": 4}}))[0].id in (
+        "i4",
+        "i5",
+    )
+
+    # Keyword evidence: summed tag probabilities over the classes, best first, ties in insertion order.
+    found = store.search_tags(t, ["g"], [0, 9], 10, 0.1)
+    assert [(h.id, round(h.cosine, 4)) for h in found] == [
+        ("i0", 0.9),
+        ("i3", 0.9),
+        ("i1", 0.2),
+        ("i2", 0.2),
+        ("i4", 0.2),
+    ]
+    assert [h.id for h in store.search_tags(t, ["g"], [0, 9], 1, 0.1)] == ["i0"]
+    assert [h.id for h in store.search_tags(t, ["g"], [0], 10, 0.5, parse_filter({"label": "a"}))] == ["i3"]
+    assert found[0].tags == [[0, 0.7], [9, 0.2]]
+
+    # Retag replaces tags (and keeps everything else).
+    assert store.set_tags(t, "g", {"i5": [[2, 0.95]], "missing": [[1, 1.0]]}) == 1
+    backend.flush()
+    assert store.get_image(t, "g", "i5").tags == [[2, 0.95]]
+    assert store.get_image(t, "g", "i5").desc == {"n": 5, "kind": "y"}
+    assert [h.id for h in store.search_tags(t, ["g"], [2], 10, 0.9)] == ["i5"]
+    np.testing.assert_allclose(store.get_vector(t, "g", "i5"), vecs[5], atol=1e-6)

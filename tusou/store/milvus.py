@@ -84,7 +84,15 @@ _REGISTRY_DIM = 2
 _META_SEQ = 0  # real sequence numbers are far above 0
 
 # Byte limits of the VARCHAR fields; the service's own limits are lower in characters, these are in bytes.
-_MAX = {"tenant": 1024, "grp": 1024, "image_id": 1024, "label": 4096, "desc": 16384, "uri": 65535}
+_MAX = {
+    "tenant": 1024,
+    "grp": 1024,
+    "image_id": 1024,
+    "label": 4096,
+    "desc": 16384,
+    "uri": 65535,
+    "tags": 4096,
+}
 
 _IMAGE_FIELDS = ["seq", "tenant", "grp", "image_id", "label", "desc", "uri"]
 
@@ -106,6 +114,15 @@ def _dump_desc(desc: object) -> str:
 
 def _load_desc(text: str) -> object:
     return "" if not text else json.loads(text)
+
+
+def _dump_tags(tags: list[list[float]] | None) -> str:
+    return "" if tags is None else json.dumps(tags, separators=(",", ":"))
+
+
+def _load_tags(row: dict) -> list[list[float]] | None:
+    text = row.get("tags")
+    return json.loads(text) if text else None
 
 
 class SeqSource:
@@ -211,7 +228,7 @@ class MilvusStore(Store):
             schema.add_field("seq", DataType.INT64, is_primary=True)
             schema.add_field("gkey", DataType.VARCHAR, max_length=32, is_partition_key=True)
             schema.add_field("ikey", DataType.VARCHAR, max_length=32)
-            for name in ("tenant", "grp", "image_id", "label", "desc", "uri"):
+            for name in ("tenant", "grp", "image_id", "label", "desc", "uri", "tags"):
                 schema.add_field(name, DataType.VARCHAR, max_length=_MAX[name])
             schema.add_field("vec", DataType.FLOAT_VECTOR, dim=self.dim)
             index = self.client.prepare_index_params()
@@ -225,6 +242,11 @@ class MilvusStore(Store):
                 num_partitions=num_partitions,
             )
         self.client.load_collection(self.images)
+        # Automatic tags (JSON text) live in their own column; a collection made before it has none, and
+        # then stores no tags (keyword search answers "not supported"; recreate the collection to get it).
+        names = {f["name"] for f in self.client.describe_collection(self.images)["fields"]}
+        self.has_tags = "tags" in names
+        self._fields = [*_IMAGE_FIELDS, "tags"] if self.has_tags else list(_IMAGE_FIELDS)
         # The model that indexed the collection, kept as the registry's row 0 (no tenant hashes to "meta"),
         # with the key of the list markers (tusou.store.markers): kept once made, so markers stay valid
         # across restarts and across the processes sharing the collection.
@@ -373,6 +395,8 @@ class MilvusStore(Store):
                 "desc": _dump_desc(image.desc),
                 "uri": image.uri or "",
             }
+            if self.has_tags:
+                fields["tags"] = _dump_tags(image.tags)
             too_long = [k for k, v in fields.items() if len(v.encode()) > _MAX[k]]
             if too_long:
                 results.append(ItemError(400, f"{too_long[0]} too long"))
@@ -464,12 +488,15 @@ class MilvusStore(Store):
         rows = sorted(self._with_group(tenant, group, page), key=lambda r: r["seq"])[: limit + 1]
         more = len(rows) > limit
         rows = rows[:limit]
-        infos = [ImageInfo(r["image_id"], r["label"], _load_desc(r["desc"]), r["uri"] or None) for r in rows]
+        infos = [
+            ImageInfo(r["image_id"], r["label"], _load_desc(r["desc"]), r["uri"] or None, _load_tags(r))
+            for r in rows
+        ]
         return infos, (self._markers.encode(tenant, group, rows[-1]["seq"]) if more else "")
 
     def _page_rows(self, flt: str, limit: int) -> list[dict]:
         """The ``limit`` rows with the smallest seq matching ``flt`` (in any order)."""
-        return self._query(self.images, flt, _IMAGE_FIELDS, limit=limit)
+        return self._query(self.images, flt, self._fields, limit=limit)
 
     def _image_row(self, tenant: str, group: str, image_id: str, fields: list[str]) -> dict:
         rows = self._with_group(tenant, group, lambda: self._rows_by_ids(tenant, group, [image_id], fields))
@@ -478,15 +505,17 @@ class MilvusStore(Store):
         return min(rows, key=lambda r: r["seq"])
 
     def get_image(self, tenant: str, group: str, image_id: str) -> ImageInfo:
-        r = self._image_row(tenant, group, image_id, ["label", "desc", "uri"])
-        return ImageInfo(r["image_id"], r["label"], _load_desc(r["desc"]), r["uri"] or None)
+        r = self._image_row(
+            tenant, group, image_id, ["label", "desc", "uri", *self._fields[len(_IMAGE_FIELDS) :]]
+        )
+        return ImageInfo(r["image_id"], r["label"], _load_desc(r["desc"]), r["uri"] or None, _load_tags(r))
 
     def update_image(
         self, tenant: str, group: str, image_id: str, *, label: str | None = None, desc: Any = KEEP
     ) -> ImageInfo:
         # Milvus updates by rewriting the whole row, vector included.
         with self._write_lock:
-            fields = ["gkey", "ikey", "label", "desc", "uri", "vec"]
+            fields = ["gkey", "ikey", "label", "desc", "uri", "vec", *self._fields[len(_IMAGE_FIELDS) :]]
             row = self._image_row(tenant, group, image_id, fields)
             if label is not None:
                 row["label"] = label
@@ -501,7 +530,80 @@ class MilvusStore(Store):
             # Not atomic: a process killed between the two calls loses this image (docs/scale.md).
             self._delete_seqs(self.images, [row["seq"]], row["gkey"])
             self.client.insert(self.images, [row])
-        return ImageInfo(row["image_id"], row["label"], _load_desc(row["desc"]), row["uri"] or None)
+        return ImageInfo(
+            row["image_id"], row["label"], _load_desc(row["desc"]), row["uri"] or None, _load_tags(row)
+        )
+
+    def set_tags(self, tenant: str, group: str, tags: dict[str, list[list[float]]]) -> int:
+        if not self.has_tags:
+            return super().set_tags(tenant, group, tags)
+        n = 0
+        with self._write_lock:
+            fields = ["gkey", "ikey", "label", "desc", "uri", "vec", "tags"]
+            rows = self._with_group(
+                tenant, group, lambda: self._rows_by_ids(tenant, group, list(tags), fields)
+            )
+            for row in rows:
+                row["tags"] = _dump_tags(tags[row["image_id"]])
+                row["vec"] = np.asarray(row["vec"], dtype=np.float32)
+                # As update_image: delete, then insert under the same primary key.
+                self._delete_seqs(self.images, [row["seq"]], row["gkey"])
+                self.client.insert(self.images, [row])
+                n += 1
+        return n
+
+    def search_tags(
+        self,
+        tenant: str,
+        groups: Sequence[str],
+        classes: Sequence[int],
+        limit: int,
+        min_evidence: float,
+        where: Filter | None = None,
+    ) -> list[Hit]:
+        """Every row of the groups is read (by seq pages) and its tags summed here in Python: Milvus 2.3
+        cannot sum inside JSON text. Cost grows with the groups' size (docs/words.md)."""
+        if not self.has_tags:
+            return super().search_tags(tenant, groups, classes, limit, min_evidence, where)
+        wanted = {int(c) for c in classes}
+        found: list[tuple[float, int, dict]] = []
+        for group in dict.fromkeys(groups):
+            self._require(tenant, group)
+            gkey = _key(tenant, group)
+            after = 0
+            while True:
+                rows = sorted(
+                    self._page_rows(f'gkey == "{gkey}" and seq > {after}', TOPK_CAP), key=lambda r: r["seq"]
+                )
+                for r in rows:
+                    if r["tenant"] != tenant or r["grp"] != group:
+                        continue
+                    tags = _load_tags(r) or []
+                    ev = min(1.0, sum(float(p) for i, p in tags if int(i) in wanted))
+                    if (
+                        ev >= min_evidence
+                        and ev > 0
+                        and (where is None or where.matches(r["label"], _load_desc(r["desc"])))
+                    ):
+                        found.append((ev, int(r["seq"]), r))
+                if len(rows) < TOPK_CAP:
+                    break
+                after = rows[-1]["seq"]
+        found.sort(key=lambda item: (-item[0], item[1]))
+        if limit >= 0:
+            found = found[:limit]
+        return [
+            Hit(
+                r["grp"],
+                r["image_id"],
+                r["label"],
+                _load_desc(r["desc"]),
+                r["uri"] or None,
+                ev,
+                _load_tags(r),
+            )
+            for ev, _, r in found
+        ]
 
     def get_vector(self, tenant: str, group: str, image_id: str) -> np.ndarray:
         r = self._image_row(tenant, group, image_id, ["vec"])
@@ -540,7 +642,15 @@ class MilvusStore(Store):
         if limit >= 0:
             found = found[:limit]
         return [
-            Hit(e["grp"], e["image_id"], e["label"], _load_desc(e["desc"]), e["uri"] or None, cosine)
+            Hit(
+                e["grp"],
+                e["image_id"],
+                e["label"],
+                _load_desc(e["desc"]),
+                e["uri"] or None,
+                cosine,
+                _load_tags(e),
+            )
             for _, (cosine, e) in found
         ]
 
@@ -587,7 +697,7 @@ class MilvusStore(Store):
             data=[view.tolist()],
             filter=flt,
             limit=limit,
-            output_fields=_IMAGE_FIELDS,
+            output_fields=self._fields,
             search_params=params,
             anns_field="vec",
             consistency_level=self.consistency,
