@@ -1,8 +1,9 @@
-"""`tusou migrate`: copy groups from the embedded store to Milvus (Lite here) with their vectors."""
+"""`tusou migrate`: copy groups from the embedded store to a real Milvus server with their vectors."""
 
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,14 @@ from tusou.store import open_store
 from tusou.store.base import NewImage
 from tusou.store.keys import KeyStore
 
+from .store_backends import MilvusProcess
 
-def test_migrate_copies_every_group_of_every_key(tmp_path: Path, photos: list[Image.Image]) -> None:
+pytest_plugins = ["tests.store_backends"]
+
+
+def test_migrate_copies_every_group_of_every_key(
+    tmp_path: Path, photos: list[Image.Image], milvus_server: MilvusProcess
+) -> None:
     data = tmp_path / "data"
     settings = Settings(data=data)
     embedder = create_embedder(settings)
@@ -29,8 +36,9 @@ def test_migrate_copies_every_group_of_every_key(tmp_path: Path, photos: list[Im
     src.create_group(bob, "shop", [NewImage("b0", "", None, "http://example.com/b0.jpg", vectors[4])])
     src.close()
 
-    lite = str(tmp_path / "milvus.db")
-    args = ["migrate", "--data", str(data), "--milvus-uri", lite, "--milvus-collection", "migrated"]
+    server = milvus_server.uri
+    collection = f"migrated_{uuid.uuid4().hex[:8]}"
+    args = ["migrate", "--data", str(data), "--milvus-uri", server, "--milvus-collection", collection]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -40,7 +48,7 @@ def test_migrate_copies_every_group_of_every_key(tmp_path: Path, photos: list[Im
     assert [json.loads(x)["copied"] for x in again.stdout.splitlines() if x.startswith("{")] == [0, 0]
 
     dst = open_store(
-        Settings(data=data, store="milvus", milvus_uri=lite, milvus_collection="migrated"),
+        Settings(data=data, store="milvus", milvus_uri=server, milvus_collection=collection),
         model_id=embedder.model_id,
         dim=embedder.dim,
     )
