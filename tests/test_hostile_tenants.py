@@ -340,3 +340,113 @@ def test_form_literals_with_lone_surrogates_are_400(tusou) -> None:  # type: ign
         resp = _post_form(client, path, fields)
         assert resp.status_code == 400, (path, fields, resp.status_code, resp.text)
         assert "X-Reqid" in resp.headers and "error" in resp.json()
+
+
+# --- HTTP edges -------------------------------------------------------------------------------------------
+RAW_REQUESTS = {
+    "bad request line": b"GARBAGE\r\n\r\n",
+    "no Host": b"GET /healthz HTTP/1.1\r\n\r\n",
+    "NUL in the path": b"GET /v1/image/group/a\x00b HTTP/1.1\r\nHost: x\r\n\r\n",
+    "bad Content-Length": b"POST /v1/image/group/g/add HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}",
+    "two Content-Lengths": b"POST /v1/image/group/g/add HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+    b"Content-Length: 3\r\n\r\n{}",
+    "raw byte 0xff in the path": b"GET /v1/image/group/\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+    "space in the path": b"GET /v1/image /group HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+def raw_http(port: int, data: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if b"\r\n\r\n" in b"".join(chunks) and b"connection: close" not in b"".join(chunks).lower():
+                break
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("name", sorted(RAW_REQUESTS))
+def test_malformed_raw_http_is_answered_with_a_reqid(server, name: str) -> None:  # type: ignore[no-untyped-def]
+    answer = raw_http(server.server.port, RAW_REQUESTS[name])
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 4"), (name, answer[:300])
+    assert b"\r\nx-reqid: " in head, (name, answer[:300])
+
+
+def test_paths_that_hide_separators_or_are_not_utf8_are_400(server) -> None:  # type: ignore[no-untyped-def]
+    import requests
+
+    for path in (
+        "/v1/image/group/shop%2Finfo",
+        "/v1/image/group/shop%2finfo",
+        "/v1/image/group/a%5Cb",
+        "/v1/image/group/%FE",
+        "/v1/image/group/%FF/info",
+    ):
+        resp = requests.get(server.server.url + path, timeout=30)
+        assert resp.status_code == 400 and resp.json() == {"error": "invalid group id"}, (path, resp.text)
+        assert resp.headers["X-Reqid"] and resp.headers["X-Content-Type-Options"] == "nosniff"
+    # A real group id with escaped UTF-8 is fine.
+    ok = server.attacker.post("/v1/image/group/图搜/new", {"data": [_tiny(1)]})
+    assert ok.status_code == 200, ok.text
+    assert server.attacker.get("/v1/image/group/图搜/info").json() == {"count": 1}
+
+
+def test_no_redirect_is_built_from_host_and_no_cdn_pages(server) -> None:  # type: ignore[no-untyped-def]
+    import requests
+
+    resp = requests.get(
+        server.server.url + "/v1/image/group/",
+        headers={"Host": "evil.example"},
+        allow_redirects=False,
+        timeout=30,
+    )
+    assert resp.status_code in (400, 401, 404) and "location" not in resp.headers, resp.status_code
+    assert resp.headers["X-Reqid"]
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert requests.get(server.server.url + path, timeout=30).status_code == 404, path
+    page = requests.get(server.server.url + "/", timeout=30)
+    assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+    assert requests.get(server.server.url + "/openapi.json", timeout=30).status_code == 200
+
+
+def test_a_redirect_to_a_data_uri_is_the_documented_400() -> None:
+    import http.server
+
+    from tusou.config import Settings
+    from tusou.fetch import Fetcher
+
+    location = "data:image/png;base64," + _b64(big_rgb_png(side=40))
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with Fetcher(Settings(fetch_allow=["127.0.0.1"])) as fetcher:
+            with pytest.raises(ImageError) as err:
+                fetcher.fetch(f"http://127.0.0.1:{httpd.server_address[1]}/a.png")
+        assert (err.value.kind, err.value.code) == ("uri_invalid", 400)
+        assert err.value.message == "invalid redirect to: only http and https redirects are followed"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -87,9 +88,11 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
     import uvicorn
 
     from tusou.api.app import create_app
+    from tusou.api.guard import uvicorn_options
     from tusou.images import return_freed_memory_promptly
 
     return_freed_memory_promptly()
+    os.umask(0o077)  # whatever the server creates in its data folder (and temp files) is private
     settings = _settings(data=data, host=host, port=port, model=model)
     sock = _listen_socket(settings.host, settings.port)
     keys = _keys(settings)
@@ -101,7 +104,9 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
     app = create_app(settings, keys=keys)
     # uvicorn configures only its own loggers; without this, tusou's access log lines go nowhere.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="info", access_log=False, **uvicorn_options()
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tusou import __version__
 from tusou.api import page, qiniu, routes
+from tusou.api.guard import PathGuard
 from tusou.api.limits import RateLimiter
 from tusou.api.observe import access_key_of, route_template
 from tusou.api.observe import install as install_observability
@@ -106,12 +107,19 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
         version=__version__,
         description="Self-hosted search-by-image, wire-compatible with Qiniu's image search API.",
         lifespan=lifespan,
+        # Swagger UI and ReDoc load their scripts from a CDN onto the origin of the web page, which holds
+        # a secret key: off. The OpenAPI document stays at /openapi.json.
+        docs_url=None,
+        redoc_url=None,
+        # A redirect to the slash-less path is built from the Host header (anyone's): 404 instead.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.service = service
     app.state.keys = keys
     app.state.wire = qiniu.Wire(settings)
     app.state.limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    app.add_middleware(PathGuard)  # inside RequestIdMiddleware, so its 400s carry X-Reqid too
     app.add_middleware(RequestIdMiddleware)
     install_observability(app, settings)  # /metrics, /healthz, access log (docs/operations.md)
     for handled in (QiniuError, RequestValidationError, StarletteHTTPException):
