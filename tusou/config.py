@@ -39,7 +39,16 @@ class Settings(BaseSettings):
     )
 
     # --- model ---
-    model: str = Field(default="lite0", description="lite0, lite1, lite2 or onnx (a user-supplied encoder).")
+    model: str = Field(
+        default="lite0",
+        description="lite0, lite1, lite2, onnx (a user-supplied image encoder) or clip (a user-supplied "
+        "CLIP-class model: image and text encoders, see clip_dir).",
+    )
+    clip_dir: Path | None = Field(
+        default=None,
+        description="With model=clip: a folder with visual/model.onnx, textual/model.onnx and "
+        "textual/tokenizer.json (immich's layout; docs/words.md).",
+    )
     onnx_path: Path | None = Field(default=None, description="With model=onnx: the encoder's .onnx file.")
     onnx_input_size: int = 224
     onnx_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)

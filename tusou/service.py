@@ -43,6 +43,9 @@ from tusou.images import ImageError, PixelBudget
 from tusou.store.base import KEEP, NewImage, Store
 from tusou.thumbs import ThumbStore, make_thumbnail
 
+#: model=clip: the least text-image cosine a keyword search hit needs unless the query sets a threshold.
+CLIP_TEXT_THRESHOLD = 0.2
+
 
 class Observer:
     """What the service reports as it works (metrics hook). The default does nothing."""
@@ -320,6 +323,31 @@ class Service:
             if not marker:
                 return counts
 
+    def _search_clip_text(self, tenant: str, query: SearchQuery, text_encoder: Any) -> list[Match]:
+        """Keyword search with a CLIP-class model (model=clip): the text's vector against the stored image
+        vectors. The score is the cosine (clipped to 0..1); ``threshold`` is the least cosine, default
+        :data:`CLIP_TEXT_THRESHOLD` (text-image cosines of CLIP models sit far below image-image ones)."""
+        assert query.text is not None
+        vec = text_encoder.embed([query.text])
+        floor = CLIP_TEXT_THRESHOLD if query.threshold is None else query.threshold
+        wanted = query.labels
+        limit = -1 if wanted else query.limit
+        hits = self.store.search(tenant, query.groups, vec, limit, floor, query.where)
+        if wanted:
+            hits = [hit for hit in hits if hit.label in wanted][: query.limit]
+        return [
+            Match(
+                hit.group,
+                hit.id,
+                hit.label,
+                hit.desc,
+                hit.uri or None,
+                round(min(1.0, max(0.0, hit.cosine)), 6),
+                (hit.tags or []) if query.with_tags else None,
+            )
+            for hit in hits
+        ]
+
     def list_images(self, tenant: str, request: ListImages) -> Page:
         images, marker = self.store.list_images(tenant, request.group, request.marker, request.limit)
         return Page(images, marker)
@@ -381,6 +409,9 @@ class Service:
         for group in query.groups:
             self.store.count(tenant, group)
         assert query.text is not None
+        text_encoder = getattr(self.embedder, "text_encoder", None)
+        if text_encoder is not None:
+            return self._search_clip_text(tenant, query, text_encoder)
         classes = concepts.load().resolve(query.text)
         if not classes:
             return []

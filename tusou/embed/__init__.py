@@ -21,6 +21,7 @@ from ..images import decode_image
 from . import score as _score
 from . import views as _views
 from .base import Embedder
+from .clip import ClipTextEncoder, load_visual_config
 from .efficientnet import LITE_MODELS
 from .onnx_model import OnnxEncoder, file_sha256, lite_onnx_path
 from .preprocess import Preprocessor, clip_preprocessor, lite_preprocessor
@@ -46,7 +47,10 @@ class OnnxEmbedder:
         default_threshold: float | None = None,
         max_batch: int = MAX_BATCH,
         index_encoder: OnnxEncoder | None = None,
+        text_encoder: ClipTextEncoder | None = None,
     ) -> None:
+        #: A CLIP-class model's text half (model=clip): keyword search embeds the words with it.
+        self.text_encoder = text_encoder
         self.model_key = model_key  # the key score.py calibrates by: lite0, lite1, lite2 or onnx
         self.model_id = model_id
         self.encoder = encoder
@@ -188,6 +192,7 @@ class OnnxEmbedder:
 def create_embedder(settings: Settings) -> OnnxEmbedder:
     """The embedder ``settings.model`` names, ready to use (its ONNX session loaded)."""
     model = settings.model
+    text_encoder: ClipTextEncoder | None = None
     if model in LITE_MODELS:
         path, wsha = lite_onnx_path(model, settings.model_cache)
         size = LITE_MODELS[model].image_size
@@ -195,6 +200,20 @@ def create_embedder(settings: Settings) -> OnnxEmbedder:
         index_encoder = OnnxEncoder(path, size, 1)
         pre = lite_preprocessor(size)
         model_id = f"efficientnet-{model}@{wsha[:12]}"
+    elif model == "clip":
+        if settings.clip_dir is None:
+            raise ValueError("model=clip needs clip_dir (TUSOU_CLIP_DIR): a folder with visual/ and textual/")
+        folder = Path(settings.clip_dir)
+        path = folder / "visual" / "model.onnx"
+        if not path.is_file() or not (folder / "textual" / "model.onnx").is_file():
+            raise ValueError(f"clip_dir {folder} needs visual/model.onnx and textual/model.onnx")
+        size, mean, std = load_visual_config(folder)
+        encoder = OnnxEncoder(path, size, settings.threads)
+        index_encoder = OnnxEncoder(path, size, 1)
+        pre = clip_preprocessor(size, mean, std)
+        prep = hashlib.sha256(repr((pre.size, pre.mean, pre.std)).encode()).hexdigest()[:8]
+        model_id = f"clip@{file_sha256(path)[:12]}-{prep}"
+        text_encoder = ClipTextEncoder(folder, settings.threads)
     elif model == "onnx":
         if settings.onnx_path is None:
             raise ValueError("model=onnx needs onnx_path (TUSOU_ONNX_PATH)")
@@ -208,10 +227,16 @@ def create_embedder(settings: Settings) -> OnnxEmbedder:
         prep = hashlib.sha256(repr((pre.size, pre.mean, pre.std)).encode()).hexdigest()[:8]
         model_id = f"onnx@{file_sha256(path)[:12]}-{prep}"
     else:
-        raise ValueError(f"unknown model {model!r}: expected lite0, lite1, lite2 or onnx")
+        raise ValueError(f"unknown model {model!r}: expected lite0, lite1, lite2, onnx or clip")
     model_id = _with_vector_space(model, model_id)
     return OnnxEmbedder(
-        model, model_id, encoder, pre, settings.default_threshold, index_encoder=index_encoder
+        model,
+        model_id,
+        encoder,
+        pre,
+        settings.default_threshold,
+        index_encoder=index_encoder,
+        text_encoder=text_encoder if model == "clip" else None,
     )
 
 
