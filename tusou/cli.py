@@ -150,7 +150,7 @@ def keys_revoke(data: Path | None, access_key: str) -> None:
 @main.command()
 @data_option
 @click.option(
-    "--milvus-uri", required=True, help="Destination Milvus server (http://host:19530) or Lite file."
+    "--milvus-uri", required=True, help="Destination Milvus server (http://host:19530)."
 )
 @click.option("--milvus-collection", default=None, help="Destination collection (default tusou_images).")
 @click.option("--milvus-token", default=None, help="Milvus token, if the server needs one.")
