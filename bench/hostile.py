@@ -405,6 +405,71 @@ def attack_slow_flood(
         slow.close()
 
 
+def send_big_body(port: int, access_key: str, megabytes: int, path: str = "/v1/image/group/g/add") -> bytes:
+    """POST ``megabytes`` MB of JSON-looking body under a known access key with a wrong signature, streamed
+    in 1 MB writes; returns the raw response."""
+    import socket
+
+    size = megabytes * MB
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Qiniu {access_key}:{'A' * 27}=\r\nContent-Length: {size}\r\n\r\n"
+    ).encode()
+    chunk = b" " * MB
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        sock.sendall(head)
+        try:
+            for _ in range(megabytes):
+                sock.sendall(chunk)
+        except OSError:
+            pass  # the server may answer and hang up before it all arrived
+        out = b""
+        while b"\r\n\r\n" not in out:
+            got = sock.recv(65536)
+            if not got:
+                break
+            out += got
+        return out
+
+
+def attack_big_body(t: Tenants, megabytes: int = 250) -> tuple[list[Row], list[requests.Response]]:
+    """A known access key, a wrong signature and a ``megabytes`` MB body, while /healthz is polled."""
+    stop = threading.Event()
+    worst = [0.0]
+    health: list[requests.Response] = []
+
+    def poll() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            start = time.perf_counter()
+            health.append(session.get(t.server.url + "/healthz", timeout=30))
+            worst[0] = max(worst[0], time.perf_counter() - start)
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    before = t.rss()
+    with RssSampler(t.pid) as sampler:
+        poller.start()
+        answer = send_big_body(t.server.port, t.attacker_key[0], megabytes)
+        stop.set()
+        poller.join(30)
+    growth = (sampler.peak - before) / MB
+    status = answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/") else "none"
+    reqid = b"\r\nx-reqid:" in answer.split(b"\r\n\r\n", 1)[0].lower()
+    rows = [
+        Row(f"{megabytes} MB body, wrong signature: peak RSS growth", growth, 150, "MB", f"status {status}"),
+        Row(
+            f"/healthz while the {megabytes} MB body arrives: slowest answer",
+            worst[0],
+            0.5,
+            "s",
+            f"{len(health)} polls, statuses {sorted({r.status_code for r in health})}",
+        ),
+        Row("big-body answer without X-Reqid", 0 if reqid else 1, 0, ""),
+    ]
+    return rows, health
+
+
 # --- the table ----------------------------------------------------------------------------------------------
 def print_table(rows: list[Row], extra: list[str] | None = None) -> None:
     width = max(len(r.attack) for r in rows)
@@ -418,7 +483,7 @@ def print_table(rows: list[Row], extra: list[str] | None = None) -> None:
         print(line)
 
 
-ATTACKS = ("pixels", "grey16", "flood")
+ATTACKS = ("pixels", "grey16", "flood", "body")
 
 
 def main() -> None:
@@ -449,6 +514,12 @@ def main() -> None:
             with serve(folder / "flood", env={"TUSOU_FETCH_ALLOW": '["127.0.0.1"]'}) as t:
                 warm_up(t)
                 got_rows, got = attack_slow_flood(t)
+                rows += got_rows
+                responses += got
+        if "body" in chosen:
+            with serve(folder / "body") as t:
+                warm_up(t)
+                got_rows, got = attack_big_body(t)
                 rows += got_rows
                 responses += got
     rows.append(Row("responses with status 500", sum(r.status_code == 500 for r in responses), 0, ""))

@@ -21,6 +21,7 @@ from PIL import Image
 from bench.crash import image_uri
 from bench.hostile import (
     DribbleServer,
+    attack_big_body,
     attack_grey16_searches,
     attack_pixel_batch,
     big_grey16_png,
@@ -450,3 +451,76 @@ def test_a_redirect_to_a_data_uri_is_the_documented_400() -> None:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+# --- bodies and signatures --------------------------------------------------------------------------------
+def test_a_big_body_with_a_wrong_signature_is_not_buffered(server) -> None:  # type: ignore[no-untyped-def]
+    """A known access key (keys are not secret), a wrong signature, 200 MB: before, the server held the body
+    twice (~2x RSS) and hashed it on the event loop."""
+    rows, health = attack_big_body(server, megabytes=200)
+    growth, _, no_reqid = rows
+    assert growth.note == "status 401", growth
+    assert no_reqid.figure == 0
+    assert growth.figure <= 150, growth
+    assert health and all(r.status_code == 200 for r in health)
+    # The spool went away with the request.
+    assert not any((server.server.data / "tmp").iterdir())
+
+
+def _qiniu_headers(client, method: str, url: str, body: bytes, content_type: str | None) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Headers of a Qiniu-signed request exactly as a client sending ``content_type`` (or none) signs it."""
+    import hashlib
+    import hmac
+    from base64 import urlsafe_b64encode
+    from urllib.parse import urlsplit
+
+    from tusou.api.auth import qiniu_string_to_sign
+
+    headers = {"X-Qiniu-Date": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    parts = urlsplit(url)
+    data = qiniu_string_to_sign(method, parts.path, parts.query, parts.netloc, headers, body)
+    sign = urlsafe_b64encode(hmac.new(client.secret_key.encode(), data, hashlib.sha1).digest()).decode()
+    return {**headers, "Authorization": f"Qiniu {client.access_key}:{sign}"}
+
+
+def test_bodies_the_signature_did_not_cover_are_refused(tusou) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    import requests
+
+    client = tusou.client("cover")
+    assert client.post("/v1/image/group/c/new", {"data": [_tiny(1)]}).status_code == 200
+    url = client.base + "/v1/image/groups/search"
+    body = json.dumps({"data": {"uri": image_uri(1)}, "params": {"groups": ["c"], "limit": -1}}).encode()
+    for content_type in (None, "application/octet-stream"):
+        headers = _qiniu_headers(client, "POST", url, body, content_type)
+        if content_type is None:
+            headers["Content-Type"] = ""  # requests would add none; some clients send an empty one
+        resp = requests.post(url, data=body, headers=headers, timeout=30)
+        assert resp.status_code == 400, (content_type, resp.status_code, resp.text)
+        assert "not covered by the signature" in resp.json()["error"]
+    # Signed as JSON, the same body is served.
+    headers = _qiniu_headers(client, "POST", url, body, "application/json")
+    assert requests.post(url, data=body, headers=headers, timeout=30).status_code == 200
+
+
+def test_qbox_can_be_refused(tmp_path: Path, embedder) -> None:  # type: ignore[no-untyped-def]
+    import requests
+
+    from tests.conftest import Tusou
+    from tusou.api.auth import sign_qbox
+    from tusou.config import Settings
+
+    for allowed in (True, False):
+        running = Tusou(Settings(data=tmp_path / str(allowed), qbox=allowed), embedder)
+        running.server.__enter__()
+        try:
+            client = running.client("qbox")
+            url = client.base + "/v1/image/group"
+            resp = requests.get(url, headers=sign_qbox(client.access_key, client.secret_key, url), timeout=30)
+            assert resp.status_code == (200 if allowed else 401), resp.text
+            assert "X-Reqid" in resp.headers
+        finally:
+            running.close()

@@ -74,6 +74,17 @@ class Settings(BaseSettings):
     search_max_limit: int = 10_000
     max_batch_images: int = Field(default=1000, description="Images in one new/add request.")
     max_body_bytes: int = Field(default=256 * 1024 * 1024, description="Largest request body read.")
+    pre_auth_body_bytes: int = Field(
+        default=1024 * 1024,
+        description="Body bytes held in memory before the signature is verified; the rest of a larger body "
+        "waits in an unlinked temporary file in the data folder until it is.",
+    )
+    qbox: bool = Field(
+        default=True,
+        description="Accept 'QBox AK:sign' signatures. QBox signs the path and query only (and a form "
+        "body), never a JSON body: a captured QBox request can be replayed with any body. Set false when "
+        "every client uses the Qiniu scheme (QiniuMacAuth).",
+    )
     desc_max_bytes: int = 4096
 
     # --- fetching image URLs (untrusted work) ---

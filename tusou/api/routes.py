@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from tusou.api import qiniu, schemas
-from tusou.api.auth import BAD_TOKEN, SignedRequest, claimed_access_key, verify
-from tusou.api.guard import TenantSlots
+from tusou.api.auth import BAD_TOKEN, claimed_access_key
+from tusou.api.guard import TenantSlots, read_signed_body
 from tusou.api.limits import TOO_MANY_REQUESTS, RateLimiter
 from tusou.config import Settings
 from tusou.errors import AuthError, QiniuError, RateLimited
@@ -63,23 +63,6 @@ async def run_heavy(request: Request, fn: Callable[..., T], tenant: str, *args: 
 
 
 # --- request plumbing -----------------------------------------------------------------------------------
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refused past ``limit`` bytes without reading it all into memory first."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise QiniuError(413, "request body too large")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise QiniuError(413, "request body too large")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # Starlette's own cache, so later readers see the same bytes
-    return body
-
-
 async def authenticate(request: Request) -> str:
     """The request's access key (its tenant), after its signature; 401/403/413/429 otherwise."""
     settings = settings_of(request)
@@ -90,18 +73,8 @@ async def authenticate(request: Request) -> str:
     if keys.secret_for(claimed) is None:
         reason = "revoked access key" if keys.is_revoked(claimed) else "unknown access key"
         raise AuthError(401, BAD_TOKEN, reason)
-    body = await read_body(request, settings.max_body_bytes)
-    raw_path = request.scope.get("raw_path") or request.url.path.encode()
-    signed = SignedRequest(
-        method=request.method,
-        raw_path=raw_path.decode("latin-1"),
-        query=request.scope.get("query_string", b"").decode("latin-1"),
-        headers=dict(request.headers),
-        body=body,
-    )
-    access_key = verify(
-        signed, keys.secret_for, public_host=settings.public_host, max_skew_s=settings.max_date_skew_s
-    )
+    access_key, body = await read_signed_body(request, settings, keys.secret_for)
+    request._body = body  # Starlette's own cache: body_of() reads the verified bytes
     # After the signature: nobody can drain another key's bucket by naming its access key.
     limiter: RateLimiter = request.app.state.limiter
     if not limiter.allow(access_key):
