@@ -19,6 +19,7 @@ JSONValue: TypeAlias = None | bool | int | float | str | list["JSONValue"] | dic
 __all__ = [
     "BatchResult",
     "DeleteImages",
+    "Duplicate",
     "ImageInfo",
     "ImageRef",
     "ItemError",
@@ -45,18 +46,41 @@ class NewItem:
 
 @dataclass(frozen=True)
 class NewImages:
-    """new and add: ``items`` index for index with the request; an ItemError is refused in place."""
+    """new and add: ``items`` index for index with the request; an ItemError is refused in place.
+
+    Beyond Qiniu: ``duplicates`` ("report" or "refuse") asks for each image's near-duplicate, an image of
+    the group or an earlier one of the same request scoring at least ``duplicate_threshold`` (None: the
+    near-duplicate band, :data:`DUPLICATE_THRESHOLD`); "refuse" does not store such an image.
+    """
 
     group: str
     items: list[NewItem | ItemError]
+    duplicates: str | None = None
+    duplicate_threshold: float | None = None
+
+
+#: The least score of a near-duplicate (docs/score.md: no unrelated dev query reaches it).
+DUPLICATE_THRESHOLD = 0.85
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """The best near-duplicate of an added image: an image of the group, or of the same request."""
+
+    id: str
+    score: float
 
 
 @dataclass(frozen=True)
 class BatchResult:
-    """Per item: its id (``""`` where it failed) and its error (None where it was stored)."""
+    """Per item: its id (``""`` where it failed) and its error (None where it was stored).
+
+    ``duplicates`` (only when the request asked): per item, its best near-duplicate or None.
+    """
 
     images: list[str]
     errors: list[ItemError | None]
+    duplicates: list[Duplicate | None] | None = None
 
 
 @dataclass(frozen=True)

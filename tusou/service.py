@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,8 +21,10 @@ from PIL import Image
 from tusou.batching import Batcher, FairPool
 from tusou.config import Settings
 from tusou.domain import (
+    DUPLICATE_THRESHOLD,
     BatchResult,
     DeleteImages,
+    Duplicate,
     ImageInfo,
     ImageRef,
     ItemError,
@@ -143,29 +145,28 @@ class Service:
                 return []
             return self.store.create_group(tenant, request.group, images)
 
-        return self._write(tenant, request.group, request.items, create)
+        return self._write(tenant, request, create, in_group=False)
 
     def add_images(self, tenant: str, request: NewImages) -> BatchResult:
         self.store.count(tenant, request.group)  # fail fast on an unknown group, before fetching
         return self._write(
-            tenant,
-            request.group,
-            request.items,
-            lambda images: self.store.add_images(tenant, request.group, images),
+            tenant, request, lambda images: self.store.add_images(tenant, request.group, images)
         )
 
     def _write(
         self,
         tenant: str,
-        group: str,
-        items: Sequence[NewItem | ItemError],
+        request: NewImages,
         commit: Callable[[list[NewImage]], list[ItemError | None]],
+        in_group: bool = True,
     ) -> BatchResult:
+        group, items = request.group, request.items
         uris = [it.uri if isinstance(it, NewItem) else None for it in items]
-        vectors = self._vectors_and_pictures(tenant, uris)
+        vectors = self._vectors_and_pictures(tenant, uris, queries=request.duplicates is not None)
         errors: list[ItemError | None] = [None] * len(items)
         ready: list[tuple[int, NewItem, np.ndarray]] = []
         pictures: list[bytes | None] = []
+        views: list[np.ndarray | None] = []
         for i, (item, loaded) in enumerate(zip(items, vectors, strict=True)):
             if isinstance(item, ItemError):
                 errors[i] = item
@@ -174,12 +175,28 @@ class Service:
             elif loaded is not None:
                 ready.append((i, item, loaded[0]))
                 pictures.append(loaded[1])
+                views.append(loaded[2])
         # With tags on, each row is the vector followed by the class probabilities (_embed_tagged).
         dim = self.embedder.dim
+        new_ids = [item.id if item.id is not None else uuid.uuid4().hex for _, item, _ in ready]
+        duplicates: list[Duplicate | None] | None = None
+        if request.duplicates is not None:
+            duplicates = [None] * len(items)
+            found = self._duplicates(tenant, request, in_group, ready, new_ids, views)
+            keep = []
+            for row, ((i, _, _), dup) in enumerate(zip(ready, found, strict=True)):
+                duplicates[i] = dup
+                if dup is not None and request.duplicates == "refuse":
+                    errors[i] = ItemError(409, f"near-duplicate of image {dup.id}")
+                else:
+                    keep.append(row)
+            ready = [ready[row] for row in keep]
+            pictures = [pictures[row] for row in keep]
+            new_ids = [new_ids[row] for row in keep]
         tags = self.tags_for(np.stack([row for _, _, row in ready])) if self.tagging and ready else None
         new_images = [
             NewImage(
-                item.id if item.id is not None else uuid.uuid4().hex,
+                new_ids[row],
                 item.label,
                 item.desc,
                 item.uri if not item.uri.startswith("data:") else None,
@@ -201,7 +218,51 @@ class Service:
         # After the images are stored: a crash between leaves an image without a picture, never the reverse.
         if self.thumbs is not None:
             self.thumbs.put(tenant, group, stored)
-        return BatchResult(ids, errors)
+        return BatchResult(ids, errors, duplicates)
+
+    def _duplicates(
+        self,
+        tenant: str,
+        request: NewImages,
+        in_group: bool,
+        ready: list[tuple[int, NewItem, np.ndarray]],
+        ids: list[str],
+        views: list[np.ndarray | None],
+    ) -> list[Duplicate | None]:
+        """Each ready image's best near-duplicate: the group's best hit for its query views (exactly what a
+        search with it would score), or an earlier image of the same request that is being stored, if that
+        scores higher. With "refuse", a refused image is no candidate for later ones (its duplicate is)."""
+        floor = max(
+            request.duplicate_threshold if request.duplicate_threshold is not None else DUPLICATE_THRESHOLD,
+            self.default_threshold,
+        )
+        min_cosine = self.embedder.cosine_for_score(floor)
+        dim = self.embedder.dim
+        earlier: list[tuple[str, np.ndarray]] = []
+        found: list[Duplicate | None] = []
+        for (_, _, vector), image_id, query in zip(ready, ids, views, strict=True):
+            assert query is not None
+            best: tuple[str, float] | None = None
+            if in_group:
+                hits = self.store.search(tenant, [request.group], query, 1, min_cosine)
+                if hits:
+                    best = (hits[0].id, hits[0].cosine)
+            if earlier:
+                cosines = (query @ np.stack([v for _, v in earlier]).T).max(axis=0)
+                j = int(np.argmax(cosines))
+                if cosines[j] >= min_cosine and (best is None or cosines[j] > best[1]):
+                    best = (earlier[j][0], float(cosines[j]))
+            score = -1.0
+            if best is not None:
+                score = float(self.embedder.score(np.asarray([best[1]], dtype=np.float32))[0])
+            if best is not None and score >= floor:
+                found.append(Duplicate(best[0], score))
+                if request.duplicates == "refuse":
+                    continue
+            else:
+                found.append(None)
+            earlier.append((image_id, np.ascontiguousarray(vector[:dim])))
+        return found
 
     def _load(self, tenant: str, uri: str) -> Image.Image:
         """A uri -> RGB image shrunk to what the model needs, decoded inside the server's pixel budget.
@@ -222,21 +283,22 @@ class Service:
         return [v[0] if isinstance(v, tuple) else v for v in loaded]
 
     def _vectors_and_pictures(
-        self, tenant: str, uris: list[str | None], pictures: bool = True
-    ) -> list[tuple[np.ndarray, bytes | None] | ImageError | None]:
-        """One index vector per uri (None stays None), with its thumbnail when those are kept and wanted.
-        Each image is embedded as soon as it is decoded and dropped right after, so a request never holds
-        its whole batch decoded."""
+        self, tenant: str, uris: list[str | None], pictures: bool = True, queries: bool = False
+    ) -> list[tuple[np.ndarray, bytes | None, np.ndarray | None] | ImageError | None]:
+        """One index vector per uri (None stays None), with its thumbnail when those are kept and wanted,
+        and its query views when ``queries`` (duplicate detection). Each image is embedded as soon as it is
+        decoded and dropped right after, so a request never holds its whole batch decoded."""
         keep = pictures and self.thumbs is not None
 
-        def one(uri: str) -> tuple[np.ndarray, bytes | None] | ImageError:
+        def one(uri: str) -> tuple[np.ndarray, bytes | None, np.ndarray | None] | ImageError:
             try:
                 image = load_image(uri, self.fetcher, self.embedder.min_short, self.budget)
             except ImageError as exc:
                 self.observer.image_failed(exc)
                 return exc
             vector: np.ndarray = self._embed_images([image], tenant)[0]
-            return vector, make_thumbnail(image) if keep else None
+            views = self._embed_queries([image], tenant)[0] if queries else None
+            return vector, make_thumbnail(image) if keep else None, views
 
         futures = [
             None if uri is None else (self._fetches if _is_url(uri) else self._decodes).submit(

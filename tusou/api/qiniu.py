@@ -180,7 +180,21 @@ class Wire:
             raise QiniuError(400, "invalid data")
         if len(data) > self.settings.max_batch_images:
             raise QiniuError(400, f"too many images, at most {self.settings.max_batch_images}")
-        return NewImages(group, [self._item(entry) for entry in data])
+        items = [self._item(entry) for entry in data]
+        params = body.get("params")
+        if not isinstance(params, dict):  # Qiniu has no params here: anything else is ignored, as before
+            return NewImages(group, items)
+        # Beyond Qiniu: params.duplicates ("report" | "refuse") and params.duplicate_threshold.
+        mode = params.get("duplicates")
+        if mode is not None and mode not in ("report", "refuse"):
+            raise QiniuError(400, "invalid duplicates: must be report or refuse")
+        threshold = params.get("duplicate_threshold")
+        if threshold is not None:
+            try:
+                threshold = self._threshold(threshold)
+            except QiniuError:
+                raise QiniuError(400, "invalid duplicate_threshold") from None
+        return NewImages(group, items, duplicates=mode, duplicate_threshold=threshold)
 
     def _item(self, entry: object) -> NewItem | ItemError:
         """A valid item, or the ``errors[]`` entry explaining why it is not."""
@@ -362,7 +376,12 @@ def item_error(error: ItemError | None) -> dict[str, Any] | None:
 
 
 def batch(result: BatchResult) -> dict[str, Any]:
-    return {"errors": [item_error(e) for e in result.errors], "images": result.images}
+    out: dict[str, Any] = {"errors": [item_error(e) for e in result.errors], "images": result.images}
+    if result.duplicates is not None:  # only when the request asked (beyond Qiniu)
+        out["duplicates"] = [
+            None if d is None else {"id": d.id, "score": round(float(d.score), 7)} for d in result.duplicates
+        ]
+    return out
 
 
 def groups(names: list[str]) -> dict[str, Any]:
