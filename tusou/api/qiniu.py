@@ -452,6 +452,14 @@ def request_models(settings: Settings) -> list[type[BaseModel]]:
     batch_request = create_model(
         "BatchRequest",
         data=(list[entry], Field(description=f"At most {settings.max_batch_images} images.")),  # type: ignore[valid-type]
+        params=(
+            dict[str, Any] | None,
+            Field(
+                default=None,
+                description='tusou extension: {"duplicates": "report" | "refuse", "duplicate_threshold"?: '
+                "0..1 (default 0.85)} answers duplicates[] index for index (docs/score.md).",
+            ),
+        ),
     )
     search_data = create_model(
         "SearchData",
