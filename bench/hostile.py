@@ -432,7 +432,7 @@ def send_big_body(port: int, access_key: str, megabytes: int, path: str = "/v1/i
         return out
 
 
-def attack_big_body(t: Tenants, megabytes: int = 250) -> tuple[list[Row], list[requests.Response]]:
+def attack_big_body(t: Tenants, megabytes: int = 250) -> tuple[list[Row], list[tuple[int, bool]]]:
     """A known access key, a wrong signature and a ``megabytes`` MB body, while /healthz is polled."""
     stop = threading.Event()
     worst = [0.0]
@@ -465,9 +465,124 @@ def attack_big_body(t: Tenants, megabytes: int = 250) -> tuple[list[Row], list[r
             "s",
             f"{len(health)} polls, statuses {sorted({r.status_code for r in health})}",
         ),
-        Row("big-body answer without X-Reqid", 0 if reqid else 1, 0, ""),
     ]
-    return rows, health
+    code = int(status) if status.isdigit() else 0
+    return rows, [*[(r.status_code, "X-Reqid" in r.headers) for r in health], (code, reqid)]
+
+
+RAW_REQUESTS = {
+    "bad request line": b"GARBAGE\r\n\r\n",
+    "no Host": b"GET /healthz HTTP/1.1\r\n\r\n",
+    "NUL in the path": b"GET /v1/image/group/a\x00b HTTP/1.1\r\nHost: x\r\n\r\n",
+    "bad Content-Length": b"POST /v1/image/group/g/add HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}",
+    "two Content-Lengths": b"POST /v1/image/group/g/add HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+    b"Content-Length: 3\r\n\r\n{}",
+    "raw byte 0xff in the path": b"GET /v1/image/group/\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+    "space in the path": b"GET /v1/image /group HTTP/1.1\r\nHost: x\r\n\r\n",
+    "Host-built redirect": b"GET /v1/image/group/ HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+    "encoded slash in a group id": b"GET /v1/image/group/shop%2Finfo HTTP/1.1\r\nHost: x\r\n\r\n",
+    "non-UTF-8 group id": b"GET /v1/image/group/%FE HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+def raw_http(port: int, data: bytes) -> bytes:
+    """Send raw bytes on a fresh connection; the response head (and what followed it in the same reads)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(data)
+        out = b""
+        while b"\r\n\r\n" not in out:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def raw_answer(answer: bytes) -> tuple[int, bool]:
+    """(status, has X-Reqid) of a raw response; (0, False) for none."""
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    parts = head.split(b" ", 2)
+    status = int(parts[1]) if head.startswith(b"http/") and len(parts) > 1 and parts[1].isdigit() else 0
+    return status, b"\r\nx-reqid: " in head
+
+
+def post_form(
+    base: str, access_key: str, secret_key: str, path: str, fields: dict[str, str]
+) -> requests.Response:
+    """A Qiniu-signed form-encoded POST, as the Python SDK sends nested values (their str())."""
+    from urllib.parse import urlencode
+
+    from tusou.api.auth import sign_qiniu
+
+    url = base + path
+    body = urlencode(fields).encode()
+    headers = sign_qiniu(
+        access_key,
+        secret_key,
+        "POST",
+        url,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        body=body,
+    )
+    return requests.post(url, data=body, headers=headers, timeout=60)
+
+
+def surrogate_cases(group: str) -> list[tuple[str, dict[str, str]]]:
+    """Form-encoded Python literals holding a lone surrogate, in every field that takes one."""
+    from bench.crash import image_uri
+
+    lone = "'\\ud800'"  # a valid Python literal for a str no UTF-8 database or response can hold
+    uri = repr(image_uri(2))
+    return [
+        (f"/v1/image/group/{group}/add", {"data": f"[{{'uri': {uri}, 'attribute': {{'id': {lone}}}}}]"}),
+        (f"/v1/image/group/{group}/add", {"data": f"[{{'uri': {uri}, 'attribute': {{'label': {lone}}}}}]"}),
+        (
+            f"/v1/image/group/{group}/add",
+            {"data": f"[{{'uri': {uri}, 'attribute': {{'desc': {{'k': {lone}}}}}}}]"},
+        ),
+        ("/v1/image/groups/search", {"data": f"{{'uri': {uri}}}", "params": f"{{'groups': [{lone}]}}"}),
+        (f"/v1/image/group/{group}/delete", {"images": f"[{lone}]"}),
+        (f"/v1/image/group/{group}/update", {"id": "w", "desc": f"{{'k': {lone}}}"}),
+        (f"/v1/image/group/{group}/image", {"id": f"[{lone}]"}),
+    ]
+
+
+def attack_edges(t: Tenants, group: str = "warm") -> tuple[list[Row], list[tuple[int, bool]]]:
+    """Malformed raw HTTP, bad markers, lone surrogates, hidden separators: none may 500 or lack X-Reqid."""
+    answers: dict[str, tuple[int, bool]] = {}
+    for name, data in RAW_REQUESTS.items():
+        answers[name] = raw_answer(raw_http(t.server.port, data))
+    for marker in ("gAAAAAAAAAA", "_" * 19, "garbage!"):
+        resp = t.attacker.get(f"/v1/image/group/{group}", {"marker": marker, "limit": 1})
+        answers[f"marker {marker}"] = (resp.status_code, "X-Reqid" in resp.headers)
+    ak, sk = t.attacker_key
+    for i, (path, fields) in enumerate(surrogate_cases(group)):
+        resp = post_form(t.server.url, ak, sk, path, fields)
+        answers[f"lone surrogate {i}"] = (resp.status_code, "X-Reqid" in resp.headers)
+    not_4xx = sorted(name for name, (status, _) in answers.items() if not 400 <= status < 500)
+    no_reqid = sorted(name for name, (_, reqid) in answers.items() if not reqid)
+    rows = [
+        Row(
+            f"{len(answers)} malformed/edge requests: answers not 4xx",
+            len(not_4xx),
+            0,
+            "",
+            ", ".join(not_4xx),
+        ),
+        Row(
+            f"{len(answers)} malformed/edge requests: without X-Reqid",
+            len(no_reqid),
+            0,
+            "",
+            ", ".join(no_reqid),
+        ),
+    ]
+    return rows, list(answers.values())
 
 
 # --- the table ----------------------------------------------------------------------------------------------
@@ -483,7 +598,7 @@ def print_table(rows: list[Row], extra: list[str] | None = None) -> None:
         print(line)
 
 
-ATTACKS = ("pixels", "grey16", "flood", "body")
+ATTACKS = ("pixels", "grey16", "flood", "body", "edges")
 
 
 def main() -> None:
@@ -494,7 +609,12 @@ def main() -> None:
     args = parser.parse_args()
     chosen = set(args.only or ATTACKS)
     rows: list[Row] = []
-    responses: list[requests.Response] = []
+    seen: list[tuple[int, bool]] = []  # (status, has X-Reqid) of every response the attacks got
+
+    def saw(responses: list[requests.Response]) -> None:
+        seen.extend((r.status_code, "X-Reqid" in r.headers) for r in responses)
+
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tusou-hostile-") as tmp:
         folder = Path(tmp)
         # Memory attacks each on a fresh server, so one's leftovers do not hide the next one's growth.
@@ -503,28 +623,36 @@ def main() -> None:
                 warm_up(t)
                 row, got = attack_pixel_batch(t, args.images)
                 rows.append(row)
-                responses += got
+                saw(got)
         if "grey16" in chosen:
             with serve(folder / "grey16") as t:
                 warm_up(t)
                 row, got = attack_grey16_searches(t, args.searches)
                 rows.append(row)
-                responses += got
+                saw(got)
         if "flood" in chosen:
             with serve(folder / "flood", env={"TUSOU_FETCH_ALLOW": '["127.0.0.1"]'}) as t:
                 warm_up(t)
                 got_rows, got = attack_slow_flood(t)
                 rows += got_rows
-                responses += got
-        if "body" in chosen:
+                saw(got)
+        if "body" in chosen or "edges" in chosen:
             with serve(folder / "body") as t:
                 warm_up(t)
-                got_rows, got = attack_big_body(t)
-                rows += got_rows
-                responses += got
-    rows.append(Row("responses with status 500", sum(r.status_code == 500 for r in responses), 0, ""))
-    rows.append(Row("responses without X-Reqid", sum("X-Reqid" not in r.headers for r in responses), 0, ""))
-    print(f"tusou hostile-tenant bench: {time.strftime('%Y-%m-%d %H:%M:%S')}, {os.cpu_count()} cores")
+                if "body" in chosen:
+                    got_rows, answers = attack_big_body(t)
+                    rows += got_rows
+                    seen.extend(answers)
+                if "edges" in chosen:
+                    got_rows, answers = attack_edges(t)
+                    rows += got_rows
+                    seen.extend(answers)
+    rows.append(Row(f"responses with status 500 (of {len(seen)})", sum(s == 500 for s, _ in seen), 0, ""))
+    rows.append(Row(f"responses without X-Reqid (of {len(seen)})", sum(not r for _, r in seen), 0, ""))
+    print(
+        f"tusou hostile-tenant bench: {time.strftime('%Y-%m-%d %H:%M:%S')}, {os.cpu_count()} cores, "
+        f"{time.monotonic() - started:.0f} s"
+    )
     print_table(rows)
     sys.exit(0 if all(r.holds for r in rows) else 1)
 
