@@ -274,6 +274,7 @@ def test_sign_in_create_add_search_page_delete_remove(
     page.choose("sgroup1", "shop")
     page.choose("sgroup2", "summer shoes")
     page.press("search")
+    assert "result(s)" in page.message("search-msg", "ok")
     hits = page.rows("hits")
     assert hits[0][1:3] == ["p0", "鞋子"] and hits[0][4] == "shop"
     assert float(hits[0][3]) > 0.9
