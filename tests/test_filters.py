@@ -28,7 +28,7 @@ DESCS: list[Any] = [
     "acme",
     None,
     ["brand", "acme"],
-    {"brand": "it's \"quoted\"", "we ird.x": 5},
+    {"brand": 'it\'s "quoted"', "we ird.x": 5},
     {"brand": "ACME", "price": 1e3},
 ]
 
@@ -38,7 +38,7 @@ FILTERS: list[dict[str, Any]] = [
     {"desc.brand": {"in": [1, True]}},
     {"desc.brand": 1},
     {"desc.brand": True},
-    {"desc.brand": {"eq": "it's \"quoted\""}},
+    {"desc.brand": {"eq": 'it\'s "quoted"'}},
     {"desc.we ird.x": {"gte": 5}},
     {"desc.price": {"gte": 10}},
     {"desc.price": {"gt": 3, "lte": 100}},
@@ -238,3 +238,22 @@ def test_tags_survive_and_old_folders_open(tmp_path: Path) -> None:
     page, _ = store.list_images("t", "g", "", 10)
     assert [(i.id, i.tags) for i in page] == [("old", [[4, 0.5]]), ("new", [[3, 0.9]])]
     store.close()
+
+
+def test_milvus_expressions_hold_no_user_text() -> None:
+    from tusou.store.milvus import _expr
+
+    f = parse_filter(
+        {
+            "label": {"in": ['x" or 1==1 or "', "ok"]},
+            "desc.brand": 'acme" ) or (1 == 1',
+            "desc.price": {"gte": 1e-7, "lt": 1e20},
+            "desc.flag": {"in": [True, 3]},
+            "desc.gone": None,
+        }
+    )
+    assert f is not None
+    expr = _expr(f)
+    assert "acme" not in expr and "or 1==1" not in expr and "e-" not in expr and "e+" not in expr
+    assert "0.0000001" in expr and "100000000000000000000" in expr and "== true" in expr
+    assert expr.count(" and ") == 4  # the null condition has no expression (checked exactly afterwards)

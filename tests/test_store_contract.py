@@ -552,6 +552,8 @@ def test_tags_filters_and_keyword_search(backend: Backend) -> None:
         NewImage(f"i{k}", "a" if k % 2 else "b", {"n": k, "kind": "x" if k < 3 else "y"}, None, vecs[k])
         for k in range(6)
     ]
+    imgs[0].desc["flag"] = True  # type: ignore[index]
+    imgs[4].desc["flag"] = 1  # type: ignore[index]
     for k, img in enumerate(imgs):
         img.tags = [[k % 3, 0.7], [9, 0.2]] if k != 5 else None
     store.create_group(t, "g", imgs)
@@ -568,6 +570,20 @@ def test_tags_filters_and_keyword_search(backend: Backend) -> None:
         "i4",
         "i5",
     )
+
+    # true is not 1 (Milvus's JSON comparison would say it is; the exact check keeps them apart).
+    hits = store.search(t, ["g"], vecs[0][None, :], 1, -1.0, parse_filter({"desc.flag": 1}))
+    assert [h.id for h in hits] == ["i4"]
+    hits = store.search(t, ["g"], vecs[0][None, :], 1, -1.0, parse_filter({"desc.flag": True}))
+    assert [h.id for h in hits] == ["i0"]
+    assert store.search(t, ["g"], vecs[0][None, :], 5, -1.0, parse_filter({"label": {"in": ["c"]}})) == []
+    # Labels and desc changed by update_image are filtered by their new values.
+    store.update_image(t, "g", "i2", label="c", desc={"kind": "z"})
+    backend.flush()
+    hits = store.search(t, ["g"], vecs[0][None, :], 5, -1.0, parse_filter({"label": "c", "desc.kind": "z"}))
+    assert [h.id for h in hits] == ["i2"]
+    store.update_image(t, "g", "i2", label="b", desc={"n": 2, "kind": "x"})
+    backend.flush()
 
     # Keyword evidence: summed tag probabilities over the classes, best first, ties in insertion order.
     found = store.search_tags(t, ["g"], [0, 9], 10, 0.1)

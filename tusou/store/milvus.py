@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import threading
@@ -92,6 +93,7 @@ _MAX = {
     "desc": 16384,
     "uri": 65535,
     "tags": 4096,
+    "lkey": 32,
 }
 
 _IMAGE_FIELDS = ["seq", "tenant", "grp", "image_id", "label", "desc", "uri"]
@@ -123,6 +125,64 @@ def _dump_tags(tags: list[list[float]] | None) -> str:
 def _load_tags(row: dict) -> list[list[float]] | None:
     text = row.get("tags")
     return json.loads(text) if text else None
+
+
+# --- filters as Milvus expressions ----------------------------------------------------------------------
+# Filter values are user text, so (as with group and image ids) they never enter an expression: the label
+# is stored hashed in ``lkey`` and the desc's top-level scalars in the JSON column ``meta`` under hashed
+# keys, strings hashed too, numbers and booleans as they are. A filter becomes an expression over those
+# hashes and numbers only; Milvus's answer is a superset (its JSON comparisons let true equal 1), and
+# Filter.matches on the real label and desc makes it exact.
+
+
+def _meta(desc: object) -> dict[str, object]:
+    """The ``meta`` column of a desc: hashed top-level keys -> hashed strings, numbers and booleans."""
+    out: dict[str, object] = {}
+    if isinstance(desc, dict):
+        for k, v in desc.items():
+            if isinstance(v, str):
+                out[_key("k", k)] = _key("v", v)
+            elif isinstance(v, bool) or (isinstance(v, int | float) and math.isfinite(v)):
+                out[_key("k", k)] = v
+    return out
+
+
+def _number(v: float) -> str:
+    """A number as an expression literal: plain decimal digits, no exponent."""
+    if float(v).is_integer() and abs(v) < 2**53:
+        return str(int(v))
+    return np.format_float_positional(float(v), trim="-")
+
+
+def _value(v: object) -> str | None:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{_key("v", v)}"'
+    if isinstance(v, int | float):
+        return _number(v)
+    return None  # null: not indexed, no pre-filter for it
+
+
+def _expr(where: Filter) -> str:
+    """A Milvus expression selecting a superset of the rows ``where`` matches ("" = no pre-filter)."""
+    parts: list[str] = []
+    for c in where.conditions:
+        if not c.on_desc:
+            values = [c.value] if c.op == "eq" else list(c.value)
+            keys = [_key("label", v) for v in values if isinstance(v, str)]
+            parts.append(_in("lkey", keys) if keys else "seq < 0")
+            continue
+        field = f'meta["{_key("k", c.field)}"]'
+        if c.op in ("eq", "in"):
+            literals = [_value(v) for v in ([c.value] if c.op == "eq" else list(c.value))]
+            if any(lit is None for lit in literals):
+                continue
+            parts.append("(" + " or ".join(f"{field} == {lit}" for lit in literals) + ")")
+        else:
+            op = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}[c.op]
+            parts.append(f"{field} {op} {_number(float(c.value))}")
+    return " and ".join(parts)
 
 
 class SeqSource:
@@ -230,6 +290,8 @@ class MilvusStore(Store):
             schema.add_field("ikey", DataType.VARCHAR, max_length=32)
             for name in ("tenant", "grp", "image_id", "label", "desc", "uri", "tags"):
                 schema.add_field(name, DataType.VARCHAR, max_length=_MAX[name])
+            schema.add_field("lkey", DataType.VARCHAR, max_length=32)
+            schema.add_field("meta", DataType.JSON)
             schema.add_field("vec", DataType.FLOAT_VECTOR, dim=self.dim)
             index = self.client.prepare_index_params()
             # FLAT: exact, and a range search returns every row in range up to top-k (HNSW/IVF do not).
@@ -247,6 +309,12 @@ class MilvusStore(Store):
         names = {f["name"] for f in self.client.describe_collection(self.images)["fields"]}
         self.has_tags = "tags" in names
         self._fields = [*_IMAGE_FIELDS, "tags"] if self.has_tags else list(_IMAGE_FIELDS)
+        # Hashed label and desc scalars for filter expressions (a collection made before has neither: its
+        # filters run in Python over every match above the threshold).
+        self.has_filter_fields = "lkey" in names and "meta" in names
+        # What a row rewrite (update_image, set_tags) must carry besides the fields it changes.
+        extra = [n for n in ("tags", "lkey", "meta") if n in names]
+        self._row_fields = ["gkey", "ikey", "label", "desc", "uri", "vec", *extra]
         # The model that indexed the collection, kept as the registry's row 0 (no tenant hashes to "meta"),
         # with the key of the list markers (tusou.store.markers): kept once made, so markers stay valid
         # across restarts and across the processes sharing the collection.
@@ -397,12 +465,17 @@ class MilvusStore(Store):
             }
             if self.has_tags:
                 fields["tags"] = _dump_tags(image.tags)
+            if self.has_filter_fields:
+                fields["lkey"] = _key("label", image.label)
             too_long = [k for k, v in fields.items() if len(v.encode()) > _MAX[k]]
             if too_long:
                 results.append(ItemError(400, f"{too_long[0]} too long"))
                 continue
             vector = np.ascontiguousarray(image.vector, dtype=np.float32).reshape(self.dim)
-            rows.append({"gkey": gkey, "ikey": _key(image.id), **fields, "vec": vector})
+            row: dict[str, Any] = {"gkey": gkey, "ikey": _key(image.id), **fields, "vec": vector}
+            if self.has_filter_fields:
+                row["meta"] = _meta(image.desc)
+            rows.append(row)
             taken.add(image.id)
             results.append(None)
             count += 1
@@ -515,12 +588,15 @@ class MilvusStore(Store):
     ) -> ImageInfo:
         # Milvus updates by rewriting the whole row, vector included.
         with self._write_lock:
-            fields = ["gkey", "ikey", "label", "desc", "uri", "vec", *self._fields[len(_IMAGE_FIELDS) :]]
-            row = self._image_row(tenant, group, image_id, fields)
+            row = self._image_row(tenant, group, image_id, self._row_fields)
             if label is not None:
                 row["label"] = label
+                if self.has_filter_fields:
+                    row["lkey"] = _key("label", label)
             if desc is not KEEP:
                 row["desc"] = _dump_desc(desc)
+                if self.has_filter_fields:
+                    row["meta"] = _meta(desc)
             too_long = [k for k in ("label", "desc") if len(row[k].encode()) > _MAX[k]]
             if too_long:
                 raise StoreError(f"{too_long[0]} too long")
@@ -539,7 +615,7 @@ class MilvusStore(Store):
             return super().set_tags(tenant, group, tags)
         n = 0
         with self._write_lock:
-            fields = ["gkey", "ikey", "label", "desc", "uri", "vec", "tags"]
+            fields = self._row_fields
             rows = self._with_group(
                 tenant, group, lambda: self._rows_by_ids(tenant, group, list(tags), fields)
             )
@@ -571,10 +647,10 @@ class MilvusStore(Store):
             self._require(tenant, group)
             gkey = _key(tenant, group)
             after = 0
+            pre = _expr(where) if where is not None and self.has_filter_fields else ""
             while True:
-                rows = sorted(
-                    self._page_rows(f'gkey == "{gkey}" and seq > {after}', TOPK_CAP), key=lambda r: r["seq"]
-                )
+                flt = f'gkey == "{gkey}" and seq > {after}' + (f" and ({pre})" if pre else "")
+                rows = sorted(self._page_rows(flt, TOPK_CAP), key=lambda r: r["seq"])
                 for r in rows:
                     if r["tenant"] != tenant or r["grp"] != group:
                         continue
@@ -623,19 +699,18 @@ class MilvusStore(Store):
         checks = [self._pool.submit(self._require, tenant, g) for g in groups]
         names = {_key(tenant, g): g for g in groups}
         flt = _in("gkey", list(names))
-        best: dict[int, tuple[float, dict]] = {}
-        for view in queries:
-            # A filter is applied here in Python to every match above the threshold (desc is JSON text in
-            # this schema, which Milvus expressions cannot look into), so the limit still counts passing
-            # images; the cost grows with the number of matches, not with the filter's selectivity.
-            for cosine, entity in self._search_view(view, flt, -1 if where else limit, min_cosine):
-                if entity["tenant"] != tenant or names.get(_key(tenant, entity["grp"])) != entity["grp"]:
-                    continue  # a hash collision with another tenant's group: never shown
-                if where is not None and not where.matches(entity["label"], _load_desc(entity["desc"])):
-                    continue
-                seq = int(entity["seq"])
-                if seq not in best or cosine > best[seq][0]:
-                    best[seq] = (cosine, entity)
+        # A filter: as an expression on the hashed columns when the collection has them (Milvus scores only
+        # the rows it selects, so the limit counts passing images); else in Python over every match above
+        # the threshold. Either way Filter.matches below has the last word.
+        pre = _expr(where) if where is not None and self.has_filter_fields else ""
+        if pre:
+            flt = f"{flt} and ({pre})"
+        want = -1 if where is not None and not pre else limit
+        best, refused = self._best(tenant, names, queries, flt, want, min_cosine, where)
+        if refused and 0 <= limit and len(best) < limit:
+            # The expression let through rows the exact check refused (e.g. true for 1), which took places
+            # in the answer: ask again for every match.
+            best, _ = self._best(tenant, names, queries, flt, -1, min_cosine, where)
         for check in checks:
             check.result()
         found = sorted(best.items(), key=lambda item: (-item[1][0], item[0]))
@@ -653,6 +728,32 @@ class MilvusStore(Store):
             )
             for _, (cosine, e) in found
         ]
+
+    def _best(
+        self,
+        tenant: str,
+        names: dict[str, str],
+        queries: np.ndarray,
+        flt: str,
+        limit: int,
+        min_cosine: float,
+        where: Filter | None,
+    ) -> tuple[dict[int, tuple[float, dict]], int]:
+        """seq -> (best cosine over the views, entity) of the rows that pass ``where``, and how many rows
+        the search returned that ``where`` refused."""
+        best: dict[int, tuple[float, dict]] = {}
+        refused = 0
+        for view in queries:
+            for cosine, entity in self._search_view(view, flt, limit, min_cosine):
+                if entity["tenant"] != tenant or names.get(_key(tenant, entity["grp"])) != entity["grp"]:
+                    continue  # a hash collision with another tenant's group: never shown
+                if where is not None and not where.matches(entity["label"], _load_desc(entity["desc"])):
+                    refused += 1
+                    continue
+                seq = int(entity["seq"])
+                if seq not in best or cosine > best[seq][0]:
+                    best[seq] = (cosine, entity)
+        return best, refused
 
     def _search_view(
         self, view: np.ndarray, flt: str, limit: int, min_cosine: float
