@@ -55,7 +55,10 @@ def lite_onnx_path(model: str, cache_dir: Path, weights: Path | None = None) -> 
     """
     weights = weights or lite_weights_path(model)
     wsha = file_sha256(weights)
-    private_dir(cache_dir)
+    if not cache_dir.is_dir():
+        private_dir(cache_dir)  # a new cache: private like the rest of the data folder
+    # An existing one is left as it is: TUSOU_MODEL_DIR may name a folder prepared by another user (a
+    # container image builds it as root for a non-root server), which this process can read, not chmod.
     onnx_path = cache_dir / f"efficientnet-{model}-{wsha[:16]}-g{GRAPH_VERSION}.onnx"
     sum_path = onnx_path.with_name(onnx_path.name + ".sha256")
     if _cache_valid(onnx_path, sum_path):
