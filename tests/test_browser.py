@@ -437,3 +437,20 @@ def test_screenshot_command_writes_every_screen(tmp_path: Path, embedder: Embedd
         assert (ROOT / "docs" / name).is_file(), f"docs/{name} is missing: run python tools/screenshots.py"
     listed = set(re.findall(r"\(([\w-]+\.png)\)", (ROOT / "docs" / "web.md").read_text("utf-8")))
     assert listed == set(SHOTS)
+
+
+def test_api_docs_page_lists_every_operation(driver: Any, tusou: Tusou) -> None:
+    driver.get("about:blank")
+    driver.get_log("browser")
+    driver.get(tusou.server.url + "/docs")
+    shown = browser.wait_for(
+        driver,
+        "the operations listed",
+        lambda: driver.execute_script(
+            "return [...document.querySelectorAll('.op h2')].map(h => h.innerText.replace(/\\s+/g, ' '))"
+        ),
+    )
+    assert "POST /v1/image/groups/search" in shown and "GET /v1/image/group/{group_id}" in shown
+    assert len(shown) >= 12
+    severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == []

@@ -221,3 +221,13 @@ def test_server_accepts_requests_signed_by_the_js_signer(tusou: Tusou, photos: l
     headers["Authorization"] = sig[:-2] + ("A=" if sig[-2] != "A" else "B=")
     resp = requests.get(tusou.server.url + "/v1/image/group", headers=headers, timeout=30)
     assert resp.status_code == 401
+
+
+def test_api_docs_page_works_offline(tusou: Tusou) -> None:
+    resp = requests.get(tusou.server.url + "/docs", timeout=30)
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/html")
+    assert "connect-src 'self'" in resp.headers["Content-Security-Policy"]
+    # Nothing from another site (Swagger UI's CDN made the old /docs blank offline).
+    assert not re.findall(r'(?:src|href)="(?:https?:)?//', resp.text)
+    assert "/openapi.json" in resp.text
+    assert requests.get(tusou.server.url + "/redoc", timeout=30).status_code == 404

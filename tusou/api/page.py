@@ -15,6 +15,9 @@ router = APIRouter(include_in_schema=False)
 _web_dir = resource_files("tusou") / "web"
 _web_page = (_web_dir / "index.html").read_text("utf-8")
 _web_sign_js = (_web_dir / "sign.js").read_text("utf-8")
+# /docs: the API described from /openapi.json by a page of our own (FastAPI's Swagger UI loads from a CDN, so
+# it was blank offline).
+_web_docs = (_web_dir / "docs.html").read_text("utf-8")
 # The secret key is typed into this page: scripts and fetches are limited to this origin, as defence in
 # depth (the page never puts API data into HTML). Images may come from anywhere (hits' thumbnails).
 WEB_HEADERS = {
@@ -35,3 +38,8 @@ async def web_index() -> HTMLResponse:
 @router.get("/static/sign.js")
 async def web_sign_script() -> Response:
     return Response(_web_sign_js, media_type="text/javascript; charset=utf-8", headers=WEB_HEADERS)
+
+
+@router.get("/docs")
+async def web_docs() -> HTMLResponse:
+    return HTMLResponse(_web_docs, headers=WEB_HEADERS)
