@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
+from click.testing import CliRunner
 from PIL import Image
 
-from tests.conftest import QiniuClient, data_uri, jpeg
+from tests.conftest import QiniuClient, Tusou, data_uri, jpeg
+from tusou.cli import main
 
 
 def entry(image: Image.Image, image_id: str | None = None, quality: int = 90) -> dict:
@@ -115,3 +119,77 @@ def test_bad_parameters_are_refused_before_any_work(client: QiniuClient, photos:
         resp = client.post("/v1/image/group/g/add", {"data": [entry(photos[7], "x")], "params": params})
         assert resp.status_code == 400 and resp.json() == {"error": message}
     assert client.get("/v1/image/group/g/info").json() == {"count": 6}
+
+
+def copies_group(client: QiniuClient, photos: list[Image.Image]) -> None:
+    """Six photos, three edited copies of two of them, two more unrelated photos."""
+    make_group(client, photos)
+    extra = [
+        entry(crop(photos[1]), "crop1"),
+        entry(smaller(photos[2]), "small2", quality=40),
+        entry(photos[2].rotate(90, expand=True), "turned2", quality=60),
+        entry(photos[8], "cat"),
+        entry(photos[9], "ball"),
+    ]
+    assert client.post("/v1/image/group/g/add", {"data": extra}).json()["errors"] == [None] * 5
+
+
+EXPECTED = [["p2", "small2", "turned2"], ["crop1", "p1"]]
+
+
+def test_duplicates_endpoint_clusters_a_group(client: QiniuClient, photos: list[Image.Image]) -> None:
+    copies_group(client, photos)
+    resp = client.post("/v1/image/group/g/duplicates", {})
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["marker"] == "" and out["scanned"] == 11
+    assert [c["images"] for c in out["clusters"]] == EXPECTED
+    for cluster in out["clusters"]:
+        for p in cluster["pairs"]:
+            assert set(p["ids"]) <= set(cluster["images"]) and 0.85 <= p["score"] <= 1
+    assert {tuple(p["ids"]) for p in out["clusters"][1]["pairs"]} == {("crop1", "p1")}
+    # Stricter than any pair: nothing; pages of 4 images: the pairs each page finds, and a marker.
+    assert client.post("/v1/image/group/g/duplicates", {"threshold": 1}).json()["clusters"] == []
+    first = client.post("/v1/image/group/g/duplicates", {"limit": 4}).json()
+    assert first["scanned"] == 4 and first["marker"]
+    second = client.post("/v1/image/group/g/duplicates", {"limit": 4, "marker": first["marker"]}).json()
+    assert second["scanned"] == 4 and second["marker"]
+
+
+def test_duplicates_endpoint_refuses_bad_requests(client: QiniuClient, photos: list[Image.Image]) -> None:
+    make_group(client, photos)
+    for body, message in (
+        ({"limit": 0}, "invalid limit: must be 1-1000"),
+        ({"limit": "10"}, "invalid limit: must be 1-1000"),
+        ({"threshold": 1.5}, "invalid threshold"),
+        ({"marker": 3}, "invalid marker"),
+        ({"marker": "not-a-marker"}, "invalid marker"),
+    ):
+        resp = client.post("/v1/image/group/g/duplicates", body)
+        assert resp.status_code == 400 and resp.json() == {"error": message}, body
+    missing = client.post("/v1/image/group/nope/duplicates", {})
+    assert missing.status_code == 400 and missing.json() == {"error": "group nope not exists"}
+
+
+def test_cli_duplicates_walks_every_page(tusou: Tusou, photos: list[Image.Image]) -> None:
+    client = tusou.client("cli")
+    copies_group(client, photos)
+    env = {
+        "TUSOU_SERVER": client.base,
+        "TUSOU_ACCESS_KEY": client.access_key,
+        "TUSOU_SECRET_KEY": client.secret_key,
+    }
+    runner = CliRunner()
+    result = runner.invoke(
+        main, ["duplicates", "g", "--page", "3", "--json"], env=env, catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    assert [c["images"] for c in json.loads(result.stdout)] == EXPECTED  # clusters spanning pages come whole
+    assert "duplicates g: 11/11 images scanned" in result.stderr
+    plain = runner.invoke(main, ["duplicates", "g"], env=env, catch_exceptions=False)
+    assert plain.stdout.splitlines()[0].startswith("1. 3 images (best pair 0.")
+    assert plain.stdout.splitlines()[1].endswith(": crop1, p1")
+    none = runner.invoke(main, ["duplicates", "g", "--threshold", "1"], env=env, catch_exceptions=False)
+    assert none.exit_code == 0 and none.stdout == "no near-duplicates\n"
+    gone = runner.invoke(main, ["duplicates", "nope"], env=env, catch_exceptions=False)
+    assert gone.exit_code == 1 and "group nope not exists" in gone.stderr

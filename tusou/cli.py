@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from tusou.cli_data import COMMANDS as DATA_COMMANDS
+from tusou.cli_duplicates import duplicates
 from tusou.config import Settings
 from tusou.files import private_dir
 from tusou.store.keys import KeyStore
@@ -251,6 +252,7 @@ def retag(data: Path | None, group: str, access_keys: tuple[str, ...]) -> None:
 # import, copy, groups, info, search (tusou/cli_data.py): clients of a running server.
 for command in DATA_COMMANDS:
     main.add_command(command)
+main.add_command(duplicates)
 
 
 if __name__ == "__main__":

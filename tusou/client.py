@@ -22,7 +22,7 @@ import email.utils
 import json
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -32,10 +32,12 @@ from urllib.parse import quote, urlencode
 import httpx
 
 from tusou.api.auth import sign_qiniu
+from tusou.duplicates import Cluster, Pair, clusters
 
 __all__ = [
     "BatchResult",
     "Client",
+    "Cluster",
     "Hit",
     "Image",
     "ImagePage",
@@ -372,6 +374,34 @@ class Client:
             "POST", self._group_path(group, "/search"), {"data": {"uri": uri}, "params": params}
         )
         return [Hit.from_json(e) for e in answer.get("result") or []]
+
+    def duplicates(
+        self,
+        group: str,
+        *,
+        threshold: float | None = None,
+        page_size: int = 200,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Cluster]:
+        """tusou extension: clusters of near-duplicates in ``group`` (pairs scoring at least ``threshold``,
+        default 0.85), the largest first. Walks the group ``page_size`` images a call, joining the pairs of
+        every page; ``progress(scanned, total)`` after each call."""
+        total = self.count(group) if progress is not None else 0
+        body: dict[str, Any] = {"limit": page_size}
+        if threshold is not None:
+            body["threshold"] = threshold
+        pairs: list[Pair] = []
+        scanned = 0
+        while True:
+            answer = self.request("POST", self._group_path(group, "/duplicates"), body)
+            for cluster in answer.get("clusters") or []:
+                pairs += [Pair(p["ids"][0], p["ids"][1], float(p["score"])) for p in cluster["pairs"]]
+            scanned += int(answer.get("scanned", 0))
+            if progress is not None:
+                progress(scanned, max(total, scanned))
+            if not answer.get("marker"):
+                return clusters(pairs)
+            body["marker"] = answer["marker"]
 
     # --- operations (tusou only, unsigned) -----------------------------------------------------------
     def _get_unsigned(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from tusou.duplicates import Cluster
 from tusou.store.base import ImageInfo, ItemError
 from tusou.store.filters import Filter
 
@@ -20,6 +21,8 @@ __all__ = [
     "BatchResult",
     "DeleteImages",
     "Duplicate",
+    "DuplicatePage",
+    "FindDuplicates",
     "ImageInfo",
     "ImageRef",
     "ItemError",
@@ -154,3 +157,23 @@ class Match:
     uri: str | None
     score: float
     tags: list[list[float]] | None = None  # only filled when the query asked for them
+
+
+@dataclass(frozen=True)
+class FindDuplicates:
+    """Beyond Qiniu: near-duplicate pairs among ``limit`` images of ``group`` after ``marker``, each
+    image searched against the whole group at ``threshold`` (None: :data:`DUPLICATE_THRESHOLD`)."""
+
+    group: str
+    marker: str
+    limit: int
+    threshold: float | None
+
+
+@dataclass(frozen=True)
+class DuplicatePage:
+    """The clusters of the pairs found from one page of images; ``marker`` "" after the last page."""
+
+    clusters: list[Cluster]
+    marker: str
+    scanned: int

@@ -25,6 +25,8 @@ from tusou.domain import (
     BatchResult,
     DeleteImages,
     Duplicate,
+    DuplicatePage,
+    FindDuplicates,
     ImageInfo,
     ImageRef,
     ItemError,
@@ -36,14 +38,18 @@ from tusou.domain import (
     SearchQuery,
     UpdateImage,
 )
+from tusou.duplicates import clusters, pair
 from tusou.embed import concepts
 from tusou.embed.base import Embedder
-from tusou.errors import GroupExists, QiniuError
+from tusou.errors import GroupExists, ImageNotFound, QiniuError
 from tusou.fetch import Fetcher, load_image
 from tusou.files import tighten_tree
 from tusou.images import ImageError, PixelBudget
 from tusou.store.base import KEEP, NewImage, Store
 from tusou.thumbs import ThumbStore, make_thumbnail
+
+#: The most near-duplicates one image is paired with by ``Service.duplicates`` (bounds each search).
+DUPLICATE_NEIGHBOURS = 32
 
 #: model=clip: the least text-image cosine a keyword search hit needs unless the query sets a threshold.
 CLIP_TEXT_THRESHOLD = 0.2
@@ -409,6 +415,38 @@ class Service:
             )
             for hit in hits
         ]
+
+    def duplicates(self, tenant: str, request: FindDuplicates) -> DuplicatePage:
+        """Near-duplicate pairs among one page of a group's images (beyond Qiniu), clustered.
+
+        Each listed image's stored vector is searched against the whole group, as a search by its id
+        would be, for at most :data:`DUPLICATE_NEIGHBOURS` others scoring at least the threshold: one
+        bounded index search per image. Pairs found from this page are joined into clusters (union-find);
+        a caller walking every page joins all pairs again (``tusou.client.Client.duplicates``).
+        """
+        floor = max(
+            request.threshold if request.threshold is not None else DUPLICATE_THRESHOLD,
+            self.default_threshold,
+        )
+        min_cosine = self.embedder.cosine_for_score(floor)
+        images, marker = self.store.list_images(tenant, request.group, request.marker, request.limit)
+        found = []
+        for info in images:
+            try:
+                vector = self.store.get_vector(tenant, request.group, info.id)
+            except ImageNotFound:  # deleted since the page was read
+                continue
+            hits = self.store.search(
+                tenant, [request.group], vector[None, :], DUPLICATE_NEIGHBOURS + 1, min_cosine
+            )
+            others = [hit for hit in hits if hit.id != info.id][:DUPLICATE_NEIGHBOURS]
+            scores = self.embedder.score(np.asarray([hit.cosine for hit in others], dtype=np.float32))
+            found += [
+                pair(info.id, hit.id, round(float(score), 6))
+                for hit, score in zip(others, scores.tolist(), strict=True)
+                if score >= floor
+            ]
+        return DuplicatePage(clusters(found), marker, len(images))
 
     def list_images(self, tenant: str, request: ListImages) -> Page:
         images, marker = self.store.list_images(tenant, request.group, request.marker, request.limit)

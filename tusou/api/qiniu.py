@@ -22,6 +22,8 @@ from tusou.config import Settings
 from tusou.domain import (
     BatchResult,
     DeleteImages,
+    DuplicatePage,
+    FindDuplicates,
     ImageInfo,
     ImageRef,
     ItemError,
@@ -43,6 +45,7 @@ IMAGE_ID_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")
 LABEL_MAX_CHARS = 1024
 LIST_MAX_LIMIT = 1000  # images in one page of GET /v1/image/group/<id>
 LIST_LIMIT_ERROR = f"invalid limit: must be 1-{LIST_MAX_LIMIT}"  # Qiniu's message first, then the range
+DUPLICATES_PAGE = 200  # images scanned by one duplicates call unless it asks for another number
 TEXT_MAX_CHARS = 256  # a keyword query (data.text)
 # Largest form value read as a Python literal (the SDK's str(dict) form encoding of nested values).
 FORM_LITERAL_MAX = 64 * 1024
@@ -260,6 +263,21 @@ class Wire:
             raise QiniuError(406, "desc too long")
         return UpdateImage(group_id(group), image_id, label, desc, keep_desc)
 
+    def duplicates(self, group: str, body: Body) -> FindDuplicates:
+        """Beyond Qiniu: ``{"marker"?, "limit"? (1-1000, default 200), "threshold"?}``."""
+        group = group_id(group)
+        marker = body.get("marker", "")
+        if not isinstance(marker, str):
+            raise QiniuError(400, "invalid marker")
+        limit = body.get("limit", DUPLICATES_PAGE)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= LIST_MAX_LIMIT:
+            raise QiniuError(400, f"invalid limit: must be 1-{LIST_MAX_LIMIT}")
+        try:
+            threshold = self._threshold(body.get("threshold"))
+        except QiniuError:
+            raise QiniuError(400, "invalid threshold") from None
+        return FindDuplicates(group, marker, limit, threshold)
+
     # --- search ---------------------------------------------------------------------------------------
     def search(self, body: Body, group: str | None = None) -> SearchQuery:
         """Both searches: the multi-group one names its groups in params, the legacy one in its path."""
@@ -424,6 +442,17 @@ def hits(matches: list[Match], *, with_group: bool = True) -> dict[str, Any]:
     return {"code": 0, "message": "", "result": result}
 
 
+def duplicates(result: DuplicatePage) -> dict[str, Any]:
+    clusters = [
+        {
+            "images": cluster.images,
+            "pairs": [{"ids": [p.a, p.b], "score": round(p.score, 7)} for p in cluster.pairs],
+        }
+        for cluster in result.clusters
+    ]
+    return {"clusters": clusters, "marker": result.marker, "scanned": result.scanned}
+
+
 EMPTY: dict[str, Any] = {}
 
 
@@ -501,6 +530,20 @@ def request_models(settings: Settings) -> list[type[BaseModel]]:
         create_model("DeleteRequest", images=(list[str], ...)),
         create_model("ImageRequest", id=(str, ...), tags=(bool | None, None)),
         create_model("SearchRequest", data=(search_data, ...), params=(search_params, ...)),
+        create_model(
+            "DuplicatesRequest",
+            __doc__="tusou extension: near-duplicate clusters among a page of a group's images; walk the "
+            "pages with marker until it comes back empty.",
+            marker=(str | None, Field(default=None, description="From the previous answer.")),
+            limit=(
+                int | None,
+                Field(default=DUPLICATES_PAGE, description=f"Images scanned, 1-{LIST_MAX_LIMIT}."),
+            ),
+            threshold=(
+                float | None,
+                Field(default=None, description="Least score of a pair (default 0.85)."),
+            ),
+        ),
         create_model("LegacySearchRequest", data=(search_data, ...), params=(maybe(legacy_params), None)),
         create_model(
             "UpdateRequest",

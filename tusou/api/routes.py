@@ -263,3 +263,14 @@ async def legacy_search(group_id: str, request: Request, tenant: str = Tenant) -
     query = wire_of(request).search(await body_of(request), group_id)
     matches = await run_heavy(request, service_of(request).search, tenant, query)
     return answer(qiniu.hits(matches, with_group=False))
+
+
+@router.post(
+    "/v1/image/group/{group_id}/duplicates",
+    summary="Clusters of near-duplicates among a page of a group's images (tusou extension)",
+    responses=ERRORS,
+    openapi_extra=body_doc("DuplicatesRequest"),
+)
+async def duplicates(group_id: str, request: Request, tenant: str = Tenant) -> JSONResponse:
+    find = wire_of(request).duplicates(group_id, await body_of(request))
+    return answer(qiniu.duplicates(await run_heavy(request, service_of(request).duplicates, tenant, find)))
