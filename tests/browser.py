@@ -42,7 +42,7 @@ def missing() -> str | None:
 
 
 @contextmanager
-def chromium(width: int = 1280, height: int = 900) -> Iterator[Any]:
+def chromium(width: int = 1280, height: int = 900, extra: tuple[str, ...] = ()) -> Iterator[Any]:
     """A Chrome WebDriver on a fresh, throwaway profile; its console is read with get_log('browser')."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
@@ -50,7 +50,7 @@ def chromium(width: int = 1280, height: int = 900) -> Iterator[Any]:
     profile = tempfile.mkdtemp(prefix="tusou-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in [*FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}"]:
+    for flag in [*FLAGS, *extra, f"--user-data-dir={profile}", f"--window-size={width},{height}"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=DriverService(CHROMEDRIVER))

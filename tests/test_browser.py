@@ -183,9 +183,14 @@ class Page:
         return bad
 
 
+# tusou.test is resolved to loopback by the browser alone: a plain-http, non-localhost origin, where browsers
+# hide WebCrypto (not a secure context) and the page signs with its pure-JS HMAC instead.
+PLAIN_HOST = "tusou.test"
+
+
 @pytest.fixture(scope="module")
 def driver() -> Iterator[Any]:
-    with browser.chromium() as drv:
+    with browser.chromium(extra=(f"--host-resolver-rules=MAP {PLAIN_HOST} 127.0.0.1",)) as drv:
         yield drv
 
 
@@ -454,3 +459,23 @@ def test_api_docs_page_lists_every_operation(driver: Any, tusou: Tusou) -> None:
     assert len(shown) >= 12
     severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == []
+
+
+def test_signing_without_webcrypto_on_a_plain_http_address(driver: Any, tusou: Tusou) -> None:
+    driver.get("about:blank")
+    driver.get_log("browser")
+    page = Page(driver, tusou.server.url.replace("127.0.0.1", PLAIN_HOST))
+    try:
+        assert page.js("return window.location.hostname") == PLAIN_HOST
+        assert page.js("return window.isSecureContext") is False
+        assert page.js("return !!(window.crypto && window.crypto.subtle)") is False  # the fallback signs
+        key = tusou.keys.create("plain-http")
+        page.sign_in(key.access_key, key.secret_key)
+        assert "Signed in" in page.message("keys-msg", "ok")
+        page.type("newgroup", "从 http 来的 group")  # a UTF-8 path, signed by the pure-JS HMAC
+        page.press("create")
+        assert "Created group" in page.message("groups-msg", "ok")
+        assert tusou.service.list_groups(key.access_key) == ["从 http 来的 group"]
+        assert page.console_errors() == []
+    finally:
+        page.js("window.sessionStorage.clear()")
