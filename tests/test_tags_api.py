@@ -225,3 +225,17 @@ def test_retag_command(
 def client_for(running: Tusou, old: QiniuClient) -> QiniuClient:
     """The same access key against another server on the same data folder."""
     return QiniuClient(running.server.url, old.access_key, old.secret_key)
+
+
+def test_typed_client_searches_by_text(tusou: Tusou, filled: QiniuClient) -> None:
+    from tusou.client import Client
+
+    with Client(tusou.server.url, filled.access_key, filled.secret_key) as client:
+        hits = client.search("g", text="手工具", limit=2, tags=True)
+        assert [h.id for h in hits][:1] == ["hammer8"] and hits[0].extra["tags"][0]["name"] == "hammer"
+        assert client.search("g", text="animal", limit=20, where={"desc.n": {"lt": 5}}) != []
+        assert all(
+            h.desc["n"] < 5 for h in client.search("g", text="animal", limit=20, where={"desc.n": {"lt": 5}})
+        )
+        with pytest.raises(ValueError):
+            client.search("g", "http://x/1.jpg", text="dog")

@@ -340,15 +340,22 @@ class Client:
         labels: Sequence[str] | None = None,
         image_id: str | None = None,
         image_group: str | None = None,
+        text: str | None = None,
+        where: dict[str, Any] | None = None,
+        tags: bool = False,
     ) -> list[Hit]:
         """The best matches in ``groups`` (at most 2) for the image at ``uri``, best first.
 
         tusou extensions: ``image_id`` (with ``image_group``, default the first group) searches with a stored
-        image instead of ``uri``; ``labels`` keeps only hits with one of these labels.
+        image instead of ``uri``; ``text`` searches by a word (English or Chinese; docs/words.md);
+        ``labels`` keeps only hits with one of these labels; ``where`` is ``params.filter`` (conditions on
+        label and desc keys); ``tags`` asks for each hit's automatic tags (in ``Hit.extra["tags"]``).
         """
-        if (uri is None) == (image_id is None):
-            raise ValueError("give either uri or image_id")
-        data: dict[str, Any] = {"uri": uri} if uri is not None else {"id": image_id}
+        if sum(x is not None for x in (uri, image_id, text)) != 1:
+            raise ValueError("give one of uri, image_id or text")
+        data: dict[str, Any] = (
+            {"uri": uri} if uri is not None else {"id": image_id} if image_id is not None else {"text": text}
+        )
         if image_group is not None:
             data["group"] = image_group
         params: dict[str, Any] = {"groups": [groups] if isinstance(groups, str) else list(groups)}
@@ -358,6 +365,10 @@ class Client:
             params["threshold"] = threshold
         if labels is not None:
             params["labels"] = list(labels)
+        if where is not None:
+            params["filter"] = where
+        if tags:
+            params["tags"] = True
         answer = self.request("POST", "/v1/image/groups/search", {"data": data, "params": params})
         return [Hit.from_json(e) for e in answer.get("result") or []]
 
