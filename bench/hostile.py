@@ -557,13 +557,23 @@ def attack_edges(t: Tenants, group: str = "warm") -> tuple[list[Row], list[tuple
     answers: dict[str, tuple[int, bool]] = {}
     for name, data in RAW_REQUESTS.items():
         answers[name] = raw_answer(raw_http(t.server.port, data))
+
+    def answer(call: Callable[[], requests.Response]) -> tuple[int, bool]:
+        try:
+            resp = call()
+        except requests.RequestException:
+            return 0, False  # no answer at all: the connection was dropped
+        return resp.status_code, "X-Reqid" in resp.headers
+
     for marker in ("gAAAAAAAAAA", "_" * 19, "garbage!"):
-        resp = t.attacker.get(f"/v1/image/group/{group}", {"marker": marker, "limit": 1})
-        answers[f"marker {marker}"] = (resp.status_code, "X-Reqid" in resp.headers)
+        answers[f"marker {marker}"] = answer(
+            lambda m=marker: t.attacker.get(f"/v1/image/group/{group}", {"marker": m, "limit": 1})  # type: ignore[misc]
+        )
     ak, sk = t.attacker_key
     for i, (path, fields) in enumerate(surrogate_cases(group)):
-        resp = post_form(t.server.url, ak, sk, path, fields)
-        answers[f"lone surrogate {i}"] = (resp.status_code, "X-Reqid" in resp.headers)
+        answers[f"lone surrogate {i}"] = answer(
+            lambda p=path, f=fields: post_form(t.server.url, ak, sk, p, f)  # type: ignore[misc]
+        )
     not_4xx = sorted(name for name, (status, _) in answers.items() if not 400 <= status < 500)
     no_reqid = sorted(name for name, (_, reqid) in answers.items() if not reqid)
     rows = [
