@@ -144,6 +144,9 @@ class SearchQuery:
     text: str | None = None
     where: Filter | None = None
     with_tags: bool = False
+    #: Beyond Qiniu: search with this part of the ``uri`` image, (x0, y0, x1, y1); fractions of the
+    #: width and height when every value is <= 1, else pixels of the image as displayed.
+    box: tuple[float, float, float, float] | None = None
 
 
 @dataclass(frozen=True)

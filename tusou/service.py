@@ -270,15 +270,17 @@ class Service:
             earlier.append((image_id, np.ascontiguousarray(vector[:dim])))
         return found
 
-    def _load(self, tenant: str, uri: str) -> Image.Image:
-        """A uri -> RGB image shrunk to what the model needs, decoded inside the server's pixel budget.
-        A download runs on the fetch threads in ``tenant``'s turn; an inline image right here."""
+    def _load(self, tenant: str, uri: str, full_size: bool = False) -> Image.Image:
+        """A uri -> RGB image shrunk to what the model needs (``full_size``: not shrunk), decoded inside the
+        server's pixel budget. A download runs on the fetch threads in ``tenant``'s turn; an inline image
+        right here."""
+        min_short = None if full_size else self.embedder.min_short
         try:
             if _is_url(uri):
                 return self._fetches.run(
-                    tenant, lambda: load_image(uri, self.fetcher, self.embedder.min_short, self.budget)
+                    tenant, lambda: load_image(uri, self.fetcher, min_short, self.budget)
                 )
-            return load_image(uri, self.fetcher, self.embedder.min_short, self.budget)
+            return load_image(uri, self.fetcher, min_short, self.budget)
         except ImageError as exc:
             self.observer.image_failed(exc)
             raise
@@ -320,7 +322,10 @@ class Service:
             return self.store.get_vector(tenant, query.by_id.group, query.by_id.id)[None, :]
         if query.uri is None:
             raise QiniuError(406, "empty uri")
-        image = self._load(tenant, query.uri)
+        pixels = query.box is not None and max(query.box) > 1
+        image = self._load(tenant, query.uri, full_size=pixels)
+        if query.box is not None:
+            image = _crop(image, query.box, pixels)
         queries: np.ndarray = self._embed_queries([image], tenant)[0]
         return queries
 
@@ -534,6 +539,23 @@ class Service:
             )
             for hit in hits
         ]
+
+
+#: The least side, in pixels of the decoded image, of a query's box (data.box).
+BOX_MIN_SIDE = 16
+
+
+def _crop(image: Image.Image, box: tuple[float, float, float, float], pixels: bool) -> Image.Image:
+    """The part of ``image`` in ``box`` (pixels, or fractions of each side), clipped to the image."""
+    w, h = image.size
+    x0, y0, x1, y1 = box if pixels else (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
+    left, top = max(0, round(x0)), max(0, round(y0))
+    right, bottom = min(w, round(x1)), min(h, round(y1))
+    if left >= w or top >= h:
+        raise QiniuError(400, f"invalid box: outside the image ({w}x{h})")
+    if right - left < BOX_MIN_SIDE or bottom - top < BOX_MIN_SIDE:
+        raise QiniuError(400, f"invalid box: smaller than {BOX_MIN_SIDE}x{BOX_MIN_SIDE} pixels")
+    return image.crop((left, top, right, bottom))
 
 
 def _is_url(uri: str) -> bool:

@@ -304,6 +304,8 @@ class Wire:
             extra["where"] = parse_filter(params["filter"])
         if "tags" in params:
             extra["with_tags"] = _flag(params["tags"], 406)
+        if (by_text or stored) and data.get("box") is not None:
+            raise QiniuError(400, "box needs an image uri")
         if by_text:
             assert isinstance(text, str)
             return SearchQuery(groups, limit, threshold, labels=labels, text=text.strip(), **extra)
@@ -318,6 +320,9 @@ class Wire:
                 groups, limit, threshold, by_id=ImageRef(source_group, image_id), labels=labels, **extra
             )
         assert isinstance(uri, str)
+        box = data.get("box")
+        if box is not None:
+            extra["box"] = _box(box)
         return SearchQuery(groups, limit, threshold, uri=uri.strip(), labels=labels, **extra)
 
     def _groups(self, groups: object) -> list[str]:
@@ -373,6 +378,20 @@ class Wire:
         if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
             raise QiniuError(406, "invalid labels")
         return frozenset(labels)
+
+
+def _box(box: object) -> tuple[float, float, float, float]:
+    """data.box: [x0, y0, x1, y1], fractions when every value is <= 1, else pixels (beyond Qiniu)."""
+    if (
+        not isinstance(box, list)
+        or len(box) != 4
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)
+    ):
+        raise QiniuError(400, "invalid box: [x0, y0, x1, y1] expected")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if min(x0, y0) < 0 or x0 >= x1 or y0 >= y1:
+        raise QiniuError(400, "invalid box: need 0 <= x0 < x1 and 0 <= y0 < y1")
+    return x0, y0, x1, y1
 
 
 def _flag(value: object, status: int) -> bool:
@@ -501,6 +520,14 @@ def request_models(settings: Settings) -> list[type[BaseModel]]:
         group=(
             str | None,
             Field(default=None, description="With id: its group (default: the first searched)."),
+        ),
+        box=(
+            list[float] | None,
+            Field(
+                default=None,
+                description="tusou extension: search with part of the uri image, [x0, y0, x1, y1]: "
+                "fractions of width and height when every value is <= 1, else pixels.",
+            ),
         ),
     )
     limit_doc = f"1..{settings.search_max_limit}, or -1 for every match."
