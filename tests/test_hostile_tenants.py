@@ -385,8 +385,13 @@ def test_no_redirect_is_built_from_host_and_no_cdn_pages(server) -> None:  # typ
     )
     assert resp.status_code in (400, 401, 404) and "location" not in resp.headers, resp.status_code
     assert resp.headers["X-Reqid"]
-    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+    for path in ("/redoc", "/docs/oauth2-redirect"):
         assert requests.get(server.server.url + path, timeout=30).status_code == 404, path
+    # /docs is tusou's own page (tusou/web/docs.html), not Swagger UI: nothing from a CDN, same CSP as /.
+    docs = requests.get(server.server.url + "/docs", timeout=30)
+    assert docs.status_code == 200 and "default-src 'none'" in docs.headers["Content-Security-Policy"]
+    assert "cdn" not in docs.text.lower() and "swagger" not in docs.text.lower()
+    assert 'src="http' not in docs.text and 'src="//' not in docs.text
     page = requests.get(server.server.url + "/", timeout=30)
     assert "default-src 'none'" in page.headers["Content-Security-Policy"]
     assert page.headers["X-Content-Type-Options"] == "nosniff"
