@@ -334,8 +334,8 @@ class Service:
         return self.store.totals()
 
     def remove_group(self, tenant: str, group: str) -> None:
-        self.store.count(tenant, group)  # an unknown group is refused before anything is touched
-        if self.thumbs is not None:  # pictures first: a crash between leaves images without pictures only
+        # Pictures first (none for an unknown group): a crash between leaves images without pictures only.
+        if self.thumbs is not None:
             self.thumbs.drop_group(tenant, group)
         self.store.remove_group(tenant, group)
 
