@@ -170,10 +170,6 @@ class FairPool:
         """``fn()`` on a pool thread, in ``tenant``'s turn; blocks until done."""
         return self.submit(tenant, fn).result()
 
-    def map(self, tenant: str, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-        futures = [self.submit(tenant, lambda item=item: fn(item)) for item in items]  # type: ignore[misc]
-        return [future.result() for future in futures]
-
     def running(self, tenant: str) -> int:
         with self._cond:
             return self._running.get(tenant, 0)
