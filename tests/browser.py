@@ -19,6 +19,7 @@ FLAGS = [
     "--headless=new",
     "--no-sandbox",
     "--disable-gpu",
+    "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm; a crashed tab would fail a test
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
