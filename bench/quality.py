@@ -228,14 +228,16 @@ def duplicate_detection(s: EvalSet, res: dict[str, Any], t: float) -> dict[str, 
 def cluster_report(model_key: str, s: EvalSet, g: np.ndarray, qi: np.ndarray, t: float) -> dict[str, Any]:
     """``tusou duplicates`` on a group holding the gallery and every query (stored vectors compared with
     stored vectors, as the endpoint does), at threshold ``t``. The truth: a query and its original, and
-    copies of the same original, are near-duplicates; nothing else is. Pair precision: pairs >= t that are
-    true; recall: (query, original) pairs >= t; cluster recall: queries put in their original's cluster."""
+    copies of the same photo (also of one not in the gallery), are near-duplicates; nothing else is.
+    Pair precision: pairs >= t that are true; recall: (query, original) pairs >= t; cluster recall:
+    queries put in their original's cluster."""
     from tusou.duplicates import clusters, pair
 
     ids = [m["id"] for m in s.gallery] + [m["id"] for m in s.queries]
     truth = {m["id"]: m["id"] for m in s.gallery}
-    for qid, rel in s.gt.items():
-        truth[qid] = rel[0] if rel else qid
+    for m in s.queries:  # copies of one photo that is not in the gallery are near-duplicates of each other
+        rel = s.gt.get(m["id"])
+        truth[m["id"]] = rel[0] if rel else f"{m.get('package')}/{m.get('source', m['id'])}"
     vecs = np.vstack([g, qi]).astype(np.float32)
     cos = vecs @ vecs.T
     np.fill_diagonal(cos, -1.0)
