@@ -237,6 +237,22 @@ def test_tags_survive_and_old_folders_open(tmp_path: Path) -> None:
     assert store.get_image("t", "g", "old").tags == [[4, 0.5]]
     page, _ = store.list_images("t", "g", "", 10)
     assert [(i.id, i.tags) for i in page] == [("old", [[4, 0.5]]), ("new", [[3, 0.9]])]
+    assert [h.id for h in store.search_tags("t", ["g"], [3, 4], 10, 0.1)] == ["new", "old"]
+    store.close()
+
+    # Tags stored before the image_tags table existed are copied into it on open.
+    raw = sqlite3.connect(db)
+    raw.execute("DELETE FROM image_tags")
+    raw.execute("DELETE FROM meta WHERE key = 'tag_rows'")
+    raw.commit()
+    raw.close()
+    store = SQLiteStore(db, model_id="m", dim=DIM)
+    assert [h.id for h in store.search_tags("t", ["g"], [3, 4], 10, 0.1)] == ["new", "old"]
+    # A deleted image leaves no evidence behind.
+    store.delete_images("t", "g", ["new"])
+    assert [h.id for h in store.search_tags("t", ["g"], [3, 4], 10, 0.1)] == ["old"]
+    remaining = sqlite3.connect(db).execute("SELECT class FROM image_tags").fetchall()
+    assert remaining == [(4,)]
     store.close()
 
 

@@ -70,6 +70,16 @@ CREATE TABLE IF NOT EXISTS vectors (
     seq INTEGER PRIMARY KEY REFERENCES images (seq) ON DELETE CASCADE,
     vector BLOB NOT NULL
 );
+-- The automatic tags again, one row per (group, class, image): keyword search sums p over a word's
+-- classes from the key instead of parsing every image's JSON (docs/words.md has the timings).
+CREATE TABLE IF NOT EXISTS image_tags (
+    gid INTEGER NOT NULL,
+    class INTEGER NOT NULL,
+    seq INTEGER NOT NULL REFERENCES images (seq) ON DELETE CASCADE,
+    p REAL NOT NULL,
+    PRIMARY KEY (gid, class, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS image_tags_by_seq ON image_tags (seq);
 """
 
 # Ids of rows fetched per query when turning hits into records; below SQLite's variable limit.
@@ -92,6 +102,13 @@ def _dump_tags(tags: list[list[float]] | None) -> str | None:
 
 def _load_tags(text: str | None) -> list[list[float]] | None:
     return None if text is None else json.loads(text)
+
+
+def _insert_tag_rows(conn: sqlite3.Connection, gid: int, seq: int, tags: list[list[float]]) -> None:
+    conn.executemany(
+        "INSERT OR REPLACE INTO image_tags (gid, class, seq, p) VALUES (?, ?, ?, ?)",
+        [(gid, int(c), seq, float(p)) for c, p in tags],
+    )
 
 
 class SQLiteStore(Store):
@@ -130,6 +147,16 @@ class SQLiteStore(Store):
         columns = {row[1] for row in self._writer.execute("PRAGMA table_info(images)")}
         if "tags" not in columns:  # a data folder from before tags: the column is added, rows keep NULL
             self._writer.execute("ALTER TABLE images ADD COLUMN tags TEXT")
+        if self._writer.execute("SELECT value FROM meta WHERE key = 'tag_rows'").fetchone() is None:
+            # Tags stored before image_tags existed: copied into it once.
+            with self._write_lock, self._transaction() as conn:
+                conn.execute(
+                    "INSERT OR REPLACE INTO image_tags (gid, class, seq, p) "
+                    "SELECT images.gid, json_extract(t.value, '$[0]'), images.seq, "
+                    "json_extract(t.value, '$[1]') "
+                    "FROM images, json_each(images.tags) AS t WHERE images.tags IS NOT NULL"
+                )
+                conn.execute("INSERT INTO meta VALUES ('tag_rows', '1')")
         self._check_model(model_id)
         self._gids: dict[tuple[str, str], int] = {}
         self._indexes: dict[int, VectorIndex] = {}
@@ -183,9 +210,7 @@ class SQLiteStore(Store):
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('dim', ?)", (str(self.dim),))
             # The key of this store's list markers (tusou.store.markers), kept for its lifetime and its
             # backups, so markers stay valid across restarts and restores.
-            conn.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('marker_key', ?)", (new_marker_key().hex(),)
-            )
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('marker_key', ?)", (new_marker_key().hex(),))
             key = conn.execute("SELECT value FROM meta WHERE key='marker_key'").fetchone()[0]
         self._markers = MarkerCodec(bytes.fromhex(key))
 
@@ -349,6 +374,8 @@ class SQLiteStore(Store):
                 continue
             assert seq is not None
             conn.execute("INSERT INTO vectors (seq, vector) VALUES (?, ?)", (seq, vector.tobytes()))
+            if image.tags:
+                _insert_tag_rows(conn, gid, seq, image.tags)
             results.append(None)
             added.append((seq, vector))
             count += 1
@@ -530,13 +557,15 @@ class SQLiteStore(Store):
             gid = self._gid(tenant, group)
             # Summed in SQLite over each image's stored tags (json_each): no row leaves the database
             # unless it has evidence; the threshold applies to the sum.
+            # The sums first, from the (gid, class, seq) key alone; then the filter on the images they found.
+            # Sums are rounded before ordering so that equal evidence keeps insertion order whatever order
+            # the floats were added in.
             rows = self._reader().execute(
-                "SELECT seq, SUM(json_extract(t.value, '$[1]')) AS ev "
-                "FROM images, json_each(images.tags) AS t "
-                f"WHERE gid = ? AND tags IS NOT NULL AND {extra} "
-                "AND json_extract(t.value, '$[0]') IN (SELECT value FROM json_each(?)) "
-                "GROUP BY seq HAVING ev >= ? ORDER BY ev DESC, seq" + (" LIMIT ?" if limit >= 0 else ""),
-                (gid, *params, wanted, min_evidence, *([limit] if limit >= 0 else [])),
+                "SELECT x.seq, x.ev FROM (SELECT seq, ROUND(SUM(p), 6) AS ev FROM image_tags "
+                "WHERE gid = ? AND class IN (SELECT value FROM json_each(?)) GROUP BY seq) AS x "
+                f"JOIN images ON images.seq = x.seq WHERE x.ev >= ? AND {extra} "
+                "ORDER BY x.ev DESC, x.seq" + (" LIMIT ?" if limit >= 0 else ""),
+                (gid, wanted, min_evidence, *params, *([limit] if limit >= 0 else [])),
             )
             found += [(min(1.0, float(ev)), int(seq), group) for seq, ev in rows]
         return self._hits(found, limit)
@@ -547,11 +576,15 @@ class SQLiteStore(Store):
             with self._transaction() as conn:
                 n = 0
                 for image_id, t in tags.items():
-                    cur = conn.execute(
-                        "UPDATE images SET tags = ? WHERE gid = ? AND image_id = ?",
-                        (_dump_tags(t), gid, image_id),
-                    )
-                    n += cur.rowcount
+                    row = conn.execute(
+                        "SELECT seq FROM images WHERE gid = ? AND image_id = ?", (gid, image_id)
+                    ).fetchone()
+                    if row is None:
+                        continue
+                    conn.execute("UPDATE images SET tags = ? WHERE seq = ?", (_dump_tags(t), row[0]))
+                    conn.execute("DELETE FROM image_tags WHERE seq = ?", (row[0],))
+                    _insert_tag_rows(conn, gid, row[0], t)
+                    n += 1
         return n
 
     def totals(self) -> tuple[int, int]:
