@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
-from tests.conftest import ImageServer, QiniuClient, Tusou, data_uri, jpeg
+from tests.conftest import MODEL_CACHE, ImageServer, QiniuClient, Tusou, data_uri, jpeg
+from tusou.cli import main
 from tusou.config import Settings
 from tusou.embed.base import Embedder
-from tusou.thumbs import MAX_BYTES, MAX_SIDE
+from tusou.thumbs import MAX_BYTES, MAX_SIDE, ThumbStore
 
 
 def decode(uri: str) -> Image.Image:
@@ -112,7 +115,7 @@ def test_thumbs_requests_are_checked(client: QiniuClient) -> None:
 
 @pytest.fixture
 def no_thumbs(tmp_path: Path, embedder: Embedder) -> Iterator[Tusou]:
-    running = Tusou(Settings(data=tmp_path / "data", thumbnails=False), embedder)
+    running = Tusou(Settings(data=tmp_path / "data", thumbnails=False, fetch_allow=["127.0.0.1"]), embedder)
     running.server.__enter__()
     yield running
     running.close()
@@ -125,3 +128,43 @@ def test_thumbnails_can_be_turned_off(no_thumbs: Tusou, photos: list[Image.Image
     assert thumbs(client, "g", ["a"]) == {}
     assert no_thumbs.service.thumbs is None
     assert not (no_thumbs.settings.data / "thumbs.db").exists()
+
+
+def test_the_thumbs_command_makes_missing_pictures_from_stored_urls(
+    no_thumbs: Tusou, photos: list[Image.Image], image_server: ImageServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stored while thumbnails were off: a URL image, a data-URI image, and a URL that is gone by now.
+    client = no_thumbs.client()
+    kept = image_server.put("kept.jpg", jpeg(photos[3]))
+    gone = image_server.put("gone.jpg", jpeg(photos[4]))
+    body = {
+        "data": [
+            {"uri": kept, "attribute": {"id": "url"}},
+            {"uri": data_uri(jpeg(photos[1])), "attribute": {"id": "inline"}},
+            {"uri": gone, "attribute": {"id": "gone"}},
+        ]
+    }
+    assert client.post("/v1/image/group/old/new", body).json()["images"] == ["url", "inline", "gone"]
+    del image_server.files["/gone.jpg"]
+
+    monkeypatch.setenv(
+        "TUSOU_MODEL_DIR", str(Settings(data=MODEL_CACHE.parent / "tusou-model-data").model_cache)
+    )
+    monkeypatch.setenv("TUSOU_FETCH_ALLOW", '["127.0.0.1"]')
+    data = str(no_thumbs.settings.data)
+    want = {"access_key": client.access_key, "group": "old", "no_uri": 1, "failed": 1}
+    first = CliRunner().invoke(main, ["thumbs", "old", "--data", data], catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout) == {**want, "made": 1, "had": 0}
+    again = CliRunner().invoke(main, ["thumbs", "old", "--data", data], catch_exceptions=False)
+    assert json.loads(again.stdout) == {**want, "made": 0, "had": 1}
+
+    store = ThumbStore(no_thumbs.settings.data / "thumbs.db")
+    try:
+        got = store.get(client.access_key, "old", ["url", "inline", "gone"])
+    finally:
+        store.close()
+    assert set(got) == {"url"} and max(Image.open(io.BytesIO(got["url"])).size) == MAX_SIDE
+
+    missing = CliRunner().invoke(main, ["thumbs", "nope", "--data", data])
+    assert missing.exit_code == 1 and "no group 'nope'" in missing.output

@@ -249,6 +249,40 @@ def retag(data: Path | None, group: str, access_keys: tuple[str, ...]) -> None:
         service.close()
 
 
+@main.command()
+@data_option
+@click.argument("group")
+@click.option("--access-key", "access_keys", multiple=True, help="Only this key's group (repeatable).")
+def thumbs(data: Path | None, group: str, access_keys: tuple[str, ...]) -> None:
+    """Make the missing thumbnails of GROUP's images (the web page's pictures) from their stored URIs.
+
+    For images stored before thumbnails existed or while TUSOU_THUMBNAILS was false. Images added from data:
+    URIs have no stored copy and stay without one until added again. Prints one JSON line per access key
+    owning GROUP: made, had, no_uri, failed. Safe to run while the server runs, and to run again.
+    """
+    from tusou.service import build_service
+
+    settings = _settings(data=data)
+    _existing_keys(settings).close()  # the same clear error as the key commands outside a data folder
+    if not settings.thumbnails:
+        raise click.ClickException("thumbnails are turned off (TUSOU_THUMBNAILS=false)")
+    service = build_service(settings)
+    try:
+        tenants = list(access_keys) or [key.access_key for key in _keys(settings).list()]
+        owners = [t for t in tenants if group in service.store.list_groups(t)]
+        if not owners:
+            raise click.ClickException(f"no group {group!r} in {settings.data}")
+        for tenant in owners:
+
+            def progress(done: int, total: int, made: int, tenant: str = tenant) -> None:
+                click.echo(f"{tenant[:8]}…/{group}: {done}/{total} ({made} made)", err=True)
+
+            counts = service.make_missing_thumbnails(tenant, group, progress)
+            click.echo(json.dumps({"access_key": tenant, "group": group, **counts}))
+    finally:
+        service.close()
+
+
 # import, copy, groups, info, search (tusou/cli_data.py): clients of a running server.
 for command in DATA_COMMANDS:
     main.add_command(command)

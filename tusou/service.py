@@ -13,6 +13,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -362,6 +363,45 @@ class Service:
 
     def group_count(self, tenant: str, group: str) -> int:
         return self.store.count(tenant, group)
+
+    def make_missing_thumbnails(
+        self, tenant: str, group: str, progress: Callable[[int, int, int], None] | None = None
+    ) -> dict[str, int]:
+        """Thumbnails for a group's images that have none, from their stored URIs (``tusou thumbs``): images
+        stored before thumbnails existed, or while they were off. Only the picture is made (no embedding).
+
+        Returns counts: ``made``, ``had`` (already had one), ``no_uri`` (added from data URIs: tusou keeps no
+        copy of those, so they get a picture only when added again), ``failed`` (fetch or decode failed).
+        """
+        if self.thumbs is None:
+            raise QiniuError(400, "thumbnails are turned off (TUSOU_THUMBNAILS=false)")
+        thumbs = self.thumbs
+        total = self.store.count(tenant, group)
+        counts = {"made": 0, "had": 0, "no_uri": 0, "failed": 0}
+
+        def picture(uri: str) -> bytes | None:
+            try:
+                return make_thumbnail(self._load(tenant, uri))
+            except ImageError:
+                return None
+
+        marker = ""
+        while True:
+            page, marker = self.store.list_images(tenant, group, marker, 200)
+            have = thumbs.get(tenant, group, [info.id for info in page])
+            counts["had"] += len(have)
+            missing = [info for info in page if info.id not in have]
+            todo = [info for info in missing if info.uri]
+            counts["no_uri"] += len(missing) - len(todo)
+            with ThreadPoolExecutor(max_workers=8, thread_name_prefix="thumbs") as pool:
+                made = list(pool.map(picture, [info.uri or "" for info in todo]))
+            thumbs.put(tenant, group, [(i.id, jpeg) for i, jpeg in zip(todo, made, strict=True) if jpeg])
+            counts["made"] += sum(1 for jpeg in made if jpeg)
+            counts["failed"] += sum(1 for jpeg in made if not jpeg)
+            if progress is not None:
+                progress(sum(counts.values()), total, counts["made"])
+            if not marker:
+                return counts
 
     def retag(
         self, tenant: str, group: str, progress: Callable[[int, int, int], None] | None = None
