@@ -1,0 +1,167 @@
+"""Local-feature verification of search candidates, measured before it is built into the service.
+
+    python bench/verify.py [--eval-dir ~/.cache/tusou-eval] [--k 3] [--min-inliers 15]
+
+Reads the service-path results of ``bench/quality.py`` (``<eval-dir>/results/lite0/neardup.json``: each dev
+near-dup query's best gallery images with their scores) and checks the top ``k`` candidates scoring at
+least ``--low`` with ORB keypoints and a RANSAC similarity transform (OpenCV; ``pip install
+opencv-python-headless``). A candidate is *verified* when at least ``--min-inliers`` matches agree on one
+transform. Printed per edit kind, for the service as it is and for two rules:
+
+* **boost**: a verified candidate scores at least 0.85 (the near-duplicate band); others keep their score.
+* **boost + demote**: also, an unverified candidate in the ambiguous band [0.70, 0.85) drops below 0.70.
+
+Nothing here changes the service; it tells whether the rule is worth the keypoint data it would need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+try:
+    import cv2
+except ImportError:  # pragma: no cover
+    sys.exit("bench/verify.py needs OpenCV: pip install 'opencv-python-headless>=4.10,<5'")
+
+SIDE = 512  # images are resized so that their longer side is this many pixels (tiny queries upscaled)
+BAND = (0.70, 0.85)
+
+
+def features(path: Path, orb: Any) -> tuple[Any, Any]:
+    im = ImageOps.exif_transpose(Image.open(path)).convert("L")
+    scale = SIDE / max(im.size)
+    im = im.resize(
+        (max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BILINEAR
+    )
+    keypoints, desc = orb.detectAndCompute(np.asarray(im), None)
+    pts = np.float32([k.pt for k in keypoints]) if keypoints else np.zeros((0, 2), np.float32)
+    return pts, desc
+
+
+def inliers(a: tuple[Any, Any], b: tuple[Any, Any], matcher: Any, ratio: float) -> int:
+    (pa, da), (pb, db) = a, b
+    if da is None or db is None or len(da) < 2 or len(db) < 2:
+        return 0
+    good = [
+        m
+        for m, n in (p for p in matcher.knnMatch(da, db, k=2) if len(p) == 2)
+        if m.distance < ratio * n.distance
+    ]
+    if len(good) < 6:
+        return 0
+    src = pa[[m.queryIdx for m in good]]
+    dst = pb[[m.trainIdx for m in good]]
+    _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=6.0)
+    return int(mask.sum()) if mask is not None else 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--eval-dir", type=Path, default=Path("~/.cache/tusou-eval").expanduser())
+    ap.add_argument("--model", default="lite0")
+    ap.add_argument("--k", type=int, default=3, help="candidates verified per query")
+    ap.add_argument("--low", type=float, default=0.3, help="least score of a candidate worth verifying")
+    ap.add_argument("--min-inliers", type=int, nargs="+", default=[15, 25, 40])
+    ap.add_argument("--ratio", type=float, default=0.8, help="Lowe's ratio test")
+    ap.add_argument("--features", type=int, default=1000, help="ORB keypoints per query image")
+    ap.add_argument("--stored-features", type=int, default=0, help="ORB keypoints per gallery image")
+    args = ap.parse_args()
+    root = args.eval_dir.expanduser() / "out" / "neardup"
+    res_path = args.eval_dir.expanduser() / "results" / args.model / "neardup.json"
+    if not res_path.is_file():
+        sys.exit(f"{res_path} missing: run python bench/quality.py --model {args.model} --sets neardup first")
+    res: dict[str, list[list[Any]]] = json.loads(res_path.read_text())
+    gt: dict[str, list[str]] = json.loads((root / "gt.json").read_text())
+    queries = {m["id"]: m for m in json.loads((root / "queries.json").read_text())}
+    gallery = {m["id"]: m for m in json.loads((root / "gallery.json").read_text())}
+    orb = cv2.ORB_create(nfeatures=args.features)
+    # What the index would keep per stored image: fewer keypoints bound the data kept with each record.
+    orb_stored = cv2.ORB_create(nfeatures=args.stored_features or args.features)
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+    cache: dict[str, tuple[Any, Any]] = {}
+
+    def feats(image_id: str) -> tuple[Any, Any]:
+        if image_id not in cache:
+            meta = queries.get(image_id) or gallery[image_id]
+            cache[image_id] = features(root / meta["file"], orb if image_id in queries else orb_stored)
+        return cache[image_id]
+
+    t0 = time.perf_counter()
+    found: dict[str, dict[str, int]] = {}  # query -> candidate -> inliers
+    for qid, ents in res.items():
+        found[qid] = {
+            gid: inliers(feats(qid), feats(gid), matcher, args.ratio)
+            for gid, s in ents[: args.k]
+            if s >= args.low
+        }
+    dt = time.perf_counter() - t0
+    checks = sum(len(v) for v in found.values())
+    true_inl = np.array([n for q, c in found.items() for g, n in c.items() if g in gt.get(q, [])])
+    false_inl = np.array([n for q, c in found.items() for g, n in c.items() if g not in gt.get(q, [])])
+    print(
+        f"\n{checks} verifications ({1000 * dt / max(checks, 1):.1f} ms each incl. keypoints), k={args.k}, "
+        f"ratio {args.ratio}, ORB keypoints at {SIDE} px: {args.features} per query, "
+        f"{args.stored_features or args.features} per stored image\n"
+    )
+    for name, arr in (("true (query, original)", true_inl), ("wrong candidates", false_inl)):
+        qs = np.percentile(arr, [1, 5, 50, 95, 99]).round(1).tolist() if len(arr) else []
+        print(f"inliers, {name}: n={len(arr)} p1/p5/p50/p95/p99 {qs} max {arr.max() if len(arr) else '-'}")
+    for min_inliers in args.min_inliers:
+        report(res, gt, queries, found, min_inliers)
+
+
+def report(
+    res: dict[str, list[list[Any]]],
+    gt: dict[str, list[str]],
+    queries: dict[str, dict[str, Any]],
+    found: dict[str, dict[str, int]],
+    min_inliers: int,
+) -> None:
+    final: dict[str, dict[str, tuple[str, float] | None]] = {"service": {}, "boost": {}, "boost+demote": {}}
+    for qid, ents in res.items():
+        checked = found[qid]
+        final["service"][qid] = (ents[0][0], ents[0][1]) if ents else None
+        for rule in ("boost", "boost+demote"):
+            rescored = []
+            for gid, s in ents[: max(len(checked), 1)]:
+                if checked.get(gid, 0) >= min_inliers:
+                    s = max(s, BAND[1])
+                elif rule == "boost+demote" and gid in checked and BAND[0] <= s < BAND[1]:
+                    s = BAND[0] - 0.01
+                rescored.append((gid, s))
+            rescored.sort(key=lambda e: -e[1])  # stable: ties keep the service's order
+            final[rule][qid] = rescored[0] if rescored else None
+    edits = sorted({str(queries[q].get("edit")) for q in gt if gt[q]})
+    for t in BAND:
+        print(
+            f"\n| edit: correct accept at {t}, min inliers {min_inliers} | service | boost | boost + demote |"
+        )
+        print("|---|---|---|---|")
+        rows: dict[str, list[float]] = {}
+        for e in [*edits, "all"]:
+            qids = [q for q in gt if gt[q] and (e == "all" or str(queries[q].get("edit")) == e)]
+            rows[e] = []
+            for rule in final:
+                ok = [_accepts(final[rule][q], gt[q], t) for q in qids]
+                rows[e].append(float(np.mean(ok)))
+        for e, v in sorted(rows.items(), key=lambda kv: (kv[0] == "all", kv[1][0])):
+            print(f"| {e} | " + " | ".join(f"{x:.3f}" for x in v) + " |")
+        none = [q for q in gt if not gt[q]]
+        fa = [np.mean([bool(final[r][q]) and final[r][q][1] >= t for q in none]) for r in final]  # type: ignore[index]
+        print("| no-match queries passing (lower is better) | " + " | ".join(f"{x:.3f}" for x in fa) + " |")
+
+
+def _accepts(top: tuple[str, float] | None, relevant: list[str], t: float) -> bool:
+    return top is not None and top[0] in relevant and top[1] >= t
+
+
+if __name__ == "__main__":
+    main()
