@@ -125,6 +125,12 @@ class Settings(BaseSettings):
         default=4, description="Of heavy_threads, how many one access key may hold at once; its other "
         "new/add/search requests wait their turn without holding a thread.",
     )
+    verify: bool = Field(
+        default=False,
+        description="Check the best candidates of an image search with keypoints (ORB + RANSAC) and score a "
+        "verified copy at least 0.85; keeps ~40 KB of keypoints per stored image (docs/score.md). Needs "
+        "OpenCV (pip install 'tusou[verify]').",
+    )
     thumbnails: bool = Field(
         default=True,
         description="Keep a small JPEG (at most 128 px, 16 KB) per stored image for the web page "

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tusou import verify
 from tusou.batching import Batcher, FairPool
 from tusou.config import Settings
 from tusou.domain import (
@@ -76,6 +77,11 @@ class Service:
         self.budget = PixelBudget(settings.decode_max_pixels, settings.decode_wait_s)
         # Small pictures of stored images for the web page (tusou/thumbs.py); None when turned off.
         self.thumbs = ThumbStore(settings.data / "thumbs.db") if settings.thumbnails else None
+        # Keypoints per stored image for verification (tusou/verify.py), in a file of the thumbnails' format.
+        self.keypoints: ThumbStore | None = None
+        if settings.verify:
+            verify.check_available()
+            self.keypoints = ThumbStore(settings.data / "keypoints.db")
         cpus = os.cpu_count() or 1
         # Images of a new/add: downloads on their own threads, a few per tenant at once, so one tenant's
         # slow URLs hold only its own share; inline (data:) images on others, so they never wait behind
@@ -134,6 +140,8 @@ class Service:
         self._embed_queries.close()
         if self.thumbs is not None:
             self.thumbs.close()
+        if self.keypoints is not None:
+            self.keypoints.close()
         self.store.close()
 
     def health(self) -> None:
@@ -174,6 +182,7 @@ class Service:
         ready: list[tuple[int, NewItem, np.ndarray]] = []
         pictures: list[bytes | None] = []
         views: list[np.ndarray | None] = []
+        keypoints: list[bytes | None] = []
         for i, (item, loaded) in enumerate(zip(items, vectors, strict=True)):
             if isinstance(item, ItemError):
                 errors[i] = item
@@ -183,6 +192,7 @@ class Service:
                 ready.append((i, item, loaded[0]))
                 pictures.append(loaded[1])
                 views.append(loaded[2])
+                keypoints.append(loaded[3])
         # With tags on, each row is the vector followed by the class probabilities (_embed_tagged).
         dim = self.embedder.dim
         new_ids = [item.id if item.id is not None else uuid.uuid4().hex for _, item, _ in ready]
@@ -199,6 +209,7 @@ class Service:
                     keep.append(row)
             ready = [ready[row] for row in keep]
             pictures = [pictures[row] for row in keep]
+            keypoints = [keypoints[row] for row in keep]
             new_ids = [new_ids[row] for row in keep]
         tags = self.tags_for(np.stack([row for _, _, row in ready])) if self.tagging and ready else None
         new_images = [
@@ -215,16 +226,23 @@ class Service:
         results = commit(new_images)
         ids = [""] * len(items)
         stored: list[tuple[str, bytes]] = []
-        for (i, _, _), new_image, result, picture in zip(ready, new_images, results, pictures, strict=True):
+        stored_keypoints: list[tuple[str, bytes]] = []
+        for (i, _, _), new_image, result, picture, points in zip(
+            ready, new_images, results, pictures, keypoints, strict=True
+        ):
             if result is None:
                 ids[i] = new_image.id
                 if picture is not None:
                     stored.append((new_image.id, picture))
+                if points is not None:
+                    stored_keypoints.append((new_image.id, points))
             else:
                 errors[i] = result
         # After the images are stored: a crash between leaves an image without a picture, never the reverse.
         if self.thumbs is not None:
             self.thumbs.put(tenant, group, stored)
+        if self.keypoints is not None:
+            self.keypoints.put(tenant, group, stored_keypoints)
         return BatchResult(ids, errors, duplicates)
 
     def _duplicates(
@@ -293,13 +311,15 @@ class Service:
 
     def _vectors_and_pictures(
         self, tenant: str, uris: list[str | None], pictures: bool = True, queries: bool = False
-    ) -> list[tuple[np.ndarray, bytes | None, np.ndarray | None] | ImageError | None]:
+    ) -> list[tuple[np.ndarray, bytes | None, np.ndarray | None, bytes | None] | ImageError | None]:
         """One index vector per uri (None stays None), with its thumbnail when those are kept and wanted,
-        and its query views when ``queries`` (duplicate detection). Each image is embedded as soon as it is
-        decoded and dropped right after, so a request never holds its whole batch decoded."""
+        its query views when ``queries`` (duplicate detection), and its keypoints when those are kept and
+        pictures are wanted. Each image is embedded as soon as it is decoded and dropped right after, so a
+        request never holds its whole batch decoded."""
         keep = pictures and self.thumbs is not None
+        points = pictures and self.keypoints is not None
 
-        def one(uri: str) -> tuple[np.ndarray, bytes | None, np.ndarray | None] | ImageError:
+        def one(uri: str) -> tuple[np.ndarray, bytes | None, np.ndarray | None, bytes | None] | ImageError:
             try:
                 image = load_image(uri, self.fetcher, self.embedder.min_short, self.budget)
             except ImageError as exc:
@@ -307,7 +327,12 @@ class Service:
                 return exc
             vector: np.ndarray = self._embed_images([image], tenant)[0]
             views = self._embed_queries([image], tenant)[0] if queries else None
-            return vector, make_thumbnail(image) if keep else None, views
+            return (
+                vector,
+                make_thumbnail(image) if keep else None,
+                views,
+                verify.keypoints(image) if points else None,
+            )
 
         futures = [
             None if uri is None else (self._fetches if _is_url(uri) else self._decodes).submit(
@@ -317,10 +342,11 @@ class Service:
         ]
         return [None if future is None else future.result() for future in futures]
 
-    def _query_vectors(self, tenant: str, query: SearchQuery) -> np.ndarray:
-        """(v, dim): the views of the query image, or the stored image's vector as one view."""
+    def _query_vectors(self, tenant: str, query: SearchQuery) -> tuple[np.ndarray, bytes | None]:
+        """(v, dim): the views of the query image, or the stored image's vector as one view; and the query
+        image's keypoints when verification is on."""
         if query.by_id is not None:
-            return self.store.get_vector(tenant, query.by_id.group, query.by_id.id)[None, :]
+            return self.store.get_vector(tenant, query.by_id.group, query.by_id.id)[None, :], None
         if query.uri is None:
             raise QiniuError(406, "empty uri")
         pixels = query.box is not None and max(query.box) > 1
@@ -328,7 +354,7 @@ class Service:
         if query.box is not None:
             image = _crop(image, query.box, pixels)
         queries: np.ndarray = self._embed_queries([image], tenant)[0]
-        return queries
+        return queries, verify.keypoints(image) if self.keypoints is not None else None
 
     def totals(self) -> tuple[int, int]:
         """Groups and images in the store, all tenants together (for /metrics)."""
@@ -338,11 +364,15 @@ class Service:
         # Pictures first (none for an unknown group): a crash between leaves images without pictures only.
         if self.thumbs is not None:
             self.thumbs.drop_group(tenant, group)
+        if self.keypoints is not None:
+            self.keypoints.drop_group(tenant, group)
         self.store.remove_group(tenant, group)
 
     def delete_images(self, tenant: str, request: DeleteImages) -> int:
         if self.thumbs is not None:
             self.thumbs.delete(tenant, request.group, request.ids)
+        if self.keypoints is not None:
+            self.keypoints.delete(tenant, request.group, request.ids)
         return self.store.delete_images(tenant, request.group, request.ids)
 
     def thumbnails(self, tenant: str, request: DeleteImages) -> dict[str, bytes]:
@@ -510,7 +540,7 @@ class Service:
             else max(query.threshold, self.default_threshold)
         )
         try:
-            queries = self._query_vectors(tenant, query)
+            queries, query_points = self._query_vectors(tenant, query)
         except QiniuError:
             # A missing searched group is the answer even when the query image is bad too (as before the
             # check moved into the search); only this failure path pays for a separate check.
@@ -529,7 +559,7 @@ class Service:
         if wanted:
             hits = [hit for hit in hits if hit.label in wanted][: query.limit]
         scores = self.embedder.score(np.asarray([hit.cosine for hit in hits], dtype=np.float32))
-        return [
+        matches = [
             Match(
                 hit.group,
                 hit.id,
@@ -543,6 +573,43 @@ class Service:
             # The inverse map is approximate at the boundary; the score decides.
             if score >= floor
         ]
+        if query_points is not None:
+            matches = self._verified(tenant, query, queries, query_points, matches, floor)
+        return matches
+
+    def _verified(
+        self,
+        tenant: str,
+        query: SearchQuery,
+        queries: np.ndarray,
+        query_points: bytes,
+        matches: list[Match],
+        floor: float,
+    ) -> list[Match]:
+        """``matches`` after verification (tusou/verify.py): the best few candidates scoring at least
+        ``verify.LOW`` whose keypoints agree with the query's score at least ``verify.VERIFIED``."""
+        assert self.keypoints is not None
+        low = self.embedder.cosine_for_score(verify.LOW)
+        extra = () if query.where is None else (query.where,)
+        wanted = query.labels
+        limit = -1 if wanted else verify.CANDIDATES
+        candidates = self.store.search(tenant, query.groups, queries, limit, low, *extra)
+        if wanted:
+            candidates = [hit for hit in candidates if hit.label in wanted][: verify.CANDIDATES]
+        scores = self.embedder.score(np.asarray([hit.cosine for hit in candidates], dtype=np.float32))
+        best = {(m.group, m.id): m for m in matches}
+        for hit, score in zip(candidates, scores.tolist(), strict=True):
+            if score >= verify.VERIFIED:
+                continue
+            stored = self.keypoints.get(tenant, hit.group, [hit.id]).get(hit.id)
+            if stored is None or not verify.verified(query_points, stored):
+                continue
+            tags = (hit.tags or []) if query.with_tags else None
+            best[(hit.group, hit.id)] = Match(
+                hit.group, hit.id, hit.label, hit.desc, hit.uri or None, verify.VERIFIED, tags
+            )
+        ranked = sorted(best.values(), key=lambda m: -m.score)  # stable: ties keep the search's order
+        return [m for m in ranked if m.score >= floor][: query.limit]
 
     def search_text(self, tenant: str, query: SearchQuery) -> list[Match]:
         """Keyword search (beyond Qiniu): images whose automatic tags give the word's concepts at least
