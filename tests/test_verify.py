@@ -12,6 +12,7 @@ from tests.conftest import QiniuClient, Tusou, data_uri, jpeg
 from tusou.config import Settings
 from tusou.embed.base import Embedder
 
+
 def combo(image: Image.Image) -> str:
     """The dev set's hardest edit: crop, downscale to ~150 px, brighten, caption, JPEG quality 30."""
     w, h = image.size
