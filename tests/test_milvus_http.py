@@ -168,12 +168,15 @@ def test_two_apps_serve_the_same_groups(
 
 
 def test_two_tusou_processes_on_one_milvus(milvus_server, tmp_path: Path, photos: list[Image.Image]) -> None:
-    """Two real `tusou serve` processes (TUSOU_STORE=milvus) sharing one Milvus and one data folder."""
+    """Two real `tusou serve` processes (TUSOU_STORE=milvus) sharing one Milvus and one data folder, with
+    Strong reads: a write through one is visible to the very next read through the other. (Under the
+    default Session level that holds within the bound tests/test_milvus_consistency.py measures.)"""
     from tests.conftest import free_port
     from tests.test_restart import ServeProcess
 
     env = {
         "TUSOU_STORE": "milvus",
+        "TUSOU_MILVUS_CONSISTENCY": "Strong",
         "TUSOU_MILVUS_URI": milvus_server.uri,
         "TUSOU_MILVUS_COLLECTION": "procs_" + uuid.uuid4().hex[:8],
     }

@@ -35,7 +35,11 @@ class Settings(BaseSettings):
     milvus_password: str | None = None
     milvus_collection: str = Field(default="tusou_images", description="Collection name (prefix) in Milvus.")
     milvus_consistency: str = Field(
-        default="Strong", description="Read consistency; Strong gives read-your-writes (docs/scale.md)."
+        default="Session",
+        description=(
+            "Read consistency: Session (read-your-writes per process, other processes' writes within the "
+            "bound in docs/scale.md) or Strong (every read waits for every process's writes)."
+        ),
     )
 
     # --- model ---

@@ -28,12 +28,16 @@ Choices, and why:
   of its ids deletes its own row and reports "id already exists". Of two racing writers the one checking
   last always sees the other, so a duplicate never survives (at worst both lose). The same rule settles
   two processes creating one group at once.
-* **Read-your-writes.** Reads use ``consistency`` (default ``Strong``): every read waits until Milvus has
-  applied all writes acknowledged before it, whichever tusou process made them. The cost is a wait of up
-  to about two ``proxy.timeTickInterval`` (200 ms by default; see docs/scale.md). Reads that an operation
-  needs together (group check and data) run in parallel so one call pays that wait once; a search checks
-  its groups in the same round (tests/test_milvus_rounds.py counts the reads). ``Session``
-  gives read-your-writes only within one process and costs nothing; use it for a single tusou process.
+* **Read-your-writes.** Reads use ``consistency`` (default ``Session``): pymilvus passes the timestamp of
+  this process's last write to the collection as the read's guarantee timestamp, so a write this process
+  acknowledged is visible to its next read, and a read with no write of its own pending waits for nothing.
+  Writes of other processes become visible as soon as the query node has consumed them (about one
+  ``proxy.timeTickInterval``; docs/scale.md gives the measured bound). Strong only where a request needs
+  to see other processes' writes: the checks that settle races between writers (a group created twice,
+  an id added twice), and a group that a non-Strong read did not find is looked up again with Strong
+  before "not exists" is answered. ``Strong`` makes every read wait for every process's writes (up to
+  about two time ticks). Reads that an operation needs together (group check and data) run in parallel;
+  a search checks its groups in the same round (tests/test_milvus_rounds.py counts the reads).
 * **Durability.** A write is acknowledged once Milvus has accepted it into its log (rocksmq in standalone,
   Pulsar/Kafka in a cluster), from which it replays after a crash; tusou never calls ``flush`` per request
   (that seals tiny segments and is rate-limited). Milvus persists segments on its own schedule.
@@ -83,6 +87,11 @@ _RADIUS_SLACK = 1e-4
 _EPOCH_US = 1_704_067_200_000_000  # 2024-01-01, so the microsecond count fits in 51 bits for 70 years
 _REGISTRY_DIM = 2
 _META_SEQ = 0  # real sequence numbers are far above 0
+
+# Per process, per (server uri, collection): a server timestamp taken after this process's last write (-1:
+# the server gives none, read with Strong). A Session read waits for it (see MilvusStore._wrote).
+_WRITTEN: dict[tuple[str, str], int] = {}
+_WRITTEN_LOCK = threading.Lock()
 
 # Byte limits of the VARCHAR fields; the service's own limits are lower in characters, these are in bytes.
 _MAX = {
@@ -213,7 +222,7 @@ class MilvusStore(Store):
         token: str | None = None,
         user: str | None = None,
         password: str | None = None,
-        consistency: str = "Strong",
+        consistency: str = "Session",
         num_partitions: int = 64,
     ) -> None:
         from pymilvus import MilvusClient  # lazy: the embedded default does not need pymilvus
@@ -322,6 +331,7 @@ class MilvusStore(Store):
         meta = json.dumps({"model_id": model_id, "dim": self.dim, "marker_key": key})
         row = {"seq": _META_SEQ, "gkey": "meta", "tkey": "meta", "tenant": "", "grp": meta}
         self.client.upsert(self.groups, [{**row, "vec": [0.0] * _REGISTRY_DIM}])
+        self._wrote(self.groups)
         # Processes creating the collection at once each wrote a key: all adopt the one that stayed.
         self._markers = MarkerCodec(bytes.fromhex(self._meta().get("marker_key") or key))
 
@@ -354,21 +364,76 @@ class MilvusStore(Store):
         # Empty: like the embedded store, a new model may take it over (the schema carries the dim).
         self.client.drop_collection(self.images)
 
+    # --- read-your-writes ----------------------------------------------------------------------------
+    def _insert_rows(self, collection: str, rows: list[dict]) -> None:
+        self.client.insert(collection, rows)
+        self._wrote(collection)
+
+    def _delete_where(self, collection: str, flt: str) -> None:
+        self.client.delete(collection, filter=flt)
+        self._wrote(collection)
+
+    def _wrote(self, collection: str) -> None:
+        """Record a timestamp at or after this process's write, for its later reads to wait for.
+
+        Milvus 2.3 returns no timestamp for a delete by expression (pymilvus's own Session level therefore
+        misses deletes), so the store takes a fresh one from the server's timestamp oracle once the write
+        is acknowledged: it is later than the write. Where the server cannot give one, reads of the
+        collection fall back to Strong.
+        """
+        key = (self.uri, collection)
+        if self.consistency != "Session" or _WRITTEN.get(key) == -1:
+            return
+        try:
+            ts = int(self.client._get_connection().alloc_timestamp())
+        except Exception:  # noqa: BLE001 (no oracle: Strong reads are still correct)
+            ts = 0
+        with _WRITTEN_LOCK:
+            if ts <= 0:
+                _WRITTEN[key] = -1
+            elif _WRITTEN.get(key, 0) >= 0:
+                _WRITTEN[key] = max(_WRITTEN.get(key, 0), ts)
+
+    def _read_level(self, collection: str, consistency: str | None = None) -> dict[str, Any]:
+        """The consistency arguments of a read: ``Session`` waits for this process's last write to the
+        collection (a guarantee timestamp, sent as Milvus's Customized level), other levels as named."""
+        level = consistency or self.consistency
+        if level != "Session":
+            return {"consistency_level": level}
+        with _WRITTEN_LOCK:
+            ts = _WRITTEN.get((self.uri, collection), 0)
+        if ts < 0:
+            return {"consistency_level": "Strong"}
+        # 1 is Milvus's "eventually" timestamp: no write of this process to wait for.
+        return {"consistency_level": "Customized", "guarantee_timestamp": ts or 1}
+
     # --- small helpers -------------------------------------------------------------------------------
-    def _query(self, collection: str, flt: str, fields: list[str], limit: int | None = None) -> list[dict]:
-        kwargs: dict[str, Any] = {"consistency_level": self.consistency}
+    def _query(
+        self,
+        collection: str,
+        flt: str,
+        fields: list[str],
+        limit: int | None = None,
+        consistency: str | None = None,
+    ) -> list[dict]:
+        kwargs = self._read_level(collection, consistency)
         if limit is not None:
             kwargs["limit"] = limit
         return list(self.client.query(collection, filter=flt, output_fields=fields, **kwargs))
 
-    def _registry_rows(self, tenant: str, group: str) -> list[dict]:
-        rows = self._query(self.groups, f'gkey == "{_key(tenant, group)}"', ["seq", "tenant", "grp"])
+    def _registry_rows(self, tenant: str, group: str, consistency: str | None = None) -> list[dict]:
+        flt = f'gkey == "{_key(tenant, group)}"'
+        rows = self._query(self.groups, flt, ["seq", "tenant", "grp"], consistency=consistency)
         return sorted(
             (r for r in rows if r["tenant"] == tenant and r["grp"] == group), key=lambda r: r["seq"]
         )
 
-    def _group_seq(self, tenant: str, group: str) -> int | None:
-        rows = self._registry_rows(tenant, group)
+    def _group_seq(self, tenant: str, group: str, consistency: str | None = None) -> int | None:
+        rows = self._registry_rows(tenant, group, consistency)
+        if not rows and self._read_level(self.groups, consistency)["consistency_level"] != "Strong":
+            # Not seen at this level: another process may have just created it. "Not exists" is only
+            # answered after a Strong look (a rare, failure-path round).
+            rows = self._registry_rows(tenant, group, "Strong")
         return rows[0]["seq"] if rows else None
 
     def _require(self, tenant: str, group: str) -> int:
@@ -388,7 +453,14 @@ class MilvusStore(Store):
         rows = self._query(self.images, f'gkey == "{gkey}"', ["count(*)"])
         return int(rows[0]["count(*)"]) if rows else 0
 
-    def _rows_by_ids(self, tenant: str, group: str, ids: Sequence[str], fields: list[str]) -> list[dict]:
+    def _rows_by_ids(
+        self,
+        tenant: str,
+        group: str,
+        ids: Sequence[str],
+        fields: list[str],
+        consistency: str | None = None,
+    ) -> list[dict]:
         gkey = _key(tenant, group)
         wanted = set(ids)
         rows: list[dict] = []
@@ -396,7 +468,8 @@ class MilvusStore(Store):
         for start in range(0, len(unique), _IN_CHUNK):
             keys = [_key(i) for i in unique[start : start + _IN_CHUNK]]
             flt = f'gkey == "{gkey}" and {_in("ikey", keys)}'
-            rows += self._query(self.images, flt, list({"seq", "tenant", "grp", "image_id", *fields}))
+            wanted_fields = list({"seq", "tenant", "grp", "image_id", *fields})
+            rows += self._query(self.images, flt, wanted_fields, consistency=consistency)
         return [r for r in rows if r["tenant"] == tenant and r["grp"] == group and r["image_id"] in wanted]
 
     def _delete_seqs(self, collection: str, seqs: Sequence[int], gkey: str | None = None) -> None:
@@ -404,18 +477,18 @@ class MilvusStore(Store):
         # processes that drew the same tag must not be able to delete each other's rows in other groups.
         scope = f'gkey == "{gkey}" and ' if gkey else ""
         for start in range(0, len(seqs), _IN_CHUNK):
-            self.client.delete(collection, filter=scope + _in("seq", list(seqs[start : start + _IN_CHUNK])))
+            self._delete_where(collection, scope + _in("seq", list(seqs[start : start + _IN_CHUNK])))
 
     # --- groups --------------------------------------------------------------------------------------
     def create_group(self, tenant: str, group: str, images: Sequence[NewImage]) -> list[ItemError | None]:
         gkey = _key(tenant, group)
         with self._write_lock:
-            if self._group_seq(tenant, group) is not None:
+            if self._group_seq(tenant, group, "Strong") is not None:
                 raise GroupExists(group)
             (seq,) = self._seqs.take(1)
             row = {"seq": seq, "gkey": gkey, "tkey": _key(tenant), "tenant": tenant, "grp": group}
-            self.client.insert(self.groups, [{**row, "vec": [0.0] * _REGISTRY_DIM}])
-            rows = self._registry_rows(tenant, group)
+            self._insert_rows(self.groups, [{**row, "vec": [0.0] * _REGISTRY_DIM}])
+            rows = self._registry_rows(tenant, group, "Strong")
             if any(r["seq"] != seq for r in rows):
                 # Another process registered it at the same time: of two racing creators the later
                 # checker always sees the other, so yielding here never leaves two registrations.
@@ -423,7 +496,7 @@ class MilvusStore(Store):
                 raise GroupExists(group)
             # Rows left by a removal that a crash interrupted must not reappear in the new group. Only
             # rows older than the registration: images added since (by other processes) are newer.
-            self.client.delete(self.images, filter=f'gkey == "{gkey}" and seq < {seq}')
+            self._delete_where(self.images, f'gkey == "{gkey}" and seq < {seq}')
             return self._insert(tenant, group, seq, 0, set(), images)
 
     def add_images(self, tenant: str, group: str, images: Sequence[NewImage]) -> list[ItemError | None]:
@@ -484,7 +557,7 @@ class MilvusStore(Store):
         for row, seq in zip(rows, self._seqs.take(len(rows)), strict=True):
             row["seq"] = seq
         for start in range(0, len(rows), _INSERT_CHUNK):
-            self.client.insert(self.images, rows[start : start + _INSERT_CHUNK])
+            self._insert_rows(self.images, rows[start : start + _INSERT_CHUNK])
         self._settle(tenant, group, group_seq, rows, images, results)
         return results
 
@@ -499,8 +572,9 @@ class MilvusStore(Store):
     ) -> None:
         """After inserting: yield ids another process took meanwhile; undo if the group went away."""
         mine = {row["image_id"]: row["seq"] for row in rows}
-        registry = self._pool.submit(self._group_seq, tenant, group)
-        found = self._rows_by_ids(tenant, group, list(mine), [])
+        # Strong: these checks must see what other processes wrote meanwhile.
+        registry = self._pool.submit(self._group_seq, tenant, group, "Strong")
+        found = self._rows_by_ids(tenant, group, list(mine), [], "Strong")
         if registry.result() != group_seq:
             # Removed (or removed and recreated) while we wrote: these rows belong to no group.
             self._delete_seqs(self.images, list(mine.values()), _key(tenant, group))
@@ -516,15 +590,15 @@ class MilvusStore(Store):
     def remove_group(self, tenant: str, group: str) -> None:
         gkey = _key(tenant, group)
         with self._write_lock:
-            rows = self._registry_rows(tenant, group)
+            rows = self._registry_rows(tenant, group, "Strong")
             if not rows:
                 raise GroupNotFound(group)
             # Images first: a crash part-way leaves a group that still exists and can be removed again.
-            self.client.delete(self.images, filter=f'gkey == "{gkey}"')
+            self._delete_where(self.images, f'gkey == "{gkey}"')
             self._delete_seqs(self.groups, [r["seq"] for r in rows])
             # A concurrent add that passed its group check before the registry row went is swept here;
             # one that checks after finds the group gone and undoes itself (see _settle).
-            self.client.delete(self.images, filter=f'gkey == "{gkey}"')
+            self._delete_where(self.images, f'gkey == "{gkey}"')
 
     def delete_images(self, tenant: str, group: str, ids: Sequence[str]) -> int:
         with self._write_lock:
@@ -573,6 +647,9 @@ class MilvusStore(Store):
 
     def _image_row(self, tenant: str, group: str, image_id: str, fields: list[str]) -> dict:
         rows = self._with_group(tenant, group, lambda: self._rows_by_ids(tenant, group, [image_id], fields))
+        if not rows and self._read_level(self.images)["consistency_level"] != "Strong":
+            # As for groups: "not found" only after a Strong look (another process may have just added it).
+            rows = self._rows_by_ids(tenant, group, [image_id], fields, "Strong")
         if not rows:
             raise ImageNotFound(image_id)
         return min(rows, key=lambda r: r["seq"])
@@ -605,7 +682,7 @@ class MilvusStore(Store):
             # 2.3's own upsert lost the row on a partition-key collection (tests/test_store_contract.py).
             # Not atomic: a process killed between the two calls loses this image (docs/scale.md).
             self._delete_seqs(self.images, [row["seq"]], row["gkey"])
-            self.client.insert(self.images, [row])
+            self._insert_rows(self.images, [row])
         return ImageInfo(
             row["image_id"], row["label"], _load_desc(row["desc"]), row["uri"] or None, _load_tags(row)
         )
@@ -624,7 +701,7 @@ class MilvusStore(Store):
                 row["vec"] = np.asarray(row["vec"], dtype=np.float32)
                 # As update_image: delete, then insert under the same primary key.
                 self._delete_seqs(self.images, [row["seq"]], row["gkey"])
-                self.client.insert(self.images, [row])
+                self._insert_rows(self.images, [row])
                 n += 1
         return n
 
@@ -801,7 +878,7 @@ class MilvusStore(Store):
             output_fields=self._fields,
             search_params=params,
             anns_field="vec",
-            consistency_level=self.consistency,
+            **self._read_level(self.images),
         )
         return [(float(hit["distance"]), hit["entity"]) for hit in result[0]]
 

@@ -1,0 +1,123 @@
+"""Reads after writes on a real Milvus server under the default Session consistency.
+
+* Within one process: every write is visible to the next read, every time (no settling time, no retry):
+  add, then search / list / get / count, alternating many times.
+* Across processes: a second Python process writes; this one polls with Session reads and records how long
+  each acknowledged write took to become visible here (printed; docs/scale.md states the bound). The
+  test fails only if a write never shows up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.test_store_contract import DIM, unit
+from tusou.store.base import NewImage
+
+pytest_plugins = ["tests.store_backends"]
+
+COLLECTION = "tusou_session"
+
+
+@pytest.fixture(scope="module")
+def session_store(milvus_server: Any) -> Iterator[Any]:
+    from tusou.store.milvus import MilvusStore
+
+    store = MilvusStore(milvus_server.uri, collection=COLLECTION, model_id="m", dim=DIM)
+    assert store.consistency == "Session"  # the default
+    yield store
+    store.close()
+
+
+def test_a_process_reads_its_own_writes_every_time(session_store: Any) -> None:
+    s, t = session_store, "t-" + uuid.uuid4().hex[:12]
+    rng = np.random.default_rng(21)
+    s.create_group(t, "own", [])
+    vectors = unit(rng, 60)
+    for i, vec in enumerate(vectors):
+        assert s.add_images(t, "own", [NewImage(f"x{i}", f"l{i}", {"i": i}, None, vec)]) == [None]
+        assert [h.id for h in s.search(t, ["own"], vec[None, :], 1, 0.99)] == [f"x{i}"]
+        assert s.get_image(t, "own", f"x{i}").desc == {"i": i}
+        assert s.count(t, "own") == i + 1
+        infos, _ = s.list_images(t, "own", "", 1000)
+        assert [info.id for info in infos] == [f"x{j}" for j in range(i + 1)]
+        if i % 3 == 0:
+            assert s.update_image(t, "own", f"x{i}", label="new").label == "new"
+            assert s.get_image(t, "own", f"x{i}").label == "new"
+        if i % 5 == 4:
+            assert s.delete_images(t, "own", [f"x{i}"]) == 1
+            assert s.search(t, ["own"], vec[None, :], 1, 0.99) == []
+            assert s.add_images(t, "own", [NewImage(f"x{i}", f"l{i}", {"i": i}, None, vec)]) == [None]
+            assert [h.id for h in s.search(t, ["own"], vec[None, :], 1, 0.99)] == [f"x{i}"]
+    s.remove_group(t, "own")
+    assert "own" not in s.list_groups(t)
+
+
+WRITER = textwrap.dedent(
+    """
+    import json, sys, time
+    import numpy as np
+    from tusou.store.milvus import MilvusStore
+    from tusou.store.base import NewImage
+
+    uri, collection, tenant, dim, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    store = MilvusStore(uri, collection=collection, model_id="m", dim=dim)
+    rng = np.random.default_rng(5)
+    for i in range(n):
+        vec = rng.standard_normal(dim).astype(np.float32)
+        vec /= np.linalg.norm(vec)
+        assert store.add_images(tenant, "x", [NewImage(f"w{i}", "", None, None, vec)]) == [None]
+        print(json.dumps({"i": i, "acked": time.time(), "vec": vec.tolist()}), flush=True)
+        sys.stdin.readline()  # the reader has seen it: write the next
+    store.close()
+    """
+)
+
+
+def test_another_process_sees_writes_within_the_bound(session_store: Any, milvus_server: Any) -> None:
+    s, t = session_store, "t-" + uuid.uuid4().hex[:12]
+    s.create_group(t, "x", [])
+    n = 20
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, milvus_server.uri, COLLECTION, t, str(DIM), str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert writer.stdin is not None and writer.stdout is not None
+    lags: list[float] = []
+    try:
+        for _ in range(n):
+            line = json.loads(writer.stdout.readline())
+            query = np.asarray(line["vec"], dtype=np.float32)[None, :]
+            polls = 0
+            while [h.id for h in s.search(t, ["x"], query, 1, 0.99)] != [f"w{line['i']}"]:
+                polls += 1
+                assert polls < 3000, f"write w{line['i']} of another process never became visible"
+                time.sleep(0.002)
+            lags.append((time.time() - line["acked"]) * 1000)
+            writer.stdin.write("\n")
+            writer.stdin.flush()
+        assert writer.wait(timeout=60) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    lags.sort()
+    print(
+        f"\n[milvus session] another process's write visible after: p50 {lags[len(lags) // 2]:.0f} ms, "
+        f"max {lags[-1]:.0f} ms over {n} writes (proxy.timeTickInterval of the test server: 20 ms)"
+    )
