@@ -72,7 +72,8 @@ WRITER = textwrap.dedent(
     from tusou.store.milvus import MilvusStore
     from tusou.store.base import NewImage
 
-    uri, collection, tenant, dim, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    uri, collection, tenant = sys.argv[1:4]
+    dim, n = int(sys.argv[4]), int(sys.argv[5])
     store = MilvusStore(uri, collection=collection, model_id="m", dim=dim)
     rng = np.random.default_rng(5)
     for i in range(n):
