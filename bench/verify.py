@@ -73,6 +73,10 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.8, help="Lowe's ratio test")
     ap.add_argument("--features", type=int, default=1000, help="ORB keypoints per query image")
     ap.add_argument("--stored-features", type=int, default=0, help="ORB keypoints per gallery image")
+    ap.add_argument(
+        "--service", action="store_true", help="run tusou/verify.py itself with its settings (and time it)"
+    )
+    ap.add_argument("--min-short", type=int, default=256, help="with --service: lite0's resize_short")
     args = ap.parse_args()
     root = args.eval_dir.expanduser() / "out" / "neardup"
     res_path = args.eval_dir.expanduser() / "results" / args.model / "neardup.json"
@@ -94,15 +98,49 @@ def main() -> None:
             cache[image_id] = features(root / meta["file"], orb if image_id in queries else orb_stored)
         return cache[image_id]
 
+    if args.service:
+        # The service's own code (tusou/verify.py) on images decoded as the service decodes uploads.
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tusou import verify
+        from tusou.images import decode_image
+
+        packed: dict[str, bytes] = {}
+        spent = {"keypoints": 0.0, "match": 0.0}
+
+        def packed_of(image_id: str) -> bytes:
+            if image_id not in packed:
+                meta = queries.get(image_id) or gallery[image_id]
+                image = decode_image((root / meta["file"]).read_bytes(), args.min_short)
+                start = time.perf_counter()
+                packed[image_id] = verify.keypoints(image)
+                spent["keypoints"] += time.perf_counter() - start
+            return packed[image_id]
+
+        def check(qid: str, gid: str) -> int:
+            a, b = packed_of(qid), packed_of(gid)
+            start = time.perf_counter()
+            n = verify.inliers(a, b)
+            spent["match"] += time.perf_counter() - start
+            return n
+
+        args.k, args.low, args.min_inliers = verify.CANDIDATES, verify.LOW, [verify.MIN_INLIERS]
+    else:
+
+        def check(qid: str, gid: str) -> int:
+            return inliers(feats(qid), feats(gid), matcher, args.ratio)
+
     t0 = time.perf_counter()
     found: dict[str, dict[str, int]] = {}  # query -> candidate -> inliers
     for qid, ents in res.items():
-        found[qid] = {
-            gid: inliers(feats(qid), feats(gid), matcher, args.ratio)
-            for gid, s in ents[: args.k]
-            if s >= args.low
-        }
+        found[qid] = {gid: check(qid, gid) for gid, s in ents[: args.k] if s >= args.low}
     dt = time.perf_counter() - t0
+    if args.service:
+        n_images, n_checks = len(packed), sum(len(v) for v in found.values())
+        print(
+            f"service code: keypoints {1000 * spent['keypoints'] / max(n_images, 1):.1f} ms per image "
+            f"({n_images} images), matching + RANSAC {1000 * spent['match'] / max(n_checks, 1):.1f} ms "
+            f"per candidate ({n_checks})"
+        )
     checks = sum(len(v) for v in found.values())
     true_inl = np.array([n for q, c in found.items() for g, n in c.items() if g in gt.get(q, [])])
     false_inl = np.array([n for q, c in found.items() for g, n in c.items() if g not in gt.get(q, [])])
@@ -157,6 +195,12 @@ def report(
         none = [q for q in gt if not gt[q]]
         fa = [np.mean([bool(final[r][q]) and final[r][q][1] >= t for q in none]) for r in final]  # type: ignore[index]
         print("| no-match queries passing (lower is better) | " + " | ".join(f"{x:.3f}" for x in fa) + " |")
+        # Precision of what passes (= duplicate detection on add at this threshold): right top hit / passing.
+        prec = []
+        for r in final:
+            passing = [q for q in gt if final[r][q] is not None and final[r][q][1] >= t]  # type: ignore[index]
+            prec.append(np.mean([_accepts(final[r][q], gt[q], t) for q in passing]) if passing else 1.0)
+        print("| precision of passing top hits | " + " | ".join(f"{x:.3f}" for x in prec) + " |")
 
 
 def _accepts(top: tuple[str, float] | None, relevant: list[str], t: float) -> bool:

@@ -90,3 +90,21 @@ def test_keypoints_follow_the_images(verified: Tusou, photos: list[Image.Image])
     assert points.count(tenant, "g") == 2
     assert client.post("/v1/image/group/g/remove").status_code == 200
     assert points.count(tenant, "g") == 0
+
+
+def test_duplicate_detection_on_add_uses_verification(
+    verified: Tusou, client: QiniuClient, photos: list[Image.Image]
+) -> None:
+    keep = [i for i in range(len(photos)) if i != 10]
+    checked = verified.client("v")
+    for api in (client, checked):
+        new_group(api, photos, keep)
+    copies = [{"uri": combo(photos[i]), "attribute": {"id": f"copy{i}"}} for i in HARD]
+    copies.append({"uri": combo(photos[10]), "attribute": {"id": "new10"}})  # its original is not stored
+    body = {"data": copies, "params": {"duplicates": "refuse"}}
+    plain = client.post("/v1/image/group/g/add", body).json()
+    assert plain["duplicates"] == [None] * 4 and plain["images"] == ["copy8", "copy9", "copy11", "new10"]
+    out = checked.post("/v1/image/group/g/add", body).json()
+    assert out["duplicates"] == [{"id": f"p{i}", "score": 0.85} for i in HARD] + [None]
+    assert out["images"] == ["", "", "", "new10"]
+    assert out["errors"][:3] == [{"code": 409, "message": f"near-duplicate of image p{i}"} for i in HARD]

@@ -199,7 +199,7 @@ class Service:
         duplicates: list[Duplicate | None] | None = None
         if request.duplicates is not None:
             duplicates = [None] * len(items)
-            found = self._duplicates(tenant, request, in_group, ready, new_ids, views)
+            found = self._duplicates(tenant, request, in_group, ready, new_ids, views, keypoints)
             keep = []
             for row, ((i, _, _), dup) in enumerate(zip(ready, found, strict=True)):
                 duplicates[i] = dup
@@ -253,10 +253,12 @@ class Service:
         ready: list[tuple[int, NewItem, np.ndarray]],
         ids: list[str],
         views: list[np.ndarray | None],
+        keypoints: list[bytes | None],
     ) -> list[Duplicate | None]:
         """Each ready image's best near-duplicate: the group's best hit for its query views (exactly what a
-        search with it would score), or an earlier image of the same request that is being stored, if that
-        scores higher. With "refuse", a refused image is no candidate for later ones (its duplicate is)."""
+        search with it would score, verification included when it is on), or an earlier image of the same
+        request that is being stored, if that scores higher. With "refuse", a refused image is no candidate
+        for later ones (its duplicate is)."""
         floor = max(
             request.duplicate_threshold if request.duplicate_threshold is not None else DUPLICATE_THRESHOLD,
             self.default_threshold,
@@ -265,7 +267,7 @@ class Service:
         dim = self.embedder.dim
         earlier: list[tuple[str, np.ndarray]] = []
         found: list[Duplicate | None] = []
-        for (_, _, vector), image_id, query in zip(ready, ids, views, strict=True):
+        for (_, _, vector), image_id, query, points in zip(ready, ids, views, keypoints, strict=True):
             assert query is not None
             best: tuple[str, float] | None = None
             if in_group:
@@ -280,6 +282,10 @@ class Service:
             score = -1.0
             if best is not None:
                 score = float(self.embedder.score(np.asarray([best[1]], dtype=np.float32))[0])
+            if score < floor <= verify.VERIFIED and in_group and points is not None:
+                copy = self._verified_candidate(tenant, request.group, query, points)
+                if copy is not None:
+                    best, score = (copy, 0.0), verify.VERIFIED
             if best is not None and score >= floor:
                 found.append(Duplicate(best[0], score))
                 if request.duplicates == "refuse":
@@ -288,6 +294,16 @@ class Service:
                 found.append(None)
             earlier.append((image_id, np.ascontiguousarray(vector[:dim])))
         return found
+
+    def _verified_candidate(self, tenant: str, group: str, query: np.ndarray, points: bytes) -> str | None:
+        """The id of the first of the group's best candidates (tusou/verify.py) whose keypoints agree."""
+        assert self.keypoints is not None
+        low = self.embedder.cosine_for_score(verify.LOW)
+        for hit in self.store.search(tenant, [group], query, verify.CANDIDATES, low):
+            stored = self.keypoints.get(tenant, group, [hit.id]).get(hit.id)
+            if stored is not None and verify.verified(points, stored):
+                return hit.id
+        return None
 
     def _load(self, tenant: str, uri: str, full_size: bool = False) -> Image.Image:
         """A uri -> RGB image shrunk to what the model needs (``full_size``: not shrunk), decoded inside the
