@@ -172,7 +172,6 @@ def test_manifest_with_bad_rows(api: Client, tmp_path: Path, image_server: Image
     assert api.count("m") == 3
     assert (api.get_image("m", "a").label, api.get_image("m", "a").desc) == ("palace", {"n": 1})
 
-    # The same rows as CSV on stdin: the three good ones are skipped now, the bad ones fail again.
     # The same kind of rows as CSV on stdin (paths relative to the working folder): "a" is skipped now.
     imgs = tmp_path / "imgs"
     csv_text = (
