@@ -1,4 +1,5 @@
-"""Reads after writes on a real Milvus server under the default Session consistency.
+"""Reads after writes on a real Milvus server under the default Session consistency, and several clients
+writing one group.
 
 * Within one process: every write is visible to the next read, every time (no settling time, no retry):
   add, then search / list / get / count, alternating many times.
@@ -17,13 +18,14 @@ import textwrap
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.test_store_contract import DIM, unit
+from tests.test_store_contract import DIM, all_ids, unit
 from tusou.store.base import NewImage
 
 pytest_plugins = ["tests.store_backends"]
@@ -122,3 +124,89 @@ def test_another_process_sees_writes_within_the_bound(session_store: Any, milvus
         f"\n[milvus session] another process's write visible after: p50 {lags[len(lags) // 2]:.0f} ms, "
         f"max {lags[-1]:.0f} ms over {n} writes (proxy.timeTickInterval of the test server: 20 ms)"
     )
+
+
+# --- many processes on one Milvus ------------------------------------------------------------------------
+
+
+def test_sequence_numbers_are_unique_across_clients(session_store: Any, milvus_server: Any) -> None:
+    from tusou.store.milvus import MilvusStore, SeqSource
+
+    other = MilvusStore(milvus_server.uri, collection=COLLECTION, model_id="m", dim=DIM)
+    try:
+        sources = [SeqSource(session_store._alloc_timestamp), SeqSource(other._alloc_timestamp)]
+        with ThreadPoolExecutor(4) as pool:
+            batches = list(pool.map(lambda i: sources[i % 2].take(1 + (i * 97) % 1500), range(40)))
+    finally:
+        other.close()
+    seqs = [seq for batch in batches for seq in batch]
+    assert len(seqs) == len(set(seqs)) and all(0 < seq < 2**63 and seq % 4 == 0 for seq in seqs)
+    assert all(batch == sorted(batch) for batch in batches)
+
+
+def test_two_clients_adding_and_updating_one_group_lose_nothing(
+    session_store: Any, milvus_server: Any
+) -> None:
+    from tusou.store.milvus import MilvusStore
+
+    s, t = session_store, "t-" + uuid.uuid4().hex[:12]
+    other = MilvusStore(milvus_server.uri, collection=COLLECTION, model_id="m", dim=DIM)
+    rng = np.random.default_rng(31)
+    shared = unit(rng, 4)
+    s.create_group(t, "both", [NewImage(f"s{i}", "", None, None, v) for i, v in enumerate(shared)])
+    own = {"a": unit(rng, 30), "b": unit(rng, 30)}
+
+    def writer(store: Any, name: str) -> list[str]:
+        labels = []
+        for i in range(0, 30, 3):
+            batch = [NewImage(f"{name}{j}", name, None, None, own[name][j]) for j in range(i, i + 3)]
+            assert store.add_images(t, "both", batch) == [None] * 3
+            for k in range(4):  # both writers update the shared images at once
+                label = f"{name}-{i}-{k}"
+                store.update_image(t, "both", f"s{k}", label=label, desc={"by": name})
+                labels.append(label)
+            store.update_image(t, "both", f"{name}{i}", label=f"{name}!")
+        return labels
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            written = [label for labels in pool.map(writer, [s, other], ["a", "b"]) for label in labels]
+    finally:
+        other.close()
+    expected = [f"s{i}" for i in range(4)] + [f"{n}{j}" for n in "ab" for j in range(30)]
+    listed = all_ids(s, t, "both")
+    assert sorted(listed) == sorted(expected) and s.count(t, "both") == len(expected)
+    for i in range(4):
+        info = s.get_image(t, "both", f"s{i}")
+        assert info.label in written and info.desc == {"by": info.label[0]}
+        assert [h.id for h in s.search(t, ["both"], shared[i][None, :], 1, 0.99)] == [f"s{i}"]
+    for name in "ab":
+        for j in range(30):
+            assert s.get_image(t, "both", f"{name}{j}").label == (f"{name}!" if j % 3 == 0 else name)
+            hits = s.search(t, ["both"], own[name][j][None, :], 1, 0.99)
+            assert [h.id for h in hits] == [f"{name}{j}"]
+
+
+def test_an_update_interrupted_between_its_two_writes_loses_nothing(
+    session_store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s, t = session_store, "t-" + uuid.uuid4().hex[:12]
+    vecs = unit(np.random.default_rng(41), 3)
+    s.create_group(t, "crash", [NewImage(f"c{i}", "old", {"n": i}, None, v) for i, v in enumerate(vecs)])
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("process killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(s, "_delete_seqs", crash)  # the new version is written, the old one not deleted
+        with pytest.raises(ConnectionError):
+            s.update_image(t, "crash", "c1", label="new")
+    # Both versions are stored (count, a count(*) of rows, sees both until the next update of the image);
+    # every other read shows the image once, as its newer version.
+    assert all_ids(s, t, "crash") == ["c0", "c1", "c2"] and s.count(t, "crash") == 4
+    assert s.get_image(t, "crash", "c1").label == "new"
+    assert [(h.id, h.label) for h in s.search(t, ["crash"], vecs[1][None, :], -1, 0.99)] == [("c1", "new")]
+    # The next update removes the stale version.
+    assert s.update_image(t, "crash", "c1", label="newer").label == "newer"
+    assert s.count(t, "crash") == 3 and all_ids(s, t, "crash") == ["c0", "c1", "c2"]
+    assert s.get_image(t, "crash", "c1").desc == {"n": 1}

@@ -18,9 +18,13 @@ Choices, and why:
 * **Groups through a partition key, not one partition per group.** Milvus caps partitions per collection
   and creating one is a slow DDL call; a partition key hashes ``gkey`` into a fixed set of physical
   partitions, a filter ``gkey in [..]`` prunes a search to those, and groups cost nothing to create.
-* **pk = seq.** A 63-bit number: microseconds since 2024 in the high bits, a random 12-bit process tag in
-  the low bits, strictly increasing within a process. Distinct processes therefore never share a value
-  unless they draw the same tag *and* the same microsecond; no central counter is needed. Listing pages
+* **pk = seq, from Milvus's timestamp oracle.** Milvus hands out unique, increasing hybrid timestamps to
+  every client (milliseconds and an 18-bit logical counter). A batch of up to 1024 rows takes one:
+  seq = ms since 2024 (41 bits) | logical (10 bits; a timestamp with a larger logical part is skipped) |
+  row in the batch (10 bits) | version (2 bits, see *Updates*). So sequence numbers are unique across all
+  processes on one Milvus, with no tag to clash and no counter to keep, and increase in the order the
+  batches were written, whichever process wrote them. (Where the server has no timestamp oracle, the test
+  double, a local microsecond clock stands in.) Listing pages
   are ``seq > marker`` ordered by seq: the server answers ``query(limit=)`` with the smallest primary keys.
   (Milvus Lite does not; it is only a test double, tests/milvus_lite.py, and this class refuses a file uri.)
 * **Repeated ids.** Milvus does not enforce uniqueness of anything but cannot even do that for the pk.
@@ -38,6 +42,11 @@ Choices, and why:
   before "not exists" is answered. ``Strong`` makes every read wait for every process's writes (up to
   about two time ticks). Reads that an operation needs together (group check and data) run in parallel;
   a search checks its groups in the same round (tests/test_milvus_rounds.py counts the reads).
+* **Updates cannot lose an image.** Milvus rewrites a row to change it, and Milvus 2.3's upsert lost rows on
+  a partition-key collection. An update therefore inserts the new version first, under the next version
+  of the primary key (low 2 bits + 1 mod 4: the same listing position), and only then deletes the versions
+  it read. A crash between the two calls leaves both versions, never none; reads keep the newer one
+  (the version one past the other) and the next update removes the stale one.
 * **Durability.** A write is acknowledged once Milvus has accepted it into its log (rocksmq in standalone,
   Pulsar/Kafka in a cluster), from which it replays after a crash; tusou never calls ``flush`` per request
   (that seals tiny segments and is rate-limited). Milvus persists segments on its own schedule.
@@ -194,20 +203,70 @@ def _expr(where: Filter) -> str:
     return " and ".join(parts)
 
 
-class SeqSource:
-    """Unique, per-process increasing 63-bit sequence numbers (see the module docstring)."""
+_VERSION_BITS = 2
+_VERSIONS = 1 << _VERSION_BITS
+_BLOCK = 1024  # rows per timestamp
+_LOGICAL_BITS = 18  # of Milvus's hybrid timestamps
+_EPOCH_MS = _EPOCH_US // 1000
 
-    def __init__(self) -> None:
-        self._tag = int.from_bytes(os.urandom(2), "big") & 0xFFF
+
+def _next_version(seq: int) -> int:
+    """The primary key of a row's next version: same listing position, low bits + 1 mod 4."""
+    return (seq & ~(_VERSIONS - 1)) | ((seq + 1) & (_VERSIONS - 1))
+
+
+def _newest(rows: list[dict]) -> list[dict]:
+    """One row per image id: where an interrupted update left two versions, the newer one (whose version
+    is one past the other's). Keeps the order of ``rows``."""
+    by_id: dict[tuple[str, str, str], dict] = {}
+    for r in rows:
+        key = (r.get("tenant", ""), r.get("grp", ""), r["image_id"])
+        other = by_id.get(key)
+        if other is None or _next_version(other["seq"]) == r["seq"]:
+            by_id[key] = r
+    kept = {id(r) for r in by_id.values()}
+    return [r for r in rows if id(r) in kept]
+
+
+class SeqSource:
+    """Unique, increasing 63-bit sequence numbers (see the module docstring): one timestamp from the
+    server's oracle per block of 1024 rows; a local microsecond clock where the server has none."""
+
+    def __init__(self, alloc: Callable[[], int] | None = None) -> None:
+        self._alloc = alloc
+        self._tag = int.from_bytes(os.urandom(2), "big") & 0x3FF
         self._last_us = 0
         self._lock = threading.Lock()
 
+    def _block(self) -> int | None:
+        """The base of a block of 1024 sequence numbers, from one oracle timestamp (None: no oracle)."""
+        while self._alloc is not None:
+            try:
+                ts = int(self._alloc())
+            except Exception:  # noqa: BLE001 (no oracle: the local clock below)
+                ts = 0
+            if ts <= 0:
+                self._alloc = None
+                break
+            physical, logical = ts >> _LOGICAL_BITS, ts & ((1 << _LOGICAL_BITS) - 1)
+            if logical < 1 << 10:
+                return ((physical - _EPOCH_MS) << 22) | (logical << 12)
+        return None
+
     def take(self, n: int) -> list[int]:
-        with self._lock:
-            now = time.time_ns() // 1000 - _EPOCH_US
-            first = max(now, self._last_us + 1)
-            self._last_us = first + n - 1
-        return [((first + i) << 12) | self._tag for i in range(n)]
+        out: list[int] = []
+        while len(out) < n:
+            k = min(n - len(out), _BLOCK)
+            base = self._block()
+            if base is None:
+                with self._lock:
+                    now = time.time_ns() // 1000 - _EPOCH_US
+                    first = max(now, self._last_us + 1)
+                    self._last_us = first + k - 1
+                out += [((first + i) << 12) | (self._tag << _VERSION_BITS) for i in range(k)]
+            else:
+                out += [base | (i << _VERSION_BITS) for i in range(k)]
+        return out
 
 
 class MilvusStore(Store):
@@ -240,7 +299,7 @@ class MilvusStore(Store):
         elif user:
             kwargs["user"], kwargs["password"] = user, password or ""
         self.client = MilvusClient(**kwargs)
-        self._seqs = SeqSource()
+        self._seqs = SeqSource(self._alloc_timestamp)
         # Serialises this process's writes so its own checks (duplicates, group size) are exact.
         self._write_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="milvus")
@@ -385,7 +444,7 @@ class MilvusStore(Store):
         if self.consistency != "Session" or _WRITTEN.get(key) == -1:
             return
         try:
-            ts = int(self.client._get_connection().alloc_timestamp())
+            ts = self._alloc_timestamp()
         except Exception:  # noqa: BLE001 (no oracle: Strong reads are still correct)
             ts = 0
         with _WRITTEN_LOCK:
@@ -393,6 +452,10 @@ class MilvusStore(Store):
                 _WRITTEN[key] = -1
             elif _WRITTEN.get(key, 0) >= 0:
                 _WRITTEN[key] = max(_WRITTEN.get(key, 0), ts)
+
+    def _alloc_timestamp(self) -> int:
+        """A fresh timestamp from the server's oracle (0 where it has none)."""
+        return int(self.client._get_connection().alloc_timestamp())
 
     def _read_level(self, collection: str, consistency: str | None = None) -> dict[str, Any]:
         """The consistency arguments of a read: ``Session`` waits for this process's last write to the
@@ -473,8 +536,8 @@ class MilvusStore(Store):
         return [r for r in rows if r["tenant"] == tenant and r["grp"] == group and r["image_id"] in wanted]
 
     def _delete_seqs(self, collection: str, seqs: Sequence[int], gkey: str | None = None) -> None:
-        # Scoped to the group where one is named: sequence numbers are unique per process tag, and two
-        # processes that drew the same tag must not be able to delete each other's rows in other groups.
+        # Scoped to the group where one is named: rows written before sequence numbers came from Milvus's
+        # timestamp oracle were unique only per random process tag.
         scope = f'gkey == "{gkey}" and ' if gkey else ""
         for start in range(0, len(seqs), _IN_CHUNK):
             self._delete_where(collection, scope + _in("seq", list(seqs[start : start + _IN_CHUNK])))
@@ -632,7 +695,7 @@ class MilvusStore(Store):
             # re-sorted below.
             return self._page_rows(flt, limit + 1)
 
-        rows = sorted(self._with_group(tenant, group, page), key=lambda r: r["seq"])[: limit + 1]
+        rows = _newest(sorted(self._with_group(tenant, group, page), key=lambda r: r["seq"]))[: limit + 1]
         more = len(rows) > limit
         rows = rows[:limit]
         infos = [
@@ -652,7 +715,9 @@ class MilvusStore(Store):
             rows = self._rows_by_ids(tenant, group, [image_id], fields, "Strong")
         if not rows:
             raise ImageNotFound(image_id)
-        return min(rows, key=lambda r: r["seq"])
+        (newest,) = _newest(sorted(rows, key=lambda r: r["seq"]))
+        newest["_stale"] = [r["seq"] for r in rows if r is not newest]
+        return newest
 
     def get_image(self, tenant: str, group: str, image_id: str) -> ImageInfo:
         r = self._image_row(
@@ -677,15 +742,19 @@ class MilvusStore(Store):
             too_long = [k for k in ("label", "desc") if len(row[k].encode()) > _MAX[k]]
             if too_long:
                 raise StoreError(f"{too_long[0]} too long")
-            row["vec"] = np.asarray(row["vec"], dtype=np.float32)
-            # Delete then insert under the same primary key (so the listing position stays): Milvus
-            # 2.3's own upsert lost the row on a partition-key collection (tests/test_store_contract.py).
-            # Not atomic: a process killed between the two calls loses this image (docs/scale.md).
-            self._delete_seqs(self.images, [row["seq"]], row["gkey"])
-            self._insert_rows(self.images, [row])
+            self._rewrite(row, row.pop("_stale"))
         return ImageInfo(
             row["image_id"], row["label"], _load_desc(row["desc"]), row["uri"] or None, _load_tags(row)
         )
+
+    def _rewrite(self, row: dict, stale: list[int]) -> None:
+        """Write ``row`` as its next version, then delete the version read (and any ``stale`` ones): the
+        image exists throughout, twice for a moment, never zero times (see *Updates* above)."""
+        old = row["seq"]
+        row["seq"] = _next_version(old)
+        row["vec"] = np.asarray(row["vec"], dtype=np.float32)
+        self._insert_rows(self.images, [row])
+        self._delete_seqs(self.images, [old, *stale], row["gkey"])
 
     def set_tags(self, tenant: str, group: str, tags: dict[str, list[list[float]]]) -> int:
         if not self.has_tags:
@@ -696,12 +765,12 @@ class MilvusStore(Store):
             rows = self._with_group(
                 tenant, group, lambda: self._rows_by_ids(tenant, group, list(tags), fields)
             )
+            by_id: dict[str, list[int]] = {}
             for row in rows:
+                by_id.setdefault(row["image_id"], []).append(row["seq"])
+            for row in _newest(sorted(rows, key=lambda r: r["seq"])):
                 row["tags"] = _dump_tags(tags[row["image_id"]])
-                row["vec"] = np.asarray(row["vec"], dtype=np.float32)
-                # As update_image: delete, then insert under the same primary key.
-                self._delete_seqs(self.images, [row["seq"]], row["gkey"])
-                self._insert_rows(self.images, [row])
+                self._rewrite(row, [s for s in by_id[row["image_id"]] if s != row["seq"]])
                 n += 1
         return n
 
@@ -728,7 +797,7 @@ class MilvusStore(Store):
             while True:
                 flt = f'gkey == "{gkey}" and seq > {after}' + (f" and ({pre})" if pre else "")
                 rows = sorted(self._page_rows(flt, TOPK_CAP), key=lambda r: r["seq"])
-                for r in rows:
+                for r in _newest(rows):
                     if r["tenant"] != tenant or r["grp"] != group:
                         continue
                     tags = _load_tags(r) or []
@@ -790,7 +859,11 @@ class MilvusStore(Store):
             best, _ = self._best(tenant, names, queries, flt, -1, min_cosine, where)
         for check in checks:
             check.result()
-        found = sorted(best.items(), key=lambda item: (-item[1][0], item[0]))
+        # An image left with two versions by an interrupted update counts once, as its newer version.
+        keep = {e["seq"] for e in _newest(sorted((e for _, e in best.values()), key=lambda e: e["seq"]))}
+        found = sorted(
+            ((seq, hit) for seq, hit in best.items() if seq in keep), key=lambda item: (-item[1][0], item[0])
+        )
         if limit >= 0:
             found = found[:limit]
         return [
