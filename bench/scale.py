@@ -16,11 +16,13 @@
 
 ``--store milvus``: the same, with the group in Milvus. A Milvus 2.3 standalone server is started on free
 loopback ports in a temporary folder (bench/milvus_server.py, ``proxy.timeTickInterval`` from
-``--milvus-tick-ms``) and stopped at the end, unless ``--milvus-uri`` names one. Step 2 goes through
-``MilvusStore.add_images`` (then one ``flush``, so searches run on sealed segments); step 3 becomes
-exactness against brute force (the index is FLAT) and in-process search latency with Strong and with
-Bounded reads (what the consistency wait costs); step 4 runs ``tusou serve`` with ``TUSOU_STORE=milvus``
-and also reports the Milvus server's RSS.
+``--milvus-tick-ms``) and stopped at the end, unless ``--milvus-uri`` names one. ``--milvus-index``
+FLAT (default) or HNSW picks the collection's index (``bench_scale_<n>_<index>``). Step 2 goes through
+``MilvusStore.add_images`` (then one ``flush`` and the wait for the index, so searches run on sealed,
+indexed segments); step 3 becomes recall@10 against brute force and in-process search latency with
+Session and with Strong reads (what the consistency wait costs); step 4 runs ``tusou serve`` with
+``TUSOU_STORE=milvus`` (reads at ``--milvus-consistency``, default Session) and also reports the Milvus
+server's RSS.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def du_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
-def open_store(args: argparse.Namespace, data: Path, embedder, consistency: str = "Strong"):
+def open_store(args: argparse.Namespace, data: Path, embedder, consistency: str = "Session"):
     if args.store == "milvus":
         from tusou.store.milvus import MilvusStore
 
@@ -115,6 +117,7 @@ def open_store(args: argparse.Namespace, data: Path, embedder, consistency: str 
             model_id=embedder.model_id,
             dim=embedder.dim,
             consistency=consistency,
+            index=args.milvus_index,
         )
     return SQLiteStore(data / "tusou.db", model_id=embedder.model_id, dim=embedder.dim)
 
@@ -229,7 +232,7 @@ def recall(args: argparse.Namespace, data: Path, embedder, query_jpegs: list[byt
 
 
 def milvus_wait_indexed(store, timeout_s: float = 300.0) -> float:
-    """Wait until the sealed segments are indexed (FLAT), so timings are not taken during the build."""
+    """Wait until the sealed segments are indexed, so timings are not taken during the build."""
     started = time.monotonic()
     names = store.client.list_indexes(store.images) or ["vec"]
     while time.monotonic() - started < timeout_s:
@@ -267,7 +270,7 @@ def milvus_exactness(
         store.close()
         report["milvus_recall_at_10_vs_brute_force"] = float(np.mean(same))
         report["milvus_top1_cosine_err"] = worst
-    for consistency in ("Strong", "Bounded"):
+    for consistency in ("Session", "Strong"):
         store = open_store(args, data, embedder, consistency)
         for q in real[:3]:  # warm-up, untimed
             store.search(tenant, [GROUP], q, 100, -1.0)
@@ -394,6 +397,8 @@ def main() -> None:
     parser.add_argument(
         "--milvus-tick-ms", type=int, default=20, help="proxy.timeTickInterval of the started server"
     )
+    parser.add_argument("--milvus-index", choices=("FLAT", "HNSW"), default="FLAT")
+    parser.add_argument("--milvus-consistency", choices=("Session", "Strong"), default="Session")
     args = parser.parse_args()
     if args.quick:
         args.n, args.queries = 20_000, min(args.queries, 15)
@@ -401,7 +406,8 @@ def main() -> None:
     data = args.data or Path(f"/tmp/tusou-scale-{args.n}{suffix}")
     data.mkdir(parents=True, exist_ok=True)
     if args.store == "milvus":
-        args.milvus_collection = args.milvus_collection or f"bench_scale_{args.n}"
+        default_name = f"bench_scale_{args.n}_{args.milvus_index.lower()}"
+        args.milvus_collection = args.milvus_collection or default_name
         with contextlib.ExitStack() as stack:
             if args.milvus_uri is None:
                 from milvus_server import milvus_server
@@ -428,6 +434,7 @@ def run(args: argparse.Namespace, data: Path) -> None:
     if args.store == "milvus":
         milvus_pid = getattr(args, "milvus_pid", None)
         report["milvus_uri"], report["milvus_collection"] = args.milvus_uri, args.milvus_collection
+        report["milvus_index"], report["milvus_consistency"] = args.milvus_index, args.milvus_consistency
         if milvus_pid:
             report["milvus_tick_ms"] = args.milvus_tick_ms
             report["milvus_start_s"] = args.milvus_start_s
@@ -440,7 +447,8 @@ def run(args: argparse.Namespace, data: Path) -> None:
             "TUSOU_STORE": "milvus",
             "TUSOU_MILVUS_URI": args.milvus_uri,
             "TUSOU_MILVUS_COLLECTION": args.milvus_collection,
-            "TUSOU_MILVUS_CONSISTENCY": "Strong",
+            "TUSOU_MILVUS_CONSISTENCY": args.milvus_consistency,
+            "TUSOU_MILVUS_INDEX": args.milvus_index,
         }
         report.update(serve_bench(args, data, query_jpegs, ingest_jpegs, env))
         if milvus_pid:
@@ -505,12 +513,13 @@ def print_table(r: dict) -> None:
 def print_milvus_table(r: dict) -> None:
     tick = f", proxy.timeTickInterval {r['milvus_tick_ms']} ms" if "milvus_tick_ms" in r else ""
     print(
-        f"\n## scale: {r['n']:,} images in one group, Milvus store (Strong reads{tick}), "
+        f"\n## scale: {r['n']:,} images in one group, Milvus store ({r.get('milvus_index', 'FLAT')} index, "
+        f"{r.get('milvus_consistency', 'Strong')} reads over HTTP{tick}), "
         f"{os.cpu_count()} cores\n"
     )
     print("| measure | value |\n|---|---|")
     print_search_rows(r)
-    for consistency in ("Strong", "Bounded"):
+    for consistency in ("Session", "Strong"):
         for limit in (1, 100):
             key = f"inproc_{consistency}_limit_{limit}"
             if key in r:
@@ -520,7 +529,7 @@ def print_milvus_table(r: dict) -> None:
                 )
     if "milvus_recall_at_10_vs_brute_force" in r:
         print(
-            f"| FLAT vs brute-force f32, recall@10 / top-1 cosine error (5 queries) | "
+            f"| {r.get('milvus_index', 'FLAT')} vs brute force, recall@10 / top-1 cosine err (5 queries) | "
             f"{r['milvus_recall_at_10_vs_brute_force']:.3f} / {r['milvus_top1_cosine_err']:.1e} |"
         )
     for batch in (1, 32):

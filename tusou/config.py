@@ -42,6 +42,11 @@ class Settings(BaseSettings):
         ),
     )
 
+    milvus_index: str = Field(
+        default="FLAT",
+        description="Vector index of a new Milvus collection: FLAT (exact) or HNSW (docs/scale.md).",
+    )
+
     # --- model ---
     model: str = Field(
         default="lite0",

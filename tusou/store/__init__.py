@@ -21,6 +21,7 @@ def open_store(settings: Settings, *, model_id: str, dim: int) -> Store:
             user=settings.milvus_user,
             password=settings.milvus_password,
             consistency=settings.milvus_consistency,
+            index=settings.milvus_index,
         )
     if settings.store != "sqlite":
         raise ValueError(f"unknown store {settings.store!r}: use sqlite or milvus")

@@ -50,8 +50,11 @@ Choices, and why:
 * **Durability.** A write is acknowledged once Milvus has accepted it into its log (rocksmq in standalone,
   Pulsar/Kafka in a cluster), from which it replays after a crash; tusou never calls ``flush`` per request
   (that seals tiny segments and is rate-limited). Milvus persists segments on its own schedule.
-* **Results not cut short.** The index is FLAT (exact), and every search is a range search from
-  ``min_cosine``; a limit above Milvus's top-k cap (16384) or ``-1`` walks down in bands of cosine.
+* **Results not cut short.** Every search is a range search from ``min_cosine``; a limit above Milvus's
+  top-k cap (16384) or ``-1`` walks down in bands of cosine. The index is FLAT (exact) by default;
+  ``index="HNSW"`` (M 16, efConstruction 200, chosen when the collection is created) searches big
+  collections without reading every row, with ``ef`` at least the band's size (at most 32768), so a band
+  comes back whole; tests/test_milvus_ann.py measures its recall against an exact scan.
 """
 
 from __future__ import annotations
@@ -87,6 +90,10 @@ from tusou.store.markers import MarkerCodec, new_marker_key
 
 # Milvus's top-k and query-window cap (maxTopK / maxQueryResultWindow in 2.3).
 TOPK_CAP = 16_384
+# Vector indexes a collection may be created with, and their build parameters (docs/scale.md).
+INDEXES: dict[str, dict[str, int]] = {"FLAT": {}, "HNSW": {"M": 16, "efConstruction": 200}}
+_HNSW_MIN_EF = 256
+_HNSW_MAX_EF = 32_768
 # Rows per insert call: well below gRPC message limits at dim 1280 (2000 x 5 KiB = 10 MiB).
 _INSERT_CHUNK = 2000
 # Keys per ``in [...]`` filter.
@@ -283,6 +290,7 @@ class MilvusStore(Store):
         password: str | None = None,
         consistency: str = "Session",
         num_partitions: int = 64,
+        index: str = "FLAT",
     ) -> None:
         from pymilvus import MilvusClient  # lazy: the embedded default does not need pymilvus
 
@@ -290,6 +298,9 @@ class MilvusStore(Store):
         self.dim = dim
         self.group_max_images = group_max_images
         self.consistency = consistency
+        if index not in INDEXES:
+            raise ValueError(f"milvus index must be one of {', '.join(INDEXES)}, not {index!r}")
+        self.index_type = index
         self.images = collection
         self.groups = f"{collection}_groups"
         self._check_uri(uri)
@@ -362,8 +373,14 @@ class MilvusStore(Store):
             schema.add_field("meta", DataType.JSON)
             schema.add_field("vec", DataType.FLOAT_VECTOR, dim=self.dim)
             index = self.client.prepare_index_params()
-            # FLAT: exact, and a range search returns every row in range up to top-k (HNSW/IVF do not).
-            index.add_index(field_name="vec", index_type="FLAT", metric_type="IP")
+            # FLAT: exact. HNSW: a graph; a range search with ef >= its top-k returns (nearly) every row in
+            # range (tests/test_milvus_ann.py measures it).
+            index.add_index(
+                field_name="vec",
+                index_type=self.index_type,
+                metric_type="IP",
+                params=dict(INDEXES[self.index_type]),
+            )
             self.client.create_collection(
                 self.images,
                 schema=schema,
@@ -372,6 +389,12 @@ class MilvusStore(Store):
                 num_partitions=num_partitions,
             )
         self.client.load_collection(self.images)
+        # An existing collection keeps the index it was created with, whatever ``index`` says.
+        try:
+            described = self.client.describe_index(self.images, "vec") or {}
+        except Exception:  # noqa: BLE001 (the test double may not describe it: keep the setting)
+            described = {}
+        self.index_type = str(described.get("index_type") or self.index_type)
         # Automatic tags (JSON text) live in their own column; a collection made before it has none, and
         # then stores no tags (keyword search answers "not supported"; recreate the collection to get it).
         names = {f["name"] for f in self.client.describe_collection(self.images)["fields"]}
@@ -943,6 +966,8 @@ class MilvusStore(Store):
         if min_cosine > -1.0 or upper <= 1.0:
             radius = max(min_cosine - _RADIUS_SLACK, -1.0 - 2 * _RADIUS_SLACK)
             params["params"] = {"radius": radius, "range_filter": upper}
+        if self.index_type == "HNSW":
+            params["params"]["ef"] = min(max(limit, _HNSW_MIN_EF), _HNSW_MAX_EF)
         result = self.client.search(
             self.images,
             data=[view.tolist()],
