@@ -2,6 +2,7 @@
 
     python bench/embed_speed.py [--model lite0] [--images DIR] [--n 96] [--seconds 4]
     python bench/embed_speed.py --tags [--rounds 3]     ingest with automatic tags on vs off
+    python bench/embed_speed.py --precision fp32,int8   the fp32 and the int8 graph side by side
 
 Prints img/s at batch 1 and 16, with 1 and 2 ONNX Runtime threads, plus two service-like rows (2 Python
 threads calling one shared embedder concurrently, as the server's request threads do) and peak RSS.
@@ -188,6 +189,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=96, help="distinct images cycled through")
     ap.add_argument("--seconds", type=float, default=4.0, help="measuring time per row")
     ap.add_argument("--spin", action="store_true", help="let ORT worker threads spin (ORT's own default)")
+    ap.add_argument(
+        "--precision", default="fp32,int8", help="comma-separated model precisions to time (fp32, int8)"
+    )
     ap.add_argument("--tags", action="store_true", help="only: index img/s with automatic tags off vs on")
     ap.add_argument("--rounds", type=int, default=3, help="with --tags: alternations of off and on")
     args = ap.parse_args()
@@ -207,10 +211,13 @@ def main() -> None:
 
     data = Path(tempfile.mkdtemp(prefix="tusou-bench-"))
     rows = []
-    query_ms: list[tuple[int, int, float]] = []
-    for threads in (1, 2):
+    query_ms: list[tuple[str, int, int, float]] = []
+    runs = [(p, t) for p in args.precision.split(",") if p for t in (1, 2)]
+    for precision, threads in runs:
         t0 = time.perf_counter()
-        emb = create_embedder(Settings(data=data, model=args.model, threads=threads))
+        emb = create_embedder(
+            Settings(data=data, model=args.model, threads=threads, model_precision=precision)  # type: ignore[arg-type]
+        )
         if args.spin:
             emb.encoder = OnnxEncoder(emb.encoder.path, emb.encoder.image_size, threads, spin=True)
             emb.encoder.load()
@@ -218,11 +225,11 @@ def main() -> None:
         for batch in (1, 16):
             one = run_for(args.seconds, pipeline(emb, jpegs, batch, index=False))
             idx = run_for(args.seconds, pipeline(emb, jpegs, batch, index=True))
-            rows.append((f"{threads} ORT thread{'s' if threads > 1 else ''}", batch, one, idx))
+            rows.append((f"{precision} {threads} ORT thread{'s' if threads > 1 else ''}", batch, one, idx))
         if threads == 1:
             for batch in (1, 16):
                 rate = concurrent(emb, jpegs, batch, 2, args.seconds)
-                rows.append(("2 workers x 1 ORT thread", batch, (rate, None), None))
+                rows.append((f"{precision} 2 workers x 1 ORT thread", batch, (rate, None), None))
         # A search embeds one query image in all its query views: latency matters there, not throughput.
         imgs = [emb.open_image(b) for b in jpegs[:24]]
         emb.embed_queries(imgs[:1])
@@ -232,8 +239,8 @@ def main() -> None:
             emb.embed_queries([img])
             lat.append(time.perf_counter() - t1)
         views = emb.embed_queries(imgs[:1]).shape[1]
-        query_ms.append((threads, views, 1000 * float(np.median(lat))))
-        print(f"  (load with threads={threads}: {load_s:.2f} s)")
+        query_ms.append((precision, threads, views, 1000 * float(np.median(lat))))
+        print(f"  (load {precision} with threads={threads}: {load_s:.2f} s)")
         del emb
 
     def fmt(v: float | None) -> str:
@@ -241,13 +248,16 @@ def main() -> None:
 
     print("\nimg/s = images per wall-clock second; img/cpu-s = per CPU-second used by this process")
     head = ("setup", "batch", "one view img/s", "img/cpu-s", "index img/s", "img/cpu-s")
-    print(f"{head[0]:<26}{head[1]:>6}{head[2]:>16}{head[3]:>11}{head[4]:>13}{head[5]:>11}")
+    print(f"{head[0]:<31}{head[1]:>6}{head[2]:>16}{head[3]:>11}{head[4]:>13}{head[5]:>11}")
     for name, batch, one, idx in rows:
         idx = idx or (None, None)
-        print(f"{name:<26}{batch:>6}{fmt(one[0]):>16}{fmt(one[1]):>11}{fmt(idx[0]):>13}{fmt(idx[1]):>11}")
+        print(f"{name:<31}{batch:>6}{fmt(one[0]):>16}{fmt(one[1]):>11}{fmt(idx[0]):>13}{fmt(idx[1]):>11}")
     print(f"(index = embed_images: {len(_views.INDEX_VIEWS)} view(s) per image, as views.py says)")
-    for threads, views, ms in query_ms:
-        print(f"query latency (embed_queries, 1 image, {views} views), {threads} ORT thread(s): {ms:.1f} ms")
+    for precision, threads, views, ms in query_ms:
+        print(
+            f"query latency {precision} (embed_queries, 1 image, {views} views), "
+            f"{threads} ORT thread(s): {ms:.1f} ms"
+        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak RSS {peak:.0f} MiB")
 

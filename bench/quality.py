@@ -317,12 +317,15 @@ def run_service(args: argparse.Namespace, root: Path) -> None:
     from tusou.config import Settings
     from tusou.embed import create_embedder
 
-    emb = create_embedder(Settings(data=args.data, model=args.model, threads=args.threads))
+    emb = create_embedder(
+        Settings(data=args.data, model=args.model, threads=args.threads, model_precision=args.precision)
+    )
     key = args.model
     sig = config_signature(key)
     cache = Cache(args.eval_dir / "emb")
     scorer = load_scorer()
-    out_dir = args.eval_dir / "results" / args.model
+    suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+    out_dir = args.eval_dir / "results" / (args.model + suffix)
     out_dir.mkdir(parents=True, exist_ok=True)
     thr = emb.default_threshold
     t0 = time.perf_counter()
@@ -523,7 +526,9 @@ def make_raw_fn(
     from tusou.config import Settings
     from tusou.embed import create_embedder
 
-    emb = create_embedder(Settings(data=args.data, model=args.model, threads=args.threads))
+    emb = create_embedder(
+        Settings(data=args.data, model=args.model, threads=args.threads, model_precision=args.precision)
+    )
     return emb.model_id, lambda img: emb.features([img])[0], lambda p: emb.open_image(p.read_bytes())
 
 
@@ -781,6 +786,7 @@ def main() -> None:
     )
     ap.add_argument("--data", type=Path, default=None, help="tusou data folder (model cache)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="TUSOU_MODEL_PRECISION")
     ap.add_argument("--time", type=int, default=0, metavar="N", help="also time N queries end to end")
     ap.add_argument(
         "--sets",

@@ -7,6 +7,7 @@ Each field can be set by an environment variable named ``TUSOU_<FIELD>`` (``TUSO
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -66,6 +67,12 @@ class Settings(BaseSettings):
         default=None,
         description="Folder of the built ONNX graphs; default <data>/models. May be read-only once built "
         "(a container image builds it at build time).",
+    )
+    model_precision: Literal["fp32", "int8"] = Field(
+        default="fp32",
+        description="Built-in models: fp32, or int8 (the graph quantized with shipped calibration ranges; "
+        "faster, slightly different vectors, see docs/score.md). A data folder keeps the precision it was "
+        "indexed with.",
     )
     threads: int = Field(default=0, description="ONNX Runtime intra-op threads; 0 = one per core.")
     default_threshold: float | None = Field(

@@ -23,8 +23,9 @@ from . import views as _views
 from .base import Embedder
 from .clip import ClipTextEncoder, load_visual_config
 from .efficientnet import LITE_MODELS
-from .onnx_model import OnnxEncoder, file_sha256, lite_onnx_path
+from .onnx_model import GRAPH_VERSION, OnnxEncoder, file_sha256, lite_onnx_path
 from .preprocess import Preprocessor, clip_preprocessor, lite_preprocessor
+from .quantize import lite_int8_path
 
 __all__ = ["Embedder", "OnnxEmbedder", "create_embedder"]
 
@@ -196,10 +197,14 @@ def create_embedder(settings: Settings) -> OnnxEmbedder:
     if model in LITE_MODELS:
         path, wsha = lite_onnx_path(model, settings.model_cache)
         size = LITE_MODELS[model].image_size
+        precision = ""
+        if settings.model_precision == "int8":
+            path, tag = lite_int8_path(model, path, GRAPH_VERSION, size)
+            precision = f"-{tag}"  # int8 vectors differ from fp32 ones: never mixed in one data folder
         encoder = OnnxEncoder(path, size, settings.threads)
         index_encoder = OnnxEncoder(path, size, 1)
         pre = lite_preprocessor(size)
-        model_id = f"efficientnet-{model}@{wsha[:12]}"
+        model_id = f"efficientnet-{model}@{wsha[:12]}{precision}"
     elif model == "clip":
         if settings.clip_dir is None:
             raise ValueError("model=clip needs clip_dir (TUSOU_CLIP_DIR): a folder with visual/ and textual/")
@@ -228,6 +233,8 @@ def create_embedder(settings: Settings) -> OnnxEmbedder:
         model_id = f"onnx@{file_sha256(path)[:12]}-{prep}"
     else:
         raise ValueError(f"unknown model {model!r}: expected lite0, lite1, lite2, onnx or clip")
+    if settings.model_precision != "fp32" and model not in LITE_MODELS:
+        raise ValueError(f"model_precision={settings.model_precision} is for the built-in lite models only")
     model_id = _with_vector_space(model, model_id)
     return OnnxEmbedder(
         model,
