@@ -144,35 +144,73 @@ def test_sequence_numbers_are_unique_across_clients(session_store: Any, milvus_s
     assert all(batch == sorted(batch) for batch in batches)
 
 
-def test_two_clients_adding_and_updating_one_group_lose_nothing(
+UPDATER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from tusou.store.milvus import MilvusStore
+    from tusou.store.base import NewImage
+
+    uri, collection, tenant = sys.argv[1:4]
+    dim = int(sys.argv[4])
+    store = MilvusStore(uri, collection=collection, model_id="m", dim=dim)
+    v = np.random.default_rng(32).standard_normal((30, dim)).astype(np.float32)
+    own = v / np.linalg.norm(v, axis=1, keepdims=True)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    labels = []
+    for i in range(0, 30, 3):
+        batch = [NewImage(f"b{j}", "b", None, None, own[j]) for j in range(i, i + 3)]
+        assert store.add_images(tenant, "both", batch) == [None] * 3
+        for k in range(4):
+            label = f"b-{i}-{k}"
+            store.update_image(tenant, "both", f"s{k}", label=label, desc={"by": "b"})
+            labels.append(label)
+        store.update_image(tenant, "both", f"b{i}", label="b!")
+    print(json.dumps(labels), flush=True)
+    store.close()
+    """
+)
+
+
+def test_two_processes_adding_and_updating_one_group_lose_nothing(
     session_store: Any, milvus_server: Any
 ) -> None:
-    from tusou.store.milvus import MilvusStore
-
+    """This process and a second Python process each add 30 images to one group in batches of 3, and
+    after each batch both update the same 4 shared images (and one of their own)."""
     s, t = session_store, "t-" + uuid.uuid4().hex[:12]
-    other = MilvusStore(milvus_server.uri, collection=COLLECTION, model_id="m", dim=DIM)
     rng = np.random.default_rng(31)
     shared = unit(rng, 4)
     s.create_group(t, "both", [NewImage(f"s{i}", "", None, None, v) for i, v in enumerate(shared)])
-    own = {"a": unit(rng, 30), "b": unit(rng, 30)}
-
-    def writer(store: Any, name: str) -> list[str]:
-        labels = []
-        for i in range(0, 30, 3):
-            batch = [NewImage(f"{name}{j}", name, None, None, own[name][j]) for j in range(i, i + 3)]
-            assert store.add_images(t, "both", batch) == [None] * 3
-            for k in range(4):  # both writers update the shared images at once
-                label = f"{name}-{i}-{k}"
-                store.update_image(t, "both", f"s{k}", label=label, desc={"by": name})
-                labels.append(label)
-            store.update_image(t, "both", f"{name}{i}", label=f"{name}!")
-        return labels
-
+    own = {"a": unit(rng, 30), "b": unit(np.random.default_rng(32), 30)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    other = subprocess.Popen(
+        [sys.executable, "-c", UPDATER, milvus_server.uri, COLLECTION, t, str(DIM)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert other.stdin is not None and other.stdout is not None
+    written: list[str] = []
     try:
-        with ThreadPoolExecutor(2) as pool:
-            written = [label for labels in pool.map(writer, [s, other], ["a", "b"]) for label in labels]
+        assert other.stdout.readline().strip() == "ready"
+        other.stdin.write("\n")
+        other.stdin.flush()
+        for i in range(0, 30, 3):
+            batch = [NewImage(f"a{j}", "a", None, None, own["a"][j]) for j in range(i, i + 3)]
+            assert s.add_images(t, "both", batch) == [None] * 3
+            for k in range(4):  # both processes update the shared images at once
+                label = f"a-{i}-{k}"
+                s.update_image(t, "both", f"s{k}", label=label, desc={"by": "a"})
+                written.append(label)
+            s.update_image(t, "both", f"a{i}", label="a!")
+        written += json.loads(other.stdout.readline())
+        assert other.wait(timeout=120) == 0
     finally:
-        other.close()
+        if other.poll() is None:
+            other.kill()
+    assert len(written) == 80
     expected = [f"s{i}" for i in range(4)] + [f"{n}{j}" for n in "ab" for j in range(30)]
     listed = all_ids(s, t, "both")
     assert sorted(listed) == sorted(expected)
