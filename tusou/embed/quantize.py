@@ -143,7 +143,18 @@ def quantize_lite(fp32: Path, model: str, out: Path, image_size: int, graph_vers
     with tempfile.TemporaryDirectory(prefix="tusou-quant-") as tmp:
         named = Path(tmp) / "named.onnx"
         onnx.save(m, str(named))
-        _quantize(named, out, probe, overrides, exclude)
+        root = logging.getLogger()
+        root.addFilter(_drop_preprocess_advice)
+        try:
+            _quantize(named, out, probe, overrides, exclude)
+        finally:
+            root.removeFilter(_drop_preprocess_advice)
+
+
+def _drop_preprocess_advice(record: logging.LogRecord) -> bool:
+    """ONNX Runtime's quantizer logs, on the root logger, a warning advising its model pre-processing
+    (shape inference for dynamic shapes); the built graph has static shapes, so it is only noise."""
+    return "pre-processing" not in record.getMessage()
 
 
 def lite_int8_path(model: str, fp32: Path, graph_version: int, image_size: int) -> tuple[Path, str]:
