@@ -51,6 +51,13 @@ def test_int8_rebuilds_a_corrupt_cache(tmp_path: Path, int8: OnnxEmbedder) -> No
     np.testing.assert_allclose(again.embed_images([photo]), int8.embed_images([photo]), atol=1e-5)
 
 
+def test_int8_without_ranges_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no int8 calibration ranges ship for lite1"):
+        create_embedder(Settings(data=tmp_path, model="lite1", model_precision="int8"))
+    with pytest.raises(ValueError, match="for the built-in lite models only"):
+        create_embedder(Settings(data=tmp_path, model="onnx", onnx_path=tmp_path, model_precision="int8"))
+
+
 def test_int8_vectors_agree_with_fp32(
     int8: OnnxEmbedder, embedder: Embedder, photos: list[Image.Image]
 ) -> None:

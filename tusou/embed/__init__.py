@@ -194,6 +194,8 @@ def create_embedder(settings: Settings) -> OnnxEmbedder:
     """The embedder ``settings.model`` names, ready to use (its ONNX session loaded)."""
     model = settings.model
     text_encoder: ClipTextEncoder | None = None
+    if settings.model_precision != "fp32" and model not in LITE_MODELS:
+        raise ValueError(f"model_precision={settings.model_precision} is for the built-in lite models only")
     if model in LITE_MODELS:
         path, wsha = lite_onnx_path(model, settings.model_cache)
         size = LITE_MODELS[model].image_size
@@ -233,8 +235,6 @@ def create_embedder(settings: Settings) -> OnnxEmbedder:
         model_id = f"onnx@{file_sha256(path)[:12]}-{prep}"
     else:
         raise ValueError(f"unknown model {model!r}: expected lite0, lite1, lite2, onnx or clip")
-    if settings.model_precision != "fp32" and model not in LITE_MODELS:
-        raise ValueError(f"model_precision={settings.model_precision} is for the built-in lite models only")
     model_id = _with_vector_space(model, model_id)
     return OnnxEmbedder(
         model,

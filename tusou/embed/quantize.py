@@ -160,6 +160,8 @@ def _drop_preprocess_advice(record: logging.LogRecord) -> bool:
 def lite_int8_path(model: str, fp32: Path, graph_version: int, image_size: int) -> tuple[Path, str]:
     """Path of the cached int8 graph quantized from the fp32 graph ``fp32`` (built now if missing or
     corrupt, checked by its ``.sha256`` like the fp32 cache), and the tag it adds to the model identity."""
+    if not ranges_path(model).is_file():
+        raise ValueError(f"no int8 calibration ranges ship for {model}; use model_precision=fp32")
     tag = f"int8q{QUANT_VERSION}.{ranges_sha(model)[:8]}"
     path = fp32.with_name(f"{fp32.stem}-{tag}.onnx")
     sum_path = path.with_name(path.name + ".sha256")
