@@ -47,7 +47,7 @@ from tusou.errors import GroupExists, ImageNotFound, QiniuError
 from tusou.fetch import Fetcher, load_image
 from tusou.files import tighten_tree
 from tusou.images import ImageError, PixelBudget
-from tusou.store.base import KEEP, NewImage, Store
+from tusou.store.base import KEEP, Hit, NewImage, Store
 from tusou.thumbs import ThumbStore, make_thumbnail
 
 #: The most near-duplicates one image is paired with by ``Service.duplicates`` (bounds each search).
@@ -489,23 +489,9 @@ class Service:
         assert query.text is not None
         vec = text_encoder.embed([query.text])
         floor = CLIP_TEXT_THRESHOLD if query.threshold is None else query.threshold
-        wanted = query.labels
-        limit = -1 if wanted else query.limit
+        limit = -1 if query.labels else query.limit
         hits = self.store.search(tenant, query.groups, vec, limit, floor, query.where)
-        if wanted:
-            hits = [hit for hit in hits if hit.label in wanted][: query.limit]
-        return [
-            Match(
-                hit.group,
-                hit.id,
-                hit.label,
-                hit.desc,
-                hit.uri or None,
-                round(min(1.0, max(0.0, hit.cosine)), 6),
-                (hit.tags or []) if query.with_tags else None,
-            )
-            for hit in hits
-        ]
+        return _text_matches(hits, query, lambda cosine: round(min(1.0, max(0.0, cosine)), 6))
 
     def duplicates(self, tenant: str, request: FindDuplicates) -> DuplicatePage:
         """Near-duplicate pairs among one page of a group's images (beyond Qiniu), clustered.
@@ -644,24 +630,29 @@ class Service:
         if not classes:
             return []
         floor = concepts.TEXT_THRESHOLD if query.threshold is None else query.threshold
-        wanted = query.labels
         hits = self.store.search_tags(
-            tenant, query.groups, sorted(classes), -1 if wanted else query.limit, floor, query.where
+            tenant, query.groups, sorted(classes), -1 if query.labels else query.limit, floor, query.where
         )
-        if wanted:
-            hits = [hit for hit in hits if hit.label in wanted][: query.limit]
-        return [
-            Match(
-                hit.group,
-                hit.id,
-                hit.label,
-                hit.desc,
-                hit.uri or None,
-                round(hit.cosine, 4),
-                (hit.tags or []) if query.with_tags else None,
-            )
-            for hit in hits
-        ]
+        return _text_matches(hits, query, lambda evidence: round(evidence, 4))
+
+
+def _text_matches(hits: list[Hit], query: SearchQuery, score: Callable[[float], float]) -> list[Match]:
+    """A keyword search's answer: ``labels`` keeps hits before ``limit`` counts them (the store was asked
+    for every hit when labels are given), each hit scored by ``score`` of its cosine or evidence."""
+    if query.labels:
+        hits = [hit for hit in hits if hit.label in query.labels][: query.limit]
+    return [
+        Match(
+            hit.group,
+            hit.id,
+            hit.label,
+            hit.desc,
+            hit.uri or None,
+            score(hit.cosine),
+            (hit.tags or []) if query.with_tags else None,
+        )
+        for hit in hits
+    ]
 
 
 #: The least side, in pixels of the decoded image, of a query's box (data.box).
