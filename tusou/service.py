@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -558,19 +558,10 @@ class Service:
             hits = self.store.search(tenant, query.groups, queries, limit, min_cosine, query.where)
         else:
             hits = self.store.search(tenant, query.groups, queries, limit, min_cosine)
-        if wanted:
-            hits = [hit for hit in hits if hit.label in wanted][: query.limit]
+        hits = _labelled(hits, wanted, query.limit)
         scores = self.embedder.score(np.asarray([hit.cosine for hit in hits], dtype=np.float32))
         matches = [
-            Match(
-                hit.group,
-                hit.id,
-                hit.label,
-                hit.desc,
-                hit.uri or None,
-                float(score),
-                (hit.tags or []) if query.with_tags else None,
-            )
+            _match(hit, float(score), query.with_tags)
             for hit, score in zip(hits, scores.tolist(), strict=True)
             # The inverse map is approximate at the boundary; the score decides.
             if score >= floor
@@ -596,8 +587,7 @@ class Service:
         wanted = query.labels
         limit = -1 if wanted else verify.CANDIDATES
         candidates = self.store.search(tenant, query.groups, queries, limit, low, *extra)
-        if wanted:
-            candidates = [hit for hit in candidates if hit.label in wanted][: verify.CANDIDATES]
+        candidates = _labelled(candidates, wanted, verify.CANDIDATES)
         scores = self.embedder.score(np.asarray([hit.cosine for hit in candidates], dtype=np.float32))
         best = {(m.group, m.id): m for m in matches}
         for hit, score in zip(candidates, scores.tolist(), strict=True):
@@ -606,10 +596,7 @@ class Service:
             stored = self.keypoints.get(tenant, hit.group, [hit.id]).get(hit.id)
             if stored is None or not verify.verified(query_points, stored):
                 continue
-            tags = (hit.tags or []) if query.with_tags else None
-            best[(hit.group, hit.id)] = Match(
-                hit.group, hit.id, hit.label, hit.desc, hit.uri or None, verify.VERIFIED, tags
-            )
+            best[(hit.group, hit.id)] = _match(hit, verify.VERIFIED, query.with_tags)
         ranked = sorted(best.values(), key=lambda m: -m.score)  # stable: ties keep the search's order
         return [m for m in ranked if m.score >= floor][: query.limit]
 
@@ -639,20 +626,22 @@ class Service:
 def _text_matches(hits: list[Hit], query: SearchQuery, score: Callable[[float], float]) -> list[Match]:
     """A keyword search's answer: ``labels`` keeps hits before ``limit`` counts them (the store was asked
     for every hit when labels are given), each hit scored by ``score`` of its cosine or evidence."""
-    if query.labels:
-        hits = [hit for hit in hits if hit.label in query.labels][: query.limit]
-    return [
-        Match(
-            hit.group,
-            hit.id,
-            hit.label,
-            hit.desc,
-            hit.uri or None,
-            score(hit.cosine),
-            (hit.tags or []) if query.with_tags else None,
-        )
-        for hit in hits
-    ]
+    kept = _labelled(hits, query.labels, query.limit)
+    return [_match(hit, score(hit.cosine), query.with_tags) for hit in kept]
+
+
+def _labelled(hits: list[Hit], labels: Collection[str] | None, limit: int) -> list[Hit]:
+    """``hits`` whose label is one of ``labels`` (all of them when no labels are asked), at most ``limit``:
+    the label filter applies to every match before the limit counts (the store was asked for every hit)."""
+    if not labels:
+        return hits
+    return [hit for hit in hits if hit.label in labels][:limit]
+
+
+def _match(hit: Hit, score: float, with_tags: bool) -> Match:
+    """A store hit as the service's answer, with its score (and its tags when asked)."""
+    tags = (hit.tags or []) if with_tags else None
+    return Match(hit.group, hit.id, hit.label, hit.desc, hit.uri or None, score, tags)
 
 
 #: The least side, in pixels of the decoded image, of a query's box (data.box).
