@@ -46,6 +46,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.scale import synthetic  # noqa: E402
 from tests import imagegen  # noqa: E402
 from tusou.client import Client, TusouError, data_uri  # noqa: E402
 from tusou.config import Settings  # noqa: E402
@@ -235,16 +236,6 @@ def ingest_in_process(
         service.close()
 
 
-def synthetic(base: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    i = rng.integers(0, len(base), n)
-    j = rng.integers(0, len(base), n)
-    mix = rng.uniform(0.0, 0.7, (n, 1)).astype(np.float32)
-    noise = rng.standard_normal((n, base.shape[1]), dtype=np.float32)
-    noise *= rng.uniform(0.3, 0.8, (n, 1)).astype(np.float32) / np.linalg.norm(noise, axis=1, keepdims=True)
-    v = base[i] + mix * base[j] + noise
-    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
-
-
 def fill(
     args: argparse.Namespace, data: Path, model: tuple[np.ndarray, str, int], report: dict
 ) -> tuple[str, str]:
@@ -260,7 +251,7 @@ def fill(
     have = 0
     while have < args.rows:
         step = min(10_000, args.rows - have)
-        vectors = synthetic(base, step, rng)
+        vectors = synthetic(base, step, rng).astype(np.float32, copy=False)
         rows = [
             NewImage(
                 f"s{have + k}",
