@@ -91,6 +91,8 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
     from tusou.api.app import create_app
     from tusou.api.guard import uvicorn_options
     from tusou.images import return_freed_memory_promptly
+    from tusou.service import build_service
+    from tusou.store.base import ModelMismatch
 
     return_freed_memory_promptly()
     os.umask(0o077)  # whatever the server creates in its data folder (and temp files) is private
@@ -102,13 +104,22 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
         click.echo("Created a first access key (keep the secret; `tusou keys list --show-secrets` shows it):")
         click.echo(json.dumps({"access_key": key.access_key, "secret_key": key.secret_key}))
     click.echo(f"tusou serving {settings.data.resolve()} on http://{settings.host}:{settings.port}", err=True)
-    app = create_app(settings, keys=keys)
     # uvicorn configures only its own loggers; without this, tusou's access log lines go nowhere.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Built before the server starts, so that a folder this release cannot serve as it is (another model's
+    # vectors) is refused with one line naming the way out (`tusou upgrade`, `tusou reembed`).
+    try:
+        service = build_service(settings)
+    except ModelMismatch as exc:
+        raise click.ClickException(str(exc)) from None
+    app = create_app(settings, service=service, keys=keys)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level="info", access_log=False, **uvicorn_options()
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        service.close()  # the service closes its store (index snapshots written)
 
 
 @main.group()
@@ -210,6 +221,95 @@ def migrate(
     finally:
         src.close()
         dst.close()
+
+
+@main.command()
+@data_option
+@click.option(
+    "--backup",
+    "backup_dest",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="First take a backup (as `tusou backup`) into this new folder.",
+)
+@click.option("--batch", type=click.IntRange(1, 100_000), default=1000, help="Vectors per transaction.")
+def upgrade(data: Path | None, backup_dest: Path | None, batch: int) -> None:
+    """Convert the stored vectors of --data to this release's model, without re-embedding.
+
+    Needed once, when `tusou serve` refuses a folder written by an earlier release and names this command.
+    Stop the server first. The vectors are rewritten in place, in transactions: an interrupted run (even
+    kill -9) is finished by running it again, or by the next `tusou serve`. Afterwards the earlier release
+    no longer opens the folder and the old vectors are gone: take a backup first (--backup DIR does it
+    here). Prints progress on stderr and one JSON line: from, to, vectors, seconds.
+    """
+    import sqlite3
+    import time
+
+    from tusou import upgrade as upgrades
+    from tusou.embed import create_embedder
+    from tusou.store.base import ModelMismatch
+    from tusou.store.sqlite import SQLiteStore
+
+    settings = _settings(data=data)
+    _existing_keys(settings).close()  # the same clear error as the key commands outside a data folder
+    if settings.store != "sqlite":
+        raise click.ClickException(
+            "tusou upgrade converts the embedded store; a Milvus collection has a fixed width: "
+            "see docs/scale.md for moving to a new collection"
+        )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    embedder = create_embedder(settings)
+    convert_from = getattr(embedder, "convert_from", None)
+    conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True)
+    try:
+        source = upgrades.pending(conn, embedder.model_id, convert_from)
+    except ModelMismatch as exc:
+        raise click.ClickException(f"{settings.db_path}: {exc}") from None
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"{settings.db_path}: {exc}") from None
+    finally:
+        conn.close()
+    if source is None:
+        click.echo(json.dumps({"model": embedder.model_id, "vectors": 0, "note": "nothing to upgrade"}))
+        return
+    if backup_dest is not None:
+        from tusou.backup import BackupError
+        from tusou.backup import backup as take_backup
+
+        try:
+            taken = take_backup(settings.data, backup_dest)
+        except BackupError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"backup of {taken.images} images in {backup_dest}", err=True)
+    shown = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if done == total or time.monotonic() - shown[0] >= 1:
+            shown[0] = time.monotonic()
+            click.echo(f"upgrade: {done}/{total} vectors", err=True)
+
+    store = SQLiteStore(
+        settings.db_path,
+        model_id=embedder.model_id,
+        dim=embedder.dim,
+        group_max_images=settings.group_max_images,
+        convert_from=convert_from,
+        upgrade=True,
+        upgrade_progress=progress,
+        upgrade_batch=batch,
+    )
+    store.close()  # writes the new index snapshots: the next start loads them
+    done = store.upgraded
+    click.echo(
+        json.dumps(
+            {
+                "from": source,
+                "to": embedder.model_id,
+                "vectors": done.rows if done else 0,
+                "seconds": round(done.seconds, 2) if done else 0,
+            }
+        )
+    )
 
 
 @main.command()

@@ -672,5 +672,6 @@ def build_service(settings: Settings) -> Service:
 
     tighten_tree(settings.data)
     embedder = create_embedder(settings)
-    store = open_store(settings, model_id=embedder.model_id, dim=embedder.dim)
+    convert_from = getattr(embedder, "convert_from", None)  # vectors of an older space (tusou upgrade)
+    store = open_store(settings, model_id=embedder.model_id, dim=embedder.dim, convert_from=convert_from)
     return Service(settings, store, embedder, Fetcher(settings))

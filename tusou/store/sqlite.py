@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from tusou import upgrade as upgrades
 from tusou.store.base import (
     KEEP,
     GroupExists,
@@ -41,6 +42,7 @@ from tusou.store.base import (
 from tusou.store.filters import Filter
 from tusou.store.markers import MarkerCodec, new_marker_key
 from tusou.store.vector_index import VectorIndex, snapshot_files
+from tusou.upgrade import ConvertFrom, Progress
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,15 @@ class SQLiteStore(Store):
         snapshot_dir: Path | None = None,
         snapshot_every_writes: int = 20_000,
         snapshot_every_s: float = 60.0,
+        convert_from: ConvertFrom | None = None,
+        upgrade: bool = False,
+        upgrade_progress: Progress | None = None,
+        upgrade_batch: int = upgrades.BATCH,
     ) -> None:
+        """``convert_from`` (the embedder's): how vectors stored under an older model id convert to
+        ``model_id``'s. A folder holding such vectors is refused (ModelMismatch naming ``tusou upgrade``)
+        unless ``upgrade`` is set, which converts them in place first (tusou/upgrade.py); an upgrade that
+        was interrupted is always finished."""
         self.path = Path(path)
         self.dim = dim
         self.group_max_images = group_max_images
@@ -157,6 +167,9 @@ class SQLiteStore(Store):
                     "FROM images, json_each(images.tags) AS t WHERE images.tags IS NOT NULL"
                 )
                 conn.execute("INSERT INTO meta VALUES ('tag_rows', '1')")
+        #: What ``upgrade`` converted when this store opened (None: nothing).
+        self.upgraded: upgrades.UpgradeResult | None = None
+        self._upgrade_vectors(model_id, convert_from, upgrade, upgrade_progress, upgrade_batch)
         self._check_model(model_id)
         self._gids: dict[tuple[str, str], int] = {}
         self._indexes: dict[int, VectorIndex] = {}
@@ -195,6 +208,38 @@ class SQLiteStore(Store):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    def _upgrade_vectors(
+        self,
+        model_id: str,
+        convert_from: ConvertFrom | None,
+        allowed: bool,
+        progress: Progress | None,
+        batch: int,
+    ) -> None:
+        """Vectors stored under an older model id that ``convert_from`` maps to ``model_id``'s: converted
+        in place when ``allowed`` or when an upgrade was interrupted, else refused with the way out."""
+        try:
+            source = upgrades.pending(self._writer, model_id, convert_from)
+        except ModelMismatch as exc:
+            raise ModelMismatch(f"{self.path}: {exc}") from None
+        if source is None:
+            return
+        stored = self._writer.execute("SELECT value FROM meta WHERE key='model_id'").fetchone()[0]
+        if not allowed and not stored.startswith(upgrades.UPGRADING):
+            raise ModelMismatch(
+                f"{self.path} holds vectors of model {source}; this release's model {model_id} converts "
+                "them without re-embedding, which rewrites the folder for good: stop here, back up the "
+                "folder (`tusou backup DEST --data DIR`), then run `tusou upgrade --data DIR` "
+                "(docs/operations.md)"
+            )
+        convert = convert_from(source) if convert_from is not None else None
+        if convert is None:
+            raise ModelMismatch(f"{self.path}: this release cannot convert the vectors of model {source}")
+        with self._write_lock:
+            self.upgraded = upgrades.upgrade(
+                self._writer, self.snapshot_dir, source, model_id, self.dim, convert, progress, batch
+            )
 
     def _check_model(self, model_id: str) -> None:
         row = self._writer.execute("SELECT value FROM meta WHERE key='model_id'").fetchone()

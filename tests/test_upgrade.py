@@ -1,0 +1,227 @@
+"""Upgrading a data folder's stored vectors to a new vector space (tusou/upgrade.py) on the embedded store.
+
+A stand-in model maps 32-d vectors to 12-d ones (a fixed linear map, then unit length), as a projection
+release does with lite0's 1280-d vectors: refused until asked, converted in place when asked, resumed after
+an interruption (an exception, or kill -9 of a real process at random points), never served half-way.
+The same through the real model and `python -m tusou` on a folder written by an earlier release is in
+tests/test_upgrade_legacy.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tusou import upgrade as upgrades
+from tusou.store.base import ModelMismatch, NewImage
+from tusou.store.sqlite import SQLiteStore
+
+OLD, NEW = "old-model/v1", "old-model/v1+projection"
+OLD_DIM, NEW_DIM = 32, 12
+MATRIX = np.random.default_rng(5).standard_normal((OLD_DIM, NEW_DIM)).astype(np.float32)
+
+
+def project(rows: np.ndarray) -> np.ndarray:
+    out = rows @ MATRIX
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def convert_from(model_id: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    """What the projection release's embedder answers: a map from its unprojected identity only."""
+    return project if model_id == OLD else None
+
+
+def unit(n: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, OLD_DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def write_old_folder(folder: Path, n: int = 300) -> dict[str, np.ndarray]:
+    """A folder as the earlier release leaves it: two tenants, deletes, an update, index snapshots."""
+    store = SQLiteStore(folder / "tusou.db", model_id=OLD, dim=OLD_DIM)
+    vecs = unit(n, 1)
+    store.create_group("t1", "a", [NewImage(f"a{i}", "l", {"i": i}, None, v) for i, v in enumerate(vecs)])
+    store.create_group("t2", "a", [NewImage(f"b{i}", "m", None, f"http://x/{i}", vecs[i]) for i in range(5)])
+    store.delete_images("t1", "a", [f"a{i}" for i in range(0, n, 10)])
+    store.update_image("t1", "a", "a1", label="changed")
+    store.close()  # writes the snapshots of the old width
+    assert list((folder / "index").glob("g*.usearch"))
+    return {f"a{i}": vecs[i] for i in range(n) if i % 10}
+
+
+def stored_rows(folder: Path) -> dict[int, bytes]:
+    with sqlite3.connect(folder / "tusou.db") as conn:
+        return dict(conn.execute("SELECT seq, vector FROM vectors"))
+
+
+def meta(folder: Path) -> dict[str, str]:
+    with sqlite3.connect(folder / "tusou.db") as conn:
+        return dict(conn.execute("SELECT key, value FROM meta"))
+
+
+def open_new(folder: Path, **kwargs: object) -> SQLiteStore:
+    return SQLiteStore(folder / "tusou.db", model_id=NEW, dim=NEW_DIM, convert_from=convert_from, **kwargs)
+
+
+def check_upgraded(store: SQLiteStore, old: dict[str, np.ndarray], added: int = 0) -> None:
+    """Every image holds exactly its converted vector (converted once), and search answers with it."""
+    for image_id, vec in old.items():
+        assert np.allclose(store.get_vector("t1", "a", image_id), project(vec[None])[0], atol=1e-5)
+    query = project(old["a3"][None])
+    hits = store.search("t1", ["a"], query, 3, 0.0)
+    assert hits[0].id == "a3" and hits[0].cosine == pytest.approx(1.0, abs=1e-5)
+    assert store.count("t1", "a") == len(old) + added and store.count("t2", "a") == 5
+    assert store.get_image("t1", "a", "a1").label == "changed"
+    assert store.get_image("t2", "a", "b2").uri == "http://x/2"
+
+
+def test_a_convertible_folder_is_refused_untouched_until_the_upgrade_is_asked_for(tmp_path: Path) -> None:
+    old = write_old_folder(tmp_path)
+    before = stored_rows(tmp_path)
+    with pytest.raises(ModelMismatch, match="tusou upgrade") as refused:
+        open_new(tmp_path)
+    assert "tusou backup" in str(refused.value) and OLD in str(refused.value)
+    assert stored_rows(tmp_path) == before and meta(tmp_path)["model_id"] == OLD
+    # The earlier release still opens it as it was.
+    SQLiteStore(tmp_path / "tusou.db", model_id=OLD, dim=OLD_DIM).close()
+
+    seen: list[tuple[int, int]] = []
+    store = open_new(
+        tmp_path, upgrade=True, upgrade_progress=lambda d, t: seen.append((d, t)), upgrade_batch=100
+    )
+    try:
+        assert store.upgraded is not None and store.upgraded.rows == len(old) + 5
+        assert seen[-1] == (len(old) + 5, len(old) + 5) and len(seen) == 3
+        check_upgraded(store, old)
+        # New images go in at the new width next to the converted ones.
+        store.add_images("t1", "a", [NewImage("new", "n", None, None, project(unit(1, 9))[0])])
+        assert store.search("t1", ["a"], project(unit(1, 9)), 1, 0.0)[0].id == "new"
+    finally:
+        store.close()
+    assert meta(tmp_path)["model_id"] == NEW and meta(tmp_path)["dim"] == str(NEW_DIM)
+    assert not [k for k in meta(tmp_path) if k.startswith("upgrade_")]
+    assert {len(blob) for blob in stored_rows(tmp_path).values()} == {NEW_DIM * 4}
+    # Opened again (from the new snapshots): the same answers, no second conversion.
+    store = open_new(tmp_path)
+    try:
+        assert store.upgraded is None
+        check_upgraded(store, old, added=1)
+    finally:
+        store.close()
+    # The earlier release now refuses the folder instead of searching 12-d rows as 32-d ones.
+    with pytest.raises(ModelMismatch):
+        SQLiteStore(tmp_path / "tusou.db", model_id=OLD, dim=OLD_DIM)
+
+
+def test_vectors_of_another_model_are_refused_naming_reembed(tmp_path: Path) -> None:
+    write_old_folder(tmp_path)
+    before = stored_rows(tmp_path)
+    with pytest.raises(ModelMismatch, match="tusou reembed"):
+        # Another model's embedder: it converts nothing stored under OLD.
+        SQLiteStore(tmp_path / "tusou.db", model_id="other-model", dim=NEW_DIM, convert_from=lambda m: None)
+    with pytest.raises(ModelMismatch, match="tusou reembed"):  # a model with no conversions at all
+        SQLiteStore(tmp_path / "tusou.db", model_id=NEW, dim=NEW_DIM, upgrade=True)
+    assert stored_rows(tmp_path) == before and meta(tmp_path)["model_id"] == OLD
+
+
+def test_an_interrupted_upgrade_is_never_served_half_way_and_finishes_on_the_next_start(
+    tmp_path: Path,
+) -> None:
+    old = write_old_folder(tmp_path)
+    calls = 0
+
+    def failing(model_id: str) -> Callable[[np.ndarray], np.ndarray] | None:
+        def convert(rows: np.ndarray) -> np.ndarray:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise RuntimeError("power cut")
+            return project(rows)
+
+        return convert if model_id == OLD else None
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        SQLiteStore(
+            tmp_path / "tusou.db",
+            model_id=NEW,
+            dim=NEW_DIM,
+            convert_from=failing,
+            upgrade=True,
+            upgrade_batch=100,
+        )
+    state = meta(tmp_path)
+    assert state["model_id"].startswith(upgrades.UPGRADING) and int(state["upgrade_seq"]) > 0
+    assert {len(b) for b in stored_rows(tmp_path).values()} == {NEW_DIM * 4, OLD_DIM * 4}
+    assert not list((tmp_path / "index").glob("g*"))  # the old-width snapshots are gone
+    # Neither the earlier release nor another model serves a half-converted folder.
+    with pytest.raises(ModelMismatch):
+        SQLiteStore(tmp_path / "tusou.db", model_id=OLD, dim=OLD_DIM)
+    with pytest.raises(ModelMismatch, match="interrupted"):
+        SQLiteStore(tmp_path / "tusou.db", model_id="third", dim=NEW_DIM, convert_from=convert_from)
+    # The next start of this release finishes it, even without being asked again.
+    store = open_new(tmp_path)
+    try:
+        assert store.upgraded is not None and 0 < store.upgraded.rows < len(old) + 5
+        check_upgraded(store, old)
+    finally:
+        store.close()
+
+
+UPGRADE_SCRIPT = """
+import sys, time
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_upgrade import NEW, NEW_DIM, OLD, project
+from tusou.store.sqlite import SQLiteStore
+
+def slow(rows):
+    time.sleep(0.004)
+    return project(rows)
+
+def progress(done, total):
+    print(done, total, flush=True)
+
+SQLiteStore({db!r}, model_id=NEW, dim=NEW_DIM, convert_from=lambda m: slow if m == OLD else None,
+            upgrade=True, upgrade_progress=progress, upgrade_batch=20).close()
+print("done", flush=True)
+"""
+
+
+def test_kill_9_at_random_points_of_an_upgrade_then_a_restart_finishes_it(tmp_path: Path) -> None:
+    old = write_old_folder(tmp_path, n=2000)
+    total = len(old) + 5
+    script = UPGRADE_SCRIPT.format(tests=str(Path(__file__).parent), db=str(tmp_path / "tusou.db"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), *sys.path]))
+    rng = np.random.default_rng(3)
+    progressed = []
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # one batch committed in this run
+        time.sleep(float(rng.uniform(0.0, 0.15)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert first.strip() and first.split()[1] == str(total), first
+        state = meta(tmp_path)
+        if state["model_id"] == NEW:
+            break  # it finished before the kill
+        assert state["model_id"].startswith(upgrades.UPGRADING)
+        progressed.append(int(state["upgrade_seq"]))
+        with pytest.raises(ModelMismatch):  # never served as the earlier release's folder
+            SQLiteStore(tmp_path / "tusou.db", model_id=OLD, dim=OLD_DIM)
+    assert len(progressed) >= 2 and progressed == sorted(progressed), progressed
+    store = open_new(tmp_path)
+    try:
+        check_upgraded(store, old)
+    finally:
+        store.close()
+    assert {len(b) for b in stored_rows(tmp_path).values()} == {NEW_DIM * 4}
