@@ -1,18 +1,27 @@
 """Scale benchmark: one group filled to N images, searched and fed through the real HTTP API.
 
-    python bench/scale.py [--n 500000] [--quick] [--data DIR] [--queries 30] [--store sqlite|milvus]
+    python bench/scale.py [--n 500000] [--quick] [--dim 256] [--density sparse|dense|both] [--data DIR]
+                          [--queries 30] [--store sqlite|milvus]
 
-1. Base vectors: real embeddings (default model) of a few hundred photos (the evaluation gallery under
-   ~/.cache/tusou-eval/out when present, else generated scenes from tests/imagegen.py).
-2. Fill (skipped when DIR already holds the group at N): the base images themselves plus synthetic rows,
-   each a perturbation of a mix of two base embeddings (photo-like: neighbours at cosine 0.5-0.9, not
-   uniform noise), inserted through ``SQLiteStore.add_images`` in batches of 10,000 (no HTTP, no model).
-   Reports fill time (SQLite + HNSW build) and the snapshot written by ``close()``.
-3. In-process, on the same store: recall of the approximate (graph) path against the exact scan, and of
-   the exact path (int8 screen + float32 re-rank) against brute-force float32 over every row.
-4. ``python -m tusou serve`` on the folder: time from process start to the first answered search; search
-   p50/p99 over HTTP with real JPEG queries for limit 1, 100, 10000, -1 (default threshold); ingest img/s
-   over HTTP with real JPEGs in batches of 1 and 32; the server's RSS (now and peak); disk use.
+The embedded store (default), once per density (``--density both``, the default, prints two tables):
+
+1. Base vectors: real embeddings (default model) of 300 photos (the evaluation gallery under
+   ~/.cache/tusou-eval/out when present, else generated scenes from tests/imagegen.py). ``--dim D``
+   projects every vector (stored rows, queries, the server's model) to D dimensions with a fixed random
+   orthogonal matrix: a stand-in for a compact model, said so in the table.
+2. Fill (skipped when the folder already holds the group at N; one folder per density,
+   /tmp/tusou-scale-<n>[-<dim>d]-<density>): the base images themselves plus synthetic rows, each a
+   perturbation of a mix of two base embeddings, inserted through ``SQLiteStore.add_images`` in batches of
+   10,000 (no HTTP, no model). The noise is calibrated so that the median query has ~0.2 % (sparse) or
+   ~3 % (dense: many rows around the queried items, like product shots on white) of the rows above the
+   default threshold, whatever the base photos are. Reports fill time and rows/s and the close snapshot.
+3. (a) In process: ``SQLiteStore.search`` with the real JPEG queries' four views at the default threshold,
+   p50/p99/max for limit 1, 100, 10000, -1; the served answers (keys, order) against brute-force float32
+   over every row (``--exact-queries`` queries, each limit).
+4. ``python -m tusou serve`` on the folder: time from process start to the first answered search;
+   (b) HTTP search by a stored image's id (the photo the JPEG query was made from: one view, no model)
+   and (c) HTTP search with the JPEG (its four-view embedding included), same limits; ingest img/s over
+   HTTP with real JPEGs in batches of 1 and 32; the server's RSS (now and peak); disk use; load average.
 
 ``--store milvus``: the same, with the group in Milvus. A Milvus 2.3 standalone server is started on free
 loopback ports in a temporary folder (bench/milvus_server.py, ``proxy.timeTickInterval`` from
@@ -79,12 +88,22 @@ def photos(count: int) -> list[bytes]:
     return out
 
 
-def synthetic(base: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    i = rng.integers(0, len(base), n)
+def synthetic(
+    base: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    noise_scale: float = 1.0,
+    pool: np.ndarray | None = None,
+) -> np.ndarray:
+    """Rows near the base vectors: base[i] + mix * base[j] + noise; ``i`` drawn from ``pool`` when given
+    (a dense catalogue: many rows around a few items), the noise's length scaled by ``noise_scale``."""
+    i = rng.integers(0, len(base), n) if pool is None else pool[rng.integers(0, len(pool), n)]
     j = rng.integers(0, len(base), n)
-    mix = rng.uniform(0.0, 0.7, (n, 1)).astype(np.float32)
+    mix = rng.uniform(0.0, 0.7 if pool is None else 0.3, (n, 1)).astype(np.float32)
     noise = rng.standard_normal((n, base.shape[1]), dtype=np.float32)
-    noise *= rng.uniform(0.3, 0.8, (n, 1)).astype(np.float32) / np.linalg.norm(noise, axis=1, keepdims=True)
+    noise *= (rng.uniform(0.3, 0.8, (n, 1)) * noise_scale).astype(np.float32) / np.linalg.norm(
+        noise, axis=1, keepdims=True
+    )
     v = base[i] + mix * base[j] + noise
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
@@ -171,64 +190,352 @@ def fill(
     return report
 
 
-def recall(args: argparse.Namespace, data: Path, embedder, query_jpegs: list[bytes]) -> dict:
+# --- the embedded store (sqlite): both densities, in-process / by-id / JPEG rows -----------------------
+
+DENSITY_TARGET = {"sparse": 0.002, "dense": 0.03}  # median fraction of rows above the default threshold
+
+
+class Projected:
+    """The embedder with its vectors projected to ``dim`` by a fixed random orthogonal matrix (seed 0) and
+    renormalised: a stand-in for a compact model until the shipped projection is there (``--dim``)."""
+
+    def __init__(self, inner, dim: int) -> None:
+        self.inner = inner
+        rng = np.random.default_rng(0)
+        q, _ = np.linalg.qr(rng.standard_normal((inner.dim, dim)))
+        self.matrix = np.ascontiguousarray(q, dtype=np.float32)
+        self.dim = dim
+        self.model_id = f"{inner.model_id}+randproj{dim}"
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def project(self, v: np.ndarray) -> np.ndarray:
+        out = v @ self.matrix
+        return (out / np.linalg.norm(out, axis=-1, keepdims=True)).astype(np.float32)
+
+    def embed_images(self, images):
+        return self.project(self.inner.embed_images(images))
+
+    def embed_images_tagged(self, images):
+        vecs, probs = self.inner.embed_images_tagged(images)
+        return self.project(vecs), probs
+
+    def embed_queries(self, images):
+        return self.project(self.inner.embed_queries(images))
+
+
+def serve_projected(dim: int) -> None:
+    """``tusou serve`` whose embedder is :class:`Projected` (the server half of ``--dim``)."""
+    import tusou.embed
+
+    original = tusou.embed.create_embedder
+    tusou.embed.create_embedder = lambda settings: Projected(original(settings), dim)  # type: ignore[assignment]
+    from tusou.cli import main as cli_main
+
+    sys.argv = ["tusou", "serve"]
+    cli_main()
+
+
+def calibrate_noise(
+    base: np.ndarray, queries: np.ndarray, floor: float, density: str
+) -> tuple[float, np.ndarray | None]:
+    """The noise scale (and pool) whose rows put the median query's matches near the density's target."""
+    pool = None if density == "sparse" else np.arange(0, len(base), max(1, len(base) // len(queries)))
+    target = DENSITY_TARGET[density]
+    flat = queries.reshape(-1, queries.shape[-1])
+    lo, hi = np.log(0.05), np.log(20.0)
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        rows = synthetic(base, 20_000, np.random.default_rng(7), float(np.exp(mid)), pool)
+        sims = (rows @ flat.T).reshape(len(rows), len(queries), -1).max(axis=2)
+        frac = float(np.median((sims >= floor).mean(axis=0)))
+        if frac > target:
+            lo = mid
+        else:
+            hi = mid
+    return float(np.exp((lo + hi) / 2)), pool
+
+
+def sqlite_fill(
+    args, data: Path, embedder, base_jpegs: list[bytes], queries: np.ndarray, density: str
+) -> dict:
+    keys = KeyStore(data / "keys.db")
+    key = keys.list()[0] if keys.active_count() else keys.create("bench")
+    keys.close()
+    tenant = key.access_key
+    report: dict = {}
+    started = time.monotonic()
+    store = SQLiteStore(
+        data / "tusou.db", model_id=embedder.model_id, dim=embedder.dim, group_max_images=max(500_000, args.n)
+    )
+    report["open_s"] = time.monotonic() - started
+    if GROUP in store.list_groups(tenant) and store.count(tenant, GROUP) >= args.n:
+        store.close()
+        return report
+    base = embedder.embed_images([embedder.open_image(b) for b in base_jpegs])
+    np.save(data / "bench-base.npy", base)
+    floor = embedder.cosine_for_score(embedder.default_threshold)
+    scale, pool = calibrate_noise(base, queries, floor, density)
+    report["noise_scale"] = scale
+    if GROUP not in store.list_groups(tenant):
+        store.create_group(
+            tenant, GROUP, [NewImage(f"photo-{i}", "photo", "", None, v) for i, v in enumerate(base)]
+        )
+    rng = np.random.default_rng(0)
+    have = store.count(tenant, GROUP)
+    started = time.monotonic()
+    while have < args.n:
+        step = min(10_000, args.n - have)
+        vectors = synthetic(base, step, rng, scale, pool)
+        errors = store.add_images(
+            tenant, GROUP, [NewImage(f"s{have + k}", "synthetic", "", None, v) for k, v in enumerate(vectors)]
+        )
+        if any(errors):
+            raise RuntimeError(f"fill: {next(e for e in errors if e)}")
+        have += step
+        if have % 500_000 < step:
+            elapsed = time.monotonic() - started
+            print(
+                f"  filled {have} in {elapsed:.0f}s ({have / elapsed:.0f} rows/s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    report["fill_s"] = time.monotonic() - started
+    report["fill_rows_s"] = args.n / max(report["fill_s"], 1e-9)
+    report["fill_load"] = os.getloadavg()
+    started = time.monotonic()
+    store.close()
+    report["close_snapshot_s"] = time.monotonic() - started
+    return report
+
+
+def brute_force(store, index, queries: np.ndarray, floor: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Exact float32 answers (every row above ``floor``, best first, ties by seq) for each query."""
+    all_keys = np.sort(index.keys())
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    for start in range(0, len(all_keys), 100_000):
+        k, rows = store._fetch_vectors(all_keys[start : start + 100_000])
+        sims = (rows @ queries.reshape(-1, rows.shape[1]).T).reshape(len(k), len(queries), -1).max(axis=2)
+        parts.append((k, sims))
+    keys = np.concatenate([p[0] for p in parts])
+    sims = np.concatenate([p[1] for p in parts])
+    out = []
+    for qi in range(len(queries)):
+        keep = np.flatnonzero(sims[:, qi] >= floor)
+        order = keep[np.lexsort((keys[keep], -sims[keep, qi]))]
+        out.append((keys[order], sims[order, qi].astype(np.float32)))
+    return out
+
+
+def inproc_bench(args, data: Path, embedder, queries: np.ndarray) -> dict:
+    """(a) the store's own search, in process: SQLiteStore.search with the query's views, default threshold;
+    and the served answers against an exact float32 scan."""
     keys = KeyStore(data / "keys.db")
     tenant = keys.list()[0].access_key
     keys.close()
     report: dict = {}
     started = time.monotonic()
-    store = SQLiteStore(data / "tusou.db", model_id=embedder.model_id, dim=embedder.dim)
+    store = SQLiteStore(
+        data / "tusou.db", model_id=embedder.model_id, dim=embedder.dim, group_max_images=max(500_000, args.n)
+    )
     report["reopen_in_process_s"] = time.monotonic() - started
     index = store._indexes[store._gids[(tenant, GROUP)]]
-    real = embedder.embed_queries([embedder.open_image(b) for b in query_jpegs])
-    base = np.load(data / "bench-base.npy")
-    held_out = synthetic(base, len(query_jpegs), np.random.default_rng(12345))[:, None, :]
-    found = {}
-    for name, queries in (("photo", real), ("synthetic", held_out)):
-        hits1 = hits10 = 0
-        ann_ms = []
-        for q in queries:
-            exact = index.search(q, 10, -1.0, exact=True)[0]
-            t = time.perf_counter()
-            approx = index.search(q, 10, -1.0, exact=False)[0]
-            ann_ms.append((time.perf_counter() - t) * 1000)
-            hits1 += int(approx[:1].tolist() == exact[:1].tolist())
-            hits10 += len(set(approx.tolist()) & set(exact.tolist()))
-        found[name] = (hits1 / len(queries), hits10 / (10 * len(queries)), pct(ann_ms, 50))
-    report["ann_recall"] = found
-    # What a search actually returns (auto path choice) against the exact scan, at the default threshold:
-    # the graph where it is safe, the scan where the graph would miss matches.
     floor = embedder.cosine_for_score(embedder.default_threshold)
-    served = {}
-    for limit in (1, 10, 100):
-        got = want = 0
-        for q in real:
-            truth = index.search(q, limit, floor, exact=True)[0].tolist()
-            answer = index.search(q, limit, floor)[0].tolist()
-            want += len(truth)
-            got += len(set(answer) & set(truth))
-        served[limit] = got / want if want else 1.0
-    report["served_recall"] = served
-    # The exact path against brute-force float32 over every row (read back from SQLite in chunks).
-    all_keys = index.keys()
-    all_keys.sort()
-    complete = []
-    sims = []
-    for start in range(0, len(all_keys), 50_000):
-        k, rows = store._fetch_vectors(all_keys[start : start + 50_000])
-        sims.append((k, (rows @ real[:5].reshape(-1, rows.shape[1]).T).reshape(len(k), 5, -1).max(axis=2)))
-    keys_all = np.concatenate([s[0] for s in sims])
-    sim_all = np.concatenate([s[1] for s in sims])
-    for qi in range(5):
-        truth = keys_all[np.argsort(-sim_all[:, qi], kind="stable")[:10_000]]
-        got, cos = index.search(real[qi], 10_000, -1.0, exact=True)
-        complete.append(len(set(got.tolist()) & set(truth.tolist())) / len(truth))
-    report["exact_path_recall_at_10000"] = float(np.mean(complete))
-    report["int8_abs_err_max"] = int8_error(index, store, real[:5])
+    report["floor"] = floor
+    for q in queries[:2]:  # warm-up, untimed
+        store.search(tenant, [GROUP], q, 10, floor)
+    for limit in LIMITS:
+        times, returned = [], []
+        for q in queries:
+            t = time.perf_counter()
+            hits = store.search(tenant, [GROUP], q, limit, floor)
+            times.append((time.perf_counter() - t) * 1000)
+            returned.append(len(hits))
+        report[f"inproc_limit_{limit}"] = (
+            pct(times, 50),
+            pct(times, 99),
+            max(times),
+            float(np.median(returned)),
+        )
+    # Served answers (keys, order, float cosines) against brute-force float32 over every row.
+    n_exact = min(len(queries), args.exact_queries)
+    truth = brute_force(store, index, queries[:n_exact], floor)
+    same = total = 0
+    worst_cos = 0.0
+    for qi in range(n_exact):
+        t_keys, t_cos = truth[qi]
+        for limit in LIMITS:
+            got_keys, got_cos = index.search(queries[qi], limit, floor)
+            want_keys = t_keys if limit < 0 else t_keys[:limit]
+            want_cos = t_cos if limit < 0 else t_cos[:limit]
+            total += 1
+            ok = len(got_keys) == len(want_keys) and bool(np.all(got_keys == want_keys))
+            same += int(ok)
+            if ok and len(got_cos):
+                worst_cos = max(worst_cos, float(np.abs(got_cos - want_cos).max()))
+    report["served_identical"] = (same, total)
+    report["served_cos_err"] = worst_cos
+    report["matches_median"] = float(np.median([len(t[0]) for t in truth]))
+    report["matches_min"] = int(min(len(t[0]) for t in truth))
     for ix in store._indexes.values():  # read-only use: nothing to snapshot on close
         ix.dirty = 0
     store.close()
     return report
+
+
+LIMITS = (1, 100, 10_000, -1)
+
+
+def sqlite_serve_bench(
+    args, data: Path, query_jpegs: list[bytes], ingest_jpegs: list[bytes], by_ids: list[str]
+) -> dict:
+    """(b) HTTP search by a stored image's id (no model), (c) HTTP search with a JPEG (query embedding
+    included); start to first search, ingest, RSS."""
+    keys = KeyStore(data / "keys.db")
+    key = keys.list()[0]
+    keys.close()
+    session = requests.Session()
+    auth = QiniuMacRequestsAuth(QiniuMacAuth(key.access_key, key.secret_key))
+    report: dict = {}
+    port = 18000 + os.getpid() % 1000
+    env = {"TUSOU_GROUP_MAX_IMAGES": str(max(500_000, args.n + 1000))}
+    server = Server(data, port, env, projected_dim=args.dim if args.dim else None)
+
+    def post(body: dict) -> requests.Response:
+        return session.post(server.url + "/v1/image/groups/search", json=body, auth=auth, timeout=300)
+
+    def by_jpeg(jpeg: bytes, limit: int) -> dict:
+        return {"data": {"uri": data_uri(jpeg)}, "params": {"groups": [GROUP], "limit": limit}}
+
+    def by_id(image_id: str, limit: int) -> dict:
+        return {"data": {"id": image_id, "group": GROUP}, "params": {"groups": [GROUP], "limit": limit}}
+
+    try:
+        while True:
+            try:
+                if post(by_jpeg(query_jpegs[0], 1)).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.05)
+            if server.proc.poll() is not None:
+                raise RuntimeError("server exited; see serve.log")
+        report["start_to_first_search_s"] = time.monotonic() - server.started
+        report["start_load"] = os.getloadavg()
+        for kind, bodies in (
+            ("id", [lambda lim, i=i: by_id(i, lim) for i in by_ids]),
+            ("jpeg", [lambda lim, j=j: by_jpeg(j, lim) for j in query_jpegs]),
+        ):
+            post(bodies[0](10))  # warm-up
+            for limit in LIMITS:
+                times, returned = [], []
+                for make in bodies:
+                    body = make(limit)
+                    t = time.perf_counter()
+                    resp = post(body)
+                    times.append((time.perf_counter() - t) * 1000)
+                    assert resp.status_code == 200, resp.text
+                    returned.append(len(resp.json()["result"]))
+                report[f"http_{kind}_limit_{limit}"] = (
+                    pct(times, 50),
+                    pct(times, 99),
+                    max(times),
+                    float(np.median(returned)),
+                )
+        report["search_load"] = os.getloadavg()
+        session.post(server.url + "/v1/image/group/ingest/new", json={"data": []}, auth=auth, timeout=60)
+        for batch in (1, 32):
+            todo = ingest_jpegs[: max(batch * 4, 32)]
+            t = time.perf_counter()
+            for start in range(0, len(todo), batch):
+                body = {"data": [{"uri": data_uri(b)} for b in todo[start : start + batch]]}
+                resp = session.post(
+                    server.url + "/v1/image/group/ingest/add", json=body, auth=auth, timeout=600
+                )
+                assert resp.status_code == 200, resp.text
+            report[f"ingest_batch_{batch}_img_s"] = len(todo) / (time.perf_counter() - t)
+        report["server_rss_mb"], report["server_peak_rss_mb"] = rss_mb(server.proc.pid)
+        session.post(server.url + "/v1/image/group/ingest/remove", auth=auth, timeout=60)
+    finally:
+        server.stop()
+    return report
+
+
+def run_sqlite(args: argparse.Namespace, embedder, base_jpegs, ingest_jpegs, query_jpegs) -> None:
+    if args.dim and args.dim != embedder.dim:
+        embedder = Projected(embedder, args.dim)
+    else:
+        args.dim = 0
+    queries = embedder.embed_queries([embedder.open_image(b) for b in query_jpegs])
+    # (b) queries: the stored photos the JPEG queries were made from (one view each, no model).
+    step = max(1, 300 // args.queries)
+    by_ids = [f"photo-{i}" for i in range(0, 300, step)][: args.queries]
+    for density in args.density:
+        tag = f"{args.n}" + (f"-{args.dim}d" if args.dim else "") + f"-{density}"
+        data = args.data or Path(f"/tmp/tusou-scale-{tag}")
+        if len(args.density) > 1 and args.data:
+            data = args.data / density
+        data.mkdir(parents=True, exist_ok=True)
+        report: dict = {
+            "n": args.n,
+            "store": "sqlite",
+            "density": density,
+            "dim": embedder.dim,
+            "model_id": embedder.model_id,
+            "projected": bool(args.dim),
+            "data": str(data),
+        }
+        report.update(sqlite_fill(args, data, embedder, base_jpegs, queries, density))
+        report.update(inproc_bench(args, data, embedder, queries))
+        report.update(sqlite_serve_bench(args, data, query_jpegs, ingest_jpegs, by_ids))
+        report["disk_mb"] = du_mb(data)
+        report["index_mb"] = du_mb(data / "index") if (data / "index").is_dir() else 0.0
+        print(json.dumps(report, indent=1, default=str), file=sys.stderr)
+        (data / "scale-report.json").write_text(json.dumps(report, indent=1, default=str))
+        print_sqlite_table(report)
+
+
+def print_sqlite_table(r: dict) -> None:
+    proj = " (randomly projected to this width by --dim: not the shipped model)" if r["projected"] else ""
+    print(
+        f"\n## scale: {r['n']:,} images in one group, {r['density']} catalogue "
+        f"(median {r['matches_median']:.0f}, min {r['matches_min']} matches per query above the default "
+        f"threshold), dim {r['dim']}{proj}, {os.cpu_count()} cores\n"
+    )
+    print("| measure | p50 / p99 / max | hits (median) |\n|---|---|---|")
+    rows = (
+        ("inproc", "(a) store search in process (SQLiteStore.search, 4 query views)"),
+        ("http_id", "(b) HTTP search by stored image id (1 view, no model)"),
+        ("http_jpeg", "(c) HTTP search with a JPEG (4-view query embedding included)"),
+    )
+    for prefix, label in rows:
+        for limit in LIMITS:
+            p50, p99, worst, returned = r[f"{prefix}_limit_{limit}"]
+            print(f"| {label}, limit={limit} | {p50:.1f} / {p99:.1f} / {worst:.1f} ms | {returned:.0f} |")
+    print("\n| measure | value |\n|---|---|")
+    same, total = r["served_identical"]
+    print(
+        f"| served answers identical to an exact float32 scan (keys and order), default threshold, "
+        f"limits 1/100/10000/-1 | {same} of {total} (max cosine difference {r['served_cos_err']:.1e}) |"
+    )
+    for batch in (1, 32):
+        print(f"| ingest over HTTP, batch {batch} | {r[f'ingest_batch_{batch}_img_s']:.1f} img/s |")
+    print(
+        f"| process start to first answered search (HTTP, JPEG) | {r['start_to_first_search_s']:.2f} s |"
+    )
+    print(f"| reopen in process (SQLiteStore(), snapshot load) | {r['reopen_in_process_s']:.2f} s |")
+    print(f"| server RSS now / peak | {r['server_rss_mb']:.0f} / {r['server_peak_rss_mb']:.0f} MB |")
+    print(f"| disk (whole folder / index snapshots) | {r['disk_mb']:.0f} / {r['index_mb']:.0f} MB |")
+    if "fill_s" in r:
+        print(
+            f"| fill (SQLiteStore.add_images, batches of 10,000) / snapshot at close | "
+            f"{r['fill_s']:.0f} s ({r['fill_rows_s']:.0f} rows/s, load {r['fill_load'][0]:.1f}) / "
+            f"{r['close_snapshot_s']:.1f} s |"
+        )
+    print(
+        f"| load average (1 min) at start / after searches | {r['start_load'][0]:.1f} / "
+        f"{r['search_load'][0]:.1f} |"
+    )
 
 
 def milvus_wait_indexed(store, timeout_s: float = 300.0) -> float:
@@ -285,28 +592,18 @@ def milvus_exactness(
     return report
 
 
-def int8_error(index, store, queries: np.ndarray) -> float:
-    """Largest |int8 cosine - float32 cosine| over the top 1000 rows of a few queries."""
-    fetch, index.fetch = index.fetch, None
-    try:
-        worst = 0.0
-        for q in queries:
-            keys, approx = index.search(q, 1000, -1.0, exact=True)
-            k, rows = store._fetch_vectors(keys)
-            exact = (rows @ q.T).max(axis=1)
-            worst = max(worst, float(np.abs(exact - approx[: len(k)]).max()))
-        return worst
-    finally:
-        index.fetch = fetch
-
-
 class Server:
-    def __init__(self, data: Path, port: int, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data: Path, port: int, extra_env: dict[str, str] | None = None, projected_dim: int | None = None
+    ) -> None:
         env = dict(os.environ, TUSOU_DATA=str(data), TUSOU_PORT=str(port), PYTHONUNBUFFERED="1")
         env.update(extra_env or {})
         self.started = time.monotonic()
+        command = [sys.executable, "-m", "tusou", "serve"]
+        if projected_dim:
+            command = [sys.executable, str(Path(__file__).resolve()), "--serve-projected", str(projected_dim)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tusou", "serve"],
+            command,
             env=env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
@@ -399,12 +696,28 @@ def main() -> None:
     )
     parser.add_argument("--milvus-index", choices=("FLAT", "HNSW"), default="FLAT")
     parser.add_argument("--milvus-consistency", choices=("Session", "Strong"), default="Session")
+    parser.add_argument(
+        "--dim",
+        type=int,
+        default=0,
+        help="sqlite: project the model's vectors to this width (random orthogonal)",
+    )
+    parser.add_argument(
+        "--density", choices=("sparse", "dense", "both"), default="both", help="sqlite: which catalogue(s)"
+    )
+    parser.add_argument("--exact-queries", type=int, default=5, help="queries checked against brute force")
+    parser.add_argument("--serve-projected", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_projected:
+        serve_projected(args.serve_projected)
+        return
+    args.density = ("sparse", "dense") if args.density == "both" else (args.density,)
     if args.quick:
         args.n, args.queries = 20_000, min(args.queries, 15)
     suffix = "-milvus" if args.store == "milvus" else ""
     data = args.data or Path(f"/tmp/tusou-scale-{args.n}{suffix}")
-    data.mkdir(parents=True, exist_ok=True)
+    if args.store == "milvus":
+        data.mkdir(parents=True, exist_ok=True)
     if args.store == "milvus":
         default_name = f"bench_scale_{args.n}_{args.milvus_index.lower()}"
         args.milvus_collection = args.milvus_collection or default_name
@@ -456,12 +769,8 @@ def run(args: argparse.Namespace, data: Path) -> None:
             report["milvus_disk_mb"] = du_mb(args.milvus_base)
         report["disk_mb"] = du_mb(data)
     else:
-        report.update(fill(args, data, embedder, base_jpegs))
-        if not args.skip_recall:
-            report.update(recall(args, data, embedder, query_jpegs))
-        report.update(serve_bench(args, data, query_jpegs, ingest_jpegs))
-        report["disk_mb"] = du_mb(data)
-        report["index_mb"] = du_mb(data / "index")
+        run_sqlite(args, embedder, base_jpegs, ingest_jpegs, query_jpegs)
+        return
     print(json.dumps(report, indent=1, default=str), file=sys.stderr)
     (data / "scale-report.json").write_text(json.dumps(report, indent=1, default=str))
     print_table(report)
