@@ -520,9 +520,7 @@ def print_sqlite_table(r: dict) -> None:
     )
     for batch in (1, 32):
         print(f"| ingest over HTTP, batch {batch} | {r[f'ingest_batch_{batch}_img_s']:.1f} img/s |")
-    print(
-        f"| process start to first answered search (HTTP, JPEG) | {r['start_to_first_search_s']:.2f} s |"
-    )
+    print(f"| process start to first answered search (HTTP, JPEG) | {r['start_to_first_search_s']:.2f} s |")
     print(f"| reopen in process (SQLiteStore(), snapshot load) | {r['reopen_in_process_s']:.2f} s |")
     print(f"| server RSS now / peak | {r['server_rss_mb']:.0f} / {r['server_peak_rss_mb']:.0f} MB |")
     print(f"| disk (whole folder / index snapshots) | {r['disk_mb']:.0f} / {r['index_mb']:.0f} MB |")
