@@ -9,20 +9,24 @@ tests/test_upgrade_legacy.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from tusou import reembed as reembeds
 from tusou import upgrade as upgrades
-from tusou.store.base import ModelMismatch, NewImage
+from tusou.images import ImageError
+from tusou.store.base import ImageNotFound, ModelMismatch, NewImage
 from tusou.store.sqlite import SQLiteStore
 
 OLD, NEW = "old-model/v1", "old-model/v1+projection"
@@ -225,3 +229,146 @@ def test_kill_9_at_random_points_of_an_upgrade_then_a_restart_finishes_it(tmp_pa
     finally:
         store.close()
     assert {len(b) for b in stored_rows(tmp_path).values()} == {NEW_DIM * 4}
+
+
+# --- tusou reembed (tusou/reembed.py) -----------------------------------------------------------------------
+
+
+class OtherModel:
+    """A model whose vectors no conversion reaches: a 12-d vector per image, from its pixels."""
+
+    model_id, dim = "other-model", NEW_DIM
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        out = np.stack([np.asarray(img, dtype=np.float32).reshape(-1)[:NEW_DIM] + 1 for img in images])
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def picture(uri: str) -> Image.Image:
+    """What a URI 'http://x/<i>' serves: a picture made from i; 'http://x/gone' is a 404."""
+    if uri.endswith("gone"):
+        raise ImageError("fetch_http_status", "image fetch failed: HTTP 404")
+    i = int(uri.rsplit("/", 1)[1])
+    return Image.fromarray(np.random.default_rng(i).integers(0, 255, (2, NEW_DIM // 2, 3), dtype=np.uint8))
+
+
+def write_uri_folder(folder: Path) -> None:
+    """The earlier model's folder: 40 images by URL in two groups, one by data URI, one whose URL is gone."""
+    store = SQLiteStore(folder / "tusou.db", model_id=OLD, dim=OLD_DIM)
+    vecs = unit(42, 2)
+    store.create_group(
+        "t1", "a", [NewImage(f"a{i}", "l", {"i": i}, f"http://x/{i}", vecs[i]) for i in range(30)]
+    )
+    store.create_group(
+        "t2", "b", [NewImage(f"b{i}", "m", None, f"http://x/{i}", vecs[i]) for i in range(30, 40)]
+    )
+    store.add_images("t1", "a", [NewImage("inline", "l", None, None, vecs[40])])
+    store.add_images("t2", "b", [NewImage("lost", "m", {"sku": 1}, "http://x/gone", vecs[41])])
+    store.close()
+
+
+def test_reembed_lists_what_it_cannot_fetch_keeps_the_old_format_until_all_are_done_and_resumes(
+    tmp_path: Path,
+) -> None:
+    write_uri_folder(tmp_path)
+    model = OtherModel()
+    before = stored_rows(tmp_path)
+    loads: list[str] = []
+    cut: list[str] = []
+
+    def counting(uri: str) -> Image.Image:
+        loads.append(uri)
+        if len(loads) == 17 and not cut:
+            cut.append(uri)
+            raise RuntimeError("power cut")  # an interruption in the middle of a batch
+        return picture(uri)
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        reembeds.reembed(tmp_path / "tusou.db", tmp_path / "index", model, counting, batch=8, workers=1)
+    # Nothing switched: the old vectors and model, which the earlier release still opens.
+    assert stored_rows(tmp_path) == before and meta(tmp_path)["reembed_to"] == "other-model"
+    SQLiteStore(tmp_path / "tusou.db", model_id=OLD, dim=OLD_DIM).close()
+    with pytest.raises(ModelMismatch, match="tusou reembed"):
+        SQLiteStore(tmp_path / "tusou.db", model_id="other-model", dim=NEW_DIM)
+
+    loads.clear()
+    seen: list[tuple[int, int, int]] = []
+    result = reembeds.reembed(
+        tmp_path / "tusou.db",
+        tmp_path / "index",
+        model,
+        counting,
+        batch=8,
+        workers=2,
+        progress=lambda *p: seen.append(p),
+    )
+    assert (
+        result.earlier == 16 and result.embedded == 40 - 16 and len(loads) == 42 - 16 - 1
+    )  # 'inline' has none
+    assert not result.switched and result.remaining == 2 and seen[-1] == (42, 42, 2)
+    assert {(f.group, f.id, f.uri) for f in result.failed} == {
+        ("a", "inline", None),
+        ("b", "lost", "http://x/gone"),
+    }
+    lost = next(f for f in result.failed if f.id == "lost")
+    assert "404" in lost.reason and lost.desc == {"sku": 1} and lost.access_key == "t2"
+    assert "data: URI" in next(f for f in result.failed if f.id == "inline").reason
+    assert stored_rows(tmp_path) == before
+
+    # Again without --drop-failed: only the two are tried, nothing switches.
+    loads.clear()
+    again = reembeds.reembed(tmp_path / "tusou.db", tmp_path / "index", model, picture, workers=1)
+    assert again.embedded == 0 and again.earlier == 40 and len(again.failed) == 2 and not again.switched
+
+    dropped: list[str] = []
+    last = reembeds.reembed(
+        tmp_path / "tusou.db",
+        tmp_path / "index",
+        model,
+        picture,
+        drop_failed=True,
+        drop=lambda failed: dropped.extend(f.id for f in failed),
+    )
+    assert last.switched and last.dropped == 2 and sorted(dropped) == ["inline", "lost"]
+    out = tmp_path / "failures.jsonl"
+    reembeds.write_failures(out, last.failed, dropped=True)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {line["id"] for line in lines} == {"inline", "lost"} and all(line["dropped"] for line in lines)
+    assert {"uri", "id", "label", "desc"} <= set(lines[0])  # an import manifest
+    assert meta(tmp_path)["model_id"] == "other-model" and "reembed_to" not in meta(tmp_path)
+    store = SQLiteStore(tmp_path / "tusou.db", model_id="other-model", dim=NEW_DIM)
+    try:
+        assert store.count("t1", "a") == 30 and store.count("t2", "b") == 10
+        for i in (0, 29):
+            expected = model.embed_images([picture(f"http://x/{i}")])[0]
+            assert np.allclose(store.get_vector("t1", "a", f"a{i}"), expected, atol=1e-6)
+            assert store.search("t1", ["a"], expected[None], 1, 0.0)[0].id == f"a{i}"
+        with pytest.raises(ImageNotFound):
+            store.get_image("t2", "b", "lost")
+    finally:
+        store.close()
+    # Nothing left to do: a further run changes nothing.
+    assert reembeds.reembed(tmp_path / "tusou.db", tmp_path / "index", model, picture).embedded == 0
+
+
+def test_reembed_of_some_groups_waits_for_the_rest_before_switching(tmp_path: Path) -> None:
+    write_uri_folder(tmp_path)
+    model = OtherModel()
+    first = reembeds.reembed(tmp_path / "tusou.db", tmp_path / "index", model, picture, groups=[("t1", "a")])
+    assert first.embedded == 30 and [f.id for f in first.failed] == ["inline"] and first.remaining == 12
+    assert not first.switched and meta(tmp_path)["model_id"] == OLD
+    # drop_failed cannot switch while another group is not done.
+    second = reembeds.reembed(
+        tmp_path / "tusou.db", tmp_path / "index", model, picture, groups=[("t1", "a")], drop_failed=True
+    )
+    assert not second.switched and second.dropped == 0
+    rest = reembeds.reembed(tmp_path / "tusou.db", tmp_path / "index", model, picture, drop_failed=True)
+    assert rest.switched and rest.embedded == 10 and rest.dropped == 2
+
+
+def test_reembed_refuses_a_folder_half_way_through_an_upgrade(tmp_path: Path) -> None:
+    write_old_folder(tmp_path)
+    with sqlite3.connect(tmp_path / "tusou.db") as conn:
+        conn.execute("UPDATE meta SET value = 'upgrading:a -> b' WHERE key = 'model_id'")
+    with pytest.raises(ModelMismatch, match="tusou upgrade"):
+        reembeds.reembed(tmp_path / "tusou.db", tmp_path / "index", OtherModel(), picture)

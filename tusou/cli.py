@@ -314,6 +314,139 @@ def upgrade(data: Path | None, backup_dest: Path | None, batch: int) -> None:
 
 @main.command()
 @data_option
+@click.option("--group", "groups", multiple=True, help="Only this group (repeatable); default every group.")
+@click.option("--access-key", "access_keys", multiple=True, help="Only this key's groups (repeatable).")
+@click.option(
+    "--failures",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("tusou-reembed-failures.jsonl"),
+    show_default=True,
+    help="Where the images that could not be re-embedded are listed (JSON lines, an import manifest).",
+)
+@click.option(
+    "--drop-failed",
+    is_flag=True,
+    help="Switch the folder even if some images could not be re-embedded: they are deleted from it "
+    "(and listed in --failures, to add again with `tusou import`).",
+)
+@click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True, help="Parallel fetches.")
+def reembed(
+    data: Path | None,
+    groups: tuple[str, ...],
+    access_keys: tuple[str, ...],
+    failures: Path,
+    drop_failed: bool,
+    workers: int,
+) -> None:
+    """Re-embed the images of --data from their stored URIs with this release's model.
+
+    For a folder indexed with another model whose vectors cannot be converted (`tusou serve` says so and
+    names this command; `tusou upgrade` handles the ones that can). Stop the server first. New vectors are
+    kept aside until every image of the folder has one, then the folder switches to them in one step, so
+    no group ever mixes two vector formats; until then the folder stays as it was. Interrupted (even by
+    kill -9), it is started again and skips the images already done. Images whose URI cannot be fetched,
+    or that have none (added from a data: URI), are listed in --failures with the reason and the folder is
+    not switched while any remains: fix and run again, or pass --drop-failed. --group/--access-key limit
+    a run to some groups (the switch waits for the rest). Prints progress on stderr and one JSON line.
+    """
+    import time
+
+    from tusou import reembed as reembeds
+    from tusou.embed import create_embedder
+    from tusou.fetch import Fetcher, load_image
+    from tusou.images import PixelBudget
+    from tusou.store.base import ModelMismatch
+    from tusou.thumbs import ThumbStore
+
+    settings = _settings(data=data)
+    keys = _existing_keys(settings)
+    if settings.store != "sqlite":
+        raise click.ClickException(
+            "tusou reembed works on the embedded store; for Milvus, import the images into a new "
+            "collection (docs/scale.md)"
+        )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    selected: list[tuple[str, str]] | None = None
+    if groups or access_keys:
+        import sqlite3
+
+        tenants = list(access_keys) or [key.access_key for key in keys.list()]
+        with sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True) as conn:
+            stored = set(conn.execute("SELECT tenant, name FROM groups"))
+        selected = [(t, g) for t, g in sorted(stored) if t in tenants and (not groups or g in groups)]
+        if not selected:
+            raise click.ClickException(f"no such group in {settings.data}")
+    keys.close()
+    embedder = create_embedder(settings)
+    fetcher = Fetcher(settings)
+    budget = PixelBudget(settings.decode_max_pixels, settings.decode_wait_s)
+
+    def load(uri: str) -> Any:
+        return load_image(uri, fetcher, embedder.min_short, budget)
+
+    def drop(failed: list[reembeds.Failure]) -> None:
+        for name in ("thumbs.db", "keypoints.db"):
+            if (settings.data / name).is_file():
+                pictures = ThumbStore(settings.data / name)
+                for f in failed:
+                    pictures.delete(f.access_key, f.group, [f.id])
+                pictures.close()
+
+    shown = [0.0]
+
+    def progress(done: int, total: int, failed: int) -> None:
+        if done == total or time.monotonic() - shown[0] >= 1:
+            shown[0] = time.monotonic()
+            click.echo(f"reembed: {done}/{total} images ({failed} failed)", err=True)
+
+    try:
+        result = reembeds.reembed(
+            settings.db_path,
+            settings.data / "index",
+            embedder,
+            load,
+            groups=selected,
+            progress=progress,
+            drop_failed=drop_failed,
+            drop=drop,
+            workers=workers,
+        )
+    except ModelMismatch as exc:
+        raise click.ClickException(str(exc)) from None
+    if result.failed:
+        reembeds.write_failures(failures, result.failed, dropped=bool(result.dropped))
+    click.echo(
+        json.dumps(
+            {
+                "to": result.target,
+                "embedded": result.embedded,
+                "earlier": result.earlier,
+                "failed": len(result.failed),
+                "dropped": result.dropped,
+                "remaining": result.remaining,
+                "switched": result.switched,
+                **({"failures": str(failures)} if result.failed else {}),
+            }
+        )
+    )
+    if result.failed and not result.dropped:
+        click.echo(
+            f"{len(result.failed)} images could not be re-embedded (listed with the reason in {failures}); "
+            "the folder keeps its old vectors: fix their URIs (or add them again) and run again, "
+            "or pass --drop-failed to switch without them",
+            err=True,
+        )
+        sys.exit(1)
+    if not result.switched and result.remaining:
+        click.echo(
+            f"{result.remaining} images in other groups still need re-embedding; the folder switches once "
+            "none remains",
+            err=True,
+        )
+
+
+@main.command()
+@data_option
 @click.argument("group")
 @click.option("--access-key", "access_keys", multiple=True, help="Only this key's group (repeatable).")
 def retag(data: Path | None, group: str, access_keys: tuple[str, ...]) -> None:

@@ -27,7 +27,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,16 +106,16 @@ def upgrade(
     meta = _meta(conn)
     if not meta.get("model_id", "").startswith(UPGRADING):
         old_dim = int(meta["dim"]) if "dim" in meta else _blob_dim(conn)
-        with _transaction(conn):
-            _put(conn, "model_id", f"{UPGRADING}{source} -> {target}")
-            _put(conn, "upgrade_from", source)
-            _put(conn, "upgrade_to", target)
-            _put(conn, "upgrade_seq", "0")
-            _put(conn, "upgrade_old_dim", str(old_dim))
+        with transaction(conn):
+            put_meta(conn, "model_id", f"{UPGRADING}{source} -> {target}")
+            put_meta(conn, "upgrade_from", source)
+            put_meta(conn, "upgrade_to", target)
+            put_meta(conn, "upgrade_seq", "0")
+            put_meta(conn, "upgrade_old_dim", str(old_dim))
         log.info("upgrading the stored vectors from %s to %s (no re-embedding)", source, target)
     else:
         log.info("finishing the interrupted upgrade of the stored vectors from %s to %s", source, target)
-    _drop_snapshots(snapshot_dir)
+    drop_snapshots(snapshot_dir)
     meta = _meta(conn)
     old_dim, done_seq = int(meta["upgrade_old_dim"]), int(meta["upgrade_seq"])
     total = conn.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
@@ -122,7 +123,7 @@ def upgrade(
     converted = 0
     last_log = time.monotonic()
     while True:
-        with _transaction(conn):
+        with transaction(conn):
             rows = conn.execute(
                 "SELECT seq, vector FROM vectors WHERE seq > ? ORDER BY seq LIMIT ?", (done_seq, batch)
             ).fetchall()
@@ -135,7 +136,7 @@ def upgrade(
                 [(vec.tobytes(), seq) for (seq, _), vec in zip(rows, new, strict=True)],
             )
             done_seq = rows[-1][0]
-            _put(conn, "upgrade_seq", str(done_seq))
+            put_meta(conn, "upgrade_seq", str(done_seq))
         converted += len(rows)
         done += len(rows)
         if progress is not None:
@@ -143,9 +144,9 @@ def upgrade(
         if time.monotonic() - last_log >= 10:
             log.info("upgrade: %d/%d rows", done, total)
             last_log = time.monotonic()
-    with _transaction(conn):
-        _put(conn, "model_id", target)
-        _put(conn, "dim", str(dim))
+    with transaction(conn):
+        put_meta(conn, "model_id", target)
+        put_meta(conn, "dim", str(dim))
         conn.execute("DELETE FROM meta WHERE key LIKE 'upgrade_%'")
     # The narrower rows leave free pages: hand them back to the file system (auto_vacuum=INCREMENTAL).
     conn.execute("PRAGMA incremental_vacuum")
@@ -154,22 +155,20 @@ def upgrade(
     return UpgradeResult(source, target, converted, seconds)
 
 
-class _transaction:
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, kind: object, *rest: object) -> None:
-        if kind is None:
-            self.conn.execute("COMMIT")
-        elif self.conn.in_transaction:
-            self.conn.execute("ROLLBACK")
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One durable write on an autocommit connection (rolled back on any exception, kill -9 included)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
-def _put(conn: sqlite3.Connection, key: str, value: str) -> None:
+def put_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
     conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
 
@@ -196,7 +195,7 @@ def _checked(new: np.ndarray, n: int, dim: int) -> np.ndarray:
     return np.ascontiguousarray(new / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def _drop_snapshots(folder: Path) -> None:
+def drop_snapshots(folder: Path) -> None:
     """The index snapshots hold the old rows: the store rebuilds its index from SQLite on its next load."""
     if folder.is_dir():
         for path in folder.glob("g*"):
