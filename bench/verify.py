@@ -12,6 +12,13 @@ transform. Printed per edit kind, for the service as it is and for two rules:
 * **boost + demote**: also, an unverified candidate in the ambiguous band [0.70, 0.85) drops below 0.70.
 
 Nothing here changes the service; it tells whether the rule is worth the keypoint data it would need.
+
+    python bench/verify.py --service [--sets neardup,semantic] [--time 200]
+
+runs the service's own rule instead (``tusou.verify.check``: its keypoints, candidates, bands and inlier
+counts) on the results of ``bench/quality.py`` for each set: the metrics without and with verification,
+correct accepts per edit kind, the time verification adds per search (p50/p90/mean) and, on ``--time``
+gallery images, the keypoints' share of the ingest time per image (docs/score.md).
 """
 
 from __future__ import annotations
@@ -77,6 +84,9 @@ def main() -> None:
         "--service", action="store_true", help="run tusou/verify.py itself with its settings (and time it)"
     )
     ap.add_argument("--min-short", type=int, default=256, help="with --service: lite0's resize_short")
+    ap.add_argument("--sets", default="neardup,semantic", help="with --service: result sets to rescore")
+    ap.add_argument("--data", type=Path, default=None, help="with --service: tusou data folder (model cache)")
+    ap.add_argument("--time", type=int, default=200, help="with --service: images timed for ingest/search")
     args = ap.parse_args()
     root = args.eval_dir.expanduser() / "out" / "neardup"
     res_path = args.eval_dir.expanduser() / "results" / args.model / "neardup.json"
@@ -99,48 +109,17 @@ def main() -> None:
         return cache[image_id]
 
     if args.service:
-        # The service's own code (tusou/verify.py) on images decoded as the service decodes uploads.
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from tusou import verify
-        from tusou.images import decode_image
+        service(args)
+        return
 
-        packed: dict[str, bytes] = {}
-        spent = {"keypoints": 0.0, "match": 0.0}
-
-        def packed_of(image_id: str) -> bytes:
-            if image_id not in packed:
-                meta = queries.get(image_id) or gallery[image_id]
-                image = decode_image((root / meta["file"]).read_bytes(), args.min_short)
-                start = time.perf_counter()
-                packed[image_id] = verify.keypoints(image)
-                spent["keypoints"] += time.perf_counter() - start
-            return packed[image_id]
-
-        def check(qid: str, gid: str) -> int:
-            a, b = packed_of(qid), packed_of(gid)
-            start = time.perf_counter()
-            n = verify.inliers(a, b)
-            spent["match"] += time.perf_counter() - start
-            return n
-
-        args.k, args.low, args.min_inliers = verify.CANDIDATES, verify.LOW, [verify.MIN_INLIERS]
-    else:
-
-        def check(qid: str, gid: str) -> int:
-            return inliers(feats(qid), feats(gid), matcher, args.ratio)
+    def check(qid: str, gid: str) -> int:
+        return inliers(feats(qid), feats(gid), matcher, args.ratio)
 
     t0 = time.perf_counter()
     found: dict[str, dict[str, int]] = {}  # query -> candidate -> inliers
     for qid, ents in res.items():
         found[qid] = {gid: check(qid, gid) for gid, s in ents[: args.k] if s >= args.low}
     dt = time.perf_counter() - t0
-    if args.service:
-        n_images, n_checks = len(packed), sum(len(v) for v in found.values())
-        print(
-            f"service code: keypoints {1000 * spent['keypoints'] / max(n_images, 1):.1f} ms per image "
-            f"({n_images} images), matching + RANSAC {1000 * spent['match'] / max(n_checks, 1):.1f} ms "
-            f"per candidate ({n_checks})"
-        )
     checks = sum(len(v) for v in found.values())
     true_inl = np.array([n for q, c in found.items() for g, n in c.items() if g in gt.get(q, [])])
     false_inl = np.array([n for q, c in found.items() for g, n in c.items() if g not in gt.get(q, [])])
@@ -154,6 +133,166 @@ def main() -> None:
         print(f"inliers, {name}: n={len(arr)} p1/p5/p50/p95/p99 {qs} max {arr.max() if len(arr) else '-'}")
     for min_inliers in args.min_inliers:
         report(res, gt, queries, found, min_inliers)
+
+
+def service(args: argparse.Namespace) -> None:
+    """tusou/verify.py itself (``verify.check``, the service's rule) on the results of bench/quality.py,
+    images decoded as the service decodes uploads; prints what it changes and what it costs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import eval_score  # type: ignore[import-not-found]
+
+    from tusou import verify
+    from tusou.config import Settings
+    from tusou.embed import create_embedder
+    from tusou.images import decode_image
+    from tusou.thumbs import make_thumbnail
+
+    eval_dir = args.eval_dir.expanduser()
+    emb = create_embedder(Settings(data=args.data or eval_dir / "tusou-data", model=args.model))
+    default = emb.default_threshold
+    print(
+        f"tusou/verify.py: ORB {verify.KEYPOINTS} keypoints at {verify.SIDE} px, {verify.CANDIDATES} "
+        f"candidates scoring [{verify.LOW}, {verify.VERIFIED}); verified >= {verify.MIN_INLIERS} inliers; "
+        f"< {verify.REJECT_INLIERS} inliers in [{verify.BAND}, {verify.VERIFIED}) drops by {verify.DEMOTION}"
+    )
+    timing: dict[str, list[float]] = {}
+    for name in args.sets.split(","):
+        root = eval_dir / "out" / name
+        res_path = eval_dir / "results" / args.model / f"{name}.json"
+        if not res_path.is_file():
+            sys.exit(f"{res_path} missing: run python bench/quality.py --model {args.model} --sets {name}")
+        res: dict[str, list[list[Any]]] = json.loads(res_path.read_text())
+        queries = {m["id"]: m for m in json.loads((root / "queries.json").read_text())}
+        gallery = {m["id"]: m for m in json.loads((root / "gallery.json").read_text())}
+        packed: dict[str, bytes] = {}
+
+        def stored_points(
+            image_id: str, root: Path = root, gallery: dict[str, Any] = gallery, packed: dict = packed
+        ) -> bytes:
+            # What ingest computes and keeps (timed in the ingest table below).
+            if image_id not in packed:
+                image = decode_image((root / gallery[image_id]["file"]).read_bytes(), args.min_short)
+                packed[image_id] = verify.keypoints(image)
+            return packed[image_id]
+
+        after: dict[str, list[list[Any]]] = {}
+        spent: list[float] = []
+        checking: list[bool] = []
+        mirrors: list[bool] = []
+        for qid, ents in res.items():
+            image = decode_image((root / queries[qid]["file"]).read_bytes(), args.min_short)
+            for gid, _ in ents[: verify.CANDIDATES]:
+                stored_points(gid)
+            computed: list[bool] = []
+
+            def query_points(image: Any = image, computed: list[bool] = computed) -> bytes:
+                computed.append(True)
+                return verify.keypoints(image)
+
+            def mirrored(image: Any = image, mirrors: list[bool] = mirrors) -> bytes:
+                mirrors.append(True)
+                return verify.keypoints(image, mirrored=True)
+
+            start = time.perf_counter()
+            kept = [packed[g] if g in packed else None for g, _ in ents[: verify.CANDIDATES]]
+            scores = verify.check([s for _, s in ents], kept.__getitem__, query_points, mirrored)
+            spent.append(time.perf_counter() - start)
+            checking.append(bool(computed))
+            ranked = sorted(zip([g for g, _ in ents], scores, strict=True), key=lambda e: -e[1])
+            after[qid] = [[g, round(s, 6)] for g, s in ranked]
+        timing[name] = spent
+        ms = 1000 * np.asarray(spent)
+        print(
+            f"\n{name}: {len(res)} searches, {np.mean(checking):.0%} check a candidate ({len(mirrors)} "
+            f"also the mirror image); added time per "
+            f"search p50 {np.percentile(ms, 50):.1f} ms, p90 {np.percentile(ms, 90):.1f} ms, "
+            f"mean {ms.mean():.1f} ms"
+        )
+        before_m = eval_score.score(str(root), res, thresholds=(default, verify.VERIFIED))
+        after_m = eval_score.score(str(root), after, thresholds=(default, verify.VERIFIED))
+        print("| metric | without | with verification |")
+        print("|---|---|---|")
+        for key in ("recall@1", "mAP"):
+            print(f"| {key} | {before_m[key]:.3f} | {after_m[key]:.3f} |")
+        for t in (default, verify.VERIFIED):
+            for key, label in (
+                ("match_top1_correct_score>=T", "correct accepts"),
+                ("no_match_top_score>=T", "no-match queries passing"),
+            ):
+                b, a = before_m["threshold"][str(t)].get(key), after_m["threshold"][str(t)].get(key)
+                if b is not None:
+                    print(f"| {label} @ {t} | {b:.3f} | {a:.3f} |")
+        if any("edit" in m for m in queries.values()):
+            report_edits(res, after, json.loads((root / "gt.json").read_text()), queries, default)
+    if args.time:
+        ingest_cost(args, emb, eval_dir, verify, decode_image, make_thumbnail)
+
+
+def report_edits(
+    before: dict[str, list[list[Any]]],
+    after: dict[str, list[list[Any]]],
+    gt: dict[str, list[str]],
+    queries: dict[str, dict[str, Any]],
+    default: float,
+) -> None:
+    """Correct accepts (top hit right and scoring at least T) per edit kind, and precision of what passes."""
+    edits = sorted({str(queries[q].get("edit")) for q in gt if gt[q]})
+    print(f"\n| edit | @ {default} without | @ {default} with | @ 0.85 without | @ 0.85 with |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for e in [*edits, "all"]:
+        qids = [q for q in gt if gt[q] and (e == "all" or str(queries[q].get("edit")) == e)]
+        cells = [
+            float(np.mean([_accepts(_top(res[q]), gt[q], t) for q in qids]))
+            for t in (default, 0.85)
+            for res in (before, after)
+        ]
+        rows.append((e, cells))
+    for e, cells in sorted(rows, key=lambda r: (r[0] == "all", r[1][1])):
+        print(f"| {e} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    cells = []
+    for t in (default, 0.85):
+        for res in (before, after):
+            passing = [q for q in gt if _top(res[q]) is not None and _top(res[q])[1] >= t]  # type: ignore[index]
+            cells.append(np.mean([_accepts(_top(res[q]), gt[q], t) for q in passing]) if passing else 1.0)
+    print("| precision of passing top hits | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+
+
+def _top(ents: list[list[Any]]) -> tuple[str, float] | None:
+    return (ents[0][0], float(ents[0][1])) if ents else None
+
+
+def ingest_cost(
+    args: argparse.Namespace, emb: Any, eval_dir: Path, verify: Any, decode: Any, thumb: Any
+) -> None:
+    """Per image, what ingest does (decode, index embedding, thumbnail) and what verification adds
+    (keypoints), timed in turn on the same images; and per search, decode + query embedding."""
+    root = eval_dir / "out" / "neardup"
+    files = [root / m["file"] for m in json.loads((root / "gallery.json").read_text())][: args.time]
+    qfiles = [root / m["file"] for m in json.loads((root / "queries.json").read_text())][: args.time]
+    ingest, points, search = [], [], []
+    for path in files:
+        start = time.perf_counter()
+        image = decode(path.read_bytes(), args.min_short)
+        emb.embed_images([image])
+        thumb(image)
+        middle = time.perf_counter()
+        verify.keypoints(image)
+        points.append(time.perf_counter() - middle)
+        ingest.append(middle - start)
+    for path in qfiles:
+        start = time.perf_counter()
+        emb.embed_queries([decode(path.read_bytes(), args.min_short)])
+        search.append(time.perf_counter() - start)
+    a, b = 1000 * np.median(ingest), 1000 * np.median(points)
+    print(
+        f"\ningest, {len(files)} dev gallery images one at a time: decode + embed + thumbnail p50 {a:.1f} ms,"
+        " "
+        f"keypoints p50 {b:.1f} ms (+{100 * b / a:.0f} % time per image: img/s x {a / (a + b):.2f})"
+    )
+    q = 1000 * np.median(search)
+    print(f"search, {len(qfiles)} dev queries: decode + query views embedded p50 {q:.1f} ms")
 
 
 def report(

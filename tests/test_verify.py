@@ -108,3 +108,42 @@ def test_duplicate_detection_on_add_uses_verification(
     assert out["duplicates"] == [{"id": f"p{i}", "score": 0.85} for i in HARD] + [None]
     assert out["images"] == ["", "", "", "new10"]
     assert out["errors"][:3] == [{"code": 409, "message": f"near-duplicate of image p{i}"} for i in HARD]
+
+
+TOWERS = Path(__file__).resolve().parent / "data" / "towers"
+# Parts of a photo of the Burj Khalifa that the CNN scores close to a photo of another tower, the Qutub Minar.
+BURJ_CROPS = [(0, 0, 199, 224), (0, 48, 219, 200), (0, 16, 199, 256), (20, 0, 199, 288)]
+
+
+def test_an_unverified_candidate_in_the_ambiguous_band_is_pushed_down(
+    verified: Tusou, client: QiniuClient, photos: list[Image.Image], tmp_path: Path, embedder: Embedder
+) -> None:
+    tower = Image.open(TOWERS / "kutubMinar.jpg").convert("RGB")
+    burj = Image.open(TOWERS / "burj.jpg").convert("RGB")
+    body = {"data": [{"uri": data_uri(jpeg(tower)), "attribute": {"id": "qutub"}}]}
+    body["data"] += [{"uri": data_uri(jpeg(p)), "attribute": {"id": f"p{i}"}} for i, p in enumerate(photos)]
+    # An operator who wants "similar images" lowers the default: the pushed-down candidate is then visible.
+    similar = Tusou(
+        Settings(data=tmp_path / "similar", fetch_allow=["127.0.0.1"], verify=True, default_threshold=0.5),
+        embedder,
+    )
+    similar.server.__enter__()
+    try:
+        checked, loose = verified.client("v"), similar.client("v")
+        for api in (client, checked, loose):
+            assert api.post("/v1/image/group/g/new", body).json()["errors"] == [None] * len(body["data"])
+        ambiguous = 0
+        for box in BURJ_CROPS:
+            uri = data_uri(jpeg(burj.crop(box)))
+            plain = search(client, uri)
+            if not plain or not 0.70 <= plain[0][1] < 0.85:
+                continue
+            ambiguous += 1
+            assert plain[0][0] == "qutub", (box, plain)
+            # Not a copy: no keypoints agree, so the candidate drops by the band's width, below the default.
+            assert search(checked, uri) == [], box
+            pushed = dict(search(loose, uri))
+            assert pushed["qutub"] == pytest.approx(plain[0][1] - 0.15, abs=1e-4), (box, pushed)
+    finally:
+        similar.close()
+    assert ambiguous >= 2, "the towers no longer score in the ambiguous band: pick other crops"

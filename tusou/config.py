@@ -143,9 +143,10 @@ class Settings(BaseSettings):
     )
     verify: bool = Field(
         default=False,
-        description="Check the best candidates of an image search with keypoints (ORB + RANSAC) and score a "
-        "verified copy at least 0.85; keeps ~40 KB of keypoints per stored image (docs/score.md). Needs "
-        "OpenCV (pip install 'tusou[verify]').",
+        description="Check the best candidates of an image search scoring 0.4-0.85 with keypoints (ORB + "
+        "RANSAC): a verified copy scores at least 0.85, a candidate in 0.70-0.85 that contradicts a copy "
+        "drops by 0.15; keeps ~12 KB of keypoints per stored image (docs/score.md). Needs OpenCV (pip "
+        "install 'tusou[verify]').",
     )
     thumbnails: bool = Field(
         default=True,

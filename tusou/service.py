@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -55,6 +55,8 @@ DUPLICATE_NEIGHBOURS = 32
 
 #: model=clip: the least text-image cosine a keyword search hit needs unless the query sets a threshold.
 CLIP_TEXT_THRESHOLD = 0.2
+
+T = TypeVar("T")
 
 
 class Observer:
@@ -181,7 +183,7 @@ class Service:
         errors: list[ItemError | None] = [None] * len(items)
         ready: list[tuple[int, NewItem, np.ndarray]] = []
         pictures: list[bytes | None] = []
-        views: list[np.ndarray | None] = []
+        views: list[tuple[np.ndarray, bytes | None] | None] = []
         keypoints: list[bytes | None] = []
         for i, (item, loaded) in enumerate(zip(items, vectors, strict=True)):
             if isinstance(item, ItemError):
@@ -252,7 +254,7 @@ class Service:
         in_group: bool,
         ready: list[tuple[int, NewItem, np.ndarray]],
         ids: list[str],
-        views: list[np.ndarray | None],
+        views: list[tuple[np.ndarray, bytes | None] | None],
         keypoints: list[bytes | None],
     ) -> list[Duplicate | None]:
         """Each ready image's best near-duplicate: the group's best hit for its query views (exactly what a
@@ -267,27 +269,24 @@ class Service:
         dim = self.embedder.dim
         earlier: list[tuple[str, np.ndarray]] = []
         found: list[Duplicate | None] = []
-        for (_, _, vector), image_id, query, points in zip(ready, ids, views, keypoints, strict=True):
-            assert query is not None
+        for (_, _, vector), image_id, viewed, points in zip(ready, ids, views, keypoints, strict=True):
+            assert viewed is not None
+            query, mirror = viewed
             best: tuple[str, float] | None = None
             if in_group:
-                hits = self.store.search(tenant, [request.group], query, 1, min_cosine)
-                if hits:
-                    best = (hits[0].id, hits[0].cosine)
+                hits, scores = self._scored(tenant, [request.group], query, 1, min_cosine)
+                if points is not None:
+                    hits, scores = self._checked(tenant, hits, scores, _given(points), _given(mirror))
+                if hits and scores[0] >= floor:
+                    best = (hits[0].id, scores[0])
             if earlier:
                 cosines = (query @ np.stack([v for _, v in earlier]).T).max(axis=0)
                 j = int(np.argmax(cosines))
-                if cosines[j] >= min_cosine and (best is None or cosines[j] > best[1]):
-                    best = (earlier[j][0], float(cosines[j]))
-            score = -1.0
+                score = float(self.embedder.score(cosines[j : j + 1].astype(np.float32))[0])
+                if cosines[j] >= min_cosine and score >= floor and (best is None or score > best[1]):
+                    best = (earlier[j][0], score)
             if best is not None:
-                score = float(self.embedder.score(np.asarray([best[1]], dtype=np.float32))[0])
-            if score < floor <= verify.VERIFIED and in_group and points is not None:
-                copy = self._verified_candidate(tenant, request.group, query, points)
-                if copy is not None:
-                    best, score = (copy, 0.0), verify.VERIFIED
-            if best is not None and score >= floor:
-                found.append(Duplicate(best[0], score))
+                found.append(Duplicate(best[0], best[1]))
                 if request.duplicates == "refuse":
                     continue
             else:
@@ -295,15 +294,47 @@ class Service:
             earlier.append((image_id, np.ascontiguousarray(vector[:dim])))
         return found
 
-    def _verified_candidate(self, tenant: str, group: str, query: np.ndarray, points: bytes) -> str | None:
-        """The id of the first of the group's best candidates (tusou/verify.py) whose keypoints agree."""
-        assert self.keypoints is not None
-        low = self.embedder.cosine_for_score(verify.LOW)
-        for hit in self.store.search(tenant, [group], query, verify.CANDIDATES, low):
-            stored = self.keypoints.get(tenant, group, [hit.id]).get(hit.id)
-            if stored is not None and verify.verified(points, stored):
-                return hit.id
-        return None
+    def _scored(
+        self,
+        tenant: str,
+        groups: list[str],
+        queries: np.ndarray,
+        limit: int,
+        min_cosine: float,
+        where: Any = None,
+        labels: Collection[str] | None = None,
+    ) -> tuple[list[Hit], list[float]]:
+        """The store's best hits for ``queries`` with their scores, best first; with verification on, enough
+        of them for :meth:`_checked` (its candidates, down to ``verify.LOW``) whatever the limit asks."""
+        if self.keypoints is not None:
+            min_cosine = min(min_cosine, self.embedder.cosine_for_score(verify.LOW))
+            limit = limit if limit == -1 else max(limit, verify.CANDIDATES)
+        extra = () if where is None else (where,)
+        hits = self.store.search(tenant, groups, queries, -1 if labels else limit, min_cosine, *extra)
+        hits = _labelled(hits, labels, limit)
+        scores = self.embedder.score(np.asarray([hit.cosine for hit in hits], dtype=np.float32))
+        return hits, scores.tolist()
+
+    def _checked(
+        self,
+        tenant: str,
+        hits: list[Hit],
+        scores: list[float],
+        points: Callable[[], bytes],
+        mirrored: Callable[[], bytes | None],
+    ) -> tuple[list[Hit], list[float]]:
+        """``hits`` rescored by verification (``verify.check``) against the query's keypoints (``points()``,
+        ``mirrored()``: computed on their first need only) and ranked again."""
+        keypoints = self.keypoints
+        assert keypoints is not None
+        scores = verify.check(
+            scores,
+            lambda i: keypoints.get(tenant, hits[i].group, [hits[i].id]).get(hits[i].id),
+            points,
+            mirrored,
+        )
+        order = sorted(range(len(hits)), key=lambda i: -scores[i])  # stable: ties keep the search's order
+        return [hits[i] for i in order], [scores[i] for i in order]
 
     def _load(self, tenant: str, uri: str, full_size: bool = False) -> Image.Image:
         """A uri -> RGB image shrunk to what the model needs (``full_size``: not shrunk), decoded inside the
@@ -327,22 +358,26 @@ class Service:
 
     def _vectors_and_pictures(
         self, tenant: str, uris: list[str | None], pictures: bool = True, queries: bool = False
-    ) -> list[tuple[np.ndarray, bytes | None, np.ndarray | None, bytes | None] | ImageError | None]:
+    ) -> list[_Loaded | ImageError | None]:
         """One index vector per uri (None stays None), with its thumbnail when those are kept and wanted,
-        its query views when ``queries`` (duplicate detection), and its keypoints when those are kept and
-        pictures are wanted. Each image is embedded as soon as it is decoded and dropped right after, so a
-        request never holds its whole batch decoded."""
+        its query views when ``queries`` (duplicate detection; with its mirror image's keypoints when
+        keypoints are kept), and its keypoints when those are kept and pictures are wanted. Each image is
+        embedded as soon as it is decoded and dropped right after, so a request never holds its whole
+        batch decoded."""
         keep = pictures and self.thumbs is not None
         points = pictures and self.keypoints is not None
 
-        def one(uri: str) -> tuple[np.ndarray, bytes | None, np.ndarray | None, bytes | None] | ImageError:
+        def one(uri: str) -> _Loaded | ImageError:
             try:
                 image = load_image(uri, self.fetcher, self.embedder.min_short, self.budget)
             except ImageError as exc:
                 self.observer.image_failed(exc)
                 return exc
             vector: np.ndarray = self._embed_images([image], tenant)[0]
-            views = self._embed_queries([image], tenant)[0] if queries else None
+            views = None
+            if queries:
+                mirrored = verify.keypoints(image, mirrored=True) if points else None
+                views = (self._embed_queries([image], tenant)[0], mirrored)
             return (
                 vector,
                 make_thumbnail(image) if keep else None,
@@ -358,9 +393,9 @@ class Service:
         ]
         return [None if future is None else future.result() for future in futures]
 
-    def _query_vectors(self, tenant: str, query: SearchQuery) -> tuple[np.ndarray, bytes | None]:
+    def _query_vectors(self, tenant: str, query: SearchQuery) -> tuple[np.ndarray, Image.Image | None]:
         """(v, dim): the views of the query image, or the stored image's vector as one view; and the query
-        image's keypoints when verification is on."""
+        image itself when verification is on (its keypoints are computed only if a candidate needs them)."""
         if query.by_id is not None:
             return self.store.get_vector(tenant, query.by_id.group, query.by_id.id)[None, :], None
         if query.uri is None:
@@ -370,7 +405,7 @@ class Service:
         if query.box is not None:
             image = _crop(image, query.box, pixels)
         queries: np.ndarray = self._embed_queries([image], tenant)[0]
-        return queries, verify.keypoints(image) if self.keypoints is not None else None
+        return queries, image if self.keypoints is not None else None
 
     def totals(self) -> tuple[int, int]:
         """Groups and images in the store, all tenants together (for /metrics)."""
@@ -542,7 +577,7 @@ class Service:
             else max(query.threshold, self.default_threshold)
         )
         try:
-            queries, query_points = self._query_vectors(tenant, query)
+            queries, image = self._query_vectors(tenant, query)
         except QiniuError:
             # A missing searched group is the answer even when the query image is bad too (as before the
             # check moved into the search); only this failure path pays for a separate check.
@@ -552,53 +587,23 @@ class Service:
         min_cosine = self.embedder.cosine_for_score(floor)
         # A label filter applies to every match (exact), then the limit. The store checks that the groups
         # exist in the same call (on Milvus, in the same consistency round as the search).
-        wanted = query.labels
-        limit = -1 if wanted else query.limit
-        if query.where is not None:
-            hits = self.store.search(tenant, query.groups, queries, limit, min_cosine, query.where)
-        else:
-            hits = self.store.search(tenant, query.groups, queries, limit, min_cosine)
-        hits = _labelled(hits, wanted, query.limit)
-        scores = self.embedder.score(np.asarray([hit.cosine for hit in hits], dtype=np.float32))
-        matches = [
-            _match(hit, float(score), query.with_tags)
-            for hit, score in zip(hits, scores.tolist(), strict=True)
+        hits, scores = self._scored(
+            tenant, query.groups, queries, query.limit, min_cosine, query.where, query.labels
+        )
+        if image is not None:
+            hits, scores = self._checked(
+                tenant,
+                hits,
+                scores,
+                lambda: verify.keypoints(image),
+                lambda: verify.keypoints(image, mirrored=True),
+            )
+        return [
+            _match(hit, score, query.with_tags)
+            for hit, score in zip(hits, scores, strict=True)
             # The inverse map is approximate at the boundary; the score decides.
             if score >= floor
-        ]
-        if query_points is not None:
-            matches = self._verified(tenant, query, queries, query_points, matches, floor)
-        return matches
-
-    def _verified(
-        self,
-        tenant: str,
-        query: SearchQuery,
-        queries: np.ndarray,
-        query_points: bytes,
-        matches: list[Match],
-        floor: float,
-    ) -> list[Match]:
-        """``matches`` after verification (tusou/verify.py): the best few candidates scoring at least
-        ``verify.LOW`` whose keypoints agree with the query's score at least ``verify.VERIFIED``."""
-        assert self.keypoints is not None
-        low = self.embedder.cosine_for_score(verify.LOW)
-        extra = () if query.where is None else (query.where,)
-        wanted = query.labels
-        limit = -1 if wanted else verify.CANDIDATES
-        candidates = self.store.search(tenant, query.groups, queries, limit, low, *extra)
-        candidates = _labelled(candidates, wanted, verify.CANDIDATES)
-        scores = self.embedder.score(np.asarray([hit.cosine for hit in candidates], dtype=np.float32))
-        best = {(m.group, m.id): m for m in matches}
-        for hit, score in zip(candidates, scores.tolist(), strict=True):
-            if score >= verify.VERIFIED:
-                continue
-            stored = self.keypoints.get(tenant, hit.group, [hit.id]).get(hit.id)
-            if stored is None or not verify.verified(query_points, stored):
-                continue
-            best[(hit.group, hit.id)] = _match(hit, verify.VERIFIED, query.with_tags)
-        ranked = sorted(best.values(), key=lambda m: -m.score)  # stable: ties keep the search's order
-        return [m for m in ranked if m.score >= floor][: query.limit]
+        ][: query.limit]
 
     def search_text(self, tenant: str, query: SearchQuery) -> list[Match]:
         """Keyword search (beyond Qiniu): images whose automatic tags give the word's concepts at least
@@ -621,6 +626,17 @@ class Service:
             tenant, query.groups, sorted(classes), -1 if query.labels else query.limit, floor, query.where
         )
         return _text_matches(hits, query, lambda evidence: round(evidence, 4))
+
+
+def _given(value: T) -> Callable[[], T]:
+    """A function that returns ``value`` (a keypoint set already computed, where one computed on demand
+    may be passed)."""
+    return lambda: value
+
+
+#: What ``_vectors_and_pictures`` loads per image: index vector, thumbnail, (query views, mirror image's
+#: keypoints) for duplicate detection, keypoints.
+_Loaded = tuple[np.ndarray, bytes | None, tuple[np.ndarray, bytes | None] | None, bytes | None]
 
 
 def _text_matches(hits: list[Hit], query: SearchQuery, score: Callable[[float], float]) -> list[Match]:

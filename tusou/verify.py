@@ -1,29 +1,45 @@
-"""Local-feature verification of search candidates (``TUSOU_VERIFY=true``; off by default).
+"""Local-feature verification of search candidates (``TUSOU_VERIFY``).
 
-A global CNN descriptor ranks an edited copy first almost always (neardup recall@1 0.996) but often scores
-heavy edits (crop + downscale + caption + JPEG, grayscale, colour shifts) in the ambiguous 0.3-0.85 band.
-With verification on, the service keeps ORB keypoints of every image it stores (at most
-:data:`KEYPOINTS`, found on the image resized to a :data:`SIDE` px longer side; ~40 KB per image, in
-``keypoints.db`` beside the store), and a search with an image checks its best :data:`CANDIDATES`
-candidates scoring at least :data:`LOW`: when at least :data:`MIN_INLIERS` keypoint matches (Lowe's ratio
-test) agree on one similarity transform (RANSAC), the candidate is a verified copy and scores at least
-:data:`VERIFIED`, the near-duplicate band. The score stays monotone in evidence: verification only ever
-raises a score. Measured on the dev near-dup set: docs/score.md ("Local-feature verification").
+A global CNN descriptor ranks an edited copy first almost always (neardup recall@1 0.996) but scores heavy
+edits (crop + downscale + caption + JPEG, grayscale, colour shifts) anywhere in 0.4-0.85, where it also
+scores other photos of the same landmark. With verification on, the service keeps ORB keypoints of every
+image it stores (at most :data:`KEYPOINTS`, found on the image resized to a :data:`SIDE` px longer side),
+and a search with an image checks its best :data:`CANDIDATES` candidates whose score is *ambiguous*
+(:data:`LOW` <= score < :data:`VERIFIED`): it counts the keypoint matches (Lowe's ratio test) that agree on
+one similarity transform (RANSAC), the *inliers*, and :func:`rescore` maps (score, inliers) to the answer:
 
-Needs OpenCV (``pip install 'tusou[verify]'``).
+* at least :data:`MIN_INLIERS`: a verified copy, the score becomes at least :data:`VERIFIED` (the
+  near-duplicate band);
+* fewer than :data:`REJECT_INLIERS`, for the query and for its mirror image, while both images have at
+  least :data:`INFORMATIVE` keypoints: the geometry says "not a copy", and a score in the ambiguous band
+  [:data:`BAND`, :data:`VERIFIED`) drops by :data:`DEMOTION` (below the default threshold, into "similar
+  content");
+* otherwise (too little evidence either way) the score is unchanged.
+
+The score stays monotone in evidence: more inliers never lower it, a higher CNN score never lowers it. A
+search without a candidate in the ambiguous band pays nothing (the query's keypoints are computed only when
+one is to be checked). Measured on the dev near-dup set: docs/score.md ("Local-feature verification").
+
+Needs OpenCV (``opencv-python-headless``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from PIL import Image
 
-KEYPOINTS = 1000
-SIDE = 512
+KEYPOINTS = 300
+SIDE = 320
 CANDIDATES = 3
-LOW = 0.3
-MIN_INLIERS = 40  # wrong candidates on the dev set: at most 40 inliers, 99th percentile 16
-VERIFIED = 0.85
+LOW = 0.4  # the least score worth checking; copies on the dev set score down to 0.44
+VERIFIED = 0.85  # the near-duplicate band of docs/score.md
+BAND = 0.70  # the default threshold: the ambiguous band is [BAND, VERIFIED)
+MIN_INLIERS = 20  # wrong candidates scoring 0.4-0.85 on the dev set: 99.9th percentile 19, at most 25
+REJECT_INLIERS = 6  # fewer: geometry contradicts a copy (copies on the dev set: 5th percentile 6)
+INFORMATIVE = 0  # keypoints each image needs before a low inlier count counts as evidence
+DEMOTION = 0.15  # the width of the ambiguous band: [0.70, 0.85) -> [0.55, 0.70)
 RATIO = 0.8
 REPROJECTION_PX = 6.0
 
@@ -32,7 +48,7 @@ def _cv2():  # type: ignore[no-untyped-def]
     try:
         import cv2
     except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise RuntimeError("TUSOU_VERIFY needs OpenCV: pip install 'tusou[verify]'") from exc
+        raise RuntimeError("TUSOU_VERIFY needs OpenCV: pip install opencv-python-headless") from exc
     return cv2
 
 
@@ -41,10 +57,13 @@ def check_available() -> None:
     _cv2()
 
 
-def keypoints(image: Image.Image) -> bytes:
-    """ORB keypoints of ``image``, packed: count (uint32), float32 (x, y) per point, 32-byte descriptors."""
+def keypoints(image: Image.Image, mirrored: bool = False) -> bytes:
+    """ORB keypoints of ``image`` (``mirrored``: of its mirror image), packed: count (uint32), float32 (x, y)
+    per point, 32-byte descriptors."""
     cv2 = _cv2()
     grey = image.convert("L")
+    if mirrored:
+        grey = grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     scale = SIDE / max(grey.size)
     size = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
     grey = grey.resize(size, Image.Resampling.BILINEAR)
@@ -60,6 +79,11 @@ def _unpack(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     points = np.frombuffer(data[4 : 4 + 8 * n], np.float32).reshape(n, 2)
     desc = np.frombuffer(data[4 + 8 * n : 4 + 8 * n + 32 * n], np.uint8).reshape(n, 32)
     return points, desc
+
+
+def count(data: bytes) -> int:
+    """How many keypoints ``data`` (from :func:`keypoints`) holds."""
+    return int(np.frombuffer(data[:4], np.uint32)[0])
 
 
 def inliers(query: bytes, stored: bytes) -> int:
@@ -78,5 +102,53 @@ def inliers(query: bytes, stored: bytes) -> int:
     return 0 if mask is None else int(mask.sum())
 
 
-def verified(query: bytes, stored: bytes) -> bool:
-    return inliers(query, stored) >= MIN_INLIERS
+def ambiguous(score: float) -> bool:
+    """Whether a candidate with this score is worth checking."""
+    return LOW <= score < VERIFIED
+
+
+def rescore(score: float, query: bytes, stored: bytes, mirrored: Callable[[], bytes | None]) -> float:
+    """The score of a candidate after verification (see the module's docstring). Before a score is lowered,
+    the query's mirror image (``mirrored()``; None if unknown: then nothing is lowered) is checked too: the
+    CNN scores a mirrored copy like the original, which no similarity transform maps onto it."""
+    if not ambiguous(score):
+        return score
+    n = inliers(query, stored)
+    if n >= MIN_INLIERS:
+        return max(score, VERIFIED)
+    if n < REJECT_INLIERS and BAND <= score and min(count(query), count(stored)) >= INFORMATIVE:
+        mirror = mirrored()
+        if mirror is not None and inliers(mirror, stored) < REJECT_INLIERS:
+            return score - DEMOTION
+    return score
+
+
+def check(
+    scores: list[float],
+    stored: Callable[[int], bytes | None],
+    query: Callable[[], bytes],
+    mirrored: Callable[[], bytes | None],
+) -> list[float]:
+    """``scores`` (a search's candidates, best first) after verification: each of the first
+    :data:`CANDIDATES` that is :func:`ambiguous` and has keypoints (``stored(i)``; None for an image stored
+    before verification was on: no evidence either way) is rescored against the query's keypoints
+    (``query()`` and ``mirrored()``, each computed on its first need only: most searches check nothing).
+    Not re-ranked."""
+    out = list(scores)
+    points: bytes | None = None
+    mirror: list[bytes | None] = []
+    def mirror_once() -> bytes | None:
+        if not mirror:
+            mirror.append(mirrored())
+        return mirror[0]
+
+    for i, score in enumerate(scores[:CANDIDATES]):
+        if not ambiguous(score):
+            continue
+        kept = stored(i)
+        if kept is None:
+            continue
+        if points is None:
+            points = query()
+        out[i] = rescore(score, points, kept, mirror_once)
+    return out
