@@ -372,3 +372,30 @@ def test_reembed_refuses_a_folder_half_way_through_an_upgrade(tmp_path: Path) ->
         conn.execute("UPDATE meta SET value = 'upgrading:a -> b' WHERE key = 'model_id'")
     with pytest.raises(ModelMismatch, match="tusou upgrade"):
         reembeds.reembed(tmp_path / "tusou.db", tmp_path / "index", OtherModel(), picture)
+
+
+def test_milvus_refuses_a_collection_of_the_old_vectors_and_the_way_out_works(tmp_path: Path) -> None:
+    """A Milvus collection's width is fixed: refused with the way out, which is an upgraded embedded folder
+    copied into a new collection (tusou migrate), shown here on the Milvus Lite test double."""
+    pytest.importorskip("milvus_lite")
+    from tests.milvus_lite import LiteMilvusStore
+    from tusou.store.migrate import migrate
+
+    lite = str(tmp_path / "lite.db")
+    old = write_old_folder(tmp_path / "data")
+    store = LiteMilvusStore(lite, collection="images", model_id=OLD, dim=OLD_DIM)
+    store.create_group("t1", "a", [NewImage("a1", "l", None, None, old["a1"])])
+    store.close()
+    with pytest.raises(ModelMismatch, match="new collection") as refused:
+        LiteMilvusStore(lite, collection="images", model_id=NEW, dim=NEW_DIM)
+    assert "tusou migrate" in str(refused.value) and "tusou upgrade" in str(refused.value)
+
+    src = open_new(tmp_path / "data", upgrade=True)
+    dst = LiteMilvusStore(lite, collection="images_v2", model_id=NEW, dim=NEW_DIM)
+    try:
+        assert migrate(src, dst, "t1", "a").copied == len(old)
+        hits = dst.search("t1", ["a"], project(old["a3"][None]), 1, 0.5)
+        assert [h.id for h in hits] == ["a3"] and hits[0].cosine == pytest.approx(1.0, abs=1e-4)
+    finally:
+        src.close()
+        dst.close()

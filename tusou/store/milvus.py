@@ -441,7 +441,10 @@ class MilvusStore(Store):
         if count and count[0]["count(*)"]:
             raise ModelMismatch(
                 f"Milvus collection {self.images} was indexed with model {found.get('model_id')} "
-                f"(dim {found.get('dim')}), not {model_id} (dim {self.dim}); use another collection name"
+                f"(dim {found.get('dim')}), not {model_id} (dim {self.dim}), and a collection's vectors "
+                "cannot change: start on a new collection (TUSOU_MILVUS_COLLECTION) and fill it again, "
+                "with tusou import, or with tusou migrate from an embedded folder brought to this model by "
+                "tusou upgrade or tusou reembed (docs/operations.md)"
             )
         # Empty: like the embedded store, a new model may take it over (the schema carries the dim).
         self.client.drop_collection(self.images)
