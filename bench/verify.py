@@ -87,6 +87,16 @@ def main() -> None:
     ap.add_argument("--sets", default="neardup,semantic", help="with --service: result sets to rescore")
     ap.add_argument("--data", type=Path, default=None, help="with --service: tusou data folder (model cache)")
     ap.add_argument("--time", type=int, default=200, help="with --service: images timed for ingest/search")
+    ap.add_argument(
+        "--http",
+        action="store_true",
+        help="time two servers (TUSOU_VERIFY false / true) over HTTP: ingest img/s and search latency",
+    )
+    ap.add_argument("--queries", type=int, default=300, help="with --http: dev near-dup queries searched")
+    ap.add_argument("--rounds", type=int, default=2, help="with --http: ingest rounds per server")
+    ap.add_argument(
+        "--lookup-rows", type=int, default=0, help="with --http: also time keypoint reads, a file of N rows"
+    )
     args = ap.parse_args()
     root = args.eval_dir.expanduser() / "out" / "neardup"
     res_path = args.eval_dir.expanduser() / "results" / args.model / "neardup.json"
@@ -110,6 +120,9 @@ def main() -> None:
 
     if args.service:
         service(args)
+        return
+    if args.http:
+        over_http(args)
         return
 
     def check(qid: str, gid: str) -> int:
@@ -188,11 +201,11 @@ def service(args: argparse.Namespace) -> None:
 
             def query_points(image: Any = image, computed: list[bool] = computed) -> bytes:
                 computed.append(True)
-                return verify.keypoints(image)
+                return verify.keypoints(image, query=True)
 
             def mirrored(image: Any = image, mirrors: list[bool] = mirrors) -> bytes:
                 mirrors.append(True)
-                return verify.keypoints(image, mirrored=True)
+                return verify.keypoints(image, query=True, mirrored=True)
 
             start = time.perf_counter()
             kept = [packed[g] if g in packed else None for g, _ in ents[: verify.CANDIDATES]]
@@ -227,6 +240,125 @@ def service(args: argparse.Namespace) -> None:
             report_edits(res, after, json.loads((root / "gt.json").read_text()), queries, default)
     if args.time:
         ingest_cost(args, emb, eval_dir, verify, decode_image, make_thumbnail)
+
+
+def over_http(args: argparse.Namespace) -> None:
+    """Two servers (``python -m tusou serve``), verification off and on, fed the same dev gallery: ingest
+    img/s (batches of 16, rounds alternating between the servers) and search latency over the same dev
+    near-dup queries (alternating too, so both see the same machine load)."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tusou.client import Client, data_uri
+    from tusou.store.keys import KeyStore
+
+    eval_dir = args.eval_dir.expanduser()
+    root = eval_dir / "out" / "neardup"
+    gallery = [(root / m["file"]).read_bytes() for m in json.loads((root / "gallery.json").read_text())]
+    queries = sorted(json.loads((root / "queries.json").read_text()), key=lambda m: m["id"])
+    step = max(1, len(queries) // args.queries)
+    picked = [(root / m["file"]).read_bytes() for m in queries[::step][: args.queries]]
+    model_dir = args.data or eval_dir / "tusou-data"
+    servers: dict[str, tuple[subprocess.Popen[bytes], Client]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for n, (name, flag) in enumerate((("off", "false"), ("on", "true"))):
+                data = Path(tmp) / name
+                data.mkdir()
+                keys = KeyStore(data / "keys.db")
+                key = keys.create("bench")
+                keys.close()
+                port = 19000 + os.getpid() % 500 * 2 + n
+                env = dict(
+                    os.environ,
+                    TUSOU_DATA=str(data),
+                    TUSOU_PORT=str(port),
+                    TUSOU_VERIFY=flag,
+                    TUSOU_MODEL_DIR=str(model_dir / "models"),
+                )
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "tusou", "serve"],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(data / "serve.log", "a"),  # noqa: SIM115
+                )
+                servers[name] = (proc, Client(f"http://127.0.0.1:{port}", key.access_key, key.secret_key))
+            for name, (proc, client) in servers.items():
+                for _ in range(600):
+                    if proc.poll() is not None:
+                        sys.exit(f"the {name} server exited: see its serve.log")
+                    try:
+                        client.list_groups()
+                        break
+                    except Exception:
+                        time.sleep(0.2)
+            ingest: dict[str, list[float]] = {"off": [], "on": []}
+            for r in range(args.rounds):
+                for name, (_, client) in servers.items():
+                    client.new_group(f"r{r}")
+                    start = time.perf_counter()
+                    for i in range(0, len(gallery), 16):
+                        out = client.add_images(f"r{r}", [data_uri(b) for b in gallery[i : i + 16]])
+                        assert not out.failed(), out.failed()
+                    ingest[name].append(len(gallery) / (time.perf_counter() - start))
+            spent: dict[str, list[float]] = {"off": [], "on": []}
+            for jpeg in picked:
+                uri = data_uri(jpeg)
+                for name, (_, client) in servers.items():
+                    start = time.perf_counter()
+                    client.search(["r0"], uri, limit=10)
+                    spent[name].append(1000 * (time.perf_counter() - start))
+        finally:
+            for proc, client in servers.values():
+                client.close()
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+        print(
+            f"\nover HTTP, one server each, group of {len(gallery)} dev gallery images, "
+            f"load average {os.getloadavg()[0]:.1f} at the end"
+        )
+        print("| TUSOU_VERIFY | ingest img/s (batches of 16, each round) | search p50 | p90 | mean |")
+        print("|---|---|---|---|---|")
+        for name in ("off", "on"):
+            ms = np.asarray(spent[name])
+            rates = " / ".join(f"{x:.1f}" for x in ingest[name])
+            print(
+                f"| {name} | {rates} | {np.percentile(ms, 50):.1f} ms | {np.percentile(ms, 90):.1f} ms | "
+                f"{ms.mean():.1f} ms |"
+            )
+        if args.lookup_rows:
+            lookups(args.lookup_rows, Path(tmp))
+
+
+def lookups(rows: int, folder: Path) -> None:
+    """Keypoint reads (the three a search may make) from a keypoints file of ``rows`` images of 300
+    keypoints each: the part of verification's cost that grows with a group."""
+    from tusou import verify
+    from tusou.thumbs import ThumbStore
+
+    size = 4 + 40 * verify.KEYPOINTS
+    store = ThumbStore(folder / "keypoints.db")
+    rng = np.random.default_rng(0)
+    blob = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    start = time.perf_counter()
+    for first in range(0, rows, 5000):
+        store.put("t", "big", ((f"{i:09d}", blob) for i in range(first, min(rows, first + 5000))))
+    filled = time.perf_counter() - start
+    times = []
+    for _ in range(300):
+        ids = [f"{i:09d}" for i in rng.integers(0, rows, 3)]
+        t = time.perf_counter()
+        for image_id in ids:
+            store.get("t", "big", [image_id])
+        times.append(1000 * (time.perf_counter() - t))
+    store.close()
+    print(
+        f"\nkeypoints.db with {rows} images ({size * rows / 1e9:.1f} GB, filled in {filled:.0f} s): "
+        f"3 random reads p50 {np.percentile(times, 50):.2f} ms, p99 {np.percentile(times, 99):.2f} ms"
+    )
 
 
 def report_edits(

@@ -183,7 +183,7 @@ class Service:
         errors: list[ItemError | None] = [None] * len(items)
         ready: list[tuple[int, NewItem, np.ndarray]] = []
         pictures: list[bytes | None] = []
-        views: list[tuple[np.ndarray, bytes | None] | None] = []
+        views: list[tuple[np.ndarray, bytes | None, bytes | None] | None] = []
         keypoints: list[bytes | None] = []
         for i, (item, loaded) in enumerate(zip(items, vectors, strict=True)):
             if isinstance(item, ItemError):
@@ -201,7 +201,7 @@ class Service:
         duplicates: list[Duplicate | None] | None = None
         if request.duplicates is not None:
             duplicates = [None] * len(items)
-            found = self._duplicates(tenant, request, in_group, ready, new_ids, views, keypoints)
+            found = self._duplicates(tenant, request, in_group, ready, new_ids, views)
             keep = []
             for row, ((i, _, _), dup) in enumerate(zip(ready, found, strict=True)):
                 duplicates[i] = dup
@@ -254,8 +254,7 @@ class Service:
         in_group: bool,
         ready: list[tuple[int, NewItem, np.ndarray]],
         ids: list[str],
-        views: list[tuple[np.ndarray, bytes | None] | None],
-        keypoints: list[bytes | None],
+        views: list[tuple[np.ndarray, bytes | None, bytes | None] | None],
     ) -> list[Duplicate | None]:
         """Each ready image's best near-duplicate: the group's best hit for its query views (exactly what a
         search with it would score, verification included when it is on), or an earlier image of the same
@@ -269,14 +268,14 @@ class Service:
         dim = self.embedder.dim
         earlier: list[tuple[str, np.ndarray]] = []
         found: list[Duplicate | None] = []
-        for (_, _, vector), image_id, viewed, points in zip(ready, ids, views, keypoints, strict=True):
+        for (_, _, vector), image_id, viewed in zip(ready, ids, views, strict=True):
             assert viewed is not None
-            query, mirror = viewed
+            query, seen, mirror = viewed
             best: tuple[str, float] | None = None
             if in_group:
                 hits, scores = self._scored(tenant, [request.group], query, 1, min_cosine)
-                if points is not None:
-                    hits, scores = self._checked(tenant, hits, scores, _given(points), _given(mirror))
+                if seen is not None:
+                    hits, scores = self._checked(tenant, hits, scores, _given(seen), _given(mirror))
                 if hits and scores[0] >= floor:
                     best = (hits[0].id, scores[0])
             if earlier:
@@ -360,10 +359,10 @@ class Service:
         self, tenant: str, uris: list[str | None], pictures: bool = True, queries: bool = False
     ) -> list[_Loaded | ImageError | None]:
         """One index vector per uri (None stays None), with its thumbnail when those are kept and wanted,
-        its query views when ``queries`` (duplicate detection; with its mirror image's keypoints when
-        keypoints are kept), and its keypoints when those are kept and pictures are wanted. Each image is
-        embedded as soon as it is decoded and dropped right after, so a request never holds its whole
-        batch decoded."""
+        its query views when ``queries`` (duplicate detection; with its keypoints as a query's and its
+        mirror image's when keypoints are kept), and its keypoints when those are kept and pictures are
+        wanted. Each image is embedded as soon as it is decoded and dropped right after, so a request never
+        holds its whole batch decoded."""
         keep = pictures and self.thumbs is not None
         points = pictures and self.keypoints is not None
 
@@ -376,8 +375,9 @@ class Service:
             vector: np.ndarray = self._embed_images([image], tenant)[0]
             views = None
             if queries:
-                mirrored = verify.keypoints(image, mirrored=True) if points else None
-                views = (self._embed_queries([image], tenant)[0], mirrored)
+                seen = verify.keypoints(image, query=True) if points else None
+                mirrored = verify.keypoints(image, query=True, mirrored=True) if points else None
+                views = (self._embed_queries([image], tenant)[0], seen, mirrored)
             return (
                 vector,
                 make_thumbnail(image) if keep else None,
@@ -595,8 +595,8 @@ class Service:
                 tenant,
                 hits,
                 scores,
-                lambda: verify.keypoints(image),
-                lambda: verify.keypoints(image, mirrored=True),
+                lambda: verify.keypoints(image, query=True),
+                lambda: verify.keypoints(image, query=True, mirrored=True),
             )
         return [
             _match(hit, score, query.with_tags)
@@ -634,9 +634,9 @@ def _given(value: T) -> Callable[[], T]:
     return lambda: value
 
 
-#: What ``_vectors_and_pictures`` loads per image: index vector, thumbnail, (query views, mirror image's
-#: keypoints) for duplicate detection, keypoints.
-_Loaded = tuple[np.ndarray, bytes | None, tuple[np.ndarray, bytes | None] | None, bytes | None]
+#: What ``_vectors_and_pictures`` loads per image: index vector, thumbnail, (query views, keypoints as a
+#: query's, its mirror image's) for duplicate detection, keypoints to keep.
+_Loaded = tuple[np.ndarray, bytes | None, tuple[np.ndarray, bytes | None, bytes | None] | None, bytes | None]
 
 
 def _text_matches(hits: list[Hit], query: SearchQuery, score: Callable[[float], float]) -> list[Match]:
