@@ -112,14 +112,17 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
         service = build_service(settings)
     except ModelMismatch as exc:
         raise click.ClickException(str(exc)) from None
-    app = create_app(settings, service=service, keys=keys)
+    # The app's lifespan closes the service when the server stops (index snapshots written): uvicorn
+    # re-raises SIGTERM after its shutdown, so nothing after ``run`` would run.
+    app = create_app(settings, service=service, keys=keys, close_service=True)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level="info", access_log=False, **uvicorn_options()
     )
     try:
         uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        service.close()  # the service closes its store (index snapshots written)
+    except BaseException:
+        service.close()  # the server failed before or after its lifespan; closing twice is harmless
+        raise
 
 
 @main.group()

@@ -84,9 +84,17 @@ async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": "internal error"}, status_code=500, headers={"X-Reqid": reqid})
 
 
-def create_app(settings: Settings, service: Service | None = None, keys: KeyStore | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    service: Service | None = None,
+    keys: KeyStore | None = None,
+    *,
+    close_service: bool = False,
+) -> FastAPI:
     """The ASGI app. Without ``service``/``keys`` it builds them from ``settings`` at start-up (and then
-    closes them when it stops); given ones belong to the caller."""
+    closes them when it stops); given ones belong to the caller, unless ``close_service`` hands the given
+    service over (``tusou serve``: uvicorn re-raises SIGTERM once it has stopped, so code after its
+    ``run`` never runs; the lifespan's end does)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -97,7 +105,7 @@ def create_app(settings: Settings, service: Service | None = None, keys: KeyStor
         try:
             yield
         finally:
-            if service is None:
+            if service is None or close_service:
                 app.state.service.close()  # the service closes its store
             if keys is None:
                 app.state.keys.close()
