@@ -242,7 +242,7 @@ def test_everything_in_the_data_folder_is_private(tmp_path: Path) -> None:
         os.umask(old)
     data = tmp_path / "data"
     seen = {p.name for p in data.rglob("*")}
-    assert any(name.endswith(".usearch") for name in seen), seen  # the index snapshots are there
+    assert any(name.endswith(".ivf") for name in seen), seen  # the index snapshots are there
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     for path in data.rglob("*"):
         mode = stat.S_IMODE(path.lstat().st_mode)

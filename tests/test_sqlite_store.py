@@ -67,10 +67,10 @@ def test_restart_after_close_is_identical(tmp_path: Path) -> None:
     before = state(store, queries)
     store.close()
     assert sorted(p.suffix for p in (tmp_path / "index").iterdir()) == [
+        ".ivf",
+        ".ivf",
         ".json",
         ".json",
-        ".usearch",
-        ".usearch",
     ]
     store = open_store(tmp_path)
     assert state(store, queries) == before
@@ -102,7 +102,7 @@ def test_bad_snapshot_means_rebuild_from_sqlite(tmp_path: Path) -> None:
     queries = fill(store)
     expected = state(store, queries)
     store.close()
-    for path in (tmp_path / "index").glob("*.usearch"):
+    for path in (tmp_path / "index").glob("*.ivf"):
         path.write_bytes(path.read_bytes()[:1000])
     store = open_store(tmp_path)
     assert state(store, queries) == expected

@@ -58,7 +58,7 @@ def write_old_folder(folder: Path, n: int = 300) -> dict[str, np.ndarray]:
     store.delete_images("t1", "a", [f"a{i}" for i in range(0, n, 10)])
     store.update_image("t1", "a", "a1", label="changed")
     store.close()  # writes the snapshots of the old width
-    assert list((folder / "index").glob("g*.usearch"))
+    assert list((folder / "index").glob("g*.json"))
     return {f"a{i}": vecs[i] for i in range(n) if i % 10}
 
 

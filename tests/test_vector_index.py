@@ -141,13 +141,13 @@ def test_snapshot_is_written_beside_the_old_one_and_replaced(tmp_path: Path) -> 
     assert index.save(tmp_path, "g3") is None  # nothing changed
     index.add(np.asarray([501]), vectors[:1])
     # A snapshot interrupted midway leaves only a temp file; the previous one still loads.
-    (tmp_path / "g3.501.usearch.tmp").write_bytes(b"partial")
-    (tmp_path / "g3.502.1.usearch").write_bytes(b"no metadata: never renamed into place")
+    (tmp_path / "g3.501.ivf.tmp").write_bytes(b"partial")
+    (tmp_path / "g3.502.1.ivf").write_bytes(b"no metadata: never renamed into place")
     loaded = VectorIndex.load(tmp_path, "g3", DIM, table.fetch)
     assert loaded is not None and loaded.last_seq == 500 and len(loaded) == 500
     assert index.save(tmp_path, "g3") == 501
     names = sorted(p.name for p in snapshot_files(tmp_path, "g3"))
-    assert [n.rsplit(".", 1)[1] for n in names] == ["json", "usearch"]
+    assert [n.rsplit(".", 1)[1] for n in names] == ["ivf", "json"]
     assert all(n.startswith("g3.501.") for n in names)
     # Deletes alone keep the seq: the next snapshot gets a new generation beside the old, never the old
     # file's name (replacing it in place left no valid snapshot until the new JSON landed).
@@ -163,7 +163,7 @@ def test_snapshot_is_written_beside_the_old_one_and_replaced(tmp_path: Path) -> 
 def test_damaged_snapshot_is_refused(tmp_path: Path, damage: str) -> None:
     index, table, _ = filled(800)
     index.save(tmp_path, "g2")
-    (data,) = tmp_path.glob("g2.800.*.usearch")
+    (data,) = tmp_path.glob("g2.800.*.ivf")
     raw = bytearray(data.read_bytes())
     if damage == "flip":
         raw[len(raw) // 2] ^= 0xFF

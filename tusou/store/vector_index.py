@@ -1,23 +1,28 @@
-"""One group's search cache: an HNSW graph over int8 copies of the vectors (usearch), derived from SQLite.
+"""One group's search cache: int8 copies of the vectors in blocks we own, an inverted file over them,
+derived from SQLite.
 
-Why this shape (numbers from ``bench/scale.py`` and docs/index.md, 500k x 1280-d on 2 cores):
+Why this shape (numbers from ``bench/scale.py`` and docs/index.md, 2 cores, AVX2):
 
-* int8 storage: 500k float32 rows are 2.56 GB, float16 1.28 GB, int8 640 MB; only int8 leaves room for
-  the graph, the model and the server under the 1.5 GB RSS target. Each row is scaled by its own largest
-  component before rounding, so the 127 levels cover the row's real range (usearch's own float->int8
-  cast assumes components near +-1, which 1280-d unit vectors never reach). Cosine is scale-invariant, so
-  the int8 cosine approximates the float one to ~1e-3.
-* Every answer is re-ranked with the exact float32 vectors read back from SQLite for the few candidates
-  that matter (``fetch``), so reported cosines, the threshold cut and the order are float32-exact.
-* usearch, not FAISS: real deletes, int8 + cosine kernels (AVX-512 VNNI here), one copy of the vectors
-  that serves both the graph and the brute-force scan (``exact=True``), and a plain file snapshot.
+* One int8 copy, ours: each row is scaled by its own largest |component| to +-127 (cosine ignores the
+  per-row scale) and stored offset by 128 as uint8, in blocks of ``BLOCK`` rows that never move. The
+  exact scan reads these blocks with ONNX Runtime's ``MatMulInteger`` (u8 rows x s8 queries, all query
+  views in one pass, no sorted top-k: every row's score, then a threshold); queries are quantized to
+  7 bits so that AVX2's u8 x s8 pair sums cannot saturate. 5M x 256-d rows are 1.28 GB.
+* An inverted file (IVF) instead of a graph: rows are assigned to the nearest of up to ``NLIST_MAX``
+  k-means centroids (trained once the group has ``TRAIN_AT`` rows, retrained at 4x growth up to the
+  maximum); a small-limit search scans the ``NPROBE`` best lists per query view plus the rows added
+  since the lists were last sorted. It costs 4 bytes a row (an HNSW graph costs ~150) and a row's add is
+  one small matrix product (an HNSW insert is hundreds of distance computations at random addresses).
+* Every answer is re-ranked with the exact float32 vectors read back from SQLite for the candidates that
+  matter (``fetch``), so reported cosines, the threshold cut and the order are float32-exact.
 
-Search paths: small groups, large limits and "every match" scan all rows (exact, int8 then float32 on
-the survivors); otherwise the graph proposes candidates (approximate, recall measured >= 0.99).
+Search paths: small groups, large limits and "every match" scan all rows (exact: int8 then float32 on
+the survivors); otherwise the inverted file proposes candidates (approximate, recall measured), and a
+dense neighbourhood (``DENSE_MATCHES`` rows above the threshold) gets the exact scan instead.
 
-Snapshots: ``save`` writes ``<name>.<seq>.<generation>.usearch`` beside the previous one (temp file,
-fsync, rename) and then a ``.json`` with its size and CRC; ``load`` takes the newest snapshot whose JSON
-and CRC check out. The owner replays the live rows the snapshot lacks from the record of truth.
+Snapshots: ``save`` writes ``<name>.<seq>.<generation>.ivf`` beside the previous one (temp file, fsync,
+rename) and then a ``.json`` with its size and CRC; ``load`` takes the newest snapshot whose JSON and CRC
+check out. The owner replays the live rows the snapshot lacks from the record of truth.
 """
 
 from __future__ import annotations
@@ -29,57 +34,145 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-try:
-    # Load order matters: importing onnxruntime (the embedder) after usearch segfaults (usearch 2.26.6,
-    # onnxruntime 1.x: clashing bundled native libraries); onnxruntime first is fine.
-    import onnxruntime  # noqa: F401
-except ImportError:  # a store-only process without the model stack
-    pass
-from usearch.index import Index  # noqa: E402
-
-from tusou.files import FILE_MODE, fsync_dir, private_dir  # noqa: E402
+from tusou.files import FILE_MODE, fsync_dir, private_dir
 
 log = logging.getLogger(__name__)
 
-# Below this many rows a full scan costs a few ms and is exact: no graph is consulted.
+# Below this many rows a full scan costs a few ms and is exact: the lists are not consulted.
 EXACT_BELOW = 20_000
-# Above this limit the graph would need an enormous candidate list; a scan is cheaper and exact.
+# Above this limit the lists would need an enormous candidate list; a scan is cheaper and exact.
 ANN_MAX_LIMIT = 1000
 # Candidates whose int8 cosine is within this of the threshold are re-checked in float32. The int8
 # error measured on real embeddings is < 0.005 (docs/index.md); 0.02 leaves a wide margin.
 SCREEN_MARGIN = 0.02
-# Rows asked of the first full scan, and of the first one when many rows are expected to pass. At 500k x
-# 1280 (4 views, 2 cores) usearch's exact search costs ~63 ms for up to ~1k rows per view, 77 ms for 4k,
-# 98 ms for 8k and 152 ms for 16k (its sorted top-k grows, not the scan), so the scan widens by steps
-# only while its last row still passes.
-SCAN_FIRST = 1024
-SCAN_LONG = 4096
-# Rows of the graph probe that chooses between the two.
-SCAN_PROBE = 256
-# A graph answer with at least this many rows above the threshold is replaced by an exact scan (limit > 1).
+# A list answer with at least this many rows above the threshold is replaced by an exact scan (limit > 1).
 DENSE_MATCHES = 8
-CONNECTIVITY = 16
-EXPANSION_ADD = 128
-# The graph's search breadth for small limits; recall@10 vs exact f32 >= 0.99 at 500k (bench/scale.py).
-EXPANSION_SEARCH = 128
-SNAPSHOT_FORMAT = 1
+# Rows per storage block (never moved once allocated, so a scan can run on it while rows are appended).
+BLOCK = 65_536
+# The inverted file: trained at TRAIN_AT rows with ~ROWS_PER_LIST rows a list (NLIST_MIN..NLIST_MAX
+# lists), retrained when the group has grown RETRAIN_GROWTH times since (while below NLIST_MAX).
+TRAIN_AT = 20_000
+ROWS_PER_LIST = 256
+NLIST_MIN = 64
+NLIST_MAX = 1024
+RETRAIN_GROWTH = 4
+KMEANS_SAMPLE = 32_768
+KMEANS_ITERS = 8
+# Lists scanned per query view; rows appended since the lists were sorted are always scanned, and the
+# lists are re-sorted once there are more than TAIL_MAX of them.
+NPROBE = 8
+TAIL_MAX = 16_384
+SNAPSHOT_FORMAT = 2
+_MAGIC = b"TUSOU-IVF-2\n"
 
 # keys (int64) -> (keys that still exist, their float32 rows); rows deleted meanwhile are left out.
 Fetch = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def quantize(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled by their own largest |component| to int8 (cosine ignores the per-row scale)."""
+def quantize(vectors: np.ndarray, levels: int = 127) -> np.ndarray:
+    """Rows scaled by their own largest |component| to int8 in [-levels, levels] (cosine ignores scale)."""
     vectors = np.asarray(vectors, dtype=np.float32)
     scale = np.abs(vectors).max(axis=1, keepdims=True)
     scale[scale == 0] = 1.0
-    return np.rint(vectors * (127.0 / scale)).astype(np.int8)
+    return np.rint(vectors * (levels / scale)).astype(np.int8)
+
+
+def _inv_norms(codes: np.ndarray) -> np.ndarray:
+    norms = np.sqrt(np.einsum("ij,ij->i", codes.astype(np.float32), codes.astype(np.float32)))
+    out = np.zeros(len(codes), dtype=np.float32)
+    np.divide(1.0, norms, out=out, where=norms > 0)
+    return out
+
+
+class _Scorer:
+    """Best int8 cosine over the query views for each row, in one ONNX Runtime graph: ``MatMulInteger``
+    of the uint8 rows (int8 + 128, zero point 128) with the 7-bit int8 query columns (u8 x s8 kernels:
+    AVX2, VNNI where the CPU has it), scaled by the views' and the rows' inverse norms, max over views.
+    numpy does the same (slower) when ONNX Runtime is missing."""
+
+    def __init__(self) -> None:
+        self._session: Any = None
+        try:
+            import onnxruntime as ort
+            from onnx import TensorProto, helper
+
+            inputs = [
+                helper.make_tensor_value_info("rows", TensorProto.UINT8, [None, None]),
+                helper.make_tensor_value_info("cols", TensorProto.INT8, [None, None]),
+                helper.make_tensor_value_info("qinv", TensorProto.FLOAT, [1, None]),
+                helper.make_tensor_value_info("rinv", TensorProto.FLOAT, [None]),
+            ]
+            out = helper.make_tensor_value_info("best", TensorProto.FLOAT, [None])
+            zero = helper.make_tensor("zero", TensorProto.UINT8, [], [128])
+            nodes = [
+                helper.make_node("MatMulInteger", ["rows", "cols", "zero"], ["dots"]),
+                helper.make_node("Cast", ["dots"], ["fdots"], to=TensorProto.FLOAT),
+                helper.make_node("Mul", ["fdots", "qinv"], ["scaled"]),
+                helper.make_node("ReduceMax", ["scaled"], ["rowmax"], axes=[1], keepdims=0),
+                helper.make_node("Mul", ["rowmax", "rinv"], ["best"]),
+            ]
+            graph = helper.make_graph(nodes, "scan", inputs, [out], initializer=[zero])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+            model.ir_version = 8
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1  # blocks run in parallel from our own pool
+            options.inter_op_num_threads = 1
+            self._session = ort.InferenceSession(
+                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception:  # noqa: BLE001 - any failure: the numpy path is exact too, only slower
+            log.warning("ONNX Runtime MatMulInteger unavailable; int8 scans run in numpy", exc_info=True)
+
+    def best(self, rows: np.ndarray, cols: np.ndarray, qinv: np.ndarray, rinv: np.ndarray) -> np.ndarray:
+        """(m,) float32: rows (m, d) uint8 offset codes, cols (d, v) int8, qinv (1, v), rinv (m,)."""
+        if self._session is not None:
+            out: np.ndarray = self._session.run(
+                None, {"rows": rows, "cols": cols, "qinv": qinv, "rinv": rinv}
+            )[0]
+            return out
+        dots = (rows.astype(np.float32) - 128.0) @ cols.astype(np.float32)
+        return (dots * qinv).max(axis=1) * rinv
+
+
+_SCORER: _Scorer | None = None
+_SCORER_LOCK = threading.Lock()
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _scorer() -> _Scorer:
+    global _SCORER
+    with _SCORER_LOCK:
+        if _SCORER is None:
+            _SCORER = _Scorer()
+        return _SCORER
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _SCORER_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="tusou-scan")
+        return _POOL
+
+
+class _Query:
+    """A query's views, quantized for the int8 scan."""
+
+    def __init__(self, queries: np.ndarray) -> None:
+        codes = quantize(queries, 63)
+        self.cols = np.ascontiguousarray(codes.T)
+        self.inv_norm = _inv_norms(codes)[None, :]
+
+    def cosines(self, scorer: _Scorer, rows: np.ndarray, inv_norm: np.ndarray) -> np.ndarray:
+        """Best int8 cosine over the views for each row (0 for deleted rows, whose inv_norm is 0)."""
+        return scorer.best(rows, self.cols, self.inv_norm, np.ascontiguousarray(inv_norm))
 
 
 class _RWLock:
@@ -125,31 +218,35 @@ class _RWLock:
                 self._cond.notify_all()
 
 
-def _new_index(dim: int) -> Index:
-    return Index(
-        ndim=dim,
-        metric="cos",
-        dtype="i8",
-        connectivity=CONNECTIVITY,
-        expansion_add=EXPANSION_ADD,
-        expansion_search=EXPANSION_SEARCH,
-    )
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return crc
+def _grow(array: np.ndarray, need: int) -> np.ndarray:
+    if need <= len(array):
+        return array
+    out = np.zeros(max(need, 2 * len(array), 1024), dtype=array.dtype)
+    out[: len(array)] = array
+    return out
 
 
 class VectorIndex:
-    def __init__(self, dim: int, fetch: Fetch | None = None, *, _index: Index | None = None) -> None:
+    def __init__(self, dim: int, fetch: Fetch | None = None) -> None:
         self.dim = dim
         self.fetch = fetch
-        self._index = _index if _index is not None else _new_index(dim)
         self._lock = _RWLock()
+        self._scorer = _scorer()
+        # Slot-indexed storage: slot s lives in block s // BLOCK, row s % BLOCK.
+        self._blocks: list[np.ndarray] = []
+        self._n = 0  # slots used (live and deleted)
+        self._live = 0
+        self._keys = np.zeros(0, dtype=np.int64)
+        self._inv = np.zeros(0, dtype=np.float32)  # 1 / |int8 row|, 0 for a deleted slot
+        self._assign = np.zeros(0, dtype=np.int16)
+        self._keys_sorted = True  # keys increase with the slot (adds in seq order): lookups by bisection
+        self._key_order: np.ndarray | None = None  # argsort of the keys when they are not sorted
+        # The inverted file.
+        self._centroids: np.ndarray | None = None
+        self._trained_n = 0
+        self._order = np.zeros(0, dtype=np.int64)  # slots < _sorted_upto, by list
+        self._offsets = np.zeros(1, dtype=np.int64)
+        self._sorted_upto = 0
         # The highest seq added; a snapshot holds exactly the adds up to it.
         self.last_seq = 0
         # Changes since the last snapshot, and when the first of them happened (monotonic seconds).
@@ -159,7 +256,7 @@ class VectorIndex:
         self.threads = os.cpu_count() or 1
 
     def __len__(self) -> int:
-        return int(self._index.size)
+        return self._live
 
     def _touch(self, changed: int) -> None:
         if changed:
@@ -167,29 +264,191 @@ class VectorIndex:
                 self.dirty_since = time.monotonic()
             self.dirty += changed
 
+    # --- writes --------------------------------------------------------------------------------------
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         keys = np.asarray(keys, dtype=np.int64)
         if not len(keys):
             return
-        codes = quantize(np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.dim))
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.dim)
+        codes = quantize(vectors)
+        inv = _inv_norms(codes)
+        offset = (codes.view(np.uint8) ^ np.uint8(0x80)).reshape(len(keys), self.dim)
         with self._lock.write():
-            self._index.add(keys.astype(np.uint64), codes, threads=self.threads)
+            present = self._slots_of(keys)
+            dead = present[present >= 0]
+            dead = dead[self._inv[dead] == 0]
+            if len(dead):  # a deleted key added again is a new row: the old slot forgets it
+                self._keys[dead] = -1
+                self._keys_sorted, self._key_order = False, None
+                present = self._slots_of(keys)
+            fresh = present < 0
+            if not fresh.all():  # already held (a replay overlapping the snapshot): keep the first copy
+                keys, vectors, offset, inv = keys[fresh], vectors[fresh], offset[fresh], inv[fresh]
+                if not len(keys):
+                    return
+            self._append(keys, offset, inv, self._assign_rows(vectors))
             self.last_seq = max(self.last_seq, int(keys.max()))
             self._touch(len(keys))
+            self._maybe_train()
+
+    def _append(self, keys: np.ndarray, offset: np.ndarray, inv: np.ndarray, assign: np.ndarray) -> None:
+        n, m = self._n, len(keys)
+        self._keys = _grow(self._keys, n + m)
+        self._inv = _grow(self._inv, n + m)
+        self._assign = _grow(self._assign, n + m)
+        if self._keys_sorted and (n and keys[0] <= self._keys[n - 1] or np.any(np.diff(keys) <= 0)):
+            self._keys_sorted = False
+        self._key_order = None
+        self._keys[n : n + m] = keys
+        self._inv[n : n + m] = inv
+        self._assign[n : n + m] = assign
+        done = 0
+        while done < m:
+            slot = n + done
+            block, row = divmod(slot, BLOCK)
+            if block == len(self._blocks):
+                self._blocks.append(np.empty((BLOCK, self.dim), dtype=np.uint8))
+            take = min(m - done, BLOCK - row)
+            self._blocks[block][row : row + take] = offset[done : done + take]
+            done += take
+        self._n += m
+        self._live += m
+        if self._centroids is not None and self._n - self._sorted_upto > TAIL_MAX:
+            self._sort_lists()
+
+    def _assign_rows(self, vectors: np.ndarray) -> np.ndarray:
+        if self._centroids is None:
+            return np.zeros(len(vectors), dtype=np.int16)
+        out = np.empty(len(vectors), dtype=np.int16)
+        for start in range(0, len(vectors), 8192):
+            sims = vectors[start : start + 8192] @ self._centroids.T
+            out[start : start + 8192] = sims.argmax(axis=1)
+        return out
+
+    def _rows_float(self, start: int, stop: int) -> np.ndarray:
+        """Slots [start, stop) as float32 rows of unit length (deleted rows come out zero)."""
+        parts = []
+        while start < stop:
+            block, row = divmod(start, BLOCK)
+            take = min(stop - start, BLOCK - row)
+            part = self._blocks[block][row : row + take].astype(np.float32) - 128.0
+            part *= self._inv[start : start + take, None]
+            parts.append(part)
+            start += take
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
+
+    def _maybe_train(self) -> None:
+        if self._live < TRAIN_AT:
+            return
+        if self._centroids is not None and (
+            len(self._centroids) >= NLIST_MAX or self._live < RETRAIN_GROWTH * self._trained_n
+        ):
+            return
+        started = time.monotonic()
+        nlist = int(min(NLIST_MAX, max(NLIST_MIN, self._live // ROWS_PER_LIST)))
+        rng = np.random.default_rng(self._live)
+        live_slots = np.flatnonzero(self._inv[: self._n] > 0)
+        sample_slots = np.sort(rng.choice(live_slots, min(len(live_slots), KMEANS_SAMPLE), replace=False))
+        sample = self._gather_float(sample_slots)
+        centroids = sample[rng.choice(len(sample), nlist, replace=False)].copy()
+        for _ in range(KMEANS_ITERS):
+            nearest = np.empty(len(sample), dtype=np.int64)
+            for start in range(0, len(sample), 8192):
+                nearest[start : start + 8192] = (sample[start : start + 8192] @ centroids.T).argmax(axis=1)
+            sums = np.zeros_like(centroids)
+            np.add.at(sums, nearest, sample)
+            norms = np.linalg.norm(sums, axis=1, keepdims=True)
+            empty = norms[:, 0] == 0
+            # An empty list takes a random sample row: every centroid stays a unit vector.
+            sums[empty] = sample[rng.integers(0, len(sample), int(empty.sum()))]
+            norms[empty] = 1.0
+            centroids = (sums / norms).astype(np.float32)
+        self._centroids = centroids
+        self._trained_n = self._live
+        for start in range(0, self._n, BLOCK):
+            rows = self._rows_float(start, min(self._n, start + BLOCK))
+            self._assign[start : start + len(rows)] = self._assign_rows(rows)
+        self._sort_lists()
+        log.info(
+            "inverted file: %d lists over %d rows in %.1fs", nlist, self._live, time.monotonic() - started
+        )
+
+    def _gather_float(self, slots: np.ndarray) -> np.ndarray:
+        return (self._gather_codes(slots).astype(np.float32) - 128.0) * self._inv[slots, None]
+
+    def _gather_codes(self, slots: np.ndarray) -> np.ndarray:
+        """uint8 rows of ``slots`` (sorted ascending), in that order."""
+        out = np.empty((len(slots), self.dim), dtype=np.uint8)
+        cuts = np.searchsorted(slots, np.arange(len(self._blocks) + 1) * BLOCK)
+        for b in range(len(self._blocks)):
+            lo, hi = int(cuts[b]), int(cuts[b + 1])
+            if hi > lo:
+                np.take(self._blocks[b], slots[lo:hi] - b * BLOCK, axis=0, out=out[lo:hi])
+        return out
+
+    def _sort_lists(self) -> None:
+        assert self._centroids is not None
+        assign = self._assign[: self._n]
+        self._order = np.argsort(assign, kind="stable").astype(np.int64)
+        counts = np.bincount(assign, minlength=len(self._centroids))
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._sorted_upto = self._n
+
+    def _slots_of(self, keys: np.ndarray) -> np.ndarray:
+        """The slot holding each key (live or deleted), -1 where none does."""
+        held = self._keys[: self._n]
+        if not self._n:
+            return np.full(len(keys), -1, dtype=np.int64)
+        if self._keys_sorted:
+            pos = np.searchsorted(held, keys)
+            pos_c = np.minimum(pos, self._n - 1)
+            return np.where(held[pos_c] == keys, pos_c, -1)
+        if self._key_order is None:
+            self._key_order = np.argsort(held, kind="stable")
+        sorted_keys = held[self._key_order]
+        pos = np.minimum(np.searchsorted(sorted_keys, keys), self._n - 1)
+        return np.where(sorted_keys[pos] == keys, self._key_order[pos], -1)
 
     def remove(self, keys: list[int] | np.ndarray) -> int:
         keys = np.asarray(keys, dtype=np.int64)
         if not len(keys):
             return 0
         with self._lock.write():
-            removed = self._index.remove(keys.astype(np.uint64))
-            count = int(np.sum(removed))
+            slots = self._slots_of(np.unique(keys))
+            slots = slots[slots >= 0]
+            slots = slots[self._inv[slots] > 0]
+            self._inv[slots] = 0.0
+            count = len(slots)
+            self._live -= count
             self._touch(count)
+            if self._n - self._live > max(BLOCK, self._n // 2):
+                self._compact()
         return count
+
+    def _compact(self) -> None:
+        """Drop deleted slots (order kept): storage, keys and lists are rebuilt block by block."""
+        live = np.flatnonzero(self._inv[: self._n] > 0)
+        old_blocks = self._blocks
+        keys, inv, assign = self._keys[live].copy(), self._inv[live].copy(), self._assign[live].copy()
+        self._blocks, self._n, self._live = [], 0, 0
+        self._keys = np.zeros(0, dtype=np.int64)
+        self._inv = np.zeros(0, dtype=np.float32)
+        self._assign = np.zeros(0, dtype=np.int16)
+        self._keys_sorted, self._sorted_upto = True, 0
+        src_blocks = live // BLOCK
+        for b in range(len(old_blocks)):
+            sel = np.flatnonzero(src_blocks == b)
+            if len(sel):
+                rows = old_blocks[b][live[sel] - b * BLOCK]
+                self._append(keys[sel], rows, inv[sel], assign[sel])
+            old_blocks[b] = np.zeros((0, self.dim), dtype=np.uint8)  # freed as we go
+        if self._centroids is not None:
+            self._sort_lists()
 
     def keys(self) -> np.ndarray:
         with self._lock.read():
-            return np.asarray(self._index.keys, dtype=np.uint64).astype(np.int64)
+            held = self._keys[: self._n]
+            return held[self._inv[: self._n] > 0].copy()
 
     # --- search ------------------------------------------------------------------------------------
     def search(
@@ -198,55 +457,92 @@ class VectorIndex:
         """Keys and cosines of the best ``limit`` rows (all when limit < 0) at or above ``min_cosine``.
 
         ``queries`` holds the views of one query; a row scores its best cosine over them. ``exact``
-        forces (True) or forbids (False) the full scan (False: the graph's own answer, for measuring it);
-        by default the scan is used when the group is small, the request wants many rows, or the graph
-        finds a dense neighbourhood above the threshold.
+        forces (True) or forbids (False) the full scan (False: the lists' own answer, for measuring it);
+        by default the scan is used when the group is small, the request wants many rows, or the lists
+        find a dense neighbourhood above the threshold.
         """
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         empty = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         if limit == 0:
             return empty
         floor = min_cosine - SCREEN_MARGIN
-        codes = quantize(queries)
-        at_least = 0
-        while True:
-            # ``bound``: no row left out of the candidates has an int8 cosine above it (-inf: none left).
-            with self._lock.read():
-                n = len(self)
-                if n == 0:
-                    return empty
-                auto = exact is None
-                scan = exact if not auto else n < self.exact_below or limit < 0 or limit > ANN_MAX_LIMIT
-                if scan:
-                    keys, approx, bound, want = self._scan(codes, n, limit, floor, at_least)
-                else:
-                    # usearch widens its search breadth to ``count`` when that is larger.
-                    count = min(n, max(32, 2 * limit))
-                    keys, approx = self._best_over_views(self._index.search(codes, count, threads=1))
-                    bound, want = -np.inf, n  # the graph's answer is approximate by design
-                    if auto and limit > 1 and np.count_nonzero(approx >= floor) >= DENSE_MATCHES:
-                        # Many rows pass the threshold around this query: a dense neighbourhood, where the
-                        # graph is known to skip some (bench/scale.py: 42 of 55 matches at limit=100). A
-                        # search that can return several matches then gets the exact scan's answer.
-                        keys, approx, bound, want = self._scan(codes, n, limit, floor, at_least)
-            keys, cosines = self._rerank(keys, approx, queries, min_cosine, floor)
-            if limit >= 0:
-                keys, cosines = keys[:limit], cosines[:limit]
-            # A scan that stopped at ``want`` rows while still above the floor is exact only if no row it
-            # left out could beat the answer: their float cosines are below ``bound + SCREEN_MARGIN``
-            # (int8 error < margin), so they cannot enter once the limit-th answer is above that.
-            full = limit >= 0 and len(cosines) >= limit
-            if bound < floor or (full and cosines[-1] > bound + SCREEN_MARGIN) or want >= n:
-                return keys, cosines
-            at_least = want * 4
+        query = _Query(queries)
+        with self._lock.read():
+            n = len(self)
+            if n == 0:
+                return empty
+            auto = exact is None
+            scan = exact if not auto else n < self.exact_below or limit < 0 or limit > ANN_MAX_LIMIT
+            if scan:
+                keys, approx = self._scan(query, limit, floor)
+            else:
+                keys, approx = self._probe(query, queries, min(n, max(32, 2 * limit)))
+                if auto and limit > 1 and np.count_nonzero(approx >= floor) >= DENSE_MATCHES:
+                    # Many rows pass the threshold around this query: a dense neighbourhood, where the
+                    # lists may miss some. A search that can return several matches gets the scan's answer.
+                    keys, approx = self._scan(query, limit, floor)
+        keys, cosines = self._rerank(keys, approx, queries, min_cosine, floor)
+        if limit >= 0:
+            keys, cosines = keys[:limit], cosines[:limit]
+        return keys, cosines
+
+    def _scan(self, query: _Query, limit: int, floor: float) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's int8 score: the rows that may pass ``floor`` and may make the best ``limit``."""
+        n = self._n
+
+        def one(start: int) -> tuple[np.ndarray, np.ndarray]:
+            stop = min(n, start + BLOCK)
+            cos = query.cosines(
+                self._scorer, self._blocks[start // BLOCK][: stop - start], self._inv[start:stop]
+            )
+            hit = np.flatnonzero(cos >= floor)
+            return hit + start, cos[hit]
+
+        starts = list(range(0, n, BLOCK))
+        if len(starts) > 1 and self.threads > 1:
+            parts = list(_pool().map(one, starts))
+        else:
+            parts = [one(s) for s in starts]
+        slots = np.concatenate([p[0] for p in parts])
+        approx = np.concatenate([p[1] for p in parts])
+        live = self._inv[slots] > 0
+        slots, approx = slots[live], approx[live]
+        if limit > 0 and len(slots) > limit:
+            # A row whose int8 cosine is below the limit-th best by more than twice the int8 error cannot
+            # enter the answer; every row was scored, so nothing else can.
+            kth = float(np.partition(approx, len(approx) - limit)[len(approx) - limit])
+            keep = approx >= kth - 2 * SCREEN_MARGIN
+            slots, approx = slots[keep], approx[keep]
+        return self._keys[slots], approx
+
+    def _probe(self, query: _Query, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``count`` best rows (int8) among the lists nearest to each view and the unsorted tail."""
+        n = self._n
+        if self._centroids is None:
+            slots = np.arange(n, dtype=np.int64)
+        else:
+            sims = queries @ self._centroids.T
+            nprobe = min(NPROBE, len(self._centroids))
+            lists = np.unique(np.argpartition(-sims, nprobe - 1, axis=1)[:, :nprobe])
+            parts = [self._order[self._offsets[i] : self._offsets[i + 1]] for i in lists]
+            parts.append(np.arange(self._sorted_upto, n, dtype=np.int64))
+            slots = np.sort(np.concatenate(parts))
+        slots = slots[self._inv[slots] > 0]
+        if not len(slots):
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        cos = query.cosines(self._scorer, self._gather_codes(slots), self._inv[slots])
+        if len(cos) > count:
+            top = np.argpartition(-cos, count - 1)[:count]
+            slots, cos = slots[top], cos[top]
+        return self._keys[slots], cos
 
     def search_among(
         self, queries: np.ndarray, among: np.ndarray, limit: int, min_cosine: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`search` restricted to the rows ``among`` (a filter's matches), exact: their int8 codes are
-        scored in numpy, the candidates that may make the answer are re-ranked in float32.
+        scored, the candidates that may make the answer are re-ranked in float32.
 
-        Costs one pass over ``among`` (about 1 ms per 5k rows and view), whatever the group's size.
+        Costs one pass over ``among``, whatever the group's size.
         """
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         among = np.unique(np.asarray(among, dtype=np.int64))
@@ -254,27 +550,16 @@ class VectorIndex:
         if limit == 0 or not len(among):
             return empty
         floor = min_cosine - SCREEN_MARGIN
-        q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-        keys_out: list[np.ndarray] = []
-        approx_out: list[np.ndarray] = []
-        for start in range(0, len(among), 16_384):
-            chunk = among[start : start + 16_384]
-            with self._lock.read():
-                got: Any = self._index.get(chunk.astype(np.uint64), dtype=np.int8)  # type: ignore[arg-type]
-            if not isinstance(got, tuple):
-                got = tuple(got) if len(chunk) > 1 else (got,)
-            present = [i for i, row in enumerate(got) if row is not None]  # deleted meanwhile: skipped
-            if not present:
-                continue
-            codes = np.stack([got[i] for i in present]).astype(np.float32)
-            codes /= np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
-            cos = (codes @ q.T).max(axis=1)
-            keep = cos >= floor
-            keys_out.append(chunk[present][keep])
-            approx_out.append(cos[keep].astype(np.float32))
-        if not keys_out:
-            return empty
-        keys, approx = np.concatenate(keys_out), np.concatenate(approx_out)
+        query = _Query(queries)
+        with self._lock.read():
+            slots = self._slots_of(among)
+            slots = np.sort(slots[slots >= 0])
+            slots = slots[self._inv[slots] > 0]  # deleted meanwhile: skipped
+            if not len(slots):
+                return empty
+            approx = query.cosines(self._scorer, self._gather_codes(slots), self._inv[slots])
+            keep = approx >= floor
+            keys, approx = self._keys[slots[keep]], approx[keep]
         if limit > 0 and len(keys) > limit:
             # Rows whose int8 cosine is below the limit-th best by more than the int8 error cannot enter.
             kth = float(np.partition(approx, len(approx) - limit)[len(approx) - limit])
@@ -301,93 +586,61 @@ class VectorIndex:
         order = passing[np.lexsort((keys[passing], -cosines[passing]))]
         return keys[order], cosines[order].astype(np.float32)
 
-    def _scan(
-        self, codes: np.ndarray, n: int, limit: int, floor: float, at_least: int = 0
-    ) -> tuple[np.ndarray, np.ndarray, float, int]:
-        """Every row (int8) against the views: the rows that may pass ``floor``, up to what ``limit`` needs.
-
-        Returns the candidates (key, best int8 cosine), the bound above which no row was left out (-inf
-        when none was), and the number of rows per view asked for (``want``).
-
-        usearch's brute force keeps a sorted top-``count`` per view, which costs far more than the scan
-        itself when ``count`` is in the thousands; with a real threshold few rows pass, so ask for a
-        short list first and widen only while the last row returned for some view still passes ``floor``.
-        """
-        # A little more than ``limit`` so that the float re-rank can reorder the border.
-        want = n if limit < 0 else min(n, max(at_least, limit + max(32, limit // 8)))
-        count = min(want, SCAN_FIRST)
-        if count < want:
-            # A graph search (a few ms) predicts whether the first scan's rows will do. When most of its
-            # candidates pass, that scan would only be thrown away: start with a longer one. The answer
-            # stays exact either way; only the number of scans changes.
-            probe_count = min(want, SCAN_PROBE)
-            _, probe = self._best_over_views(self._index.search(codes, probe_count, threads=1))
-            if np.count_nonzero(probe >= floor) >= probe_count // 2:
-                count = min(want, SCAN_LONG)
-        while True:
-            rows = self._view_rows(self._index.search(codes, count, exact=True, threads=self.threads))
-            cut = [float(cos[-1]) for keys, cos in rows if len(keys) == count and count < n]
-            bound = max(cut) if cut else -np.inf
-            if count >= want or bound < floor:
-                return (*self._best_per_key(rows), bound, want)
-            count = min(want, count * 4)
-
-    @staticmethod
-    def _view_rows(matches: object) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(keys, cosines) of each view's matches, best first."""
-        keys = np.asarray(matches.keys)  # type: ignore[attr-defined]
-        dist = np.asarray(matches.distances)  # type: ignore[attr-defined]
-        if keys.ndim == 1:  # usearch answers one query with Matches, several with BatchMatches
-            return [(keys.astype(np.int64), 1.0 - dist.astype(np.float32))]
-        counts = np.asarray(matches.counts)  # type: ignore[attr-defined]
-        return [
-            (keys[v, :c].astype(np.int64), 1.0 - dist[v, :c].astype(np.float32)) for v, c in enumerate(counts)
-        ]
-
-    @staticmethod
-    def _best_per_key(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-        """One (key, best cosine over views) per row found by any view."""
-        if not rows:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        flat_keys = np.concatenate([k for k, _ in rows])
-        flat_cos = np.concatenate([c for _, c in rows])
-        if len(rows) > 1 and len(flat_keys):
-            order = np.lexsort((-flat_cos, flat_keys))
-            flat_keys, flat_cos = flat_keys[order], flat_cos[order]
-            first = np.ones(len(flat_keys), dtype=bool)
-            first[1:] = flat_keys[1:] != flat_keys[:-1]
-            flat_keys, flat_cos = flat_keys[first], flat_cos[first]
-        return flat_keys, flat_cos
-
-    def _best_over_views(self, matches: object) -> tuple[np.ndarray, np.ndarray]:
-        """Flatten (views x count) matches to one (key, best cosine) per row."""
-        return self._best_per_key(self._view_rows(matches))
-
     # --- snapshots ---------------------------------------------------------------------------------
+    def _write(self, f: BinaryIO) -> tuple[int, int]:
+        """The live rows (compacted) into ``f``; returns (count, crc32 of what was written)."""
+        crc = 0
+
+        def put(data: bytes | memoryview) -> None:
+            nonlocal crc
+            crc = zlib.crc32(data, crc)
+            f.write(data)
+
+        live = np.flatnonzero(self._inv[: self._n] > 0)
+        header = {
+            "dim": self.dim,
+            "count": len(live),
+            "nlist": 0 if self._centroids is None else len(self._centroids),
+            "trained": self._trained_n,
+        }
+        put(_MAGIC)
+        put(json.dumps(header).encode() + b"\n")
+        put(self._keys[live].tobytes())
+        put(self._inv[live].tobytes())
+        put(self._assign[live].tobytes())
+        for start in range(0, len(live), BLOCK):
+            put(self._gather_codes(live[start : start + BLOCK]).tobytes())
+        if self._centroids is not None:
+            put(self._centroids.tobytes())
+        return len(live), crc
+
     def save(self, folder: Path, name: str) -> int | None:
         """Write a snapshot if anything changed since the last one; returns its seq (None if clean).
 
-        Searches go on meanwhile; adds and deletes wait only while usearch serialises into the page
-        cache. fsync, CRC and renames happen after the lock is released.
+        Searches go on meanwhile; adds and deletes wait while the rows are written into the page cache.
+        fsync and renames happen after the lock is released.
         """
         private_dir(folder)
         with self._lock.read():
             if not self.dirty:
                 return None
-            seq, count, dirty = self.last_seq, len(self), self.dirty
+            seq, dirty = self.last_seq, self.dirty
             # A generation in the name as well: after deletes alone the seq is unchanged, and replacing
             # the live file under its old name would leave no valid snapshot until the new JSON lands.
             stem = f"{name}.{seq}.{time.time_ns()}"
-            tmp = folder / f"{stem}.usearch.tmp"
-            self._index.save(str(tmp))
+            tmp = folder / f"{stem}.ivf.tmp"
+            try:
+                with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as f:
+                    count, crc = self._write(f)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             # No writer can run while we hold the read lock, so nothing changed since ``dirty``.
             self.dirty = 0
         try:
             with open(tmp, "rb+") as f:
-                # Every tenant's vectors: as private as the databases.
-                os.fchmod(f.fileno(), FILE_MODE)
                 os.fsync(f.fileno())
-            final = folder / f"{stem}.usearch"
+            final = folder / f"{stem}.ivf"
             os.replace(tmp, final)
             meta = {
                 "format": SNAPSHOT_FORMAT,
@@ -395,7 +648,7 @@ class VectorIndex:
                 "seq": seq,
                 "count": count,
                 "size": final.stat().st_size,
-                "crc32": _crc32(final),
+                "crc32": crc,
             }
             meta_tmp = folder / f"{stem}.json.tmp"
             with open(os.open(meta_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "w") as f:
@@ -416,6 +669,54 @@ class VectorIndex:
         return seq
 
     @classmethod
+    def _read(cls, path: Path, dim: int, meta: dict, fetch: Fetch | None) -> VectorIndex:
+        if path.stat().st_size != meta["size"]:
+            raise ValueError("snapshot size does not match")
+        crc = 0
+        with open(path, "rb") as f:
+
+            def take(size: int) -> bytes:
+                nonlocal crc
+                data = f.read(size)
+                if len(data) != size:
+                    raise ValueError("snapshot is truncated")
+                crc = zlib.crc32(data, crc)
+                return data
+
+            if take(len(_MAGIC)) != _MAGIC:
+                raise ValueError("not a snapshot of this format")
+            line = f.readline(4096)
+            crc = zlib.crc32(line, crc)
+            header = json.loads(line)
+            n, nlist = int(header["count"]), int(header["nlist"])
+            if header["dim"] != dim or n != meta["count"]:
+                raise ValueError("snapshot does not hold what its metadata says")
+            out = cls(dim, fetch)
+            keys = np.frombuffer(take(8 * n), dtype=np.int64)
+            inv = np.frombuffer(take(4 * n), dtype=np.float32)
+            assign = np.frombuffer(take(2 * n), dtype=np.int16)
+            out._keys, out._inv, out._assign = keys.copy(), inv.copy(), assign.copy()
+            for start in range(0, n, BLOCK):
+                rows = min(BLOCK, n - start)
+                block = np.empty((BLOCK, dim), dtype=np.uint8)
+                block[:rows] = np.frombuffer(take(rows * dim), dtype=np.uint8).reshape(rows, dim)
+                out._blocks.append(block)
+            if nlist:
+                out._centroids = (
+                    np.frombuffer(take(4 * nlist * dim), dtype=np.float32).reshape(nlist, dim).copy()
+                )
+                out._trained_n = int(header["trained"])
+            if f.read(1):
+                raise ValueError("snapshot has trailing data")
+        if crc != meta["crc32"]:
+            raise ValueError("snapshot checksum does not match")
+        out._n = out._live = n
+        out._keys_sorted = bool(n < 2 or np.all(np.diff(out._keys) > 0))
+        if out._centroids is not None:
+            out._sort_lists()
+        return out
+
+    @classmethod
     def load(cls, folder: Path, name: str, dim: int, fetch: Fetch | None = None) -> VectorIndex | None:
         """The newest valid snapshot of ``name`` in ``folder``, or None when there is none."""
         metas: list[tuple[int, int, Path]] = []
@@ -426,20 +727,15 @@ class VectorIndex:
             except ValueError:
                 continue
         for seq, gen, meta_path in sorted(metas, reverse=True):
-            data = folder / f"{name}.{seq}.{gen}.usearch"
+            data = folder / f"{name}.{seq}.{gen}.ivf"
             try:
                 meta = json.loads(meta_path.read_text())
                 if meta.get("format") != SNAPSHOT_FORMAT or meta["dim"] != dim or meta["seq"] != seq:
                     raise ValueError("snapshot of another format or model")
-                if data.stat().st_size != meta["size"] or _crc32(data) != meta["crc32"]:
-                    raise ValueError("snapshot size or checksum does not match")
-                index = Index.restore(str(data))
-                if index is None or index.ndim != dim or len(index) != meta["count"]:
-                    raise ValueError("snapshot does not hold what its metadata says")
-            except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+                out = cls._read(data, dim, meta, fetch)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("ignoring snapshot %s: %s", data, exc)
                 continue
-            out = cls(dim, fetch, _index=index)
             out.last_seq = seq
             return out
         return None
