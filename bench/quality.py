@@ -529,7 +529,10 @@ def make_raw_fn(
     emb = create_embedder(
         Settings(data=args.data, model=args.model, threads=args.threads, model_precision=args.precision)
     )
-    return emb.model_id, lambda img: emb.features([img])[0], lambda p: emb.open_image(p.read_bytes())
+    # Raw features depend on the weights and graph only, not on post-processing: key their cache by the
+    # model part of the identity (before "/v<vector space>"), so a new mean or projection reuses them.
+    base_id = emb.model_id.split("/")[0]
+    return base_id, lambda img: emb.features([img])[0], lambda p: emb.open_image(p.read_bytes())
 
 
 class RawFeatures:
@@ -567,11 +570,17 @@ def powered(f: np.ndarray) -> np.ndarray:
     return np.power(np.maximum(f, 0.0), POWER[0]) if POWER[0] != 1.0 else f
 
 
-def centre(f: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
-    """score.postprocess with a given mean: power, L2, minus mean, L2 (no mean: plain L2)."""
+#: A projection being evaluated: (matrix (D, d), bias (d,)), applied as score.project does.
+Projection = tuple[np.ndarray, np.ndarray]
+
+
+def centre(f: np.ndarray, mean: np.ndarray | None, proj: Projection | None = None) -> np.ndarray:
+    """score.postprocess with a given mean and projection: power, L2, minus mean, L2 (no mean: plain L2),
+    then with ``proj`` = (P, b): times P, plus b, L2."""
     if mean is None:
         return l2(f)
-    return l2(l2(powered(f)) - mean)
+    x = l2(l2(powered(f)) - mean)
+    return x if proj is None else l2(x @ proj[0] + proj[1])
 
 
 def vectors(
@@ -581,13 +590,14 @@ def vectors(
     names: Sequence[str],
     mean: np.ndarray | None,
     average: bool,
+    proj: Projection | None = None,
 ) -> np.ndarray:
     """What the embedder computes: index views' raw features averaged, then post-processed -> (n, d);
     query views post-processed one by one and stacked -> (n, v, d)."""
     per_view = [rf.get(s, metas, v) for v in names]
     if average:
-        return centre(np.mean(per_view, axis=0), mean)
-    return np.stack([centre(f, mean) for f in per_view], axis=1)
+        return centre(np.mean(per_view, axis=0), mean, proj)
+    return np.stack([centre(f, mean, proj) for f in per_view], axis=1)
 
 
 def max_cos(q: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -620,13 +630,15 @@ def evaluate(
     iv: Sequence[str],
     qv: Sequence[str],
     mean: np.ndarray | None,
+    proj: Projection | None = None,
 ) -> dict[str, Any]:
-    """Metrics and the cosine samples the score map is fitted on, for one view configuration."""
+    """Metrics and the cosine samples the score map is fitted on, for one view configuration (and,
+    with ``proj``, a projection after the centring)."""
     out: dict[str, Any] = {}
     for name, s in sets.items():
         gids = [m["id"] for m in s.gallery]
-        g = vectors(rf, s, s.gallery, iv, mean, True)
-        q = vectors(rf, s, s.queries, qv, mean, False)
+        g = vectors(rf, s, s.gallery, iv, mean, True, proj)
+        q = vectors(rf, s, s.queries, qv, mean, False, proj)
         cos = max_cos(q, g)
         res = dict(zip([m["id"] for m in s.queries], ranked(cos, gids), strict=True))
         out[name] = scorer.score(str(s.dir), res)
@@ -645,11 +657,12 @@ def evaluate(
                 # per query with a match: is its top hit right, and the top cosine
                 "top1_ok": rel[has][np.arange(has.sum()), cos[has].argmax(axis=1)],
                 "top1_cos": cos[has].max(axis=1),
+                "edit": np.array([str(m.get("edit")) for m in s.queries])[has],
                 # an exact copy of a stored image queried as is (below 1 when index views are averaged)
-                "identical": np.sum(vectors(rf, s, s.gallery, ("id",), mean, True) * g, axis=1),
+                "identical": np.sum(vectors(rf, s, s.gallery, ("id",), mean, True, proj) * g, axis=1),
             }
         elif s.gt_loo is not None:
-            ql = vectors(rf, s, s.gallery, qv, mean, False)
+            ql = vectors(rf, s, s.gallery, qv, mean, False, proj)
             cl = max_cos(ql, g)
             np.fill_diagonal(cl, -2.0)
             res_loo = dict(zip(gids, ranked(cl, gids), strict=True))
@@ -726,10 +739,18 @@ def run_calibrate(args: argparse.Namespace, root: Path) -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     mean = fit_mean(rf, sets)
+    cal = score_mod.calibration(args.model)
+    # The shipped projection (tools/make_projection.py) was fitted on vectors centred with the shipped
+    # mean; it is applied wherever that mean is, so the map below is fitted for the vectors served.
+    proj = None if cal.projection is None or cal.bias is None else (cal.projection, cal.bias)
+    if proj is not None and (cal.mean is None or not np.allclose(cal.mean, mean, atol=1e-3)):
+        sys.exit("the refitted mean differs from the shipped one: refit the projection (make_projection.py)")
+    if proj is not None:
+        print(f"(projected to {cal.dim} dimensions with tusou/embed/data/{args.model}_projection.npy)\n")
     for name, iv, qv in CANDIDATES:
         if args.configs and name not in args.configs:
             continue
-        print(summarise(name, evaluate(rf, sets, scorer, iv, qv, mean)), flush=True)
+        print(summarise(name, evaluate(rf, sets, scorer, iv, qv, mean, proj)), flush=True)
     print(summarise("plain, uncentred", evaluate(rf, sets, scorer, ("id",), ("id",), None)))
     chosen = views_mod.INDEX_VIEWS, views_mod.QUERY_VIEWS
     if POWER[0] != 1.0:
@@ -738,7 +759,7 @@ def run_calibrate(args: argparse.Namespace, root: Path) -> None:
         POWER[0] = p
 
     iv, qv = views_mod.INDEX_VIEWS, views_mod.QUERY_VIEWS
-    m = evaluate(rf, sets, scorer, iv, qv, mean)
+    m = evaluate(rf, sets, scorer, iv, qv, mean, proj)
     print(summarise("chosen (views.py)", m))
     c = m["cos"]
     params = fit_score_map(c, args.default_threshold)
@@ -766,6 +787,7 @@ def run_calibrate(args: argparse.Namespace, root: Path) -> None:
         data = ROOT / "tusou" / "embed" / "data"
         data.mkdir(exist_ok=True)
         np.save(data / f"{args.model}_mean.npy", mean.astype(np.float16))
+        old = data / f"{args.model}_score.json"
         meta = {
             **params,
             "power": POWER[0],
@@ -773,6 +795,8 @@ def run_calibrate(args: argparse.Namespace, root: Path) -> None:
             "views": {"index": list(iv), "query": list(qv)},
             "fitted_by": f"python bench/quality.py --model {args.model} --calibrate --write",
         }
+        if proj is not None:  # keep the record of how the projection was fitted
+            meta["projection"] = json.loads(old.read_text()).get("projection")
         (data / f"{args.model}_score.json").write_text(json.dumps(meta, indent=1) + "\n")
         print("wrote", data / f"{args.model}_mean.npy", data / f"{args.model}_score.json")
 

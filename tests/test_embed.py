@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from tusou.config import Settings
-from tusou.embed import OnnxEmbedder, create_embedder, efficientnet, onnx_model
+from tusou.embed import OnnxEmbedder, create_embedder, efficientnet, onnx_model, score, views
 from tusou.embed.efficientnet import LITE_MODELS, build_efficientnet_lite
 from tusou.embed.onnx_model import OnnxEncoder, lite_onnx_path, lite_weights_path
 from tusou.embed.preprocess import lite_preprocessor
@@ -246,20 +246,57 @@ def test_identity(lite0: OnnxEmbedder) -> None:
     sha = META["models"]["lite0"]["weights_sha256"]
     # Weights, then the vector space (calibration + index views) that stored vectors depend on.
     assert lite0.model_id.startswith(f"efficientnet-lite0@{sha[:12]}/v")
-    assert lite0.dim == 1280
+    # The shipped projection (score.project) gives the compact width; the network still gives 1280.
+    assert lite0.dim == score.calibration("lite0").dim and lite0.dim <= 384 and lite0.feature_dim == 1280
     assert 0.0 <= lite0.default_threshold <= 1.0
 
 
 def test_shapes_and_unit_norms(lite0: OnnxEmbedder) -> None:
     imgs = _images()
     v = lite0.embed_images(imgs)
-    assert v.shape == (3, 1280) and v.dtype == np.float32
+    d = lite0.dim
+    assert v.shape == (3, d) and v.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     q = lite0.embed_queries(imgs)
-    assert q.ndim == 3 and q.shape[0] == 3 and q.shape[2] == 1280 and q.dtype == np.float32
+    assert q.ndim == 3 and q.shape[0] == 3 and q.shape[2] == d and q.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(q, axis=2), 1.0, atol=1e-5)
-    assert lite0.embed_images([]).shape == (0, 1280)
+    assert lite0.embed_images([]).shape == (0, d)
     assert lite0.embed_queries([]).shape[0] == 0
+
+
+#: The vector space today's release (before the projection) writes into a data folder for lite0 fp32.
+UNPROJECTED_LITE0 = "efficientnet-lite0@579344248a93/v6d4c9d0c"
+
+
+def test_convert_from_unprojected_vectors(lite0: OnnxEmbedder) -> None:
+    """Vectors stored before the projection shipped (centred, 1280 wide) convert to exactly what
+    embedding the same images gives now; no other identity converts."""
+    assert lite0.unprojected_model_id == UNPROJECTED_LITE0
+    assert lite0.model_id != UNPROJECTED_LITE0 and lite0.model_id.startswith("efficientnet-lite0@")
+    imgs = _images()
+    # What the release before the projection stored: index views' raw features averaged, then the root,
+    # L2, minus the mean, L2 (computed here by hand, not through score.postprocess).
+    raw = np.mean([lite0.features([views.VIEWS[v](im) for im in imgs]) for v in views.INDEX_VIEWS], axis=0)
+    cal = score.calibration("lite0")
+    assert cal.mean is not None
+    old = _unit(_unit(np.sqrt(raw)) - cal.mean).astype(np.float32)
+    convert = lite0.convert_from(UNPROJECTED_LITE0)
+    assert convert is not None
+    new = convert(old)
+    assert new.shape == (3, lite0.dim) and new.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(new, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(new, lite0.embed_images(imgs), atol=1e-5)
+    same = lite0.convert_from(lite0.model_id)
+    assert same is not None
+    np.testing.assert_array_equal(same(new), new)
+    for other in (
+        "efficientnet-lite0@579344248a93/v00000000",  # another mean or view set
+        "efficientnet-lite0@000000000000/v6d4c9d0c",  # other weights
+        "efficientnet-lite0@579344248a93-int8q1.b3f523af/v6d4c9d0c",  # int8 vectors, into an fp32 space
+        "efficientnet-lite1@a/v6d4c9d0c",
+        "",
+    ):
+        assert lite0.convert_from(other) is None, other
 
 
 def test_deterministic(lite0: OnnxEmbedder) -> None:
@@ -375,7 +412,7 @@ def test_cache_reused_and_rebuilt_when_corrupt(tmp_path: Path, monkeypatch: pyte
     assert calls == [1, 1, 1]
 
     emb = create_embedder(Settings(data=tmp_path, model="lite0"))
-    assert calls == [1, 1, 1] and emb.dim == 1280
+    assert calls == [1, 1, 1] and emb.feature_dim == 1280
 
 
 # --- a user-supplied encoder -------------------------------------------------------------------------

@@ -39,6 +39,23 @@ def test_int8_graph_is_its_own_model(int8: OnnxEmbedder, embedder: Embedder) -> 
     assert int8.encoder.path.stat().st_size < 0.6 * Path(embedder.encoder.path).stat().st_size
 
 
+def test_int8_converts_only_its_own_unprojected_vectors(int8: OnnxEmbedder, embedder: Embedder) -> None:
+    """The projection is shared post-processing: an int8 folder from before it converts to the int8
+    space, never to fp32's (and fp32's never to int8's)."""
+    assert isinstance(embedder, OnnxEmbedder)
+    old_int8, old_fp32 = int8.unprojected_model_id, embedder.unprojected_model_id
+    assert old_int8 is not None and old_fp32 is not None and "int8" in old_int8 and old_int8 != old_fp32
+    assert int8.convert_from(old_fp32) is None and embedder.convert_from(old_int8) is None
+    convert = int8.convert_from(old_int8)
+    assert convert is not None
+    rng = np.random.default_rng(3)
+    old = rng.normal(size=(5, int8.feature_dim)).astype(np.float32)
+    old /= np.linalg.norm(old, axis=1, keepdims=True)
+    new = convert(old)
+    assert new.shape == (5, int8.dim) and new.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(new, axis=1), 1.0, atol=1e-5)
+
+
 def test_int8_rebuilds_a_corrupt_cache(tmp_path: Path, int8: OnnxEmbedder) -> None:
     models = tmp_path / "models"
     first = create_embedder(Settings(data=tmp_path, model_precision="int8"))

@@ -55,7 +55,8 @@ def test_postprocess_gives_unit_vectors(key: str) -> None:
     for d in (1280, 512):  # 512: not the calibrated width; the mean must be skipped, not broadcast
         raw = np.abs(rng.normal(size=(5, d))).astype(np.float64) * 3.0  # non-negative like ReLU6 pooling
         out = score.postprocess(key, raw)
-        assert out.shape == raw.shape and out.dtype == np.float32
+        width = score.calibration(key).dim if d == 1280 else None  # a shipped projection narrows it
+        assert out.shape == (5, width or d) and out.dtype == np.float32
         np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
     z = score.postprocess(key, np.zeros((1, 1280)))
     assert np.all(np.isfinite(z))
@@ -66,6 +67,10 @@ def test_known_keys_are_calibrated_and_unknown_fall_back() -> None:
         assert score.family(key) == "lite0"
         cal = score.calibration(key)
         assert cal.mean is not None and cal.mean.shape == (1280,)
+        assert cal.projection is not None and cal.bias is not None and cal.dim is not None
+        assert cal.projection.shape == (1280, cal.dim) and cal.bias.shape == (cal.dim,) and cal.dim <= 384
+    for key in ("lite1", "lite2"):  # no projection fitted for them: they keep full-width vectors
+        assert score.calibration(key).projection is None and score.calibration(key).dim is None
     for key in ("onnx", "onnx@abc-123", "clip", "", "elite0"):
         assert score.family(key) is None
         assert score.calibration(key) is score._GENERIC
@@ -73,6 +78,22 @@ def test_known_keys_are_calibrated_and_unknown_fall_back() -> None:
     raw = np.array([[3.0, 4.0]])
     np.testing.assert_allclose(score.postprocess("onnx", raw), [[0.6, 0.8]], atol=1e-6)
     assert float(score.score_from_cosine("onnx", np.float32(0.42))) == pytest.approx(0.42)
+
+
+def test_projection_is_the_last_step() -> None:
+    """postprocess = centre, then project: so stored centred vectors convert exactly (convert_from)."""
+    cal = score.calibration("lite0")
+    assert cal.mean is not None and cal.projection is not None and cal.bias is not None
+    raw = np.abs(np.random.default_rng(2).normal(size=(4, 1280))) * 2.0
+    rooted = np.sqrt(raw)
+    x = rooted / np.linalg.norm(rooted, axis=1, keepdims=True) - cal.mean
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = x @ cal.projection + cal.bias
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    np.testing.assert_allclose(score.postprocess("lite0", raw), y, atol=1e-5)
+    np.testing.assert_allclose(score.project("lite0", x), y, atol=1e-5)
+    # Without a projection (lite1) project() is the identity.
+    np.testing.assert_array_equal(score.project("lite1", x), x.astype(np.float32))
 
 
 def test_views_shapes() -> None:
@@ -138,6 +159,6 @@ def test_real_model_centring_lowers_unrelated_cosines(embedder: Embedder) -> Non
         pytest.skip("embedder exposes no raw features")
     raw = features([imagegen.scene(seed, (320, 240)) for seed in range(20, 26)])
     plain = raw / np.linalg.norm(raw, axis=1, keepdims=True)
-    centred = score.postprocess("lite0", raw)
+    centred = score.centre("lite0", raw)  # before the projection
     off = ~np.eye(len(raw), dtype=bool)
     assert (centred @ centred.T)[off].mean() < (plain @ plain.T)[off].mean() - 0.05

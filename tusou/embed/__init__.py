@@ -9,7 +9,7 @@ scores (score.py) are decided elsewhere; this module only runs the network, in b
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,6 +49,7 @@ class OnnxEmbedder:
         max_batch: int = MAX_BATCH,
         index_encoder: OnnxEncoder | None = None,
         text_encoder: ClipTextEncoder | None = None,
+        unprojected_model_id: str | None = None,
     ) -> None:
         #: A CLIP-class model's text half (model=clip): keyword search embeds the words with it.
         self.text_encoder = text_encoder
@@ -65,7 +66,13 @@ class OnnxEmbedder:
         self.max_batch = max_batch
         encoder.load()
         self.index_encoder.load()
-        self.dim = encoder.dim
+        #: Width of the raw features the network gives; ``dim`` (the stored vectors') is smaller when a
+        #: projection ships for the model (score.project).
+        self.feature_dim = encoder.dim
+        self.dim = _score.calibration(model_key).dim or encoder.dim
+        #: The identity this model's vectors had before the projection (centred, full width): such stored
+        #: vectors convert exactly (convert_from). None when no projection ships.
+        self.unprojected_model_id = unprojected_model_id
         self.default_threshold = (
             float(default_threshold) if default_threshold is not None else _score.default_threshold(model_key)
         )
@@ -91,7 +98,7 @@ class OnnxEmbedder:
         def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
             return encoder.predict_with_probs(batch) if with_probs else (encoder.predict(batch), None)
 
-        out = np.empty((len(images), self.dim), dtype=np.float32)
+        out = np.empty((len(images), self.feature_dim), dtype=np.float32)
         probs: np.ndarray | None = None
         starts = range(0, len(images), self.max_batch)
         if len(starts) <= 1:
@@ -186,6 +193,34 @@ class OnnxEmbedder:
     def score(self, cosine: np.ndarray) -> np.ndarray:
         return _score.score_from_cosine(self.model_key, cosine)
 
+    def convert_from(self, model_id: str) -> Callable[[np.ndarray], np.ndarray] | None:
+        """A function mapping vectors stored under ``model_id`` ((n, old_dim) float32 unit rows) to this
+        embedder's space ((n, dim) float32 unit rows) without re-embedding, or None if that is impossible.
+
+        Possible when ``model_id`` is this model's identity before the projection shipped (same weights,
+        precision, mean, power and index views; the stored vectors are the centred full-width ones): the
+        projection is linear and is the last step of post-processing, so projecting a stored vector gives
+        what embedding the image again would (to float rounding). ``model_id`` equal to this embedder's
+        own gives a copy of the input. Any other identity (other weights, views, mean, an older projection)
+        needs ``tusou reembed``.
+        """
+        if model_id == self.model_id:
+            dim = self.dim
+
+            def same(vectors: np.ndarray) -> np.ndarray:
+                return np.array(vectors, dtype=np.float32).reshape(-1, dim)
+
+            return same
+        if self.unprojected_model_id is None or model_id != self.unprojected_model_id:
+            return None
+        key, width = self.model_key, self.feature_dim
+
+        def project(vectors: np.ndarray) -> np.ndarray:
+            v = np.asarray(vectors, dtype=np.float32).reshape(-1, width)
+            return np.ascontiguousarray(_score.project(key, v), dtype=np.float32)
+
+        return project
+
     def cosine_for_score(self, score: float) -> float:
         return _score.cosine_from_score(self.model_key, score)
 
@@ -235,7 +270,9 @@ def create_embedder(settings: Settings) -> OnnxEmbedder:
         model_id = f"onnx@{file_sha256(path)[:12]}-{prep}"
     else:
         raise ValueError(f"unknown model {model!r}: expected lite0, lite1, lite2, onnx or clip")
-    model_id = _with_vector_space(model, model_id)
+    base_id = model_id
+    model_id = _with_vector_space(model, base_id)
+    projected = _score.calibration(model).projection is not None
     return OnnxEmbedder(
         model,
         model_id,
@@ -244,14 +281,18 @@ def create_embedder(settings: Settings) -> OnnxEmbedder:
         settings.default_threshold,
         index_encoder=index_encoder,
         text_encoder=text_encoder if model == "clip" else None,
+        unprojected_model_id=_with_vector_space(model, base_id, projection=False) if projected else None,
     )
 
 
-def _with_vector_space(model_key: str, model_id: str) -> str:
-    """Add what else shapes a stored vector (centring mean, power, index views) to the model's identity.
+def _with_vector_space(model_key: str, model_id: str, projection: bool = True) -> str:
+    """Add what else shapes a stored vector (centring mean, power, index views, projection) to the model's
+    identity.
 
     A new calibration or view set changes every stored vector as surely as new weights do; the store
     refuses to search a folder indexed under another identity instead of returning meaningless scores.
+    ``projection=False`` gives the identity the same model had before its projection shipped (the
+    projection adds a part only when one ships, so that identity is unchanged from then).
     """
     cal = _score.calibration(model_key)
     parts = [
@@ -259,4 +300,6 @@ def _with_vector_space(model_key: str, model_id: str) -> str:
         repr(cal.power).encode(),
         repr(_views.INDEX_VIEWS).encode(),
     ]
+    if projection and cal.projection is not None and cal.bias is not None:
+        parts.append(b"projection:" + cal.projection.tobytes() + cal.bias.tobytes())
     return f"{model_id}/v{hashlib.sha256(b'|'.join(parts)).hexdigest()[:8]}"

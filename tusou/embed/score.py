@@ -4,8 +4,13 @@ How the numbers in ``data/`` were fitted, and what they buy, is in ``docs/score.
 
 Pipeline for a known model (``lite0``/``lite1``/``lite2``)::
 
-    raw pooled features --sqrt--> --L2--> x --(x - mean)--> --L2--> unit vector   (postprocess)
-    cosine of two unit vectors --piecewise-linear, monotone--> score 0..1        (score_from_cosine)
+    raw pooled features --sqrt--> --L2--> x --(x - mean)--> --L2--> c                  (centre)
+    c --(c @ P + b)--> --L2--> unit vector, d = 384 dimensions instead of 1280       (project)
+    cosine of two unit vectors --piecewise-linear, monotone--> score 0..1            (score_from_cosine)
+
+``postprocess`` is ``project(centre(features))``. The projection ``P``, ``b`` (lite0 only; lite1/lite2
+have none and keep 1280-d centred vectors) is fitted by ``tools/make_projection.py``: why this one and what
+it costs or buys is in docs/score.md, "The projection".
 
 Why the square root ("power normalisation", exponent ``power`` in the json): a few channels that fire
 strongly on one salient object dominate the pooled vector; the root evens them out, so the cosine weighs
@@ -48,6 +53,16 @@ class Calibration:
     cos_knots: tuple[float, ...]
     score_knots: tuple[float, ...]
     default_threshold: float
+    #: Learned linear projection applied to the centred unit vectors, (D, d) float64 with d < D, or None;
+    #: then ``bias`` (d,) is added and the result L2-normed (``project``). See docs/score.md, "The
+    #: projection".
+    projection: np.ndarray | None = None
+    bias: np.ndarray | None = None
+
+    @property
+    def dim(self) -> int | None:
+        """Width of the vectors ``postprocess`` returns when a projection ships, else None (= input's)."""
+        return None if self.projection is None else int(self.projection.shape[1])
 
 
 # Unknown encoder: score = clipped cosine. 0.9 as the default is deliberately strict: with an uncentred
@@ -94,12 +109,23 @@ def calibration(model_key: str) -> Calibration:
     if mean_file.is_file():
         with mean_file.open("rb") as f:
             mean = np.load(f).astype(np.float32).reshape(-1)
+    projection = bias = None
+    proj_file = data / f"{fam}_projection.npy"
+    if mean is not None and proj_file.is_file():
+        with proj_file.open("rb") as f:
+            # (D + 1, d): rows 0..D-1 are the matrix, the last row is the bias (the fit's mean, projected).
+            stacked = np.load(f).astype(np.float64)  # float64: see project()
+        if stacked.ndim != 2 or stacked.shape[0] != mean.shape[0] + 1:
+            raise ValueError(f"{proj_file.name}: shape {stacked.shape}, expected ({mean.shape[0] + 1}, d)")
+        projection, bias = np.ascontiguousarray(stacked[:-1]), np.ascontiguousarray(stacked[-1])
     cal = Calibration(
         mean=mean,
         power=float(params.get("power", 1.0)),
         cos_knots=tuple(float(v) for v in params["cos_knots"]),
         score_knots=tuple(float(v) for v in params["score_knots"]),
         default_threshold=float(params["default_threshold"]),
+        projection=projection,
+        bias=bias,
     )
     _check_knots(cal.cos_knots, cal.score_knots)
     return cal
@@ -110,17 +136,45 @@ def _l2(x: np.ndarray) -> np.ndarray:
 
 
 def postprocess(model_key: str, features: np.ndarray) -> np.ndarray:
-    """Raw pooled features (n, d) -> unit vectors (n, d) float32."""
+    """Raw pooled features (n, D) -> unit vectors (n, d) float32: ``project(centre(features))``; d = D
+    unless a projection ships."""
     feats = np.asarray(features, dtype=np.float32)
     cal = calibration(model_key)
     # Features of another length (e.g. a custom encoder whose name happens to start with "lite0") get
     # plain L2 rather than a mean broadcast into nonsense.
     if cal.mean is None or feats.shape[-1] != cal.mean.shape[0]:
         return _l2(feats).astype(np.float32, copy=False)
+    return project(model_key, centre(model_key, feats))
+
+
+def centre(model_key: str, features: np.ndarray) -> np.ndarray:
+    """Raw pooled features (n, D) -> centred unit vectors (n, D): power, L2, minus the mean, L2 (plain L2
+    without a mean or for another width). The vectors stored before a projection shipped."""
+    feats = np.asarray(features, dtype=np.float32)
+    cal = calibration(model_key)
+    if cal.mean is None or feats.shape[-1] != cal.mean.shape[0]:
+        return _l2(feats).astype(np.float32, copy=False)
     if cal.power != 1.0:
         # EfficientNet-Lite pools ReLU6 outputs, so features are >= 0; the clip only guards rounding.
         feats = np.power(np.maximum(feats, 0.0), cal.power)
     return _l2(_l2(feats) - cal.mean).astype(np.float32, copy=False)
+
+
+def project(model_key: str, centred: np.ndarray) -> np.ndarray:
+    """Centred unit vectors (n, D) -> the model's final unit vectors: ``L2(x @ P + b)`` with the shipped
+    projection, or the input (as float32) when none ships.
+
+    This is the only step after centring, so vectors stored before a projection shipped (the centred
+    ones) map exactly onto what embedding the same image now gives (``OnnxEmbedder.convert_from``).
+    """
+    x = np.asarray(centred, dtype=np.float32)
+    cal = calibration(model_key)
+    if cal.projection is None or cal.bias is None:
+        return x
+    # In float64: BLAS rounds a float32 product differently for one row and for a batch, and an image's
+    # vector must not depend on what else shared its batch; float64, rounded once, is batch-independent.
+    y = x.astype(np.float64) @ cal.projection + cal.bias
+    return _l2(y).astype(np.float32)
 
 
 def score_from_cosine(model_key: str, cosine: np.ndarray) -> np.ndarray:
