@@ -232,7 +232,9 @@ def test_kill_9_during_the_upgrade_then_the_next_start_finishes_it(
         r7 = conn.execute(
             "SELECT vector FROM vectors JOIN images USING (seq) WHERE image_id = 'r7'"
         ).fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
     assert widths == {embedder.dim * 4}
+    assert free == 0  # the pages the 1280-d rows held went back to the file system
     # Converted exactly once: the stored row is the conversion of the original one.
     assert np.allclose(np.frombuffer(r7, dtype=np.float32), convert(rows[7:8])[0], atol=1e-5)
 

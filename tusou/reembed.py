@@ -35,7 +35,7 @@ from PIL import Image
 
 from tusou.images import ImageError
 from tusou.store.base import ModelMismatch
-from tusou.upgrade import UPGRADING, drop_snapshots, put_meta, transaction
+from tusou.upgrade import UPGRADING, drop_snapshots, put_meta, release_free_pages, transaction
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def reembed(
         if result.remaining == result.dropped:
             _switch(conn, target, dim, result.failed if result.dropped else [])
             drop_snapshots(snapshot_dir)
-            conn.execute("PRAGMA incremental_vacuum")
+            release_free_pages(conn)
             result.switched, result.remaining = True, 0
             log.info("re-embedded folder switched to %s", target)
         return result
