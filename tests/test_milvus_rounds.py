@@ -28,7 +28,7 @@ from PIL import Image
 from tests.conftest import PHOTOS
 from tests.test_store_contract import DIM, unit
 from tusou.config import Settings
-from tusou.domain import SearchQuery
+from tusou.domain import ImageRef, SearchQuery
 from tusou.errors import GroupNotFound
 from tusou.fetch import Fetcher
 from tusou.service import Service
@@ -69,7 +69,8 @@ class RoundCounter:
 
     def __init__(self, client: Any, parties: int) -> None:
         self._client = client
-        self.reads: list[tuple[str, str, str | None]] = []
+        #: (method, collection, consistency level, guarantee timestamp) of every read
+        self.reads: list[tuple[str, str, str | None, int | None]] = []
         self._lock = threading.Lock()
         self._parties = parties
         self._barrier = threading.Barrier(parties, timeout=30)
@@ -81,7 +82,9 @@ class RoundCounter:
 
         def read(collection: str, *args: Any, **kwargs: Any) -> Any:
             with self._lock:
-                self.reads.append((name, collection, kwargs.get("consistency_level")))
+                self.reads.append(
+                    (name, collection, kwargs.get("consistency_level"), kwargs.get("guarantee_timestamp"))
+                )
                 first_round = len(self.reads) <= self._parties
             if first_round:
                 self._barrier.wait()
@@ -149,8 +152,8 @@ def test_a_search_is_one_round(milvus_store: Any, tmp_path: Path, groups: list[s
     # Every read is at the store's level (Session by default: no wait for other processes' writes), and
     # all of them were in flight together: at most one consistency wait per search.
     level = read_level_of(store)
-    assert [read_level for _, _, read_level in counter.reads] == [level] * (len(groups) + 1)
-    assert sorted(name for name, _, _ in counter.reads) == ["query"] * len(groups) + ["search"]
+    assert [read_level for _, _, read_level, _ in counter.reads] == [level] * (len(groups) + 1)
+    assert sorted(name for name, _, _, _ in counter.reads) == ["query"] * len(groups) + ["search"]
     print(f"\n[milvus rounds] {len(groups)} group(s): {len(counter.reads)} {level} reads in 1 round")
 
 
@@ -172,6 +175,36 @@ def test_a_missing_group_is_found_in_the_same_round(milvus_store: Any, tmp_path:
     assert missing.value.message == "group gone not exists"
     # One round of three reads; under Session, the group that was not found is looked up once more with
     # Strong (another process may have just created it) before "not exists" is answered.
-    levels = [level for _, _, level in counter.reads]
+    levels = [level for _, _, level, _ in counter.reads]
     level = read_level_of(store)
     assert levels == [level] * 3 + ([] if level == "Strong" else ["Strong"])
+
+
+def test_a_search_by_stored_id_waits_once(milvus_store: Any, tmp_path: Path) -> None:
+    """A search by a stored image's id reads its vector, then searches: two reads one after the other, but
+    one consistency wait. Under Strong, every read of the request carries one guarantee timestamp taken
+    from the server's oracle when the search began (so the second read finds it reached and sees exactly
+    what the first saw); under Session, this process's last write's timestamp, as every read."""
+    store, tenant = milvus_store, "t-" + uuid.uuid4().hex[:12]
+    vectors = unit(np.random.default_rng(6), 3)
+    store.create_group(tenant, "r1", [NewImage(f"r1-{i}", "", None, None, v) for i, v in enumerate(vectors)])
+    settings = Settings(data=tmp_path)
+    service = Service(settings, store, VectorEmbedder(vectors[0]), Fetcher(settings))
+    counter = RoundCounter(store.client, parties=2)  # the vector's row and its group check, together
+    store.client = counter
+    try:
+        matches = service.search(tenant, SearchQuery(["r1"], 10, 0.5, by_id=ImageRef("r1", "r1-2")))
+    finally:
+        store.client = counter._client
+        service.close()
+    assert [m.id for m in matches][:1] == ["r1-2"] and matches[0].score == pytest.approx(1.0, abs=1e-4)
+    # The vector round (row and group check), then the search round (group check and search).
+    assert sorted(name for name, _, _, _ in counter.reads) == ["query"] * 3 + ["search"]
+    levels = {(level, stamp) for _, _, level, stamp in counter.reads}
+    if store.uri.startswith("http"):
+        assert len(levels) == 1, levels  # one guarantee timestamp for all four reads: one wait
+        ((level, stamp),) = levels
+        assert level == "Customized" and stamp is not None
+        if store.consistency == "Strong":
+            assert stamp > 1  # a fresh timestamp from the oracle, not "eventually"
+    print(f"\n[milvus rounds] search by id ({store.consistency}): {len(counter.reads)} reads, {levels}")

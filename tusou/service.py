@@ -571,6 +571,12 @@ class Service:
         """Qiniu's search: the best ``limit`` images over ``groups`` scoring at least the threshold."""
         if query.text is not None:
             return self.search_text(tenant, query)
+        # One consistency wait for the whole search on Milvus under Strong reads (a search by a stored id
+        # reads the vector, then searches; verification searches once more).
+        with self.store.snapshot():
+            return self._search_image(tenant, query)
+
+    def _search_image(self, tenant: str, query: SearchQuery) -> list[Match]:
         floor = (
             self.default_threshold
             if query.threshold is None

@@ -7,6 +7,7 @@ float32 rows and similarity goes out as cosine.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,6 +153,11 @@ class Store(ABC):
     def set_tags(self, tenant: str, group: str, tags: dict[str, list[list[float]]]) -> int:
         """Replace the tags of the named images (``tusou retag``); returns how many were updated."""
         raise StoreError("tags are not supported by this store", 400)
+
+    def snapshot(self) -> contextlib.AbstractContextManager[None]:
+        """A block whose reads may share one consistency wait (the Milvus store under Strong reads); a search
+        by a stored image's id reads the vector and then searches inside one. Default: nothing to share."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def totals(self) -> tuple[int, int]:

@@ -59,6 +59,8 @@ Choices, and why:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import math
@@ -66,7 +68,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -91,13 +93,24 @@ from tusou.store.markers import MarkerCodec, new_marker_key
 # Milvus's top-k and query-window cap (maxTopK / maxQueryResultWindow in 2.3).
 TOPK_CAP = 16_384
 # Vector indexes a collection may be created with, and their build parameters (docs/scale.md).
-INDEXES: dict[str, dict[str, int]] = {"FLAT": {}, "HNSW": {"M": 16, "efConstruction": 200}}
+INDEXES: dict[str, dict[str, int]] = {
+    "FLAT": {},
+    "HNSW": {"M": 16, "efConstruction": 200},
+    "IVF_FLAT": {"nlist": 1024},
+    "IVF_SQ8": {"nlist": 1024},
+}
+# Inverted-file lists searched per segment (of nlist): docs/scale.md gives the recall measured with it.
+DEFAULT_NPROBE = 32
 _HNSW_MIN_EF = 256
 _HNSW_MAX_EF = 32_768
-# Rows per insert call: well below gRPC message limits at dim 1280 (2000 x 5 KiB = 10 MiB).
-_INSERT_CHUNK = 2000
+# Bytes of vectors per insert call: well below gRPC message limits (2000 rows at dim 1280, 10000 at 256).
+_INSERT_BYTES = 10 << 20
 # Keys per ``in [...]`` filter.
 _IN_CHUNK = 1000
+# An IVF top-k search up to this many rows returns their fields at once; a larger one, ids first.
+_INLINE_FIELDS = 100
+# Rows of an IVF top-k search for a larger limit or -1, before asking for the whole band (16384).
+_IVF_FIRST_K = 2048
 # Range search excludes its radius; ask for a little more and apply min_cosine exactly here.
 _RADIUS_SLACK = 1e-4
 _EPOCH_US = 1_704_067_200_000_000  # 2024-01-01, so the microsecond count fits in 51 bits for 70 years
@@ -108,6 +121,8 @@ _META_SEQ = 0  # real sequence numbers are far above 0
 # the server gives none, read with Strong). A Session read waits for it (see MilvusStore._wrote).
 _WRITTEN: dict[tuple[str, str], int] = {}
 _WRITTEN_LOCK = threading.Lock()
+# Within MilvusStore.snapshot(): (the store, the guarantee timestamp its reads carry) for this request.
+_PINNED: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("tusou_pinned", default=None)
 
 # Byte limits of the VARCHAR fields; the service's own limits are lower in characters, these are in bytes.
 _MAX = {
@@ -291,6 +306,7 @@ class MilvusStore(Store):
         consistency: str = "Session",
         num_partitions: int = 64,
         index: str = "FLAT",
+        nprobe: int = DEFAULT_NPROBE,
     ) -> None:
         from pymilvus import MilvusClient  # lazy: the embedded default does not need pymilvus
 
@@ -301,6 +317,7 @@ class MilvusStore(Store):
         if index not in INDEXES:
             raise ValueError(f"milvus index must be one of {', '.join(INDEXES)}, not {index!r}")
         self.index_type = index
+        self.nprobe = nprobe
         self.images = collection
         self.groups = f"{collection}_groups"
         self._check_uri(uri)
@@ -314,6 +331,7 @@ class MilvusStore(Store):
         # Serialises this process's writes so its own checks (duplicates, group size) are exact.
         self._write_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="milvus")
+        self._schemas: dict[str, dict] = {}  # collection -> its description, for column inserts
         self._setup(model_id, num_partitions)
 
     SERVER_SCHEMES = ("http://", "https://", "tcp://", "unix:", "grpc://")
@@ -414,6 +432,7 @@ class MilvusStore(Store):
         row = {"seq": _META_SEQ, "gkey": "meta", "tkey": "meta", "tenant": "", "grp": meta}
         self.client.upsert(self.groups, [{**row, "vec": [0.0] * _REGISTRY_DIM}])
         self._wrote(self.groups)
+        self._schemas.clear()  # a collection dropped and made again above has a new description
         # Processes creating the collection at once each wrote a key: all adopt the one that stayed.
         self._markers = MarkerCodec(bytes.fromhex(self._meta().get("marker_key") or key))
 
@@ -451,7 +470,25 @@ class MilvusStore(Store):
 
     # --- read-your-writes ----------------------------------------------------------------------------
     def _insert_rows(self, collection: str, rows: list[dict]) -> None:
-        self.client.insert(collection, rows)
+        """Insert ``rows`` (dicts with every field of the collection) column by column: pymilvus's row
+        insert converts each value of each row on its own, about 3x slower than the whole batch's columns
+        (0.5 ms against 0.16 ms a row at dim 256; bench/scale.py prints the fill rate)."""
+        from pymilvus import DataType
+
+        schema = self._schemas.get(collection)
+        if schema is None:
+            schema = self._schemas[collection] = self.client.describe_collection(collection)
+        step = max(1, _INSERT_BYTES // (4 * self.dim))
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            entities = []
+            for field in schema["fields"]:
+                name = field["name"]
+                values: Any = [r[name] for r in chunk]
+                if field["type"] == DataType.FLOAT_VECTOR:
+                    values = np.asarray(values, dtype=np.float32).reshape(len(chunk), -1).tolist()
+                entities.append({"name": name, "type": field["type"], "values": values})
+            self.client._get_connection().batch_insert(collection, entities, schema=schema)
         self._wrote(collection)
 
     def _delete_where(self, collection: str, flt: str) -> None:
@@ -486,6 +523,9 @@ class MilvusStore(Store):
     def _read_level(self, collection: str, consistency: str | None = None) -> dict[str, Any]:
         """The consistency arguments of a read: ``Session`` waits for this process's last write to the
         collection (a guarantee timestamp, sent as Milvus's Customized level), other levels as named."""
+        pinned = self._pinned() if consistency is None else None
+        if pinned is not None:
+            return {"consistency_level": "Customized", "guarantee_timestamp": pinned}
         level = consistency or self.consistency
         if level != "Session":
             return {"consistency_level": level}
@@ -495,6 +535,43 @@ class MilvusStore(Store):
             return {"consistency_level": "Strong"}
         # 1 is Milvus's "eventually" timestamp: no write of this process to wait for.
         return {"consistency_level": "Customized", "guarantee_timestamp": ts or 1}
+
+    def _fresh(self, collection: str, consistency: str | None = None) -> bool:
+        """Whether a read at this level sees every write acknowledged before the request (so "not found"
+        needs no second, Strong look)."""
+        level = self._read_level(collection, consistency)
+        return level["consistency_level"] == "Strong" or (consistency is None and self._pinned() is not None)
+
+    def _pinned(self) -> int | None:
+        pinned = _PINNED.get()
+        return pinned[1] if pinned is not None and pinned[0] == id(self) else None
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside share one consistency wait: under ``Strong``, one timestamp from the server's oracle
+        (after every write acknowledged so far, whichever process made it) becomes the guarantee timestamp
+        of every read of the block, so the first read waits for it and later ones find it reached. A search
+        by a stored image's id (its vector, then the search) thus waits once, not twice, and sees exactly
+        what a Strong read at the start would. Under ``Session`` reads already share this process's last
+        write's timestamp: nothing to do. Reads the store makes at Strong on purpose (race checks) stay so.
+        """
+        if self.consistency != "Strong" or self._pinned() is not None:
+            yield
+            return
+        try:
+            ts = self._alloc_timestamp()
+        except Exception:  # noqa: BLE001 (no oracle: plain Strong reads)
+            ts = 0
+        token = _PINNED.set((id(self), ts)) if ts > 0 else None
+        try:
+            yield
+        finally:
+            if token is not None:
+                _PINNED.reset(token)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the read pool, in the caller's context (a pinned snapshot travels with it)."""
+        return self._pool.submit(contextvars.copy_context().run, fn, *args)
 
     # --- small helpers -------------------------------------------------------------------------------
     def _query(
@@ -519,7 +596,7 @@ class MilvusStore(Store):
 
     def _group_seq(self, tenant: str, group: str, consistency: str | None = None) -> int | None:
         rows = self._registry_rows(tenant, group, consistency)
-        if not rows and self._read_level(self.groups, consistency)["consistency_level"] != "Strong":
+        if not rows and not self._fresh(self.groups, consistency):
             # Not seen at this level: another process may have just created it. "Not exists" is only
             # answered after a Strong look (a rare, failure-path round).
             rows = self._registry_rows(tenant, group, "Strong")
@@ -533,7 +610,7 @@ class MilvusStore(Store):
 
     def _with_group(self, tenant: str, group: str, read: Callable[[], Any]) -> Any:
         """Run ``read`` alongside the group check, so the call pays one consistency wait, not two."""
-        check = self._pool.submit(self._require, tenant, group)
+        check = self._submit(self._require, tenant, group)
         result = read()
         check.result()
         return result
@@ -591,8 +668,8 @@ class MilvusStore(Store):
     def add_images(self, tenant: str, group: str, images: Sequence[NewImage]) -> list[ItemError | None]:
         gkey = _key(tenant, group)
         with self._write_lock:
-            group_seq = self._pool.submit(self._group_seq, tenant, group)
-            count = self._pool.submit(self._count, gkey)
+            group_seq = self._submit(self._group_seq, tenant, group)
+            count = self._submit(self._count, gkey)
             existing = self._rows_by_ids(tenant, group, [im.id for im in images], [])
             if (seq := group_seq.result()) is None:
                 raise GroupNotFound(group)
@@ -606,6 +683,7 @@ class MilvusStore(Store):
         count: int,
         taken: set[str],
         images: Sequence[NewImage],
+        settle: bool = True,
     ) -> list[ItemError | None]:
         gkey = _key(tenant, group)
         results: list[ItemError | None] = []
@@ -645,10 +723,19 @@ class MilvusStore(Store):
             return results
         for row, seq in zip(rows, self._seqs.take(len(rows)), strict=True):
             row["seq"] = seq
-        for start in range(0, len(rows), _INSERT_CHUNK):
-            self._insert_rows(self.images, rows[start : start + _INSERT_CHUNK])
-        self._settle(tenant, group, group_seq, rows, images, results)
+        self._insert_rows(self.images, rows)
+        if settle:
+            self._settle(tenant, group, group_seq, rows, images, results)
         return results
+
+    def _add_unchecked(self, tenant: str, group: str, images: Sequence[NewImage]) -> list[ItemError | None]:
+        """Bulk loading for the benchmark: ``add_images`` without the reads that guard against repeated ids
+        (before and after the insert), which grow with the group. Only for ids known to be new, in a group
+        no other process writes to meanwhile."""
+        with self._write_lock:
+            seq = self._require(tenant, group)
+            count = self._count(_key(tenant, group))
+            return self._insert(tenant, group, seq, count, set(), images, settle=False)
 
     def _settle(
         self,
@@ -662,7 +749,7 @@ class MilvusStore(Store):
         """After inserting: yield ids another process took meanwhile; undo if the group went away."""
         mine = {row["image_id"]: row["seq"] for row in rows}
         # Strong: these checks must see what other processes wrote meanwhile.
-        registry = self._pool.submit(self._group_seq, tenant, group, "Strong")
+        registry = self._submit(self._group_seq, tenant, group, "Strong")
         found = self._rows_by_ids(tenant, group, list(mine), [], "Strong")
         if registry.result() != group_seq:
             # Removed (or removed and recreated) while we wrote: these rows belong to no group.
@@ -707,7 +794,7 @@ class MilvusStore(Store):
     def totals(self) -> tuple[int, int]:
         # Two count(*) reads in one round. A group two processes created at once may count twice for the
         # moment it takes the loser to delete its registry row (see "Repeated ids" above).
-        groups = self._pool.submit(self._query, self.groups, f"seq != {_META_SEQ}", ["count(*)"])
+        groups = self._submit(self._query, self.groups, f"seq != {_META_SEQ}", ["count(*)"])
         images = self._query(self.images, "", ["count(*)"])
         return int(groups.result()[0]["count(*)"]), int(images[0]["count(*)"])
 
@@ -736,7 +823,7 @@ class MilvusStore(Store):
 
     def _image_row(self, tenant: str, group: str, image_id: str, fields: list[str]) -> dict:
         rows = self._with_group(tenant, group, lambda: self._rows_by_ids(tenant, group, [image_id], fields))
-        if not rows and self._read_level(self.images)["consistency_level"] != "Strong":
+        if not rows and not self._fresh(self.images):
             # As for groups: "not found" only after a Strong look (another process may have just added it).
             rows = self._rows_by_ids(tenant, group, [image_id], fields, "Strong")
         if not rows:
@@ -868,7 +955,7 @@ class MilvusStore(Store):
     ) -> list[Hit]:
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         groups = list(dict.fromkeys(groups))
-        checks = [self._pool.submit(self._require, tenant, g) for g in groups]
+        checks = [self._submit(self._require, tenant, g) for g in groups]
         names = {_key(tenant, g): g for g in groups}
         flt = _in("gkey", list(names))
         # A filter: as an expression on the hashed columns when the collection has them (Milvus scores only
@@ -919,8 +1006,8 @@ class MilvusStore(Store):
         the search returned that ``where`` refused."""
         best: dict[int, tuple[float, dict]] = {}
         refused = 0
-        for view in queries:
-            for cosine, entity in self._search_view(view, flt, limit, min_cosine):
+        for found in self._search_views(queries, flt, limit, min_cosine):
+            for cosine, entity in found:
                 if entity["tenant"] != tenant or names.get(_key(tenant, entity["grp"])) != entity["grp"]:
                     continue  # a hash collision with another tenant's group: never shown
                 if where is not None and not where.matches(entity["label"], _load_desc(entity["desc"])):
@@ -931,8 +1018,26 @@ class MilvusStore(Store):
                     best[seq] = (cosine, entity)
         return best, refused
 
+    def _search_views(
+        self, views: np.ndarray, flt: str, limit: int, min_cosine: float
+    ) -> list[list[tuple[float, dict]]]:
+        """``_search_view`` of each view; on an IVF index the views' first bands are one search call."""
+        if not self.index_type.startswith("IVF") or min_cosine >= 1.0 + 1e-3:
+            return [self._search_view(view, flt, limit, min_cosine) for view in views]
+        want = TOPK_CAP if limit < 0 or limit > TOPK_CAP else max(limit, 1)
+        firsts = self._ivf_band(views, flt, want, min_cosine)
+        return [
+            self._search_view(view, flt, limit, min_cosine, first)
+            for view, first in zip(views, firsts, strict=True)
+        ]
+
     def _search_view(
-        self, view: np.ndarray, flt: str, limit: int, min_cosine: float
+        self,
+        view: np.ndarray,
+        flt: str,
+        limit: int,
+        min_cosine: float,
+        first: tuple[list[tuple[float, dict]], bool] | None = None,
     ) -> list[tuple[float, dict]]:
         """Every row with cosine >= min_cosine, best first, at most ``limit`` (-1: no limit).
 
@@ -944,6 +1049,16 @@ class MilvusStore(Store):
         if min_cosine >= upper:
             return []  # unit vectors: no cosine above 1
         seen: dict[int, tuple[float, dict]] = {}
+        if self.index_type.startswith("IVF"):
+            # The first band as a top-k search (see _ivf_band); bands beyond it, rare, by range search.
+            above, full = first or self._ivf_band(view[None, :], flt, want, min_cosine)[0]
+            for cosine, entity in above:
+                seen.setdefault(entity["seq"], (cosine, entity))
+            if full and not 0 <= limit <= len(seen):
+                upper = min(c for c, _ in above)
+            else:
+                found = sorted(seen.values(), key=lambda item: (-item[0], item[1]["seq"]))
+                return found if limit < 0 else found[:limit]
         while True:
             hits = self._range_search(view, flt, want, min_cosine, upper)
             fresh = 0
@@ -962,6 +1077,56 @@ class MilvusStore(Store):
         found = sorted(seen.values(), key=lambda item: (-item[0], item[1]["seq"]))
         return found if limit < 0 else found[:limit]
 
+    def _ivf_band(
+        self, views: np.ndarray, flt: str, want: int, min_cosine: float
+    ) -> list[tuple[list[tuple[float, dict]], bool]]:
+        """On an IVF index, per view, the ``want`` best rows by a top-k search over ``nprobe`` lists per
+        segment: (those with cosine >= min_cosine, whether all ``want`` were). The views go in one call.
+
+        Not a range search: Milvus 2.3.5's IVF range search ignores nprobe and misses rows well inside its
+        radius (recall 0.992 per view at the default threshold against 0.9999 for top-k with nprobe 32;
+        docs/scale.md). A large ``want`` asks for ids only and reads the fields of the rows above the
+        threshold by primary key, so rows below it cost 16 bytes each, not their fields; it asks for 2048
+        rows first, and for all ``want`` only for a view whose 2048 all matched (a top-k of 16384 costs
+        about 5x one of 2048)."""
+        inline = want <= _INLINE_FIELDS
+        k = want if inline else min(want, _IVF_FIRST_K)
+        out: list[tuple[list[tuple[float, dict]], bool]] = [([], False)] * len(views)
+        todo = list(range(len(views)))
+        while todo:
+            result = self.client.search(
+                self.images,
+                data=[views[i].tolist() for i in todo],
+                filter=flt,
+                limit=k,
+                output_fields=self._fields if inline else ["seq"],
+                search_params={"metric_type": "IP", "params": {"nprobe": self.nprobe}},
+                anns_field="vec",
+                **self._read_level(self.images),
+            )
+            again = []
+            for i, answer in zip(todo, result, strict=True):
+                hits = [(float(hit["distance"]), hit["entity"]) for hit in answer]
+                above = [(c, e) for c, e in hits if c >= min_cosine]
+                full = len(hits) >= k and len(above) == len(hits)
+                out[i] = (above, full)
+                if full and k < want:
+                    again.append(i)  # more than the first k matched: once more, the whole band
+            todo, k = again, want
+        if inline:
+            return out
+        seqs = sorted({int(e["seq"]) for above, _ in out for _, e in above})
+        parts = [
+            self._submit(self._query, self.images, _in("seq", seqs[i : i + _IN_CHUNK]), self._fields)
+            for i in range(0, len(seqs), _IN_CHUNK)
+        ]
+        rows = {int(r["seq"]): r for part in parts for r in part.result()}
+        # A row deleted between the search and this read is gone.
+        return [
+            ([(c, rows[int(e["seq"])]) for c, e in above if int(e["seq"]) in rows], full)
+            for above, full in out
+        ]
+
     def _range_search(
         self, view: np.ndarray, flt: str, limit: int, min_cosine: float, upper: float
     ) -> list[tuple[float, dict]]:
@@ -971,6 +1136,8 @@ class MilvusStore(Store):
             params["params"] = {"radius": radius, "range_filter": upper}
         if self.index_type == "HNSW":
             params["params"]["ef"] = min(max(limit, _HNSW_MIN_EF), _HNSW_MAX_EF)
+        elif self.index_type.startswith("IVF"):
+            params["params"]["nprobe"] = self.nprobe
         result = self.client.search(
             self.images,
             data=[view.tolist()],
