@@ -23,29 +23,24 @@ The embedded store (default), once per density (``--density both``, the default,
    and (c) HTTP search with the JPEG (its four-view embedding included), same limits; ingest img/s over
    HTTP with real JPEGs in batches of 1 and 32; the server's RSS (now and peak); disk use; load average.
 
-``--store milvus``: the same, with the group in Milvus. A Milvus 2.3 standalone server is started on free
-loopback ports in a temporary folder (bench/milvus_server.py, ``proxy.timeTickInterval`` from
-``--milvus-tick-ms``) and stopped at the end, unless ``--milvus-uri`` names one. ``--milvus-index``
-FLAT (default) or HNSW picks the collection's index (``bench_scale_<n>_<index>``). Step 2 goes through
-``MilvusStore.add_images`` (then one ``flush`` and the wait for the index, so searches run on sealed,
-indexed segments); step 3 becomes recall@10 against brute force and in-process search latency with
-Session and with Strong reads (what the consistency wait costs); step 4 runs ``tusou serve`` with
-``TUSOU_STORE=milvus`` (reads at ``--milvus-consistency``, default Session) and also reports the Milvus
-server's RSS.
+``--store milvus``: the same questions with the group in Milvus (bench/scale_milvus.py: one density, the
+recall of every limit against an exact scan, in-process Session and Strong timings, nprobe sweep, index
+build time, the Milvus server's RSS and disk). A Milvus 2.3 standalone server is started on free loopback
+ports in a temporary folder (bench/milvus_server.py, ``proxy.timeTickInterval`` from ``--milvus-tick-ms``)
+and stopped at the end, unless ``--milvus-uri`` names one; ``--milvus-index`` (default IVF_FLAT) and
+``--milvus-nprobe`` pick the collection's index and its search setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -124,70 +119,6 @@ def rss_mb(pid: int) -> tuple[float, float]:
 
 def du_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
-
-
-def open_store(args: argparse.Namespace, data: Path, embedder, consistency: str = "Session"):
-    if args.store == "milvus":
-        from tusou.store.milvus import MilvusStore
-
-        return MilvusStore(
-            args.milvus_uri,
-            collection=args.milvus_collection,
-            model_id=embedder.model_id,
-            dim=embedder.dim,
-            consistency=consistency,
-            index=args.milvus_index,
-        )
-    return SQLiteStore(data / "tusou.db", model_id=embedder.model_id, dim=embedder.dim)
-
-
-def fill(
-    args: argparse.Namespace, data: Path, embedder, base_jpegs: list[bytes], kept: list | None = None
-) -> dict:
-    """Fill the group to args.n; with ``kept``, append (ids, vectors) of every row written."""
-    keys = KeyStore(data / "keys.db")
-    key = keys.list()[0] if keys.active_count() else keys.create("bench")
-    keys.close()
-    report: dict = {}
-    started = time.monotonic()
-    store = open_store(args, data, embedder)
-    report["open_s"] = time.monotonic() - started
-    tenant = key.access_key
-    if GROUP in store.list_groups(tenant) and store.count(tenant, GROUP) >= args.n:
-        store.close()
-        return report
-    base = embedder.embed_images([embedder.open_image(b) for b in base_jpegs])
-    np.save(data / "bench-base.npy", base)
-    if GROUP not in store.list_groups(tenant):
-        store.create_group(
-            tenant, GROUP, [NewImage(f"photo-{i}", "photo", "", None, v) for i, v in enumerate(base)]
-        )
-        if kept is not None:
-            kept.append(([f"photo-{i}" for i in range(len(base))], base))
-    rng = np.random.default_rng(0)
-    have = store.count(tenant, GROUP)
-    started = time.monotonic()
-    while have < args.n:
-        step = min(10_000, args.n - have)
-        vectors = synthetic(base, step, rng)
-        errors = store.add_images(
-            tenant, GROUP, [NewImage(f"s{have + k}", "synthetic", "", None, v) for k, v in enumerate(vectors)]
-        )
-        if any(errors):
-            raise RuntimeError(f"fill: {next(e for e in errors if e)}")
-        if kept is not None:
-            kept.append(([f"s{have + k}" for k in range(step)], vectors))
-        have += step
-        if have % 50_000 < step:
-            print(f"  filled {have} in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
-    report["fill_s"] = time.monotonic() - started
-    started = time.monotonic()
-    if args.store == "milvus":
-        store.client.flush(store.images)  # seal the growing segments: searches then run on sealed ones
-        report["milvus_index_wait_s"] = milvus_wait_indexed(store)
-    store.close()  # sqlite: writes the snapshot
-    report["close_snapshot_s"] = time.monotonic() - started
-    return report
 
 
 # --- the embedded store (sqlite): both densities, in-process / by-id / JPEG rows -----------------------
@@ -536,60 +467,6 @@ def print_sqlite_table(r: dict) -> None:
     )
 
 
-def milvus_wait_indexed(store, timeout_s: float = 300.0) -> float:
-    """Wait until the sealed segments are indexed, so timings are not taken during the build."""
-    started = time.monotonic()
-    names = store.client.list_indexes(store.images) or ["vec"]
-    while time.monotonic() - started < timeout_s:
-        info = store.client.describe_index(store.images, names[0])
-        if int(info.get("pending_index_rows", 0)) == 0 and int(info.get("indexed_rows", 0)) >= int(
-            info.get("total_rows", 0)
-        ):
-            break
-        time.sleep(0.5)
-    time.sleep(2.0)  # let the query node take the indexed segments over
-    return time.monotonic() - started
-
-
-def milvus_exactness(
-    args: argparse.Namespace, data: Path, embedder, query_jpegs: list[bytes], kept: list
-) -> dict:
-    """Top 10 from Milvus against brute-force float32 over the rows written; in-process search latency."""
-    keys = KeyStore(data / "keys.db")
-    tenant = keys.list()[0].access_key
-    keys.close()
-    real = embedder.embed_queries([embedder.open_image(b) for b in query_jpegs])
-    report: dict = {}
-    if kept:
-        ids = np.asarray([i for chunk, _ in kept for i in chunk])
-        vectors = np.concatenate([v for _, v in kept]).astype(np.float32)
-        store = open_store(args, data, embedder)
-        same = []
-        worst = 0.0
-        for q in real[:5]:
-            sims = (vectors @ q.reshape(-1, vectors.shape[1]).T).max(axis=1)
-            truth = ids[np.argsort(-sims, kind="stable")[:10]]
-            hits = store.search(tenant, [GROUP], q, 10, -1.0)
-            same.append(len({h.id for h in hits} & set(truth.tolist())) / 10)
-            worst = max(worst, abs(hits[0].cosine - float(sims.max())))
-        store.close()
-        report["milvus_recall_at_10_vs_brute_force"] = float(np.mean(same))
-        report["milvus_top1_cosine_err"] = worst
-    for consistency in ("Session", "Strong"):
-        store = open_store(args, data, embedder, consistency)
-        for q in real[:3]:  # warm-up, untimed
-            store.search(tenant, [GROUP], q, 100, -1.0)
-        for limit in (1, 100):
-            times = []
-            for q in real:
-                t = time.perf_counter()
-                store.search(tenant, [GROUP], q, limit, -1.0)
-                times.append((time.perf_counter() - t) * 1000)
-            report[f"inproc_{consistency}_limit_{limit}"] = (pct(times, 50), pct(times, 99))
-        store.close()
-    return report
-
-
 class Server:
     def __init__(
         self, data: Path, port: int, extra_env: dict[str, str] | None = None, projected_dim: int | None = None
@@ -617,64 +494,6 @@ class Server:
             self.proc.kill()
 
 
-def serve_bench(
-    args: argparse.Namespace,
-    data: Path,
-    query_jpegs: list[bytes],
-    ingest_jpegs: list[bytes],
-    extra_env: dict[str, str] | None = None,
-) -> dict:
-    keys = KeyStore(data / "keys.db")
-    key = keys.list()[0]
-    keys.close()
-    session = requests.Session()
-    auth = QiniuMacRequestsAuth(QiniuMacAuth(key.access_key, key.secret_key))
-    report: dict = {}
-    port = 18000 + os.getpid() % 1000
-    server = Server(data, port, extra_env)
-
-    def search(jpeg: bytes, limit: int) -> requests.Response:
-        body = {"data": {"uri": data_uri(jpeg)}, "params": {"groups": [GROUP], "limit": limit}}
-        return session.post(server.url + "/v1/image/groups/search", json=body, auth=auth, timeout=120)
-
-    try:
-        while True:
-            try:
-                if search(query_jpegs[0], 1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.05)
-            if server.proc.poll() is not None:
-                raise RuntimeError("server exited; see serve.log")
-        report["start_to_first_search_s"] = time.monotonic() - server.started
-        for limit in (1, 100, 10_000, -1):
-            times = []
-            returned = []
-            for jpeg in query_jpegs:
-                t = time.perf_counter()
-                resp = search(jpeg, limit)
-                times.append((time.perf_counter() - t) * 1000)
-                assert resp.status_code == 200, resp.text
-                returned.append(len(resp.json()["result"]))
-            report[f"search_limit_{limit}"] = (pct(times, 50), pct(times, 99), float(np.median(returned)))
-        session.post(server.url + "/v1/image/group/ingest/new", json={"data": []}, auth=auth, timeout=60)
-        for batch in (1, 32):
-            todo = ingest_jpegs[: max(batch * 4, 32)]
-            t = time.perf_counter()
-            for start in range(0, len(todo), batch):
-                body = {"data": [{"uri": data_uri(b)} for b in todo[start : start + batch]]}
-                resp = session.post(
-                    server.url + "/v1/image/group/ingest/add", json=body, auth=auth, timeout=600
-                )
-                assert resp.status_code == 200, resp.text
-            report[f"ingest_batch_{batch}_img_s"] = len(todo) / (time.perf_counter() - t)
-        report["server_rss_mb"], report["server_peak_rss_mb"] = rss_mb(server.proc.pid)
-        session.post(server.url + "/v1/image/group/ingest/remove", auth=auth, timeout=60)
-    finally:
-        server.stop()
-    return report
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -688,20 +507,29 @@ def main() -> None:
     parser.add_argument(
         "--milvus-uri", default=None, help="an existing Milvus server (default: start one on loopback)"
     )
-    parser.add_argument("--milvus-collection", default=None, help="default bench_scale_<n>")
+    parser.add_argument(
+        "--milvus-collection", default=None, help="default bench_scale_<n>_<dim>d_<density>_<index>"
+    )
     parser.add_argument(
         "--milvus-tick-ms", type=int, default=20, help="proxy.timeTickInterval of the started server"
     )
-    parser.add_argument("--milvus-index", choices=("FLAT", "HNSW"), default="FLAT")
+    parser.add_argument("--milvus-index", choices=("FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8"), default="IVF_FLAT")
+    parser.add_argument("--milvus-nprobe", type=int, default=32, help="IVF lists searched per segment")
+    parser.add_argument(
+        "--milvus-index-timeout", type=float, default=7200, help="seconds to wait for the index build"
+    )
     parser.add_argument("--milvus-consistency", choices=("Session", "Strong"), default="Session")
     parser.add_argument(
         "--dim",
         type=int,
         default=0,
-        help="sqlite: project the model's vectors to this width (random orthogonal)",
+        help="project the model's vectors to this width (random orthogonal)",
     )
     parser.add_argument(
-        "--density", choices=("sparse", "dense", "both"), default="both", help="sqlite: which catalogue(s)"
+        "--density",
+        choices=("sparse", "dense", "both"),
+        default="both",
+        help="which catalogue(s); milvus: the first (sparse for both)",
     )
     parser.add_argument("--exact-queries", type=int, default=5, help="queries checked against brute force")
     parser.add_argument("--serve-projected", type=int, default=0, help=argparse.SUPPRESS)
@@ -712,24 +540,12 @@ def main() -> None:
     args.density = ("sparse", "dense") if args.density == "both" else (args.density,)
     if args.quick:
         args.n, args.queries = 20_000, min(args.queries, 15)
-    suffix = "-milvus" if args.store == "milvus" else ""
-    data = args.data or Path(f"/tmp/tusou-scale-{args.n}{suffix}")
     if args.store == "milvus":
-        data.mkdir(parents=True, exist_ok=True)
-    if args.store == "milvus":
-        default_name = f"bench_scale_{args.n}_{args.milvus_index.lower()}"
-        args.milvus_collection = args.milvus_collection or default_name
-        with contextlib.ExitStack() as stack:
-            if args.milvus_uri is None:
-                from milvus_server import milvus_server
+        from scale_milvus import run_milvus
 
-                base = Path(tempfile.mkdtemp(prefix="tusou-scale-milvus-"))
-                server = stack.enter_context(milvus_server(base, args.milvus_tick_ms))
-                args.milvus_uri, args.milvus_pid = server.uri, server.pid
-                args.milvus_base, args.milvus_start_s = server.base, server.start_s
-            run(args, data)
-    else:
-        run(args, data)
+        run_milvus(args)
+        return
+    run(args, args.data or Path(f"/tmp/tusou-scale-{args.n}"))
 
 
 def run(args: argparse.Namespace, data: Path) -> None:
@@ -741,121 +557,7 @@ def run(args: argparse.Namespace, data: Path) -> None:
         jpeg_bytes(Image.open(io.BytesIO(b)), side=480, quality=70)
         for b in base_jpegs[:: max(1, 300 // args.queries)]
     ][: args.queries]
-    report: dict = {"n": args.n, "store": args.store}
-    if args.store == "milvus":
-        milvus_pid = getattr(args, "milvus_pid", None)
-        report["milvus_uri"], report["milvus_collection"] = args.milvus_uri, args.milvus_collection
-        report["milvus_index"], report["milvus_consistency"] = args.milvus_index, args.milvus_consistency
-        if milvus_pid:
-            report["milvus_tick_ms"] = args.milvus_tick_ms
-            report["milvus_start_s"] = args.milvus_start_s
-        kept: list = []
-        report.update(fill(args, data, embedder, base_jpegs, kept if args.n <= 200_000 else None))
-        if not args.skip_recall:
-            report.update(milvus_exactness(args, data, embedder, query_jpegs, kept))
-        del kept
-        env = {
-            "TUSOU_STORE": "milvus",
-            "TUSOU_MILVUS_URI": args.milvus_uri,
-            "TUSOU_MILVUS_COLLECTION": args.milvus_collection,
-            "TUSOU_MILVUS_CONSISTENCY": args.milvus_consistency,
-            "TUSOU_MILVUS_INDEX": args.milvus_index,
-        }
-        report.update(serve_bench(args, data, query_jpegs, ingest_jpegs, env))
-        if milvus_pid:
-            report["milvus_rss_mb"], report["milvus_peak_rss_mb"] = rss_mb(milvus_pid)
-            report["milvus_disk_mb"] = du_mb(args.milvus_base)
-        report["disk_mb"] = du_mb(data)
-    else:
-        run_sqlite(args, embedder, base_jpegs, ingest_jpegs, query_jpegs)
-        return
-    print(json.dumps(report, indent=1, default=str), file=sys.stderr)
-    (data / "scale-report.json").write_text(json.dumps(report, indent=1, default=str))
-    print_table(report)
-
-
-def print_search_rows(r: dict) -> None:
-    for limit in (1, 100, 10_000, -1):
-        p50, p99, returned = r[f"search_limit_{limit}"]
-        print(
-            f"| search limit={limit} p50 / p99 (HTTP, query embedding included) | "
-            f"{p50:.0f} / {p99:.0f} ms ({returned:.0f} hits) |"
-        )
-
-
-def print_table(r: dict) -> None:
-    if r.get("store") == "milvus":
-        print_milvus_table(r)
-        return
-    print(f"\n## scale: {r['n']:,} images in one group, {os.cpu_count()} cores\n")
-    print("| measure | value |\n|---|---|")
-    print_search_rows(r)
-    if "ann_recall" in r:
-        for name, (r1, r10, ms) in r["ann_recall"].items():
-            print(
-                f"| graph vs exact, {name} queries: recall@1 / recall@10, graph search | "
-                f"{r1:.3f} / {r10:.3f}, {ms:.2f} ms |"
-            )
-        if "served_recall" in r:
-            cells = " / ".join(f"{v:.3f}" for v in r["served_recall"].values())
-            label = "served search vs exact, default threshold, limit 1 / 10 / 100 (photo queries)"
-            print(f"| {label} | {cells} |")
-        print(
-            f"| exact path (int8 scan + f32 re-rank) vs brute-force f32, top 10000 | "
-            f"{r['exact_path_recall_at_10000']:.4f} |"
-        )
-        print(f"| max int8 cosine error (top 1000 of 5 queries) | {r['int8_abs_err_max']:.4f} |")
-    for batch in (1, 32):
-        print(f"| ingest over HTTP, batch {batch} | {r[f'ingest_batch_{batch}_img_s']:.1f} img/s |")
-    print(f"| process start to first answered search | {r['start_to_first_search_s']:.2f} s |")
-    print(f"| server RSS now / peak | {r['server_rss_mb']:.0f} / {r['server_peak_rss_mb']:.0f} MB |")
-    print(f"| disk (whole folder / index snapshots) | {r['disk_mb']:.0f} / {r['index_mb']:.0f} MB |")
-    if "fill_s" in r:
-        print(
-            f"| fill (SQLite + HNSW, internal path) / snapshot at close | "
-            f"{r['fill_s']:.0f} s / {r['close_snapshot_s']:.1f} s |"
-        )
-
-
-def print_milvus_table(r: dict) -> None:
-    tick = f", proxy.timeTickInterval {r['milvus_tick_ms']} ms" if "milvus_tick_ms" in r else ""
-    print(
-        f"\n## scale: {r['n']:,} images in one group, Milvus store ({r.get('milvus_index', 'FLAT')} index, "
-        f"{r.get('milvus_consistency', 'Strong')} reads over HTTP{tick}), "
-        f"{os.cpu_count()} cores\n"
-    )
-    print("| measure | value |\n|---|---|")
-    print_search_rows(r)
-    for consistency in ("Session", "Strong"):
-        for limit in (1, 100):
-            key = f"inproc_{consistency}_limit_{limit}"
-            if key in r:
-                print(
-                    f"| MilvusStore.search in-process, {consistency}, limit={limit} p50 / p99 | "
-                    f"{r[key][0]:.1f} / {r[key][1]:.1f} ms |"
-                )
-    if "milvus_recall_at_10_vs_brute_force" in r:
-        print(
-            f"| {r.get('milvus_index', 'FLAT')} vs brute force, recall@10 / top-1 cosine err (5 queries) | "
-            f"{r['milvus_recall_at_10_vs_brute_force']:.3f} / {r['milvus_top1_cosine_err']:.1e} |"
-        )
-    for batch in (1, 32):
-        print(f"| ingest over HTTP, batch {batch} | {r[f'ingest_batch_{batch}_img_s']:.1f} img/s |")
-    print(f"| tusou process start to first answered search | {r['start_to_first_search_s']:.2f} s |")
-    print(f"| tusou RSS now / peak | {r['server_rss_mb']:.0f} / {r['server_peak_rss_mb']:.0f} MB |")
-    if "milvus_rss_mb" in r:
-        print(
-            f"| Milvus server RSS now / peak | {r['milvus_rss_mb']:.0f} / {r['milvus_peak_rss_mb']:.0f} MB |"
-        )
-        print(
-            f"| Milvus server start (to healthy) / disk | "
-            f"{r['milvus_start_s']:.1f} s / {r['milvus_disk_mb']:.0f} MB |"
-        )
-    if "fill_s" in r:
-        print(
-            f"| fill (MilvusStore.add_images, internal path) / flush at the end | "
-            f"{r['fill_s']:.0f} s / {r['close_snapshot_s']:.1f} s |"
-        )
+    run_sqlite(args, embedder, base_jpegs, ingest_jpegs, query_jpegs)
 
 
 if __name__ == "__main__":

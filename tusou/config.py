@@ -45,7 +45,11 @@ class Settings(BaseSettings):
 
     milvus_index: str = Field(
         default="FLAT",
-        description="Vector index of a new Milvus collection: FLAT (exact) or HNSW (docs/scale.md).",
+        description="Vector index of a new Milvus collection: FLAT (exact), IVF_FLAT, IVF_SQ8 or HNSW "
+        "(docs/scale.md).",
+    )
+    milvus_nprobe: int = Field(
+        default=32, ge=1, description="IVF indexes: inverted lists searched per segment (of 1024)."
     )
 
     # --- model ---

@@ -573,7 +573,7 @@ class Service:
             return self.search_text(tenant, query)
         # One consistency wait for the whole search on Milvus under Strong reads (a search by a stored id
         # reads the vector, then searches; verification searches once more).
-        with self.store.snapshot():
+        with self.store.read_snapshot():
             return self._search_image(tenant, query)
 
     def _search_image(self, tenant: str, query: SearchQuery) -> list[Match]:

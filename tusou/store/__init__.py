@@ -31,6 +31,7 @@ def open_store(
             password=settings.milvus_password,
             consistency=settings.milvus_consistency,
             index=settings.milvus_index,
+            nprobe=settings.milvus_nprobe,
         )
     if settings.store != "sqlite":
         raise ValueError(f"unknown store {settings.store!r}: use sqlite or milvus")

@@ -154,7 +154,7 @@ class Store(ABC):
         """Replace the tags of the named images (``tusou retag``); returns how many were updated."""
         raise StoreError("tags are not supported by this store", 400)
 
-    def snapshot(self) -> contextlib.AbstractContextManager[None]:
+    def read_snapshot(self) -> contextlib.AbstractContextManager[None]:
         """A block whose reads may share one consistency wait (the Milvus store under Strong reads); a search
         by a stored image's id reads the vector and then searches inside one. Default: nothing to share."""
         return contextlib.nullcontext()

@@ -121,7 +121,7 @@ _META_SEQ = 0  # real sequence numbers are far above 0
 # the server gives none, read with Strong). A Session read waits for it (see MilvusStore._wrote).
 _WRITTEN: dict[tuple[str, str], int] = {}
 _WRITTEN_LOCK = threading.Lock()
-# Within MilvusStore.snapshot(): (the store, the guarantee timestamp its reads carry) for this request.
+# Within MilvusStore.read_snapshot(): (the store, the guarantee timestamp its reads carry) for this request.
 _PINNED: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("tusou_pinned", default=None)
 
 # Byte limits of the VARCHAR fields; the service's own limits are lower in characters, these are in bytes.
@@ -547,7 +547,7 @@ class MilvusStore(Store):
         return pinned[1] if pinned is not None and pinned[0] == id(self) else None
 
     @contextlib.contextmanager
-    def snapshot(self) -> Iterator[None]:
+    def read_snapshot(self) -> Iterator[None]:
         """Reads inside share one consistency wait: under ``Strong``, one timestamp from the server's oracle
         (after every write acknowledged so far, whichever process made it) becomes the guarantee timestamp
         of every read of the block, so the first read waits for it and later ones find it reached. A search
