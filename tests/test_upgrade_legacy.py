@@ -140,6 +140,9 @@ def test_the_legacy_folder_upgrades_and_answers_as_before(tmp_path: Path, embedd
         assert refused.returncode == 1, refused.stdout + refused.stderr
         assert "tusou upgrade" in refused.stderr and "tusou backup" in refused.stderr
         assert "Traceback" not in refused.stderr
+        # So do the commands that open the folder themselves (here: the copy to Milvus, refused first).
+        copy = tusou(data, "migrate", "--milvus-uri", "http://127.0.0.1:9")
+        assert copy.returncode == 1 and "tusou upgrade" in copy.stderr and "Traceback" not in copy.stderr
         assert stored_model(data) == EXPECTED["model"]
     done = tusou(data, "upgrade", "--backup", str(tmp_path / "backup"))
     assert done.returncode == 0, done.stderr

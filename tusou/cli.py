@@ -12,6 +12,8 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,18 @@ def _existing_keys(settings: Settings) -> KeyStore:
             "pass --data DIR or set TUSOU_DATA to the folder `tusou serve` uses"
         )
     return KeyStore(path)
+
+
+@contextmanager
+def _refusals() -> Iterator[None]:
+    """A data folder or collection this release cannot use as it is (another model's vectors): one line
+    naming the way out (`tusou upgrade`, `tusou reembed`), not a traceback."""
+    from tusou.store.base import ModelMismatch
+
+    try:
+        yield
+    except ModelMismatch as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:
@@ -92,7 +106,6 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
     from tusou.api.guard import uvicorn_options
     from tusou.images import return_freed_memory_promptly
     from tusou.service import build_service
-    from tusou.store.base import ModelMismatch
 
     return_freed_memory_promptly()
     os.umask(0o077)  # whatever the server creates in its data folder (and temp files) is private
@@ -108,10 +121,8 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Built before the server starts, so that a folder this release cannot serve as it is (another model's
     # vectors) is refused with one line naming the way out (`tusou upgrade`, `tusou reembed`).
-    try:
+    with _refusals():
         service = build_service(settings)
-    except ModelMismatch as exc:
-        raise click.ClickException(str(exc)) from None
     # The app's lifespan closes the service when the server stops (index snapshots written): uvicorn
     # re-raises SIGTERM after its shutdown, so nothing after ``run`` would run.
     app = create_app(settings, service=service, keys=keys, close_service=True)
@@ -199,8 +210,17 @@ def migrate(
     if groups and len(access_keys) != 1:
         raise click.UsageError("--group needs exactly one --access-key")
     embedder = create_embedder(source_settings)
-    src = open_store(source_settings, model_id=embedder.model_id, dim=embedder.dim)
-    dst = open_store(target_settings, model_id=embedder.model_id, dim=embedder.dim)
+    with _refusals():
+        convert_from = getattr(embedder, "convert_from", None)
+        src = open_store(
+            source_settings, model_id=embedder.model_id, dim=embedder.dim, convert_from=convert_from
+        )
+    with _refusals():
+        try:
+            dst = open_store(target_settings, model_id=embedder.model_id, dim=embedder.dim)
+        except BaseException:
+            src.close()
+            raise
     try:
         tenants = list(access_keys) or [key.access_key for key in _keys(source_settings).list()]
         for tenant in tenants:
@@ -466,7 +486,8 @@ def retag(data: Path | None, group: str, access_keys: tuple[str, ...]) -> None:
     settings = _settings(data=data)
     if not (settings.data / "keys.db").is_file():
         _existing_keys(settings)  # the same clear error as the key commands
-    service = build_service(settings)
+    with _refusals():
+        service = build_service(settings)
     try:
         if not service.tagging:
             raise click.ClickException("tags need a built-in model (lite0, lite1, lite2) and TUSOU_TAGS on")
@@ -502,7 +523,8 @@ def thumbs(data: Path | None, group: str, access_keys: tuple[str, ...]) -> None:
     _existing_keys(settings).close()  # the same clear error as the key commands outside a data folder
     if not settings.thumbnails:
         raise click.ClickException("thumbnails are turned off (TUSOU_THUMBNAILS=false)")
-    service = build_service(settings)
+    with _refusals():
+        service = build_service(settings)
     try:
         tenants = list(access_keys) or [key.access_key for key in _keys(settings).list()]
         owners = [t for t in tenants if group in service.store.list_groups(t)]
