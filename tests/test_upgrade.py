@@ -366,6 +366,16 @@ def test_reembed_of_some_groups_waits_for_the_rest_before_switching(tmp_path: Pa
     assert rest.switched and rest.embedded == 10 and rest.dropped == 2
 
 
+def test_an_upgrade_after_an_unfinished_reembed_drops_the_vectors_kept_aside(tmp_path: Path) -> None:
+    write_uri_folder(tmp_path)
+    partial = reembeds.reembed(tmp_path / "tusou.db", tmp_path / "index", OtherModel(), picture)
+    assert not partial.switched and partial.embedded == 40
+    open_new(tmp_path, upgrade=True).close()  # the folder converts after all
+    with sqlite3.connect(tmp_path / "tusou.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM reembed").fetchone()[0] == 0
+    assert "reembed_to" not in meta(tmp_path) and meta(tmp_path)["model_id"] == NEW
+
+
 def test_reembed_refuses_a_folder_half_way_through_an_upgrade(tmp_path: Path) -> None:
     write_old_folder(tmp_path)
     with sqlite3.connect(tmp_path / "tusou.db") as conn:

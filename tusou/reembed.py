@@ -35,7 +35,14 @@ from PIL import Image
 
 from tusou.images import ImageError
 from tusou.store.base import ModelMismatch
-from tusou.upgrade import UPGRADING, drop_snapshots, put_meta, release_free_pages, transaction
+from tusou.upgrade import (
+    UPGRADING,
+    drop_snapshots,
+    forget_reembedding,
+    put_meta,
+    release_free_pages,
+    transaction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +129,9 @@ def reembed(
                 "finish it with `tusou upgrade` first"
             )
         if stored is None or stored == target:
+            if "reembed_to" in meta:  # left over from a run the folder no longer needs
+                with transaction(conn):
+                    forget_reembedding(conn)
             return result  # nothing to re-embed: the folder holds this model's vectors
         conn.executescript(SCHEMA)
         with transaction(conn):

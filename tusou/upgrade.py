@@ -148,6 +148,7 @@ def upgrade(
         put_meta(conn, "model_id", target)
         put_meta(conn, "dim", str(dim))
         conn.execute("DELETE FROM meta WHERE key LIKE 'upgrade_%'")
+        forget_reembedding(conn)
     release_free_pages(conn)
     seconds = time.monotonic() - started
     log.info("upgraded %d stored vectors to %s in %.1fs", converted, target, seconds)
@@ -172,6 +173,14 @@ def release_free_pages(conn: sqlite3.Connection) -> None:
     auto_vacuum=INCREMENTAL shrinks, and the WAL is emptied. ``executescript`` steps the pragma to its end;
     ``execute`` would run one step, which frees a single page."""
     conn.executescript("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(TRUNCATE);")
+
+
+def forget_reembedding(conn: sqlite3.Connection) -> None:
+    """Drop what an unfinished ``tusou reembed`` kept aside (tusou/reembed.py): the folder now holds vectors
+    of the running model by other means, and those rows would only take disk."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'reembed'").fetchone():
+        conn.execute("DELETE FROM reembed")
+    conn.execute("DELETE FROM meta WHERE key IN ('reembed_to', 'reembed_dim')")
 
 
 def put_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
