@@ -67,6 +67,8 @@ def test_restart_after_close_is_identical(tmp_path: Path) -> None:
     before = state(store, queries)
     store.close()
     assert sorted(p.suffix for p in (tmp_path / "index").iterdir()) == [
+        ".f32",
+        ".f32",
         ".ivf",
         ".ivf",
         ".json",
@@ -139,3 +141,21 @@ def test_model_mismatch_is_refused(tmp_path: Path) -> None:
     store = open_store(tmp_path)  # the data folder is untouched by the refusal
     assert store.count("t", "g") == 3
     store.close()
+
+
+def test_missing_or_short_float_side_file_means_rebuild_from_sqlite(tmp_path: Path) -> None:
+    """The re-rank's float32 rows come from a side file beside the snapshot; a snapshot whose side file is
+    gone or shorter than its slots is refused, and the index is rebuilt with a new one."""
+    store = open_store(tmp_path)
+    queries = fill(store)
+    expected = state(store, queries)
+    store.close()
+    side = sorted((tmp_path / "index").glob("*.f32"))
+    assert len(side) == 2
+    side[0].unlink()
+    with open(side[1], "r+b") as f:
+        f.truncate(100)
+    store = open_store(tmp_path)
+    assert state(store, queries) == expected
+    store.close()
+    assert len(list((tmp_path / "index").glob("*.f32"))) == 2  # new generations, the old ones gone

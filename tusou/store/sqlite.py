@@ -259,8 +259,9 @@ class SQLiteStore(Store):
             key = conn.execute("SELECT value FROM meta WHERE key='marker_key'").fetchone()[0]
         self._markers = MarkerCodec(bytes.fromhex(key))
 
-    def _new_index(self) -> VectorIndex:
-        return VectorIndex(self.dim, self._fetch_vectors)
+    def _new_index(self, gid: int) -> VectorIndex:
+        # The float32 rows for the re-rank go to a side file beside the group's snapshots.
+        return VectorIndex(self.dim, self._fetch_vectors, self.snapshot_dir, self._snapshot_name(gid))
 
     def _load(self) -> None:
         conn = self._writer
@@ -276,7 +277,7 @@ class SQLiteStore(Store):
                 dtype=np.int64,
             )
             if index is None:
-                index = self._new_index()
+                index = self._new_index(gid)
                 missing = live
             else:
                 held = index.keys()
@@ -375,7 +376,7 @@ class SQLiteStore(Store):
                 ).lastrowid
                 assert gid is not None
                 results, added = self._insert(conn, gid, 0, images)
-            self._indexes[gid] = self._new_index()
+            self._indexes[gid] = self._new_index(gid)
             self._index_added(gid, added)
             self._gids[(tenant, group)] = gid
         return results
@@ -441,8 +442,10 @@ class SQLiteStore(Store):
                 conn.execute("DELETE FROM images WHERE gid = ?", (gid,))
                 conn.execute("DELETE FROM groups WHERE gid = ?", (gid,))
             del self._gids[(tenant, group)]
-            self._indexes.pop(gid, None)
+            index = self._indexes.pop(gid, None)
             with self._snapshot_lock:
+                if index is not None:
+                    index.close()
                 for path in snapshot_files(self.snapshot_dir, self._snapshot_name(gid)):
                     path.unlink(missing_ok=True)
             self._writer.execute("PRAGMA incremental_vacuum")
@@ -656,4 +659,6 @@ class SQLiteStore(Store):
         self._snapshotter.join()
         with self._write_lock:
             self.snapshot()
+            for index in self._indexes.values():
+                index.close()
             self._writer.close()

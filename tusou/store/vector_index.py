@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import threading
 import time
@@ -69,8 +70,8 @@ KMEANS_ITERS = 8
 # lists are re-sorted once there are more than TAIL_MAX of them.
 NPROBE = 8
 TAIL_MAX = 16_384
-SNAPSHOT_FORMAT = 2
-_MAGIC = b"TUSOU-IVF-2\n"
+SNAPSHOT_FORMAT = 3
+_MAGIC = b"TUSOU-IVF-3\n"
 
 # keys (int64) -> (keys that still exist, their float32 rows); rows deleted meanwhile are left out.
 Fetch = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -226,10 +227,74 @@ def _grow(array: np.ndarray, need: int) -> np.ndarray:
     return out
 
 
+class _Floats:
+    """The float32 rows by slot in a file beside the snapshots (derived from SQLite like the index), read
+    by the re-rank: a few thousand rows gathered from a memory map cost milliseconds, where SQLite needs a
+    B-tree lookup per row. Written with ``pwrite`` as rows are added (no fsync: a snapshot fsyncs it
+    before its metadata names it); the mapping's pages are dropped from the process after each gather, so
+    the file stays in the page cache, not in the server's RSS."""
+
+    def __init__(self, path: Path, dim: int, rows: int = 0) -> None:
+        self.path = path
+        self.dim = dim
+        self.row_bytes = 4 * dim
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        self.cap = 0
+        self.mm: mmap.mmap | None = None
+        self.matrix = np.zeros((0, dim), dtype=np.float32)
+        self.reserve(max(rows, 1024))
+
+    def reserve(self, rows: int) -> None:
+        if rows <= self.cap:
+            return
+        cap = max(rows, 2 * self.cap)
+        if os.fstat(self.fd).st_size < cap * self.row_bytes:
+            os.ftruncate(self.fd, cap * self.row_bytes)  # sparse: no disk used until written
+        if self.mm is not None:
+            self.matrix = np.zeros((0, self.dim), dtype=np.float32)
+            self.mm.close()
+        self.mm = mmap.mmap(self.fd, cap * self.row_bytes, prot=mmap.PROT_READ)
+        self.mm.madvise(mmap.MADV_RANDOM)
+        self.matrix = np.frombuffer(self.mm, dtype=np.float32).reshape(cap, self.dim)
+        self.cap = cap
+
+    def write(self, slot: int, rows: np.ndarray) -> None:
+        self.reserve(slot + len(rows))
+        data = np.ascontiguousarray(rows, dtype=np.float32).tobytes()
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], slot * self.row_bytes + done)
+
+    def gather(self, slots: np.ndarray) -> np.ndarray:
+        out = self.matrix[slots]
+        assert self.mm is not None
+        self.mm.madvise(mmap.MADV_DONTNEED)
+        return out
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.mm is not None:
+            self.matrix = np.zeros((0, self.dim), dtype=np.float32)
+            self.mm.close()
+            self.mm = None
+        os.close(self.fd)
+
+
 class VectorIndex:
-    def __init__(self, dim: int, fetch: Fetch | None = None) -> None:
+    def __init__(
+        self, dim: int, fetch: Fetch | None = None, folder: Path | None = None, name: str | None = None
+    ) -> None:
+        """``folder`` and ``name``: where the float32 side file lives (``<name>.<generation>.f32``) and
+        the snapshots go; without them the re-rank reads rows through ``fetch``."""
         self.dim = dim
         self.fetch = fetch
+        self.folder, self.name = folder, name
+        self._floats: _Floats | None = None
+        self._floats_gen = 0
+        if folder is not None and name is not None:
+            self._new_floats()
         self._lock = _RWLock()
         self._scorer = _scorer()
         # Slot-indexed storage: slot s lives in block s // BLOCK, row s % BLOCK.
@@ -257,6 +322,28 @@ class VectorIndex:
 
     def __len__(self) -> int:
         return self._live
+
+    def _float_path(self, gen: int) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{self.name}.{gen}.f32"
+
+    def _new_floats(self) -> None:
+        """A fresh side file (a new generation: a snapshot names the one its slots belong to)."""
+        assert self.folder is not None
+        private_dir(self.folder)
+        old = self._floats
+        self._floats_gen = time.time_ns()
+        self._floats = _Floats(self._float_path(self._floats_gen), self.dim)
+        if old is not None:
+            old.close()
+            old.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release the side file's mapping (the file stays for the next start)."""
+        with self._lock.write():
+            if self._floats is not None:
+                self._floats.close()
+                self._floats = None
 
     def _touch(self, changed: int) -> None:
         if changed:
@@ -286,6 +373,8 @@ class VectorIndex:
                 keys, vectors, offset, inv = keys[fresh], vectors[fresh], offset[fresh], inv[fresh]
                 if not len(keys):
                     return
+            if self._floats is not None:
+                self._floats.write(self._n, vectors)
             self._append(keys, offset, inv, self._assign_rows(vectors))
             self.last_seq = max(self.last_seq, int(keys.max()))
             self._touch(len(keys))
@@ -426,24 +515,35 @@ class VectorIndex:
         return count
 
     def _compact(self) -> None:
-        """Drop deleted slots (order kept): storage, keys and lists are rebuilt block by block."""
+        """Drop deleted slots (order kept): storage, keys, lists and the side file are rebuilt block by
+        block (the side file under a new generation; the next snapshot names it)."""
         live = np.flatnonzero(self._inv[: self._n] > 0)
-        old_blocks = self._blocks
+        old_blocks, old_floats = self._blocks, self._floats
         keys, inv, assign = self._keys[live].copy(), self._inv[live].copy(), self._assign[live].copy()
         self._blocks, self._n, self._live = [], 0, 0
         self._keys = np.zeros(0, dtype=np.int64)
         self._inv = np.zeros(0, dtype=np.float32)
         self._assign = np.zeros(0, dtype=np.int16)
         self._keys_sorted, self._sorted_upto = True, 0
+        if old_floats is not None:
+            self._floats = None
+            self._floats_gen = time.time_ns()
+            self._floats = _Floats(self._float_path(self._floats_gen), self.dim, len(live))
         src_blocks = live // BLOCK
         for b in range(len(old_blocks)):
             sel = np.flatnonzero(src_blocks == b)
             if len(sel):
                 rows = old_blocks[b][live[sel] - b * BLOCK]
+                if self._floats is not None and old_floats is not None:
+                    self._floats.write(self._n, old_floats.gather(live[sel]))
                 self._append(keys[sel], rows, inv[sel], assign[sel])
             old_blocks[b] = np.zeros((0, self.dim), dtype=np.uint8)  # freed as we go
+        if old_floats is not None:
+            old_floats.close()
+            old_floats.path.unlink(missing_ok=True)
         if self._centroids is not None:
             self._sort_lists()
+        self._touch(1)
 
     def keys(self) -> np.ndarray:
         with self._lock.read():
@@ -474,14 +574,14 @@ class VectorIndex:
             auto = exact is None
             scan = exact if not auto else n < self.exact_below or limit < 0 or limit > ANN_MAX_LIMIT
             if scan:
-                keys, approx = self._scan(query, limit, floor)
+                slots, approx = self._scan(query, limit, floor)
             else:
-                keys, approx = self._probe(query, queries, min(n, max(32, 2 * limit)))
+                slots, approx = self._probe(query, queries, min(n, max(32, 2 * limit)))
                 if auto and limit > 1 and np.count_nonzero(approx >= floor) >= DENSE_MATCHES:
                     # Many rows pass the threshold around this query: a dense neighbourhood, where the
                     # lists may miss some. A search that can return several matches gets the scan's answer.
-                    keys, approx = self._scan(query, limit, floor)
-        keys, cosines = self._rerank(keys, approx, queries, min_cosine, floor)
+                    slots, approx = self._scan(query, limit, floor)
+            keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor)
         if limit >= 0:
             keys, cosines = keys[:limit], cosines[:limit]
         return keys, cosines
@@ -513,7 +613,7 @@ class VectorIndex:
             kth = float(np.partition(approx, len(approx) - limit)[len(approx) - limit])
             keep = approx >= kth - 2 * SCREEN_MARGIN
             slots, approx = slots[keep], approx[keep]
-        return self._keys[slots], approx
+        return slots, approx
 
     def _probe(self, query: _Query, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``count`` best rows (int8) among the lists nearest to each view and the unsorted tail."""
@@ -534,7 +634,7 @@ class VectorIndex:
         if len(cos) > count:
             top = np.argpartition(-cos, count - 1)[:count]
             slots, cos = slots[top], cos[top]
-        return self._keys[slots], cos
+        return slots, cos
 
     def search_among(
         self, queries: np.ndarray, among: np.ndarray, limit: int, min_cosine: float
@@ -559,24 +659,31 @@ class VectorIndex:
                 return empty
             approx = query.cosines(self._scorer, self._gather_codes(slots), self._inv[slots])
             keep = approx >= floor
-            keys, approx = self._keys[slots[keep]], approx[keep]
-        if limit > 0 and len(keys) > limit:
-            # Rows whose int8 cosine is below the limit-th best by more than the int8 error cannot enter.
-            kth = float(np.partition(approx, len(approx) - limit)[len(approx) - limit])
-            keep = approx >= kth - 2 * SCREEN_MARGIN
-            keys, approx = keys[keep], approx[keep]
-        keys, cosines = self._rerank(keys, approx, queries, min_cosine, floor)
+            slots, approx = slots[keep], approx[keep]
+            if limit > 0 and len(slots) > limit:
+                # Rows whose int8 cosine is below the limit-th best by more than the int8 error cannot enter.
+                kth = float(np.partition(approx, len(approx) - limit)[len(approx) - limit])
+                keep = approx >= kth - 2 * SCREEN_MARGIN
+                slots, approx = slots[keep], approx[keep]
+            keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor)
         if limit >= 0:
             keys, cosines = keys[:limit], cosines[:limit]
         return keys, cosines
 
     def _rerank(
-        self, keys: np.ndarray, approx: np.ndarray, queries: np.ndarray, min_cosine: float, floor: float
+        self, slots: np.ndarray, approx: np.ndarray, queries: np.ndarray, min_cosine: float, floor: float
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The candidates that pass ``min_cosine`` in float32, best first (ties in seq order)."""
+        """The candidates that pass ``min_cosine`` in float32, best first (ties in seq order): keys, cosines.
+        Runs under the read lock (slots are stable)."""
         keep = approx >= floor
-        keys, approx = keys[keep], approx[keep]
-        if self.fetch is None:
+        slots, approx = slots[keep], approx[keep]
+        keys = self._keys[slots]
+        if self._floats is not None:
+            rows = self._floats.gather(np.sort(slots)) if len(slots) else np.zeros((0, self.dim), np.float32)
+            order = np.argsort(slots)
+            keys = keys[order]
+            cosines = (rows @ queries.T).max(axis=1) if len(keys) else np.zeros(0, dtype=np.float32)
+        elif self.fetch is None:
             cosines = approx
         else:
             keys, rows = self.fetch(keys)
@@ -588,7 +695,8 @@ class VectorIndex:
 
     # --- snapshots ---------------------------------------------------------------------------------
     def _write(self, f: BinaryIO) -> tuple[int, int]:
-        """The live rows (compacted) into ``f``; returns (count, crc32 of what was written)."""
+        """Every slot (deleted ones too, with a zero norm: slots must stay those of the side file) into
+        ``f``; returns (live rows, crc32 of what was written)."""
         crc = 0
 
         def put(data: bytes | memoryview) -> None:
@@ -596,10 +704,11 @@ class VectorIndex:
             crc = zlib.crc32(data, crc)
             f.write(data)
 
-        live = np.flatnonzero(self._inv[: self._n] > 0)
+        live = np.arange(self._n)
         header = {
             "dim": self.dim,
-            "count": len(live),
+            "count": self._live,
+            "slots": self._n,
             "nlist": 0 if self._centroids is None else len(self._centroids),
             "trained": self._trained_n,
         }
@@ -612,7 +721,7 @@ class VectorIndex:
             put(self._gather_codes(live[start : start + BLOCK]).tobytes())
         if self._centroids is not None:
             put(self._centroids.tobytes())
-        return len(live), crc
+        return self._live, crc
 
     def save(self, folder: Path, name: str) -> int | None:
         """Write a snapshot if anything changed since the last one; returns its seq (None if clean).
@@ -629,9 +738,12 @@ class VectorIndex:
             # the live file under its old name would leave no valid snapshot until the new JSON lands.
             stem = f"{name}.{seq}.{time.time_ns()}"
             tmp = folder / f"{stem}.ivf.tmp"
+            floats_gen = self._floats_gen if self._floats is not None else 0
             try:
                 with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as f:
                     count, crc = self._write(f)
+                if self._floats is not None:
+                    self._floats.sync()  # the rows the snapshot's slots name are durable before it is
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -647,6 +759,7 @@ class VectorIndex:
                 "dim": self.dim,
                 "seq": seq,
                 "count": count,
+                "floats": floats_gen,
                 "size": final.stat().st_size,
                 "crc32": crc,
             }
@@ -663,10 +776,15 @@ class VectorIndex:
             tmp.unlink(missing_ok=True)
             raise
         # Only now, with the new snapshot durable, may older ones go.
+        keep = f"{name}.{floats_gen}.f32"
         for old in snapshot_files(folder, name):
-            if not old.name.startswith(f"{stem}."):
+            if not old.name.startswith(f"{stem}.") and old.name != keep and not self._is_current_floats(old):
                 old.unlink(missing_ok=True)
         return seq
+
+    def _is_current_floats(self, path: Path) -> bool:
+        floats = self._floats  # compaction may have started a newer generation since the snapshot
+        return floats is not None and path == floats.path
 
     @classmethod
     def _read(cls, path: Path, dim: int, meta: dict, fetch: Fetch | None) -> VectorIndex:
@@ -688,8 +806,8 @@ class VectorIndex:
             line = f.readline(4096)
             crc = zlib.crc32(line, crc)
             header = json.loads(line)
-            n, nlist = int(header["count"]), int(header["nlist"])
-            if header["dim"] != dim or n != meta["count"]:
+            n, nlist = int(header["slots"]), int(header["nlist"])
+            if header["dim"] != dim or header["count"] != meta["count"]:
                 raise ValueError("snapshot does not hold what its metadata says")
             out = cls(dim, fetch)
             keys = np.frombuffer(take(8 * n), dtype=np.int64)
@@ -710,7 +828,10 @@ class VectorIndex:
                 raise ValueError("snapshot has trailing data")
         if crc != meta["crc32"]:
             raise ValueError("snapshot checksum does not match")
-        out._n = out._live = n
+        out._n = n
+        out._live = int(np.count_nonzero(out._inv[:n] > 0))
+        if out._live != meta["count"]:
+            raise ValueError("snapshot does not hold what its metadata says")
         out._keys_sorted = bool(n < 2 or np.all(np.diff(out._keys) > 0))
         if out._centroids is not None:
             out._sort_lists()
@@ -733,6 +854,13 @@ class VectorIndex:
                 if meta.get("format") != SNAPSHOT_FORMAT or meta["dim"] != dim or meta["seq"] != seq:
                     raise ValueError("snapshot of another format or model")
                 out = cls._read(data, dim, meta, fetch)
+                out.folder, out.name = folder, name
+                if meta.get("floats"):
+                    path = out._float_path(int(meta["floats"]))
+                    if not path.is_file() or path.stat().st_size < out._n * 4 * dim:
+                        raise ValueError("the snapshot's float side file is missing or short")
+                    out._floats_gen = int(meta["floats"])
+                    out._floats = _Floats(path, dim, out._n)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("ignoring snapshot %s: %s", data, exc)
                 continue
