@@ -292,7 +292,7 @@ def inproc_bench(args, data: Path, embedder, queries: np.ndarray) -> dict:
     # Served answers (keys, order, float cosines) against brute-force float32 over every row.
     n_exact = min(len(queries), args.exact_queries)
     truth = brute_force(store, index, queries[:n_exact], floor)
-    same = total = 0
+    same = ties = total = 0
     worst_cos = 0.0
     for qi in range(n_exact):
         t_keys, t_cos = truth[qi]
@@ -301,11 +301,24 @@ def inproc_bench(args, data: Path, embedder, queries: np.ndarray) -> dict:
             want_keys = t_keys if limit < 0 else t_keys[:limit]
             want_cos = t_cos if limit < 0 else t_cos[:limit]
             total += 1
-            ok = len(got_keys) == len(want_keys) and bool(np.all(got_keys == want_keys))
-            same += int(ok)
-            if ok and len(got_cos):
+            if len(got_keys) != len(want_keys):
+                continue
+            same += int(bool(np.all(got_keys == want_keys)))
+            if len(got_cos):
                 worst_cos = max(worst_cos, float(np.abs(got_cos - want_cos).max()))
+            # Equal up to float32 rounding: where the keys differ, both lists hold cosines equal to 1e-6
+            # (two rows whose products round differently in a different summation order), and every key
+            # given has its exact cosine.
+            exact = dict(zip(t_keys.tolist(), t_cos.tolist(), strict=True))
+            ties += int(
+                bool(np.all(np.abs(got_cos - want_cos) <= 1e-6))
+                and all(
+                    abs(exact.get(k, -9.0) - c) <= 1e-6
+                    for k, c in zip(got_keys.tolist(), got_cos.tolist(), strict=True)
+                )
+            )
     report["served_identical"] = (same, total)
+    report["served_identical_up_to_ties"] = ties
     report["served_cos_err"] = worst_cos
     report["matches_median"] = float(np.median([len(t[0]) for t in truth]))
     report["matches_min"] = int(min(len(t[0]) for t in truth))
@@ -342,16 +355,22 @@ def sqlite_serve_bench(
     def by_id(image_id: str, limit: int) -> dict:
         return {"data": {"id": image_id, "group": GROUP}, "params": {"groups": [GROUP], "limit": limit}}
 
-    try:
+    def first_search() -> float:
         while True:
             try:
                 if post(by_jpeg(query_jpegs[0], 1)).status_code == 200:
-                    break
+                    return time.monotonic() - server.started
             except requests.ConnectionError:
                 time.sleep(0.05)
             if server.proc.poll() is not None:
                 raise RuntimeError("server exited; see serve.log")
-        report["start_to_first_search_s"] = time.monotonic() - server.started
+
+    try:
+        # The first start on a folder may build the model's ONNX cache; the second is a plain restart.
+        report["first_start_to_first_search_s"] = first_search()
+        server.stop()
+        server = Server(data, port, env, projected_dim=args.dim if args.dim else None)
+        report["start_to_first_search_s"] = first_search()
         report["start_load"] = os.getloadavg()
         for kind, bodies in (
             ("id", [lambda lim, i=i: by_id(i, lim) for i in by_ids]),
@@ -446,12 +465,17 @@ def print_sqlite_table(r: dict) -> None:
     print("\n| measure | value |\n|---|---|")
     same, total = r["served_identical"]
     print(
-        f"| served answers identical to an exact float32 scan (keys and order), default threshold, "
-        f"limits 1/100/10000/-1 | {same} of {total} (max cosine difference {r['served_cos_err']:.1e}) |"
+        f"| served answers vs an exact float32 scan of every row, default threshold, limits 1/100/10000/-1: "
+        f"identical keys and order / identical up to float32 rounding ties (cosines equal to 1e-6) | "
+        f"{same} of {total} / {r['served_identical_up_to_ties']} of {total} "
+        f"(max cosine difference {r['served_cos_err']:.1e}) |"
     )
     for batch in (1, 32):
         print(f"| ingest over HTTP, batch {batch} | {r[f'ingest_batch_{batch}_img_s']:.1f} img/s |")
-    print(f"| process start to first answered search (HTTP, JPEG) | {r['start_to_first_search_s']:.2f} s |")
+    print(
+        f"| process start to first answered search (HTTP, JPEG): restart / first start on the folder | "
+        f"{r['start_to_first_search_s']:.2f} / {r['first_start_to_first_search_s']:.2f} s |"
+    )
     print(f"| reopen in process (SQLiteStore(), snapshot load) | {r['reopen_in_process_s']:.2f} s |")
     print(f"| server RSS now / peak | {r['server_rss_mb']:.0f} / {r['server_peak_rss_mb']:.0f} MB |")
     print(f"| disk (whole folder / index snapshots) | {r['disk_mb']:.0f} / {r['index_mb']:.0f} MB |")
