@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +64,12 @@ def write_old_folder(folder: Path, n: int = 300) -> dict[str, np.ndarray]:
 
 
 def stored_rows(folder: Path) -> dict[int, bytes]:
-    with sqlite3.connect(folder / "tusou.db") as conn:
+    with closing(sqlite3.connect(folder / "tusou.db")) as conn:  # closed: an open one marks the folder in use
         return dict(conn.execute("SELECT seq, vector FROM vectors"))
 
 
 def meta(folder: Path) -> dict[str, str]:
-    with sqlite3.connect(folder / "tusou.db") as conn:
+    with closing(sqlite3.connect(folder / "tusou.db")) as conn:
         return dict(conn.execute("SELECT key, value FROM meta"))
 
 
@@ -371,15 +372,31 @@ def test_an_upgrade_after_an_unfinished_reembed_drops_the_vectors_kept_aside(tmp
     partial = reembeds.reembed(tmp_path / "tusou.db", tmp_path / "index", OtherModel(), picture)
     assert not partial.switched and partial.embedded == 40
     open_new(tmp_path, upgrade=True).close()  # the folder converts after all
-    with sqlite3.connect(tmp_path / "tusou.db") as conn:
+    with closing(sqlite3.connect(tmp_path / "tusou.db")) as conn:
         assert conn.execute("SELECT COUNT(*) FROM reembed").fetchone()[0] == 0
     assert "reembed_to" not in meta(tmp_path) and meta(tmp_path)["model_id"] == NEW
 
 
+def test_a_folder_open_in_a_running_server_is_not_rewritten(tmp_path: Path) -> None:
+    write_uri_folder(tmp_path)
+    running = SQLiteStore(tmp_path / "tusou.db", model_id=OLD, dim=OLD_DIM)  # the earlier release, serving
+    try:
+        before = stored_rows(tmp_path)
+        with pytest.raises(upgrades.FolderInUse, match="stop it first"):
+            upgrades.ensure_not_in_use(tmp_path / "tusou.db")
+        with pytest.raises(upgrades.FolderInUse):
+            reembeds.reembed(tmp_path / "tusou.db", tmp_path / "index", OtherModel(), picture)
+        assert stored_rows(tmp_path) == before and "reembed_to" not in meta(tmp_path)
+    finally:
+        running.close()
+    upgrades.ensure_not_in_use(tmp_path / "tusou.db")  # stopped: free
+
+
 def test_reembed_refuses_a_folder_half_way_through_an_upgrade(tmp_path: Path) -> None:
     write_old_folder(tmp_path)
-    with sqlite3.connect(tmp_path / "tusou.db") as conn:
+    with closing(sqlite3.connect(tmp_path / "tusou.db")) as conn:
         conn.execute("UPDATE meta SET value = 'upgrading:a -> b' WHERE key = 'model_id'")
+        conn.commit()
     with pytest.raises(ModelMismatch, match="tusou upgrade"):
         reembeds.reembed(tmp_path / "tusou.db", tmp_path / "index", OtherModel(), picture)
 

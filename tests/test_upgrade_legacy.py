@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,9 @@ def unpack(folder: Path, photo_url: str | None = None) -> Path:
         tar.extractall(data, filter="data")
     if photo_url is not None:
         old = f"http://127.0.0.1:{EXPECTED['photo_port']}"
-        with sqlite3.connect(data / "tusou.db") as conn:
+        with closing(sqlite3.connect(data / "tusou.db")) as conn:  # closed: open, it marks the folder in use
             conn.execute("UPDATE images SET uri = replace(uri, ?, ?) WHERE uri IS NOT NULL", (old, photo_url))
+            conn.commit()
     return data
 
 
@@ -55,7 +57,7 @@ def tusou(
 
 
 def stored_model(data: Path) -> str:
-    with sqlite3.connect(f"file:{data / 'tusou.db'}?mode=ro", uri=True) as conn:
+    with closing(sqlite3.connect(f"file:{data / 'tusou.db'}?mode=ro", uri=True)) as conn:
         return str(conn.execute("SELECT value FROM meta WHERE key = 'model_id'").fetchone()[0])
 
 
@@ -144,6 +146,16 @@ def test_the_legacy_folder_upgrades_and_answers_as_before(tmp_path: Path, embedd
         copy = tusou(data, "migrate", "--milvus-uri", "http://127.0.0.1:9")
         assert copy.returncode == 1 and "tusou upgrade" in copy.stderr and "Traceback" not in copy.stderr
         assert stored_model(data) == EXPECTED["model"]
+        # While the earlier release still serves the folder, the upgrade refuses to touch it.
+        from tusou.store.sqlite import SQLiteStore
+
+        running = SQLiteStore(data / "tusou.db", model_id=EXPECTED["model"], dim=1280)
+        try:
+            busy = tusou(data, "upgrade")
+        finally:
+            running.close()
+        assert busy.returncode == 1 and "stop it first" in busy.stderr, busy.stderr
+        assert stored_model(data) == EXPECTED["model"]
     done = tusou(data, "upgrade", "--backup", str(tmp_path / "backup"))
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -208,7 +220,7 @@ def test_kill_9_during_the_upgrade_then_the_next_start_finishes_it(
     seq = 0
     while proc.poll() is None and time.monotonic() < deadline:
         try:
-            with sqlite3.connect(f"file:{data / 'tusou.db'}?mode=ro", uri=True, timeout=5) as conn:
+            with closing(sqlite3.connect(f"file:{data / 'tusou.db'}?mode=ro", uri=True, timeout=5)) as conn:
                 row = conn.execute("SELECT value FROM meta WHERE key = 'upgrade_seq'").fetchone()
             seq = int(row[0]) if row else 0
         except sqlite3.OperationalError:
@@ -230,7 +242,7 @@ def test_kill_9_during_the_upgrade_then_the_next_start_finishes_it(
     finally:
         stop(server)
     assert stored_model(data) == embedder.model_id
-    with sqlite3.connect(data / "tusou.db") as conn:
+    with closing(sqlite3.connect(data / "tusou.db")) as conn:
         widths = {n for (n,) in conn.execute("SELECT DISTINCT length(vector) FROM vectors")}
         r7 = conn.execute(
             "SELECT vector FROM vectors JOIN images USING (seq) WHERE image_id = 'r7'"

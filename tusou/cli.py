@@ -295,6 +295,10 @@ def upgrade(data: Path | None, backup_dest: Path | None, batch: int) -> None:
     if source is None:
         click.echo(json.dumps({"model": embedder.model_id, "vectors": 0, "note": "nothing to upgrade"}))
         return
+    try:
+        upgrades.ensure_not_in_use(settings.db_path)
+    except upgrades.FolderInUse as exc:
+        raise click.ClickException(str(exc)) from None
     if backup_dest is not None:
         from tusou.backup import BackupError
         from tusou.backup import backup as take_backup
@@ -380,6 +384,7 @@ def reembed(
     from tusou.images import PixelBudget
     from tusou.store.base import ModelMismatch
     from tusou.thumbs import ThumbStore
+    from tusou.upgrade import FolderInUse
 
     settings = _settings(data=data)
     keys = _existing_keys(settings)
@@ -394,8 +399,11 @@ def reembed(
         import sqlite3
 
         tenants = list(access_keys) or [key.access_key for key in keys.list()]
-        with sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True) as conn:
+        conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True)
+        try:
             stored = set(conn.execute("SELECT tenant, name FROM groups"))
+        finally:
+            conn.close()  # an open connection would mark the folder in use
         selected = [(t, g) for t, g in sorted(stored) if t in tenants and (not groups or g in groups)]
         if not selected:
             raise click.ClickException(f"no such group in {settings.data}")
@@ -434,7 +442,7 @@ def reembed(
             drop=drop,
             workers=workers,
         )
-    except ModelMismatch as exc:
+    except (ModelMismatch, FolderInUse) as exc:
         raise click.ClickException(str(exc)) from None
     if result.failed:
         reembeds.write_failures(failures, result.failed, dropped=bool(result.dropped))

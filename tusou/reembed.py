@@ -38,6 +38,7 @@ from tusou.store.base import ModelMismatch
 from tusou.upgrade import (
     UPGRADING,
     drop_snapshots,
+    ensure_not_in_use,
     forget_reembedding,
     put_meta,
     release_free_pages,
@@ -119,6 +120,9 @@ def reembed(
     caller removes what it keeps beside the store, thumbnails for instance)."""
     target, dim = embedder.model_id, embedder.dim
     result = ReembedResult(target)
+    if not db_path.is_file():
+        raise FileNotFoundError(f"{db_path}: no such database")
+    ensure_not_in_use(db_path)
     conn = _connect(db_path)
     try:
         meta = dict(conn.execute("SELECT key, value FROM meta"))

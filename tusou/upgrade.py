@@ -175,6 +175,29 @@ def release_free_pages(conn: sqlite3.Connection) -> None:
     conn.executescript("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(TRUNCATE);")
 
 
+class FolderInUse(Exception):
+    """Another process has the database open: a server (of this release or an earlier one) is running."""
+
+
+def ensure_not_in_use(path: Path) -> None:
+    """Refuse to rewrite a folder that another process has open. A server of the earlier release would
+    otherwise go on writing and reading rows of the old width into the converted folder. Any open SQLite
+    connection, even an idle one, keeps this exclusive lock from being taken."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=1.0)
+    try:
+        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc):
+            raise
+        raise FolderInUse(
+            f"{path} is open in another process (is a tusou server running on this folder?): stop it first"
+        ) from None
+    finally:
+        conn.close()
+
+
 def forget_reembedding(conn: sqlite3.Connection) -> None:
     """Drop what an unfinished ``tusou reembed`` kept aside (tusou/reembed.py): the folder now holds vectors
     of the running model by other means, and those rows would only take disk."""

@@ -144,6 +144,7 @@ class SQLiteStore(Store):
         new_file = not self.path.exists()
         self._write_lock = threading.Lock()
         self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []  # every thread's, closed by close()
         if new_file:
             # Must precede the journal mode and the first table (either fixes the file's layout); lets
             # deletes hand pages back to the file system.
@@ -169,8 +170,12 @@ class SQLiteStore(Store):
                 conn.execute("INSERT INTO meta VALUES ('tag_rows', '1')")
         #: What ``upgrade`` converted when this store opened (None: nothing).
         self.upgraded: upgrades.UpgradeResult | None = None
-        self._upgrade_vectors(model_id, convert_from, upgrade, upgrade_progress, upgrade_batch)
-        self._check_model(model_id)
+        try:
+            self._upgrade_vectors(model_id, convert_from, upgrade, upgrade_progress, upgrade_batch)
+            self._check_model(model_id)
+        except BaseException:
+            self._writer.close()  # a refused folder is left closed: `tusou upgrade`/`reembed` may take it
+            raise
         self._gids: dict[tuple[str, str], int] = {}
         self._indexes: dict[int, VectorIndex] = {}
         # Serialises snapshot writers (background thread, close, remove_group's file cleanup).
@@ -193,6 +198,7 @@ class SQLiteStore(Store):
         if conn is None:
             conn = self._connect()
             self._local.conn = conn
+            self._readers.append(conn)
         return conn
 
     @contextmanager
@@ -662,3 +668,6 @@ class SQLiteStore(Store):
             for index in self._indexes.values():
                 index.close()
             self._writer.close()
+            # The readers too: the folder is then free for another process (`tusou upgrade` checks that).
+            for conn in self._readers:
+                conn.close()
