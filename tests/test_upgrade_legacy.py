@@ -38,7 +38,8 @@ def unpack(folder: Path, photo_url: str | None = None) -> Path:
     """A copy of the legacy folder; with ``photo_url``, its image URLs point there (not the recorded port)."""
     data = folder / "data"
     with tarfile.open(LEGACY / "folder.tar.gz") as tar:
-        tar.extractall(data, filter="data")
+        # The "data" filter where this Python has it (3.11.4+); the archive is the repository's own.
+        tar.extractall(data, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     if photo_url is not None:
         old = f"http://127.0.0.1:{EXPECTED['photo_port']}"
         with closing(sqlite3.connect(data / "tusou.db")) as conn:  # closed: open, it marks the folder in use
