@@ -1,4 +1,5 @@
-"""Verification of search candidates with keypoints (TUSOU_VERIFY), through real HTTP with real photos."""
+"""Verification of search candidates with keypoints (TUSOU_VERIFY, on by default), through real HTTP with
+real photos; each test compares a server with it on and one with it off."""
 
 from __future__ import annotations
 
@@ -33,6 +34,19 @@ def verified(tmp_path: Path, embedder: Embedder) -> Iterator[Tusou]:
     running.server.__enter__()
     yield running
     running.close()
+
+
+@pytest.fixture
+def client(tmp_path: Path, embedder: Embedder) -> Iterator[QiniuClient]:
+    """A client of a server with verification off (TUSOU_VERIFY=false)."""
+    running = Tusou(Settings(data=tmp_path / "plain", fetch_allow=["127.0.0.1"], verify=False), embedder)
+    running.server.__enter__()
+    yield running.client("plain")
+    running.close()
+
+
+def test_verification_is_on_by_default(tmp_path: Path) -> None:
+    assert Settings(data=tmp_path).verify
 
 
 def new_group(client: QiniuClient, photos: list[Image.Image], keep: list[int]) -> None:

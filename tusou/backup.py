@@ -29,8 +29,9 @@ MANIFEST = "MANIFEST.json"
 FORMAT = "tusou-backup"
 VERSION = 1
 # What a backup holds, in order; tusou.db is optional (a Milvus deployment keeps only keys.db locally), and
-# thumbs.db (the web page's thumbnails) is there unless thumbnails are turned off.
-DATABASES = ("tusou.db", "keys.db", "thumbs.db")
+# thumbs.db (the web page's thumbnails) is there unless thumbnails are turned off, keypoints.db (verification,
+# docs/score.md) unless verification is.
+DATABASES = ("tusou.db", "keys.db", "thumbs.db", "keypoints.db")
 
 
 class BackupError(Exception):

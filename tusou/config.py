@@ -146,11 +146,11 @@ class Settings(BaseSettings):
         "new/add/search requests wait their turn without holding a thread.",
     )
     verify: bool = Field(
-        default=False,
+        default=True,
         description="Check the best candidates of an image search scoring 0.4-0.85 with keypoints (ORB + "
         "RANSAC): a verified copy scores at least 0.85, a candidate in 0.70-0.85 that contradicts a copy "
-        "drops by 0.15; keeps ~12 KB of keypoints per stored image (docs/score.md). Needs OpenCV (pip "
-        "install 'tusou[verify]').",
+        "drops by 0.15; keeps ~12 KB of keypoints per stored image (keypoints.db; docs/score.md). false: "
+        "scores are the CNN's alone and no keypoints are kept.",
     )
     thumbnails: bool = Field(
         default=True,

@@ -1,4 +1,4 @@
-"""Local-feature verification of search candidates (``TUSOU_VERIFY``).
+"""Local-feature verification of search candidates (``TUSOU_VERIFY``, on by default).
 
 A global CNN descriptor ranks an edited copy first almost always (neardup recall@1 0.996) but scores heavy
 edits (crop + downscale + caption + JPEG, grayscale, colour shifts) anywhere in 0.4-0.85, where it also
@@ -20,7 +20,7 @@ The score stays monotone in evidence: more inliers never lower it, a higher CNN 
 search without a candidate in the ambiguous band pays nothing (the query's keypoints are computed only when
 one is to be checked). Measured on the dev near-dup set: docs/score.md ("Local-feature verification").
 
-Needs OpenCV (``opencv-python-headless``).
+On by default (``TUSOU_VERIFY=false`` turns it off); needs OpenCV (``opencv-python-headless``, a dependency).
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def _cv2():  # type: ignore[no-untyped-def]
     try:
         import cv2
     except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise RuntimeError("TUSOU_VERIFY needs OpenCV: pip install opencv-python-headless") from exc
+        raise RuntimeError(
+            "TUSOU_VERIFY needs OpenCV: pip install opencv-python-headless (or set TUSOU_VERIFY=false)"
+        ) from exc
     return cv2
 
 
