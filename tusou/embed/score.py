@@ -35,6 +35,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import Any
 
 import numpy as np
 
@@ -53,9 +54,8 @@ class Calibration:
     cos_knots: tuple[float, ...]
     score_knots: tuple[float, ...]
     default_threshold: float
-    #: Learned linear projection applied to the centred unit vectors, (D, d) float64 with d < D, or None;
-    #: then ``bias`` (d,) is added and the result L2-normed (``project``). See docs/score.md, "The
-    #: projection".
+    #: Learned linear projection applied to the centred unit vectors, (D, d) with d < D, or None; then
+    #: ``bias`` (d,) is added and the result L2-normed (``project``). See docs/score.md, "The projection".
     projection: np.ndarray | None = None
     bias: np.ndarray | None = None
 
@@ -114,7 +114,7 @@ def calibration(model_key: str) -> Calibration:
     if mean is not None and proj_file.is_file():
         with proj_file.open("rb") as f:
             # (D + 1, d): rows 0..D-1 are the matrix, the last row is the bias (the fit's mean, projected).
-            stacked = np.load(f).astype(np.float64)  # float64: see project()
+            stacked = np.load(f).astype(np.float32)
         if stacked.ndim != 2 or stacked.shape[0] != mean.shape[0] + 1:
             raise ValueError(f"{proj_file.name}: shape {stacked.shape}, expected ({mean.shape[0] + 1}, d)")
         projection, bias = np.ascontiguousarray(stacked[:-1]), np.ascontiguousarray(stacked[-1])
@@ -167,14 +167,44 @@ def project(model_key: str, centred: np.ndarray) -> np.ndarray:
     This is the only step after centring, so vectors stored before a projection shipped (the centred
     ones) map exactly onto what embedding the same image now gives (``OnnxEmbedder.convert_from``).
     """
-    x = np.asarray(centred, dtype=np.float32)
+    x = np.ascontiguousarray(centred, dtype=np.float32)
     cal = calibration(model_key)
     if cal.projection is None or cal.bias is None:
         return x
-    # In float64: BLAS rounds a float32 product differently for one row and for a batch, and an image's
-    # vector must not depend on what else shared its batch; float64, rounded once, is batch-independent.
-    y = x.astype(np.float64) @ cal.projection + cal.bias
-    return _l2(y).astype(np.float32)
+    if len(x) == 0:
+        return np.zeros((0, cal.projection.shape[1]), dtype=np.float32)
+    y = _projector(model_key).run(None, {"x": x.reshape(-1, cal.projection.shape[0])})[0]
+    return _l2(y.reshape(*x.shape[:-1], -1)).astype(np.float32, copy=False)
+
+
+@cache
+def _projector(model_key: str) -> Any:
+    """A one-thread ONNX Runtime session computing ``x @ P + b`` for the model's projection.
+
+    Not numpy: its OpenBLAS spreads even a one-row product over every core, and on a busy 2-core server
+    that turned 0.3 ms into 20-90 ms (measured, load average ~18) beside the model's own threads. ONNX
+    Runtime's single-threaded GEMM is also batch-independent (an image's vector does not depend on what
+    else shared its batch; float32 BLAS rounds a one-row and a many-row product differently).
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    cal = calibration(model_key)
+    assert cal.projection is not None and cal.bias is not None
+    d_in, d_out = cal.projection.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "P"], ["xp"]), helper.make_node("Add", ["xp", "b"], ["y"])],
+        "tusou_projection",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", d_out])],
+        initializer=[numpy_helper.from_array(cal.projection, "P"), numpy_helper.from_array(cal.bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def score_from_cosine(model_key: str, cosine: np.ndarray) -> np.ndarray:
