@@ -161,3 +161,32 @@ def test_an_unverified_candidate_in_the_ambiguous_band_is_pushed_down(
     finally:
         similar.close()
     assert ambiguous >= 2, "the towers no longer score in the ambiguous band: pick other crops"
+
+
+def test_a_search_with_labels_checks_the_hits_above_the_default(
+    verified: Tusou, client: QiniuClient, photos: list[Image.Image]
+) -> None:
+    checked = verified.client("v")
+    uris = [data_uri(jpeg(p)) for p in photos]
+    body = {"data": [{"uri": u, "attribute": {"id": f"p{i}", "label": "photo"}} for i, u in enumerate(uris)]}
+    for api in (client, checked):
+        assert api.post("/v1/image/group/g/new", body).json()["errors"] == [None] * len(photos)
+
+    def labelled(api: QiniuClient, uri: str, threshold: float) -> list[tuple[str, float]]:
+        params = {"groups": ["g"], "limit": 3, "labels": ["photo"], "threshold": threshold}
+        resp = api.post("/v1/image/groups/search", {"data": {"uri": uri}, "params": params})
+        assert resp.status_code == 200, resp.text
+        return [(hit["id"], hit["score"]) for hit in resp.json()["result"]]
+
+    # A copy above the default threshold is checked, and verified up to the near-duplicate band ...
+    inside = [i for i in HARD if search(client, combo(photos[i]))]
+    assert inside
+    for i in inside:
+        assert labelled(checked, combo(photos[i]), 0.85) == [(f"p{i}", 0.85)], i
+    # ... one below it is not (a search with labels asks the store for every hit above its cut), though a
+    # search without labels finds it.
+    below = [i for i in HARD if not search(client, combo(photos[i]))]
+    assert below
+    for i in below:
+        assert labelled(checked, combo(photos[i]), 0.85) == [], i
+        assert [hit for hit, _ in search(checked, combo(photos[i]), 0.85)] == [f"p{i}"], i

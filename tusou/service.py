@@ -304,9 +304,12 @@ class Service:
         labels: Collection[str] | None = None,
     ) -> tuple[list[Hit], list[float]]:
         """The store's best hits for ``queries`` with their scores, best first; with verification on, enough
-        of them for :meth:`_checked` (its candidates, down to ``verify.LOW``) whatever the limit asks."""
+        of them for :meth:`_checked` (its candidates, down to ``verify.LOW``) whatever the limit asks. With
+        ``labels`` only down to ``verify.BAND``: that search asks for every hit above the cut (the label
+        filter comes after), and on a big group far more images score above ``verify.LOW`` than above it."""
         if self.keypoints is not None:
-            min_cosine = min(min_cosine, self.embedder.cosine_for_score(verify.LOW))
+            lowest = verify.BAND if labels else verify.LOW
+            min_cosine = min(min_cosine, self.embedder.cosine_for_score(lowest))
             limit = limit if limit == -1 else max(limit, verify.CANDIDATES)
         extra = () if where is None else (where,)
         hits = self.store.search(tenant, groups, queries, -1 if labels else limit, min_cosine, *extra)
