@@ -538,7 +538,7 @@ def main() -> None:
         "--milvus-tick-ms", type=int, default=20, help="proxy.timeTickInterval of the started server"
     )
     parser.add_argument("--milvus-index", choices=("FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8"), default="IVF_FLAT")
-    parser.add_argument("--milvus-nprobe", type=int, default=32, help="IVF lists searched per segment")
+    parser.add_argument("--milvus-nprobe", type=int, default=8, help="IVF lists searched per segment")
     parser.add_argument(
         "--milvus-index-timeout", type=float, default=7200, help="seconds to wait for the index build"
     )

@@ -45,7 +45,7 @@ from tusou.store.base import NewImage
 from tusou.store.keys import KeyStore
 
 FILL_BATCH = 10_000
-NPROBES = (16, 32, 64)
+NPROBES = (4, 8, 16)
 
 
 def open_store(args: argparse.Namespace, embedder, consistency: str = "Session"):

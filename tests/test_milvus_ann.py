@@ -38,8 +38,8 @@ def test_ann_recall_at_the_default_threshold(
     from tusou.store import milvus
     from tusou.store.milvus import MilvusStore
 
-    # IVF: lists scaled to this one small segment, 100 rows a list as 1024 lists give a sealed segment of
-    # ~100k rows (docs/scale.md); 4 of the 40 searched.
+    # IVF: lists scaled to this one small segment (100 rows a list; the default 128 lists give a sealed
+    # segment of 40k-120k rows 300-900, docs/scale.md); 4 of the 40 searched (the default: 8 of 128).
     monkeypatch.setitem(milvus.INDEXES, "IVF_FLAT", {"nlist": 40})
     threshold = cosine_from_score("lite0", 0.9)  # the default threshold of the default model, as cosine
     store = MilvusStore(

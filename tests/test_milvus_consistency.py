@@ -215,8 +215,8 @@ def test_two_processes_adding_and_updating_one_group_lose_nothing(
     listed = all_ids(s, t, "both")
     assert sorted(listed) == sorted(expected)
     # Two updates of one image at the same instant can both write its next version (two rows, one primary
-    # key): every read shows the image once, count(*) may count it twice until its next update.
-    assert len(expected) <= s.count(t, "both") <= len(expected) + 4
+    # key); the one that sees the other's copy writes its row once more, which removes both: count is exact.
+    assert s.count(t, "both") == len(expected)
     for i in range(4):
         info = s.get_image(t, "both", f"s{i}")
         assert info.label in written and info.desc == {"by": info.label[0]}
@@ -226,6 +226,29 @@ def test_two_processes_adding_and_updating_one_group_lose_nothing(
             assert s.get_image(t, "both", f"{name}{j}").label == (f"{name}!" if j % 3 == 0 else name)
             hits = s.search(t, ["both"], own[name][j][None, :], 1, 0.99)
             assert [h.id for h in hits] == [f"{name}{j}"]
+
+
+def test_two_updates_of_one_image_at_the_same_instant_leave_it_counted_once(
+    session_store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race made deterministic: a second update read the image before the first one wrote, so both
+    write the same next version (two rows under one primary key). The second sees the copy and writes its
+    row once more: one row left, count exact, the second update's label."""
+    s, t = session_store, "t-" + uuid.uuid4().hex[:12]
+    vecs = unit(np.random.default_rng(43), 2)
+    s.create_group(t, "race", [NewImage(f"r{i}", "old", None, None, v) for i, v in enumerate(vecs)])
+    read_before = s._image_row(t, "race", "r0", s._row_fields)
+    assert s.update_image(t, "race", "r0", label="first").label == "first"
+    copies: list[int] = []
+    count_copies = s._copies
+    with monkeypatch.context() as patch:
+        patch.setattr(s, "_image_row", lambda *args: dict(read_before))  # read before "first" wrote
+        patch.setattr(s, "_copies", lambda *args: copies.append(count_copies(*args)) or copies[-1])
+        assert s.update_image(t, "race", "r0", label="second").label == "second"
+    assert copies == [2, 1]  # the collision was there, and was settled
+    assert s.count(t, "race") == 2 and all_ids(s, t, "race") == ["r0", "r1"]
+    assert s.get_image(t, "race", "r0").label == "second"
+    assert [(h.id, h.label) for h in s.search(t, ["race"], vecs[0][None, :], -1, 0.99)] == [("r0", "second")]
 
 
 def test_an_update_interrupted_between_its_two_writes_loses_nothing(

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
         "(docs/scale.md).",
     )
     milvus_nprobe: int = Field(
-        default=32, ge=1, description="IVF indexes: inverted lists searched per segment (of 1024)."
+        default=8, ge=1, description="IVF indexes: inverted lists searched per segment (of 128)."
     )
 
     # --- model ---

@@ -96,17 +96,19 @@ TOPK_CAP = 16_384
 INDEXES: dict[str, dict[str, int]] = {
     "FLAT": {},
     "HNSW": {"M": 16, "efConstruction": 200},
-    "IVF_FLAT": {"nlist": 1024},
-    "IVF_SQ8": {"nlist": 1024},
+    "IVF_FLAT": {"nlist": 128},
+    "IVF_SQ8": {"nlist": 128},
 }
 # Inverted-file lists searched per segment (of nlist): docs/scale.md gives the recall measured with it.
-DEFAULT_NPROBE = 32
+DEFAULT_NPROBE = 8
 _HNSW_MIN_EF = 256
 _HNSW_MAX_EF = 32_768
 # Bytes of vectors per insert call: well below gRPC message limits (2000 rows at dim 1280, 10000 at 256).
 _INSERT_BYTES = 10 << 20
 # Keys per ``in [...]`` filter.
 _IN_CHUNK = 1000
+# Writes of an updated row when racing updates of the same image collide (see MilvusStore._rewrite).
+_REWRITE_TRIES = 3
 # An IVF top-k search up to this many rows returns their fields at once; a larger one, ids first.
 _INLINE_FIELDS = 100
 # Rows of an IVF top-k search for a larger limit or -1, before asking for the whole band (16384).
@@ -855,19 +857,36 @@ class MilvusStore(Store):
             too_long = [k for k in ("label", "desc") if len(row[k].encode()) > _MAX[k]]
             if too_long:
                 raise StoreError(f"{too_long[0]} too long")
-            self._rewrite(row, row.pop("_stale"))
+            self._rewrite(row, row.pop("_stale"), settle=True)
         return ImageInfo(
             row["image_id"], row["label"], _load_desc(row["desc"]), row["uri"] or None, _load_tags(row)
         )
 
-    def _rewrite(self, row: dict, stale: list[int]) -> None:
+    def _rewrite(self, row: dict, stale: list[int], settle: bool = False) -> None:
         """Write ``row`` as its next version, then delete the version read (and any ``stale`` ones): the
-        image exists throughout, twice for a moment, never zero times (see *Updates* above)."""
+        image exists throughout, twice for a moment, never zero times (see *Updates* above).
+
+        ``settle``: then count the rows under the new key. Two processes updating one image at the same
+        instant both write the same next version: two rows under one primary key, which every read shows
+        once but count(*) counts twice. Of two such writers at least one sees the other's row here (each
+        reads after its own write, so the later writer's read comes after the earlier one's write), and
+        writes its row once more as the version after, which deletes both copies: count stays exact. (Both
+        may see it and do so together: each retries after a random pause, at most three times.)"""
         old = row["seq"]
-        row["seq"] = _next_version(old)
         row["vec"] = np.asarray(row["vec"], dtype=np.float32)
-        self._insert_rows(self.images, [row])
-        self._delete_seqs(self.images, [old, *stale], row["gkey"])
+        for _ in range(_REWRITE_TRIES if settle else 1):
+            row["seq"] = _next_version(old)
+            self._insert_rows(self.images, [row])
+            self._delete_seqs(self.images, [old, *stale], row["gkey"])
+            if not settle or self._copies(row["gkey"], row["seq"]) <= 1:
+                return
+            time.sleep(random.uniform(0.0, 0.05))
+            old, stale = row["seq"], []
+
+    def _copies(self, gkey: str, seq: int) -> int:
+        """Rows stored under one primary key (count(*) counts copies that every other read shows once)."""
+        rows = self._query(self.images, f'gkey == "{gkey}" and seq == {int(seq)}', ["count(*)"])
+        return int(rows[0]["count(*)"]) if rows else 0
 
     def set_tags(self, tenant: str, group: str, tags: dict[str, list[list[float]]]) -> int:
         if not self.has_tags:
@@ -1084,7 +1103,7 @@ class MilvusStore(Store):
         segment: (those with cosine >= min_cosine, whether all ``want`` were). The views go in one call.
 
         Not a range search: Milvus 2.3.5's IVF range search ignores nprobe and misses rows well inside its
-        radius (recall 0.992 per view at the default threshold against 0.9999 for top-k with nprobe 32;
+        radius (recall 0.992 per view at the default threshold against 0.9999 for top-k with 32 of 1024 lists;
         docs/scale.md). A large ``want`` asks for ids only and reads the fields of the rows above the
         threshold by primary key, so rows below it cost 16 bytes each, not their fields; it asks for 2048
         rows first, and for all ``want`` only for a view whose 2048 all matched (a top-k of 16384 costs
