@@ -357,6 +357,9 @@ def upgrade(data: Path | None, backup_dest: Path | None, batch: int) -> None:
     "(and listed in --failures, to add again with `tusou import`).",
 )
 @click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True, help="Parallel fetches.")
+@click.option(
+    "--batch", type=click.IntRange(1, 10_000), default=32, show_default=True, help="Images per commit."
+)
 def reembed(
     data: Path | None,
     groups: tuple[str, ...],
@@ -364,6 +367,7 @@ def reembed(
     failures: Path,
     drop_failed: bool,
     workers: int,
+    batch: int,
 ) -> None:
     """Re-embed the images of --data from their stored URIs with this release's model.
 
@@ -441,6 +445,7 @@ def reembed(
             drop_failed=drop_failed,
             drop=drop,
             workers=workers,
+            batch=batch,
         )
     except (ModelMismatch, FolderInUse) as exc:
         raise click.ClickException(str(exc)) from None
