@@ -84,7 +84,7 @@ def wait_indexed(store, timeout_s: float) -> dict:
     total = int(info.get("total_rows", 0))
     while time.monotonic() - started < timeout_s:
         loaded = store.client.list_loaded_segments(store.images)
-        if sum(int(seg.num_rows) for seg in loaded if "Sealed" in str(seg.state)) >= total:
+        if sum(int(seg.num_rows) for seg in loaded if str(seg.state) in ("3", "Sealed")) >= total:
             break
         time.sleep(2)
     time.sleep(3.0)
@@ -111,7 +111,12 @@ def fill(args, data: Path, embedder, base: np.ndarray, scale_: float, pool) -> d
             if start + len(vectors) <= have:
                 continue  # written by an earlier, interrupted run
             images = [NewImage(f"s{start + k}", "synthetic", "", None, v) for k, v in enumerate(vectors)]
-            errors = store._add_unchecked(tenant, GROUP, images)
+            if have > 0 and start < have + 2 * FILL_BATCH:
+                # Resuming: the interrupted run may have written part of these (and a fresh process's count
+                # may trail its last writes), so the checked path, which refuses ids already there.
+                errors = [e for e in store.add_images(tenant, GROUP, images) if e and e.code != 400]
+            else:
+                errors = store._add_unchecked(tenant, GROUP, images)
             if any(errors):
                 raise RuntimeError(f"fill: {next(e for e in errors if e)}")
             done = start + len(vectors)

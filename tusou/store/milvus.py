@@ -50,11 +50,14 @@ Choices, and why:
 * **Durability.** A write is acknowledged once Milvus has accepted it into its log (rocksmq in standalone,
   Pulsar/Kafka in a cluster), from which it replays after a crash; tusou never calls ``flush`` per request
   (that seals tiny segments and is rate-limited). Milvus persists segments on its own schedule.
-* **Results not cut short.** Every search is a range search from ``min_cosine``; a limit above Milvus's
-  top-k cap (16384) or ``-1`` walks down in bands of cosine. The index is FLAT (exact) by default;
-  ``index="HNSW"`` (M 16, efConstruction 200, chosen when the collection is created) searches big
-  collections without reading every row, with ``ef`` at least the band's size (at most 32768), so a band
-  comes back whole; tests/test_milvus_ann.py measures its recall against an exact scan.
+* **Results not cut short.** A search returns every row an exact scan finds at or above ``min_cosine`` (up
+  to ``limit``), within the index's measured recall; a limit above Milvus's top-k cap (16384) or ``-1``
+  walks down in bands of cosine. The index is FLAT (exact, a range search per band) by default, chosen
+  when the collection is created. ``IVF_FLAT``/``IVF_SQ8`` (128 lists per segment, ``nprobe`` searched)
+  take their first band as a top-k search with ids only, then read the matching rows' fields by key (see
+  ``_ivf_band``: Milvus 2.3.5's IVF range search ignores nprobe). ``HNSW`` (M 16, efConstruction 200)
+  keeps the range search, with ``ef`` at least the band's size (at most 32768). tests/test_milvus_ann.py
+  and bench/scale.py --store milvus measure recall against an exact scan.
 """
 
 from __future__ import annotations
