@@ -241,14 +241,22 @@ def sqlite_fill(
     return report
 
 
-def brute_force(store, index, queries: np.ndarray, floor: float) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Exact float32 answers (every row above ``floor``, best first, ties by seq) for each query."""
-    all_keys = np.sort(index.keys())
+def brute_force(store, gid: int, queries: np.ndarray, floor: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Exact float32 answers (every row above ``floor``, best first, ties by seq) for each query: every
+    vector of the group read from SQLite in one sequential pass."""
+    flat = queries.reshape(-1, queries.shape[-1]).T.copy()
+    cursor = store._reader().execute(
+        "SELECT v.seq, v.vector FROM images AS i JOIN vectors AS v ON v.seq = i.seq WHERE i.gid = ? "
+        "ORDER BY i.seq",
+        (gid,),
+    )
     parts: list[tuple[np.ndarray, np.ndarray]] = []
-    for start in range(0, len(all_keys), 100_000):
-        k, rows = store._fetch_vectors(all_keys[start : start + 100_000])
-        sims = (rows @ queries.reshape(-1, rows.shape[1]).T).reshape(len(k), len(queries), -1).max(axis=2)
-        parts.append((k, sims))
+    while rows := cursor.fetchmany(50_000):
+        keys = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+        sims = (vecs @ flat).reshape(len(rows), len(queries), -1).max(axis=2)
+        keep = (sims >= floor).any(axis=1)
+        parts.append((keys[keep], sims[keep]))
     keys = np.concatenate([p[0] for p in parts])
     sims = np.concatenate([p[1] for p in parts])
     out = []
@@ -291,7 +299,7 @@ def inproc_bench(args, data: Path, embedder, queries: np.ndarray) -> dict:
         )
     # Served answers (keys, order, float cosines) against brute-force float32 over every row.
     n_exact = min(len(queries), args.exact_queries)
-    truth = brute_force(store, index, queries[:n_exact], floor)
+    truth = brute_force(store, store._gids[(tenant, GROUP)], queries[:n_exact], floor)
     same = ties = total = 0
     worst_cos = 0.0
     for qi in range(n_exact):
