@@ -334,7 +334,10 @@ class SQLiteStore(Store):
             for gid, index in list(self._indexes.items()):
                 if self._stop.is_set():
                     return
-                if index.dirty >= self.snapshot_every_writes or (
+                # A snapshot writes the whole group (2 GB at 5M x 384): after a fixed number of changes it
+                # would be rewritten over and over while a large group fills; an eighth of the group's size
+                # bounds both the rewriting and what a crash leaves to replay from SQLite.
+                if index.dirty >= max(self.snapshot_every_writes, len(index) // 8) or (
                     index.dirty and now - index.dirty_since >= self.snapshot_every_s
                 ):
                     self._snapshot(gid, index)
@@ -401,6 +404,7 @@ class SQLiteStore(Store):
     ) -> tuple[list[ItemError | None], list[tuple[int, np.ndarray]]]:
         results: list[ItemError | None] = []
         added: list[tuple[int, np.ndarray]] = []
+        vector_rows: list[tuple[int, bytes]] = []
         now = time.time()
         for image in images:
             if count >= self.group_max_images:
@@ -425,12 +429,13 @@ class SQLiteStore(Store):
                 results.append(ItemError(400, "id already exists"))
                 continue
             assert seq is not None
-            conn.execute("INSERT INTO vectors (seq, vector) VALUES (?, ?)", (seq, vector.tobytes()))
+            vector_rows.append((seq, vector.tobytes()))
             if image.tags:
                 _insert_tag_rows(conn, gid, seq, image.tags)
             results.append(None)
             added.append((seq, vector))
             count += 1
+        conn.executemany("INSERT INTO vectors (seq, vector) VALUES (?, ?)", vector_rows)
         return results, added
 
     def _index_added(self, gid: int, added: list[tuple[int, np.ndarray]]) -> None:
