@@ -42,6 +42,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -341,6 +343,49 @@ def inproc_bench(args, data: Path, embedder, queries: np.ndarray) -> dict:
 LIMITS = (1, 100, 10_000, -1)
 
 
+def http_timings(
+    post: Callable[[dict], requests.Response],
+    by_id: list[Callable[[int], dict]],
+    by_jpeg: list[Callable[[int], dict]],
+) -> dict:
+    """p50/p99/max ms and median hits per limit, for searches by stored id and with a JPEG."""
+    report: dict = {}
+    for kind, bodies in (("id", by_id), ("jpeg", by_jpeg)):
+        post(bodies[0](10))  # warm-up
+        for limit in LIMITS:
+            times, returned = [], []
+            for make in bodies:
+                body = make(limit)
+                t = time.perf_counter()
+                resp = post(body)
+                times.append((time.perf_counter() - t) * 1000)
+                assert resp.status_code == 200, resp.text
+                returned.append(len(resp.json()["result"]))
+            report[f"http_{kind}_limit_{limit}"] = (
+                pct(times, 50),
+                pct(times, 99),
+                max(times),
+                float(np.median(returned)),
+            )
+        report[f"http_{kind}_load"] = os.getloadavg()
+    return report
+
+
+def ingest_rates(url: str, session: requests.Session, auth: object, jpegs: list[bytes]) -> dict:
+    """img/s of HTTP adds in batches of 1 and 32, into a scratch group removed afterwards."""
+    report: dict = {}
+    session.post(url + "/v1/image/group/ingest/new", json={"data": []}, auth=auth, timeout=60)
+    for batch in (1, 32):
+        todo = jpegs[: max(batch * 4, 32)]
+        t = time.perf_counter()
+        for start in range(0, len(todo), batch):
+            body = {"data": [{"uri": data_uri(b)} for b in todo[start : start + batch]]}
+            resp = session.post(url + "/v1/image/group/ingest/add", json=body, auth=auth, timeout=600)
+            assert resp.status_code == 200, resp.text
+        report[f"ingest_batch_{batch}_img_s"] = len(todo) / (time.perf_counter() - t)
+    return report
+
+
 def sqlite_serve_bench(
     args, data: Path, query_jpegs: list[bytes], ingest_jpegs: list[bytes], by_ids: list[str]
 ) -> dict:
@@ -382,38 +427,13 @@ def sqlite_serve_bench(
         server = Server(data, port, env, projected_dim=args.dim if args.dim else None)
         report["start_to_first_search_s"] = first_search()
         report["start_load"] = os.getloadavg()
-        for kind, bodies in (
-            ("id", [lambda lim, i=i: by_id(i, lim) for i in by_ids]),
-            ("jpeg", [lambda lim, j=j: by_jpeg(j, lim) for j in query_jpegs]),
-        ):
-            post(bodies[0](10))  # warm-up
-            for limit in LIMITS:
-                times, returned = [], []
-                for make in bodies:
-                    body = make(limit)
-                    t = time.perf_counter()
-                    resp = post(body)
-                    times.append((time.perf_counter() - t) * 1000)
-                    assert resp.status_code == 200, resp.text
-                    returned.append(len(resp.json()["result"]))
-                report[f"http_{kind}_limit_{limit}"] = (
-                    pct(times, 50),
-                    pct(times, 99),
-                    max(times),
-                    float(np.median(returned)),
-                )
+        report.update(
+            http_timings(
+                post, [partial(by_id, i) for i in by_ids], [partial(by_jpeg, j) for j in query_jpegs]
+            )
+        )
         report["search_load"] = os.getloadavg()
-        session.post(server.url + "/v1/image/group/ingest/new", json={"data": []}, auth=auth, timeout=60)
-        for batch in (1, 32):
-            todo = ingest_jpegs[: max(batch * 4, 32)]
-            t = time.perf_counter()
-            for start in range(0, len(todo), batch):
-                body = {"data": [{"uri": data_uri(b)} for b in todo[start : start + batch]]}
-                resp = session.post(
-                    server.url + "/v1/image/group/ingest/add", json=body, auth=auth, timeout=600
-                )
-                assert resp.status_code == 200, resp.text
-            report[f"ingest_batch_{batch}_img_s"] = len(todo) / (time.perf_counter() - t)
+        report.update(ingest_rates(server.url, session, auth, ingest_jpegs))
         report["server_rss_mb"], report["server_peak_rss_mb"] = rss_mb(server.proc.pid)
         session.post(server.url + "/v1/image/group/ingest/remove", auth=auth, timeout=60)
     finally:

@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,19 @@ import scale
 from PIL import Image
 from qiniu import QiniuMacAuth
 from qiniu.auth import QiniuMacRequestsAuth
-from scale import GROUP, LIMITS, Projected, Server, data_uri, du_mb, pct, rss_mb, synthetic
+from scale import (
+    GROUP,
+    LIMITS,
+    Projected,
+    Server,
+    data_uri,
+    du_mb,
+    http_timings,
+    ingest_rates,
+    pct,
+    rss_mb,
+    synthetic,
+)
 
 from tusou.config import Settings
 from tusou.embed import create_embedder
@@ -268,38 +281,12 @@ def serve(args, data: Path, query_jpegs, ingest_jpegs, by_ids: list[str]) -> dic
             if server.proc.poll() is not None:
                 raise RuntimeError("server exited; see serve.log")
         report["start_to_first_search_s"] = time.monotonic() - server.started
-        for kind, bodies in (
-            ("id", [lambda lim, i=i: by_id(i, lim) for i in by_ids]),
-            ("jpeg", [lambda lim, j=j: by_jpeg(j, lim) for j in query_jpegs]),
-        ):
-            post(bodies[0](10))  # warm-up
-            for limit in LIMITS:
-                times, returned = [], []
-                for make in bodies:
-                    body = make(limit)
-                    t = time.perf_counter()
-                    resp = post(body)
-                    times.append((time.perf_counter() - t) * 1000)
-                    assert resp.status_code == 200, resp.text
-                    returned.append(len(resp.json()["result"]))
-                report[f"http_{kind}_limit_{limit}"] = (
-                    pct(times, 50),
-                    pct(times, 99),
-                    max(times),
-                    float(np.median(returned)),
-                )
-            report[f"http_{kind}_load"] = os.getloadavg()
-        session.post(server.url + "/v1/image/group/ingest/new", json={"data": []}, auth=auth, timeout=60)
-        for batch in (1, 32):
-            todo = ingest_jpegs[: max(batch * 4, 32)]
-            t = time.perf_counter()
-            for start in range(0, len(todo), batch):
-                body = {"data": [{"uri": data_uri(b)} for b in todo[start : start + batch]]}
-                resp = session.post(
-                    server.url + "/v1/image/group/ingest/add", json=body, auth=auth, timeout=600
-                )
-                assert resp.status_code == 200, resp.text
-            report[f"ingest_batch_{batch}_img_s"] = len(todo) / (time.perf_counter() - t)
+        report.update(
+            http_timings(
+                post, [partial(by_id, i) for i in by_ids], [partial(by_jpeg, j) for j in query_jpegs]
+            )
+        )
+        report.update(ingest_rates(server.url, session, auth, ingest_jpegs))
         report["server_rss_mb"], report["server_peak_rss_mb"] = rss_mb(server.proc.pid)
         session.post(server.url + "/v1/image/group/ingest/remove", auth=auth, timeout=60)
     finally:

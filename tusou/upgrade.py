@@ -163,6 +163,7 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         yield conn
         conn.execute("COMMIT")
     except BaseException:
+        # Also after a failed COMMIT: a transaction left open would refuse every later BEGIN.
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise

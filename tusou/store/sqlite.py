@@ -204,16 +204,8 @@ class SQLiteStore(Store):
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One durable write; callers hold ``_write_lock`` so post-commit cache updates stay ordered."""
-        conn = self._writer
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with upgrades.transaction(self._writer) as conn:
             yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            # Also after a failed COMMIT: a transaction left open would refuse every later BEGIN.
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def _upgrade_vectors(
         self,
