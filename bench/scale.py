@@ -42,7 +42,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -343,21 +342,54 @@ def inproc_bench(args, data: Path, embedder, queries: np.ndarray) -> dict:
 LIMITS = (1, 100, 10_000, -1)
 
 
-def http_timings(
-    post: Callable[[dict], requests.Response],
-    by_id: list[Callable[[int], dict]],
-    by_jpeg: list[Callable[[int], dict]],
-) -> dict:
+class Searcher:
+    """Signed Qiniu search requests to a bench server, with the data folder's first key."""
+
+    def __init__(self, data: Path) -> None:
+        keys = KeyStore(data / "keys.db")
+        key = keys.list()[0]
+        keys.close()
+        self.session = requests.Session()
+        self.auth = QiniuMacRequestsAuth(QiniuMacAuth(key.access_key, key.secret_key))
+        self.url = ""
+
+    def post(self, body: dict) -> requests.Response:
+        return self.session.post(self.url + "/v1/image/groups/search", json=body, auth=self.auth, timeout=300)
+
+    def first_answer(self, server: Server, jpeg: bytes) -> float:
+        """Seconds from the server's start to its first answered search (polled)."""
+        self.url = server.url
+        while True:
+            try:
+                if self.post(self.by_jpeg(jpeg, 1)).status_code == 200:
+                    return time.monotonic() - server.started
+            except requests.ConnectionError:
+                time.sleep(0.05)
+            if server.proc.poll() is not None:
+                raise RuntimeError("server exited; see serve.log")
+
+    @staticmethod
+    def by_jpeg(jpeg: bytes, limit: int) -> dict:
+        return {"data": {"uri": data_uri(jpeg)}, "params": {"groups": [GROUP], "limit": limit}}
+
+    @staticmethod
+    def by_id(image_id: str, limit: int) -> dict:
+        return {"data": {"id": image_id, "group": GROUP}, "params": {"groups": [GROUP], "limit": limit}}
+
+
+def http_timings(searcher: Searcher, by_ids: list[str], query_jpegs: list[bytes]) -> dict:
     """p50/p99/max ms and median hits per limit, for searches by stored id and with a JPEG."""
     report: dict = {}
+    by_id = [partial(searcher.by_id, i) for i in by_ids]
+    by_jpeg = [partial(searcher.by_jpeg, j) for j in query_jpegs]
     for kind, bodies in (("id", by_id), ("jpeg", by_jpeg)):
-        post(bodies[0](10))  # warm-up
+        searcher.post(bodies[0](10))  # warm-up
         for limit in LIMITS:
             times, returned = [], []
             for make in bodies:
                 body = make(limit)
                 t = time.perf_counter()
-                resp = post(body)
+                resp = searcher.post(body)
                 times.append((time.perf_counter() - t) * 1000)
                 assert resp.status_code == 200, resp.text
                 returned.append(len(resp.json()["result"]))
@@ -371,9 +403,10 @@ def http_timings(
     return report
 
 
-def ingest_rates(url: str, session: requests.Session, auth: object, jpegs: list[bytes]) -> dict:
+def ingest_rates(searcher: Searcher, jpegs: list[bytes]) -> dict:
     """img/s of HTTP adds in batches of 1 and 32, into a scratch group removed afterwards."""
     report: dict = {}
+    url, session, auth = searcher.url, searcher.session, searcher.auth
     session.post(url + "/v1/image/group/ingest/new", json={"data": []}, auth=auth, timeout=60)
     for batch in (1, 32):
         todo = jpegs[: max(batch * 4, 32)]
@@ -383,6 +416,7 @@ def ingest_rates(url: str, session: requests.Session, auth: object, jpegs: list[
             resp = session.post(url + "/v1/image/group/ingest/add", json=body, auth=auth, timeout=600)
             assert resp.status_code == 200, resp.text
         report[f"ingest_batch_{batch}_img_s"] = len(todo) / (time.perf_counter() - t)
+    session.post(url + "/v1/image/group/ingest/remove", auth=auth, timeout=60)
     return report
 
 
@@ -391,51 +425,22 @@ def sqlite_serve_bench(
 ) -> dict:
     """(b) HTTP search by a stored image's id (no model), (c) HTTP search with a JPEG (query embedding
     included); start to first search, ingest, RSS."""
-    keys = KeyStore(data / "keys.db")
-    key = keys.list()[0]
-    keys.close()
-    session = requests.Session()
-    auth = QiniuMacRequestsAuth(QiniuMacAuth(key.access_key, key.secret_key))
+    searcher = Searcher(data)
     report: dict = {}
     port = 18000 + os.getpid() % 1000
     env = {"TUSOU_GROUP_MAX_IMAGES": str(max(500_000, args.n + 1000))}
     server = Server(data, port, env, projected_dim=args.dim if args.dim else None)
-
-    def post(body: dict) -> requests.Response:
-        return session.post(server.url + "/v1/image/groups/search", json=body, auth=auth, timeout=300)
-
-    def by_jpeg(jpeg: bytes, limit: int) -> dict:
-        return {"data": {"uri": data_uri(jpeg)}, "params": {"groups": [GROUP], "limit": limit}}
-
-    def by_id(image_id: str, limit: int) -> dict:
-        return {"data": {"id": image_id, "group": GROUP}, "params": {"groups": [GROUP], "limit": limit}}
-
-    def first_search() -> float:
-        while True:
-            try:
-                if post(by_jpeg(query_jpegs[0], 1)).status_code == 200:
-                    return time.monotonic() - server.started
-            except requests.ConnectionError:
-                time.sleep(0.05)
-            if server.proc.poll() is not None:
-                raise RuntimeError("server exited; see serve.log")
-
     try:
         # The first start on a folder may build the model's ONNX cache; the second is a plain restart.
-        report["first_start_to_first_search_s"] = first_search()
+        report["first_start_to_first_search_s"] = searcher.first_answer(server, query_jpegs[0])
         server.stop()
         server = Server(data, port, env, projected_dim=args.dim if args.dim else None)
-        report["start_to_first_search_s"] = first_search()
+        report["start_to_first_search_s"] = searcher.first_answer(server, query_jpegs[0])
         report["start_load"] = os.getloadavg()
-        report.update(
-            http_timings(
-                post, [partial(by_id, i) for i in by_ids], [partial(by_jpeg, j) for j in query_jpegs]
-            )
-        )
+        report.update(http_timings(searcher, by_ids, query_jpegs))
         report["search_load"] = os.getloadavg()
-        report.update(ingest_rates(server.url, session, auth, ingest_jpegs))
+        report.update(ingest_rates(searcher, ingest_jpegs))
         report["server_rss_mb"], report["server_peak_rss_mb"] = rss_mb(server.proc.pid)
-        session.post(server.url + "/v1/image/group/ingest/remove", auth=auth, timeout=60)
     finally:
         server.stop()
     return report

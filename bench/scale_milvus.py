@@ -29,21 +29,17 @@ import os
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
-import requests
 import scale
 from PIL import Image
-from qiniu import QiniuMacAuth
-from qiniu.auth import QiniuMacRequestsAuth
 from scale import (
     GROUP,
     LIMITS,
     Projected,
+    Searcher,
     Server,
-    data_uri,
     du_mb,
     http_timings,
     ingest_rates,
@@ -245,11 +241,7 @@ def inproc(args, data: Path, embedder, queries, truths, by_vectors, by_truths, f
 
 
 def serve(args, data: Path, query_jpegs, ingest_jpegs, by_ids: list[str]) -> dict:
-    keys = KeyStore(data / "keys.db")
-    key = keys.list()[0]
-    keys.close()
-    session = requests.Session()
-    auth = QiniuMacRequestsAuth(QiniuMacAuth(key.access_key, key.secret_key))
+    searcher = Searcher(data)
     report: dict = {}
     env = {
         "TUSOU_STORE": "milvus",
@@ -262,33 +254,11 @@ def serve(args, data: Path, query_jpegs, ingest_jpegs, by_ids: list[str]) -> dic
     }
     server = Server(data, 18000 + os.getpid() % 1000, env, projected_dim=args.dim or None)
 
-    def post(body: dict) -> requests.Response:
-        return session.post(server.url + "/v1/image/groups/search", json=body, auth=auth, timeout=300)
-
-    def by_jpeg(jpeg: bytes, limit: int) -> dict:
-        return {"data": {"uri": data_uri(jpeg)}, "params": {"groups": [GROUP], "limit": limit}}
-
-    def by_id(image_id: str, limit: int) -> dict:
-        return {"data": {"id": image_id, "group": GROUP}, "params": {"groups": [GROUP], "limit": limit}}
-
     try:
-        while True:
-            try:
-                if post(by_jpeg(query_jpegs[0], 1)).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.1)
-            if server.proc.poll() is not None:
-                raise RuntimeError("server exited; see serve.log")
-        report["start_to_first_search_s"] = time.monotonic() - server.started
-        report.update(
-            http_timings(
-                post, [partial(by_id, i) for i in by_ids], [partial(by_jpeg, j) for j in query_jpegs]
-            )
-        )
-        report.update(ingest_rates(server.url, session, auth, ingest_jpegs))
+        report["start_to_first_search_s"] = searcher.first_answer(server, query_jpegs[0])
+        report.update(http_timings(searcher, by_ids, query_jpegs))
+        report.update(ingest_rates(searcher, ingest_jpegs))
         report["server_rss_mb"], report["server_peak_rss_mb"] = rss_mb(server.proc.pid)
-        session.post(server.url + "/v1/image/group/ingest/remove", auth=auth, timeout=60)
     finally:
         server.stop()
     return report
