@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["LITE_MODELS", "LiteSpec", "build_efficientnet_lite", "lite_blocks"]
 
@@ -101,6 +103,8 @@ class _GraphBuilder:
         self, x: str, conv: str, bn: str, *, stride: int, size: int, groups: int = 1, relu6: bool = True
     ) -> tuple[str, int]:
         """Conv (no bias) followed by BatchNorm, folded into one Conv with bias; optional ReLU6."""
+        from onnx import helper, numpy_helper
+
         w = self._get(f"{conv}.weight").astype(np.float64)
         gamma, beta = self._get(f"{bn}.weight"), self._get(f"{bn}.bias")
         mean, var = self._get(f"{bn}.running_mean"), self._get(f"{bn}.running_var")
@@ -138,6 +142,11 @@ def build_efficientnet_lite(state: dict[str, np.ndarray], model: str) -> onnx.Mo
     ``state`` is the checkpoint's state dict; its shapes decide channel counts, ``model`` (lite0/1/2)
     decides the strides and the input size S.
     """
+    # Imported here, not at the top: serving never builds the graph (it is cached), and importing onnx
+    # costs about a second of every start.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
     spec = LITE_MODELS[model]
     blocks = lite_blocks(spec)
     n_blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("_blocks."))

@@ -187,24 +187,25 @@ def _projector(model_key: str) -> Any:
     else shared its batch; float32 BLAS rounds a one-row and a many-row product differently).
     """
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+
+    from tusou import onnx_graph as g  # not onnx: importing it costs ~1 s of every start
 
     cal = calibration(model_key)
     assert cal.projection is not None and cal.bias is not None
     d_in, d_out = cal.projection.shape
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "P"], ["xp"]), helper.make_node("Add", ["xp", "b"], ["y"])],
-        "tusou_projection",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d_in])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", d_out])],
-        initializer=[numpy_helper.from_array(cal.projection, "P"), numpy_helper.from_array(cal.bias, "b")],
+    model = g.model(
+        [g.node("MatMul", ["x", "P"], ["xp"]), g.node("Add", ["xp", "b"], ["y"])],
+        [g.value_info("x", g.FLOAT, ["N", d_in])],
+        [g.value_info("y", g.FLOAT, ["N", d_out])],
+        [g.tensor("P", cal.projection), g.tensor("b", cal.bias)],
+        name="tusou_projection",
+        opset=17,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def score_from_cosine(model_key: str, cosine: np.ndarray) -> np.ndarray:

@@ -102,32 +102,32 @@ class _Scorer:
         self._session: Any = None
         try:
             import onnxruntime as ort
-            from onnx import TensorProto, helper
 
-            inputs = [
-                helper.make_tensor_value_info("rows", TensorProto.UINT8, [None, None]),
-                helper.make_tensor_value_info("cols", TensorProto.INT8, [None, None]),
-                helper.make_tensor_value_info("qinv", TensorProto.FLOAT, [1, None]),
-                helper.make_tensor_value_info("rinv", TensorProto.FLOAT, [None]),
-            ]
-            out = helper.make_tensor_value_info("best", TensorProto.FLOAT, [None])
-            zero = helper.make_tensor("zero", TensorProto.UINT8, [], [128])
-            nodes = [
-                helper.make_node("MatMulInteger", ["rows", "cols", "zero"], ["dots"]),
-                helper.make_node("Cast", ["dots"], ["fdots"], to=TensorProto.FLOAT),
-                helper.make_node("Mul", ["fdots", "qinv"], ["scaled"]),
-                helper.make_node("ReduceMax", ["scaled"], ["rowmax"], axes=[1], keepdims=0),
-                helper.make_node("Mul", ["rowmax", "rinv"], ["best"]),
-            ]
-            graph = helper.make_graph(nodes, "scan", inputs, [out], initializer=[zero])
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-            model.ir_version = 8
+            from tusou import onnx_graph as g
+
+            zero = np.array(128, dtype=np.uint8)
+            model = g.model(
+                [
+                    g.node("MatMulInteger", ["rows", "cols", "zero"], ["dots"]),
+                    g.node("Cast", ["dots"], ["fdots"], to=g.FLOAT),
+                    g.node("Mul", ["fdots", "qinv"], ["scaled"]),
+                    g.node("ReduceMax", ["scaled"], ["rowmax"], axes=[1], keepdims=0),
+                    g.node("Mul", ["rowmax", "rinv"], ["best"]),
+                ],
+                [
+                    g.value_info("rows", g.UINT8, [None, None]),
+                    g.value_info("cols", g.INT8, [None, None]),
+                    g.value_info("qinv", g.FLOAT, [1, None]),
+                    g.value_info("rinv", g.FLOAT, [None]),
+                ],
+                [g.value_info("best", g.FLOAT, [None])],
+                [g.tensor("zero", zero)],
+                name="scan",
+            )
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1  # blocks run in parallel from our own pool
             options.inter_op_num_threads = 1
-            self._session = ort.InferenceSession(
-                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
+            self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception:  # noqa: BLE001 - any failure: the numpy path is exact too, only slower
             log.warning("ONNX Runtime MatMulInteger unavailable; int8 scans run in numpy", exc_info=True)
 
