@@ -107,6 +107,26 @@ def parse_data_uri(uri: str) -> bytes:
     params = [p.strip().lower() for p in header.split(";")]
     if len(params) < 2 or params[-1] != "base64":
         raise ImageError("data_uri_invalid", "invalid data uri: must be base64 (data:<type>;base64,...)")
+    if len(payload) > MAX_B64_CHARS + 4:
+        return _parse_lenient(payload)  # whitespace may make up the difference; it checks the length
+    try:
+        # The common case, a plain padded base64 payload, decoded and checked in one C pass. Anything this
+        # refuses (whitespace, the url-safe alphabet, missing padding, percent-encoding, junk) goes through
+        # the lenient path below, which gives the same bytes wherever both accept. The whitespace removal
+        # alone used to cost ~0.8 ms per 100 KB image.
+        data = binascii.a2b_base64(payload, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return _parse_lenient(payload)
+    if not data:
+        raise ImageError("image_empty", "image is empty")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError("image_too_large", f"image too large: {len(data)} bytes, max {MAX_IMAGE_BYTES}")
+    return data
+
+
+def _parse_lenient(payload: str) -> bytes:
+    """The base64 payload of a data: uri as real clients send it: whitespace and line breaks, missing
+    padding, the url-safe alphabet, percent-encoding."""
     if "%" in payload:
         # Some clients URL-encode the whole uri; '%' is never part of base64, so unquoting is unambiguous.
         payload = urllib.parse.unquote(payload)

@@ -135,12 +135,16 @@ class _GraphBuilder:
         return y, out_size
 
 
-def build_efficientnet_lite(state: dict[str, np.ndarray], model: str) -> onnx.ModelProto:
+def build_efficientnet_lite(
+    state: dict[str, np.ndarray], model: str, image_size: int | None = None
+) -> onnx.ModelProto:
     """ONNX graph: ``pixels`` float32 (N, 3, S, S), normalised -> ``features`` float32 (N, 1280) and, when
     the state dict has the classifier, ``probs`` float32 (N, classes).
 
     ``state`` is the checkpoint's state dict; its shapes decide channel counts, ``model`` (lite0/1/2)
-    decides the strides and the input size S.
+    decides the strides and, unless ``image_size`` is given, the input size S. The network is fully
+    convolutional up to its global pooling, so the same weights run at any S (TF "SAME" padding is
+    computed for the S given); a smaller S costs about (S / 224)^2 of the multiply-adds.
     """
     # Imported here, not at the top: serving never builds the graph (it is cached), and importing onnx
     # costs about a second of every start.
@@ -158,7 +162,8 @@ def build_efficientnet_lite(state: dict[str, np.ndarray], model: str) -> onnx.Mo
         numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
         numpy_helper.from_array(np.array(6.0, np.float32), "six"),
     ]
-    x, size = g.conv_bn(INPUT_NAME, "_conv_stem", "_bn0", stride=2, size=spec.image_size)
+    side = image_size or spec.image_size
+    x, size = g.conv_bn(INPUT_NAME, "_conv_stem", "_bn0", stride=2, size=side)
     for i, blk in enumerate(blocks):
         p = f"_blocks.{i}"
         inp = x
@@ -199,7 +204,6 @@ def build_efficientnet_lite(state: dict[str, np.ndarray], model: str) -> onnx.Mo
     if unused:
         raise ValueError(f"weights hold tensors the graph does not use: {sorted(unused)[:5]}")
 
-    side = spec.image_size
     graph = helper.make_graph(
         g.nodes,
         f"efficientnet-{model}-features",
