@@ -40,7 +40,10 @@ def test_bytes_parse_to_what_onnx_helper_builds() -> None:
             helper.make_tensor_value_info("q", TensorProto.UINT8, [None, 7]),
         ],
         [helper.make_tensor_value_info("c", TensorProto.INT64, [None])],
-        initializer=[numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.array(128, np.uint8), "z")],
+        initializer=[
+            numpy_helper.from_array(weights, "w"),
+            numpy_helper.from_array(np.array(128, np.uint8), "z"),
+        ],
     )
     want = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     want.producer_name = "tusou"
@@ -64,11 +67,12 @@ def test_onnx_runtime_runs_the_scan_graph_it_builds() -> None:
 
 
 def test_serving_imports_no_onnx() -> None:
-    """onnx (with ml_dtypes) costs ~1 s of every start: the serve path, the model and the store do not load it."""
+    """onnx (with ml_dtypes) costs ~1 s of every start: serving, the model and the store leave it unloaded."""
     code = (
         "import sys, numpy as np; import tusou.cli, tusou.api.app, tusou.service; "
         "from tusou.store.vector_index import _Scorer; _Scorer(); "
-        "from tusou.embed import score; score._projector('lite0').run(None, {'x': np.zeros((1, 1280), np.float32)}); "
+        "from tusou.embed import score; "
+        "score._projector('lite0').run(None, {'x': np.zeros((1, 1280), np.float32)}); "
         "print('onnx' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -159,6 +159,56 @@ def test_snapshot_is_written_beside_the_old_one_and_replaced(tmp_path: Path) -> 
     assert reloaded is not None and len(reloaded) == 500 and 7 not in reloaded.keys().tolist()
 
 
+def test_blocks_read_from_a_snapshot_file_outlive_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full blocks of a loaded snapshot are its file's pages (memory-mapped, never copied); after the next
+    snapshot they are the new file's, and the old file, deleted, is no longer needed: adds past them, deletes
+    and a compaction still answer exactly, before and after a reload."""
+    import tusou.store.vector_index as vi
+
+    monkeypatch.setattr(vi, "BLOCK", 256)
+    index, table, vectors = filled(1000)
+    index.save(tmp_path, "g4")
+    loaded = VectorIndex.load(tmp_path, "g4", DIM, table.fetch)
+    assert loaded is not None
+    assert [b.flags.writeable for b in loaded._blocks] == [False, False, False, True]  # 3 full, 1 partial
+
+    def answers(ix: VectorIndex) -> list[list[int]]:
+        return [ix.search(v[None], -1, 0.8, exact=True)[0].tolist() for v in vectors[:40:4]]
+
+    want = answers(index)
+    assert answers(loaded) == want
+    more = clustered(300, seed=5)
+    for k, v in zip(range(1001, 1301), more, strict=True):
+        table.rows[k] = v
+    for ix in (index, loaded):
+        ix.add(np.arange(1001, 1301), more)  # fills the partial block, starts new ones
+        ix.remove(np.arange(2, 200, 3))
+    for k in range(2, 200, 3):
+        del table.rows[k]
+    want = answers(index)
+    assert answers(loaded) == want
+    first = set(snapshot_files(tmp_path, "g4"))
+    loaded.save(tmp_path, "g4")
+    assert not (first & set(snapshot_files(tmp_path, "g4")))  # the old snapshot is gone
+    assert all(not b.flags.writeable for b in loaded._blocks[:5])  # now the new file's pages
+    assert answers(loaded) == want
+    loaded.add(np.asarray([1301]), vectors[:1])
+    index.add(np.asarray([1301]), vectors[:1])
+    table.rows[1301] = vectors[0]
+    loaded.remove(np.arange(300, 1000))  # more than half deleted: compacted into fresh blocks
+    index.remove(np.arange(300, 1000))
+    for k in range(300, 1000):
+        table.rows.pop(k, None)
+    assert loaded._layout == 1  # compacted
+    want = answers(index)
+    assert answers(loaded) == want
+    loaded.save(tmp_path, "g4")
+    again = VectorIndex.load(tmp_path, "g4", DIM, table.fetch)
+    assert again is not None and answers(again) == want and len(again) == len(index)
+    brute = table.brute(vectors[:1], 0.8)
+    assert sorted(again.search(vectors[:1], -1, 0.8)[0].tolist()) == sorted(brute)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "json"])
 def test_damaged_snapshot_is_refused(tmp_path: Path, damage: str) -> None:
     index, table, _ = filled(800)

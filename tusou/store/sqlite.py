@@ -88,6 +88,8 @@ CREATE INDEX IF NOT EXISTS image_tags_by_seq ON image_tags (seq);
 _CHUNK = 900
 # Rows read per step when rebuilding or replaying an index (bounded memory: ~50 MB of blobs).
 _LOAD_CHUNK = 10_000
+# Seqs read per query when a group's index is reconciled with SQLite at start-up.
+_SEQ_CHUNK = 1_000_000
 
 
 def _dump_desc(desc: object) -> str | None:
@@ -269,20 +271,21 @@ class SQLiteStore(Store):
             started = time.monotonic()
             name_ = self._snapshot_name(gid)
             index = VectorIndex.load(self.snapshot_dir, name_, self.dim, self._fetch_vectors)
-            # Seqs only (no blobs), from the (gid, seq) index: ~0.1 s for 500k rows.
-            live = np.fromiter(
-                (row[0] for row in conn.execute("SELECT seq FROM images WHERE gid = ? ORDER BY seq", (gid,))),
-                dtype=np.int64,
-            )
+            live = self._group_seqs(conn, gid)
             if index is None:
                 index = self._new_index(gid)
                 missing = live
             else:
                 held = index.keys()
-                index.remove(np.setdiff1d(held, live, assume_unique=True))
-                # Every live row the snapshot lacks, not only those past its last seq: a row committed but
-                # never indexed (the index add failed after the commit) is caught up here too.
-                missing = np.setdiff1d(live, held, assume_unique=True)
+                if len(held) <= len(live) and np.array_equal(held, live[: len(held)]):
+                    # The usual case: nothing deleted since the snapshot, and it holds every row up to its
+                    # own; the rows after it are the ones to add.
+                    missing = live[len(held) :]
+                else:
+                    index.remove(np.setdiff1d(held, live, assume_unique=True))
+                    # Every live row the snapshot lacks, not only those past its last seq: a row committed
+                    # but never indexed (the index add failed after the commit) is caught up here too.
+                    missing = np.setdiff1d(live, held, assume_unique=True)
             for start in range(0, len(missing), _LOAD_CHUNK):
                 keys, vectors = self._fetch_vectors(missing[start : start + _LOAD_CHUNK], conn)
                 index.add(keys, vectors)
@@ -299,6 +302,31 @@ class SQLiteStore(Store):
             gid_text = path.name.split(".")[0][1:]
             if path.name.endswith(".tmp") or not gid_text.isdigit() or int(gid_text) not in self._indexes:
                 path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _group_seqs(conn: sqlite3.Connection, gid: int) -> np.ndarray:
+        """The group's seqs, ascending, from the (gid, seq) index: a million at a time as one text value
+        parsed by numpy (a cursor row per seq costs ~1 µs of Python each: 5.6 s for 5M rows, against
+        ~0.7 s this way)."""
+        parts: list[np.ndarray] = []
+        after = 0
+        while True:
+            count, text, last = conn.execute(
+                "SELECT count(*), group_concat(seq), max(seq) FROM "
+                "(SELECT seq FROM images WHERE gid = ? AND seq > ? ORDER BY seq LIMIT ?)",
+                (gid, after, _SEQ_CHUNK),
+            ).fetchone()
+            if not count:
+                break
+            seqs = np.fromstring(text, dtype=np.int64, sep=",")
+            if len(seqs) != count:
+                raise RuntimeError(f"group {gid}: read {len(seqs)} seqs of {count}")
+            parts.append(seqs)
+            after = last
+        seqs = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        if len(seqs) > 1 and not bool(np.all(seqs[1:] > seqs[:-1])):
+            seqs = np.unique(seqs)  # group_concat's order follows the subquery's in practice, not by promise
+        return seqs
 
     def _fetch_vectors(
         self, keys: np.ndarray, conn: sqlite3.Connection | None = None

@@ -304,6 +304,7 @@ class VectorIndex:
         self._keys = np.zeros(0, dtype=np.int64)
         self._inv = np.zeros(0, dtype=np.float32)  # 1 / |int8 row|, 0 for a deleted slot
         self._assign = np.zeros(0, dtype=np.int16)
+        self._layout = 0  # bumped by a compaction (slots move)
         self._keys_sorted = True  # keys increase with the slot (adds in seq order): lookups by bisection
         self._key_order: np.ndarray | None = None  # argsort of the keys when they are not sorted
         # The inverted file.
@@ -478,7 +479,7 @@ class VectorIndex:
     def _sort_lists(self) -> None:
         assert self._centroids is not None
         assign = self._assign[: self._n]
-        self._order = np.argsort(assign, kind="stable").astype(np.int64)
+        self._order = np.argsort(assign, kind="stable").astype(np.int64, copy=False)
         counts = np.bincount(assign, minlength=len(self._centroids))
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._sorted_upto = self._n
@@ -518,6 +519,7 @@ class VectorIndex:
         """Drop deleted slots (order kept): storage, keys, lists and the side file are rebuilt block by
         block (the side file under a new generation; the next snapshot names it)."""
         live = np.flatnonzero(self._inv[: self._n] > 0)
+        self._layout += 1
         old_blocks, old_floats = self._blocks, self._floats
         keys, inv, assign = self._keys[live].copy(), self._inv[live].copy(), self._assign[live].copy()
         self._blocks, self._n, self._live = [], 0, 0
@@ -548,7 +550,9 @@ class VectorIndex:
     def keys(self) -> np.ndarray:
         with self._lock.read():
             held = self._keys[: self._n]
-            return held[self._inv[: self._n] > 0].copy()
+            if self._live == self._n:  # nothing deleted: no mask to build over every slot
+                return held.copy()
+            return held[self._inv[: self._n] > 0]
 
     # --- search ------------------------------------------------------------------------------------
     def search(
@@ -694,34 +698,38 @@ class VectorIndex:
         return keys[order], cosines[order].astype(np.float32)
 
     # --- snapshots ---------------------------------------------------------------------------------
-    def _write(self, f: BinaryIO) -> tuple[int, int]:
+    def _write(self, f: BinaryIO) -> tuple[int, int, int]:
         """Every slot (deleted ones too, with a zero norm: slots must stay those of the side file) into
-        ``f``; returns (live rows, crc32 of what was written)."""
+        ``f``; returns (live rows, crc32 of what was written, offset of the first int8 row)."""
         crc = 0
+        written = 0
 
         def put(data: bytes | memoryview) -> None:
-            nonlocal crc
+            nonlocal crc, written
             crc = zlib.crc32(data, crc)
             f.write(data)
+            written += len(data)
 
-        live = np.arange(self._n)
+        n = self._n
         header = {
             "dim": self.dim,
             "count": self._live,
-            "slots": self._n,
+            "slots": n,
             "nlist": 0 if self._centroids is None else len(self._centroids),
             "trained": self._trained_n,
         }
         put(_MAGIC)
         put(json.dumps(header).encode() + b"\n")
-        put(self._keys[live].tobytes())
-        put(self._inv[live].tobytes())
-        put(self._assign[live].tobytes())
-        for start in range(0, len(live), BLOCK):
-            put(self._gather_codes(live[start : start + BLOCK]).tobytes())
+        put(self._keys[:n].tobytes())
+        put(self._inv[:n].tobytes())
+        put(self._assign[:n].tobytes())
+        codes_at = written
+        for start in range(0, n, BLOCK):
+            rows = min(BLOCK, n - start)
+            put(np.ascontiguousarray(self._blocks[start // BLOCK][:rows]).data.cast("B"))
         if self._centroids is not None:
             put(self._centroids.tobytes())
-        return self._live, crc
+        return self._live, crc, codes_at
 
     def save(self, folder: Path, name: str) -> int | None:
         """Write a snapshot if anything changed since the last one; returns its seq (None if clean).
@@ -733,7 +741,7 @@ class VectorIndex:
         with self._lock.read():
             if not self.dirty:
                 return None
-            seq, dirty = self.last_seq, self.dirty
+            seq, dirty, slots, layout = self.last_seq, self.dirty, self._n, self._layout
             # A generation in the name as well: after deletes alone the seq is unchanged, and replacing
             # the live file under its old name would leave no valid snapshot until the new JSON lands.
             stem = f"{name}.{seq}.{time.time_ns()}"
@@ -741,7 +749,7 @@ class VectorIndex:
             floats_gen = self._floats_gen if self._floats is not None else 0
             try:
                 with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as f:
-                    count, crc = self._write(f)
+                    count, crc, codes_at = self._write(f)
                 if self._floats is not None:
                     self._floats.sync()  # the rows the snapshot's slots name are durable before it is
             except BaseException:
@@ -775,6 +783,18 @@ class VectorIndex:
                 self._touch(dirty)
             tmp.unlink(missing_ok=True)
             raise
+        # The full blocks now come from the new file: their pages live once, in the page cache (the kernel
+        # may drop them under pressure and read them back), and the old file, if the blocks came from it,
+        # is no longer held open.
+        try:
+            mapped = _map_file(final)
+        except (OSError, ValueError):
+            mapped = None
+        if mapped is not None:
+            with self._lock.write():
+                if self._layout == layout:  # not compacted meanwhile: the file's slots are ours
+                    for b in range(slots // BLOCK):
+                        self._blocks[b] = _block_view(mapped, codes_at + b * BLOCK * self.dim, self.dim)
         # Only now, with the new snapshot durable, may older ones go.
         keep = f"{name}.{floats_gen}.f32"
         for old in snapshot_files(folder, name):
@@ -788,46 +808,52 @@ class VectorIndex:
 
     @classmethod
     def _read(cls, path: Path, dim: int, meta: dict, fetch: Fetch | None) -> VectorIndex:
-        if path.stat().st_size != meta["size"]:
+        """The snapshot at ``path``, memory-mapped: its full blocks are used where they lie in the file
+        (no copy; the page cache holds them), the rest is copied. The whole file's CRC is checked first."""
+        mm = _map_file(path, populate=True)
+        size = len(mm)
+        if size != meta["size"]:
             raise ValueError("snapshot size does not match")
-        crc = 0
-        with open(path, "rb") as f:
-
-            def take(size: int) -> bytes:
-                nonlocal crc
-                data = f.read(size)
-                if len(data) != size:
-                    raise ValueError("snapshot is truncated")
-                crc = zlib.crc32(data, crc)
-                return data
-
-            if take(len(_MAGIC)) != _MAGIC:
-                raise ValueError("not a snapshot of this format")
-            line = f.readline(4096)
-            crc = zlib.crc32(line, crc)
-            header = json.loads(line)
-            n, nlist = int(header["slots"]), int(header["nlist"])
-            if header["dim"] != dim or header["count"] != meta["count"]:
-                raise ValueError("snapshot does not hold what its metadata says")
-            out = cls(dim, fetch)
-            keys = np.frombuffer(take(8 * n), dtype=np.int64)
-            inv = np.frombuffer(take(4 * n), dtype=np.float32)
-            assign = np.frombuffer(take(2 * n), dtype=np.int16)
-            out._keys, out._inv, out._assign = keys.copy(), inv.copy(), assign.copy()
-            for start in range(0, n, BLOCK):
-                rows = min(BLOCK, n - start)
-                block = np.empty((BLOCK, dim), dtype=np.uint8)
-                block[:rows] = np.frombuffer(take(rows * dim), dtype=np.uint8).reshape(rows, dim)
-                out._blocks.append(block)
-            if nlist:
-                out._centroids = (
-                    np.frombuffer(take(4 * nlist * dim), dtype=np.float32).reshape(nlist, dim).copy()
-                )
-                out._trained_n = int(header["trained"])
-            if f.read(1):
-                raise ValueError("snapshot has trailing data")
-        if crc != meta["crc32"]:
+        if zlib.crc32(mm) != meta["crc32"]:  # one pass over the mapping, no copy
             raise ValueError("snapshot checksum does not match")
+        if mm[: len(_MAGIC)] != _MAGIC:
+            raise ValueError("not a snapshot of this format")
+        end = mm.find(b"\n", len(_MAGIC), len(_MAGIC) + 4096)
+        if end < 0:
+            raise ValueError("snapshot header is missing")
+        header = json.loads(mm[len(_MAGIC) : end + 1])
+        pos = end + 1
+        n, nlist = int(header["slots"]), int(header["nlist"])
+        if header["dim"] != dim or header["count"] != meta["count"]:
+            raise ValueError("snapshot does not hold what its metadata says")
+
+        def take(count: int, dtype: type) -> np.ndarray:
+            nonlocal pos
+            width = count * np.dtype(dtype).itemsize
+            if pos + width > size:
+                raise ValueError("snapshot is truncated")
+            part: np.ndarray = np.frombuffer(mm, dtype=dtype, count=count, offset=pos)
+            pos += width
+            return part
+
+        out = cls(dim, fetch)
+        out._keys = take(n, np.int64).copy()
+        out._inv = take(n, np.float32).copy()
+        out._assign = take(n, np.int16).copy()
+        for start in range(0, n, BLOCK):
+            rows = min(BLOCK, n - start)
+            if rows == BLOCK:
+                out._blocks.append(_block_view(mm, pos, dim))
+                take(BLOCK * dim, np.uint8)
+            else:  # the last, partial block takes appends: a copy of our own
+                block = np.empty((BLOCK, dim), dtype=np.uint8)
+                block[:rows] = take(rows * dim, np.uint8).reshape(rows, dim)
+                out._blocks.append(block)
+        if nlist:
+            out._centroids = take(nlist * dim, np.float32).reshape(nlist, dim).copy()
+            out._trained_n = int(header["trained"])
+        if pos != size:
+            raise ValueError("snapshot has trailing data")
         out._n = n
         out._live = int(np.count_nonzero(out._inv[:n] > 0))
         if out._live != meta["count"]:
@@ -867,6 +893,19 @@ class VectorIndex:
             out.last_seq = seq
             return out
         return None
+
+
+def _map_file(path: Path, populate: bool = False) -> mmap.mmap:
+    """``path`` mapped read-only (the mapping outlives the descriptor and the file's name: a snapshot
+    deleted after a newer one is written stays readable until its blocks are let go)."""
+    with open(path, "rb") as f:
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        return mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+
+
+def _block_view(mm: mmap.mmap, offset: int, dim: int) -> np.ndarray:
+    """A full block of int8 rows (uint8 offset codes) where it lies in a mapped snapshot (read-only)."""
+    return np.frombuffer(mm, dtype=np.uint8, count=BLOCK * dim, offset=offset).reshape(BLOCK, dim)
 
 
 def snapshot_files(folder: Path, name: str) -> list[Path]:
