@@ -97,7 +97,12 @@ def _dump_desc(desc: object) -> str | None:
 
 
 def _load_desc(text: str | None) -> object:
-    return "" if text is None else json.loads(text)
+    if text is None:
+        return ""
+    if text[:1] == '"' and "\\" not in text:
+        # A plain string (the usual desc): our JSON text with no escape is the string between its quotes.
+        return text[1:-1]
+    return json.loads(text)
 
 
 def _dump_tags(tags: list[list[float]] | None) -> str | None:
@@ -607,12 +612,12 @@ class SQLiteStore(Store):
         found.sort(key=lambda hit: (-hit[0], hit[1]))
         if limit >= 0:
             found = found[:limit]
-        records = self._records([seq for _, seq, _ in found])
+        rows = self._record_rows([seq for _, seq, _ in found])
         hits = []
         for cosine, seq, group in found:
-            record = records.get(seq)
-            if record is not None:  # deleted between the index scan and this read
-                hits.append(Hit(group, record.id, record.label, record.desc, record.uri, cosine, record.tags))
+            r = rows.get(seq)
+            if r is not None:  # deleted between the index scan and this read
+                hits.append(Hit(group, r[1], r[2], _load_desc(r[3]), r[4], cosine, _load_tags(r[5])))
         return hits
 
     def _filtered_seqs(self, gid: int, where: Filter) -> np.ndarray:
@@ -670,17 +675,18 @@ class SQLiteStore(Store):
         indexes = list(self._indexes.values())  # a snapshot: writers may add or remove groups meanwhile
         return len(indexes), sum(len(index) for index in indexes)
 
-    def _records(self, seqs: list[int]) -> dict[int, ImageInfo]:
-        records: dict[int, ImageInfo] = {}
+    def _record_rows(self, seqs: list[int]) -> dict[int, tuple]:
+        """(seq, image_id, label, desc, uri, tags) of each seq that exists, by seq."""
+        rows: dict[int, tuple] = {}
         conn = self._reader()
         for start in range(0, len(seqs), _CHUNK):
             chunk = seqs[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            for seq, image_id, label, desc, uri, tags in conn.execute(
+            cursor = conn.execute(
                 f"SELECT seq, image_id, label, desc, uri, tags FROM images WHERE seq IN ({marks})", chunk
-            ):
-                records[seq] = ImageInfo(image_id, label, _load_desc(desc), uri, _load_tags(tags))
-        return records
+            )
+            rows.update((row[0], row) for row in cursor)
+        return rows
 
     def close(self) -> None:
         if self._closed:
