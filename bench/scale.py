@@ -573,7 +573,16 @@ def main() -> None:
         "--milvus-tick-ms", type=int, default=20, help="proxy.timeTickInterval of the started server"
     )
     parser.add_argument("--milvus-index", choices=("FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8"), default="IVF_FLAT")
-    parser.add_argument("--milvus-nprobe", type=int, default=8, help="IVF lists searched per segment")
+    parser.add_argument("--milvus-nprobe", type=int, default=16, help="IVF lists searched per segment")
+    parser.add_argument(
+        "--milvus-nlist", type=int, default=1024, help="IVF lists per segment of the bench's new collection"
+    )
+    parser.add_argument(
+        "--milvus-segment-mb",
+        type=int,
+        default=4096,
+        help="dataCoord.segment.maxSize of the started server (Milvus's default: 512)",
+    )
     parser.add_argument(
         "--milvus-index-timeout", type=float, default=7200, help="seconds to wait for the index build"
     )

@@ -49,7 +49,13 @@ class Settings(BaseSettings):
         "(docs/scale.md).",
     )
     milvus_nprobe: int = Field(
-        default=8, ge=1, description="IVF indexes: inverted lists searched per segment (of 128)."
+        default=8, ge=1, description="IVF indexes: inverted lists searched per segment (of milvus_nlist)."
+    )
+    milvus_nlist: int = Field(
+        default=128,
+        ge=1,
+        le=65536,
+        description="IVF indexes: inverted lists per segment of a new Milvus collection (docs/scale.md).",
     )
 
     # --- model ---

@@ -32,6 +32,7 @@ def open_store(
             consistency=settings.milvus_consistency,
             index=settings.milvus_index,
             nprobe=settings.milvus_nprobe,
+            nlist=settings.milvus_nlist,
         )
     if settings.store != "sqlite":
         raise ValueError(f"unknown store {settings.store!r}: use sqlite or milvus")

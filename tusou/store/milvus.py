@@ -102,7 +102,9 @@ INDEXES: dict[str, dict[str, int]] = {
     "IVF_FLAT": {"nlist": 128},
     "IVF_SQ8": {"nlist": 128},
 }
-# Inverted-file lists searched per segment (of nlist): docs/scale.md gives the recall measured with it.
+# Inverted-file lists per segment of a new IVF collection, and lists searched per segment: docs/scale.md
+# gives the recall and speed measured with them (1024 lists for segments of ~1M rows).
+DEFAULT_NLIST = 128
 DEFAULT_NPROBE = 8
 _HNSW_MIN_EF = 256
 _HNSW_MAX_EF = 32_768
@@ -312,6 +314,7 @@ class MilvusStore(Store):
         num_partitions: int = 64,
         index: str = "FLAT",
         nprobe: int = DEFAULT_NPROBE,
+        nlist: int = DEFAULT_NLIST,
     ) -> None:
         from pymilvus import MilvusClient  # lazy: the embedded default does not need pymilvus
 
@@ -323,6 +326,7 @@ class MilvusStore(Store):
             raise ValueError(f"milvus index must be one of {', '.join(INDEXES)}, not {index!r}")
         self.index_type = index
         self.nprobe = nprobe
+        self.nlist = nlist
         self.images = collection
         self.groups = f"{collection}_groups"
         self._check_uri(uri)
@@ -347,6 +351,12 @@ class MilvusStore(Store):
         # double (tests/milvus_lite.py), never something to serve from.
         if not uri.startswith(cls.SERVER_SCHEMES):
             raise ValueError(f"milvus_uri must be a Milvus server address ({', '.join(cls.SERVER_SCHEMES)})")
+
+    def _index_params(self) -> dict[str, int]:
+        params = dict(INDEXES[self.index_type])
+        if "nlist" in params:
+            params["nlist"] = self.nlist
+        return params
 
     # --- schema --------------------------------------------------------------------------------------
     def _setup(self, model_id: str, num_partitions: int, attempts: int = 10) -> None:
@@ -402,7 +412,7 @@ class MilvusStore(Store):
                 field_name="vec",
                 index_type=self.index_type,
                 metric_type="IP",
-                params=dict(INDEXES[self.index_type]),
+                params=self._index_params(),
             )
             self.client.create_collection(
                 self.images,
