@@ -105,7 +105,7 @@ def wait_indexed(store, timeout_s: float) -> dict:
     layout, since = None, time.monotonic()
     while time.monotonic() - started < timeout_s:
         info = store.client.describe_index(store.images, "vec")
-        now = sorted(int(seg.segmentID) for seg in store.client.list_loaded_segments(store.images))
+        now = sorted(int(seg.segment_id) for seg in store.client.list_loaded_segments(store.images))
         if now != layout or int(info.get("pending_index_rows", 0)) > 0:
             layout, since = now, time.monotonic()
         elif time.monotonic() - since >= SETTLED_S:
