@@ -251,6 +251,32 @@ def test_two_updates_of_one_image_at_the_same_instant_leave_it_counted_once(
     assert [(h.id, h.label) for h in s.search(t, ["race"], vecs[0][None, :], -1, 0.99)] == [("r0", "second")]
 
 
+def test_retagging_while_an_update_of_the_same_image_lands_leaves_it_counted_once(
+    session_store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tusou retag`` (set_tags) rewrites rows as update_image does, with the same settle: a retag that
+    read an image before an update wrote writes the same next version; it sees the copy and writes its row
+    once more. One row per image, count exact, the new tags kept; the image retagged alongside, untouched
+    by the race, is rewritten once."""
+    s, t = session_store, "t-" + uuid.uuid4().hex[:12]
+    vecs = unit(np.random.default_rng(44), 3)
+    s.create_group(t, "retag", [NewImage(f"r{i}", "old", None, None, v) for i, v in enumerate(vecs)])
+    read_before = s._rows_by_ids(t, "retag", ["r0", "r1"], s._row_fields)
+    assert s.update_image(t, "retag", "r0", label="first").label == "first"
+    copies: list[int] = []
+    count_copies = s._copies_of
+    with monkeypatch.context() as patch:
+        patch.setattr(s, "_rows_by_ids", lambda *args: [dict(r) for r in read_before])  # read before "first"
+        patch.setattr(s, "_copies_of", lambda *args: copies.append(count_copies(*args)) or copies[-1])
+        assert s.set_tags(t, "retag", {"r0": [[3, 0.9]], "r1": [[4, 0.8]]}) == 2
+    assert copies[:2] == [3, 2]  # the batch held a copy, r0's key held it
+    assert copies[-1] == 1  # and it was settled
+    assert s.count(t, "retag") == 3 and all_ids(s, t, "retag") == ["r0", "r1", "r2"]
+    assert s.get_image(t, "retag", "r0").tags == [[3, 0.9]]
+    assert s.get_image(t, "retag", "r1").tags == [[4, 0.8]]
+    assert [h.id for h in s.search(t, ["retag"], vecs[0][None, :], -1, 0.99)] == ["r0"]
+
+
 def test_an_update_interrupted_between_its_two_writes_loses_nothing(
     session_store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -877,34 +877,63 @@ class MilvusStore(Store):
 
     def _rewrite(self, row: dict, stale: list[int], settle: bool = False) -> None:
         """Write ``row`` as its next version, then delete the version read (and any ``stale`` ones): the
-        image exists throughout, twice for a moment, never zero times (see *Updates* above).
+        image exists throughout, twice for a moment, never zero times (see *Updates* above)."""
+        self._rewrite_rows([row], [stale], settle)
 
-        ``settle``: then count the rows under the new key. Two processes updating one image at the same
+    def _rewrite_rows(self, rows: list[dict], stales: list[list[int]], settle: bool = False) -> None:
+        """``_rewrite`` of rows of one group, in one insert and one delete.
+
+        ``settle``: then count the rows under the new keys. Two processes updating one image at the same
         instant both write the same next version: two rows under one primary key, which every read shows
         once but count(*) counts twice. Of two such writers at least one sees the other's row here (each
         reads after its own write, so the later writer's read comes after the earlier one's write), and
         writes its row once more as the version after, which deletes both copies: count stays exact. (Both
-        may see it and do so together: each retries after a random pause, at most three times.)"""
-        old = row["seq"]
-        row["vec"] = np.asarray(row["vec"], dtype=np.float32)
+        may see it and do so together: each retries after a random pause, at most three times.) One count
+        covers the whole batch; only a batch with a copy counts its rows one by one."""
+        if not rows:
+            return
+        gkey = rows[0]["gkey"]
+        olds = [row["seq"] for row in rows]
+        for row in rows:
+            row["vec"] = np.asarray(row["vec"], dtype=np.float32)
+        todo = list(range(len(rows)))
         for _ in range(_REWRITE_TRIES if settle else 1):
-            row["seq"] = _next_version(old)
-            self._insert_rows(self.images, [row])
-            self._delete_seqs(self.images, [old, *stale], row["gkey"])
-            if not settle or self._copies(row["gkey"], row["seq"]) <= 1:
+            for i in todo:
+                rows[i]["seq"] = _next_version(olds[i])
+            self._insert_rows(self.images, [rows[i] for i in todo])
+            self._delete_seqs(self.images, [s for i in todo for s in (olds[i], *stales[i])], gkey)
+            if not settle:
+                return
+            if len(todo) > 1:
+                if self._copies_of(gkey, [rows[i]["seq"] for i in todo]) <= len(todo):
+                    return
+                todo = [i for i in todo if self._copies(gkey, rows[i]["seq"]) > 1]
+            elif self._copies(gkey, rows[todo[0]]["seq"]) <= 1:
+                return
+            if not todo:
                 return
             time.sleep(random.uniform(0.0, 0.05))
-            old, stale = row["seq"], []
+            for i in todo:
+                olds[i], stales[i] = rows[i]["seq"], []
 
     def _copies(self, gkey: str, seq: int) -> int:
         """Rows stored under one primary key (count(*) counts copies that every other read shows once)."""
-        rows = self._query(self.images, f'gkey == "{gkey}" and seq == {int(seq)}', ["count(*)"])
-        return int(rows[0]["count(*)"]) if rows else 0
+        return self._copies_of(gkey, [seq])
+
+    def _copies_of(self, gkey: str, seqs: Sequence[int]) -> int:
+        """Rows stored under these primary keys, copies included."""
+        total = 0
+        for start in range(0, len(seqs), _IN_CHUNK):
+            flt = f'gkey == "{gkey}" and {_in("seq", [int(s) for s in seqs[start : start + _IN_CHUNK]])}'
+            rows = self._query(self.images, flt, ["count(*)"])
+            total += int(rows[0]["count(*)"]) if rows else 0
+        return total
 
     def set_tags(self, tenant: str, group: str, tags: dict[str, list[list[float]]]) -> int:
+        """Rewrite the images' rows with new tags, as ``update_image`` does (next version, then delete the
+        one read, then settle a collision with a racing update: count stays exact)."""
         if not self.has_tags:
             return super().set_tags(tenant, group, tags)
-        n = 0
         with self._write_lock:
             fields = self._row_fields
             rows = self._with_group(
@@ -913,11 +942,13 @@ class MilvusStore(Store):
             by_id: dict[str, list[int]] = {}
             for row in rows:
                 by_id.setdefault(row["image_id"], []).append(row["seq"])
-            for row in _newest(sorted(rows, key=lambda r: r["seq"])):
+            newest = _newest(sorted(rows, key=lambda r: r["seq"]))
+            stales = []
+            for row in newest:
                 row["tags"] = _dump_tags(tags[row["image_id"]])
-                self._rewrite(row, [s for s in by_id[row["image_id"]] if s != row["seq"]])
-                n += 1
-        return n
+                stales.append([s for s in by_id[row["image_id"]] if s != row["seq"]])
+            self._rewrite_rows(newest, stales, settle=True)
+        return len(newest)
 
     def search_tags(
         self,
