@@ -3,11 +3,12 @@
     python bench/embed_speed.py [--model lite0] [--images DIR] [--n 96] [--seconds 4]
     python bench/embed_speed.py --tags [--rounds 3]     ingest with automatic tags on vs off
     python bench/embed_speed.py --precision fp32,int8   the fp32 and the int8 graph side by side
+    python bench/embed_speed.py --sizes 0,192           also at network input 192 (0: the model's own)
 
 Prints img/s at batch 1 and 16, with 1 and 2 ONNX Runtime threads, plus two service-like rows (2 Python
 threads calling one shared embedder concurrently, as the server's request threads do) and peak RSS.
 "one view" is the raw pipeline (``Embedder.features`` + post-processing); "index" is ``embed_images``
-with whatever views views.py indexes (currently the image and its mirror, i.e. two forward passes).
+with whatever views views.py indexes (currently the image and its 64 px copy: two forward passes).
 
 Images: 640 px JPEGs made from the photos in DIR (default: /root/.cache/tusou-eval/out when it exists),
 else deterministic synthetic photo-like images.
@@ -192,6 +193,9 @@ def main() -> None:
     ap.add_argument(
         "--precision", default="fp32,int8", help="comma-separated model precisions to time (fp32, int8)"
     )
+    ap.add_argument(
+        "--sizes", default="0", help="comma-separated network input sides (TUSOU_MODEL_INPUT_SIZE), 0: native"
+    )
     ap.add_argument("--tags", action="store_true", help="only: index img/s with automatic tags off vs on")
     ap.add_argument("--rounds", type=int, default=3, help="with --tags: alternations of off and on")
     args = ap.parse_args()
@@ -212,12 +216,20 @@ def main() -> None:
     data = Path(tempfile.mkdtemp(prefix="tusou-bench-"))
     rows = []
     query_ms: list[tuple[str, int, int, float]] = []
-    runs = [(p, t) for p in args.precision.split(",") if p for t in (1, 2)]
-    for precision, threads in runs:
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    runs = [(p, s, t) for s in sizes for p in args.precision.split(",") if p for t in (1, 2)]
+    for precision_name, size, threads in runs:
         t0 = time.perf_counter()
         emb = create_embedder(
-            Settings(data=data, model=args.model, threads=threads, model_precision=precision)  # type: ignore[arg-type]
+            Settings(
+                data=data,
+                model=args.model,
+                threads=threads,
+                model_precision=precision_name,  # type: ignore[arg-type]
+                model_input_size=size or None,
+            )
         )
+        precision = f"{precision_name}@{size}" if size else precision_name
         if args.spin:
             emb.encoder = OnnxEncoder(emb.encoder.path, emb.encoder.image_size, threads, spin=True)
             emb.encoder.load()

@@ -318,13 +318,21 @@ def run_service(args: argparse.Namespace, root: Path) -> None:
     from tusou.embed import create_embedder
 
     emb = create_embedder(
-        Settings(data=args.data, model=args.model, threads=args.threads, model_precision=args.precision)
+        Settings(
+            data=args.data,
+            model=args.model,
+            threads=args.threads,
+            model_precision=args.precision,
+            model_input_size=args.input_size,
+        )
     )
     key = args.model
     sig = config_signature(key)
     cache = Cache(args.eval_dir / "emb")
     scorer = load_scorer()
-    suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+    suffix = ("" if args.precision == "fp32" else f"-{args.precision}") + (
+        f"-{args.input_size}px" if args.input_size else ""
+    )
     out_dir = args.eval_dir / "results" / (args.model + suffix)
     out_dir.mkdir(parents=True, exist_ok=True)
     thr = emb.default_threshold
@@ -527,7 +535,13 @@ def make_raw_fn(
     from tusou.embed import create_embedder
 
     emb = create_embedder(
-        Settings(data=args.data, model=args.model, threads=args.threads, model_precision=args.precision)
+        Settings(
+            data=args.data,
+            model=args.model,
+            threads=args.threads,
+            model_precision=args.precision,
+            model_input_size=args.input_size,
+        )
     )
     # Raw features depend on the weights and graph only, not on post-processing: key their cache by the
     # model part of the identity (before "/v<vector space>"), so a new mean or projection reuses them.
@@ -811,6 +825,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None, help="tusou data folder (model cache)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="TUSOU_MODEL_PRECISION")
+    ap.add_argument(
+        "--input-size", type=int, default=None, help="TUSOU_MODEL_INPUT_SIZE (default: the model's own)"
+    )
     ap.add_argument("--time", type=int, default=0, metavar="N", help="also time N queries end to end")
     ap.add_argument(
         "--sets",

@@ -231,17 +231,22 @@ def create_embedder(settings: Settings) -> OnnxEmbedder:
     text_encoder: ClipTextEncoder | None = None
     if settings.model_precision != "fp32" and model not in LITE_MODELS:
         raise ValueError(f"model_precision={settings.model_precision} is for the built-in lite models only")
+    if settings.model_input_size is not None and model not in LITE_MODELS:
+        raise ValueError("model_input_size is for the built-in lite models only (onnx: onnx_input_size)")
     if model in LITE_MODELS:
-        path, wsha = lite_onnx_path(model, settings.model_cache)
-        size = LITE_MODELS[model].image_size
-        precision = ""
+        native = LITE_MODELS[model].image_size
+        size = settings.model_input_size or native
+        path, wsha = lite_onnx_path(model, settings.model_cache, image_size=size)
+        suffix = ""
         if settings.model_precision == "int8":
             path, tag = lite_int8_path(model, path, GRAPH_VERSION, size)
-            precision = f"-{tag}"  # int8 vectors differ from fp32 ones: never mixed in one data folder
+            suffix = f"-{tag}"  # int8 vectors differ from fp32 ones: never mixed in one data folder
+        if size != native:
+            suffix += f"-{size}px"  # so do vectors of another input size
         encoder = OnnxEncoder(path, size, settings.threads)
         index_encoder = OnnxEncoder(path, size, 1)
         pre = lite_preprocessor(size)
-        model_id = f"efficientnet-{model}@{wsha[:12]}{precision}"
+        model_id = f"efficientnet-{model}@{wsha[:12]}{suffix}"
     elif model == "clip":
         if settings.clip_dir is None:
             raise ValueError("model=clip needs clip_dir (TUSOU_CLIP_DIR): a folder with visual/ and textual/")

@@ -47,8 +47,11 @@ def _cache_valid(onnx_path: Path, sum_path: Path) -> bool:
     return onnx_path.is_file() and file_sha256(onnx_path) == expected
 
 
-def lite_onnx_path(model: str, cache_dir: Path, weights: Path | None = None) -> tuple[Path, str]:
+def lite_onnx_path(
+    model: str, cache_dir: Path, weights: Path | None = None, image_size: int | None = None
+) -> tuple[Path, str]:
     """Path of the cached ONNX graph for ``model`` (built now if missing or corrupt), and the weights' sha256.
+    ``image_size``: the network's input side, default the model's own (224 for lite0).
 
     Beside ``X.onnx`` sits ``X.onnx.sha256``, the hash of the graph file, written after it: a file that
     was truncated, bit-flipped or never finished fails the check and is rebuilt.
@@ -59,12 +62,13 @@ def lite_onnx_path(model: str, cache_dir: Path, weights: Path | None = None) -> 
         private_dir(cache_dir)  # a new cache: private like the rest of the data folder
     # An existing one is left as it is: TUSOU_MODEL_DIR may name a folder prepared by another user (a
     # container image builds it as root for a non-root server), which this process can read, not chmod.
-    onnx_path = cache_dir / f"efficientnet-{model}-{wsha[:16]}-g{GRAPH_VERSION}.onnx"
+    size = "" if image_size in (None, LITE_MODELS[model].image_size) else f"-{image_size}px"
+    onnx_path = cache_dir / f"efficientnet-{model}-{wsha[:16]}-g{GRAPH_VERSION}{size}.onnx"
     sum_path = onnx_path.with_name(onnx_path.name + ".sha256")
     if _cache_valid(onnx_path, sum_path):
         return onnx_path, wsha
     log.info("building ONNX graph for efficientnet-%s from %s", model, weights)
-    data = build_efficientnet_lite(load_state_dict(weights), model).SerializeToString()
+    data = build_efficientnet_lite(load_state_dict(weights), model, image_size).SerializeToString()
     atomic_write(onnx_path, data)
     atomic_write(sum_path, (hashlib.sha256(data).hexdigest() + "\n").encode())
     return onnx_path, wsha
