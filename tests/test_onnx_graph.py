@@ -52,18 +52,30 @@ def test_bytes_parse_to_what_onnx_helper_builds() -> None:
     onnx.checker.check_model(got)
 
 
-def test_onnx_runtime_runs_the_scan_graph_it_builds() -> None:
-    from tusou.store.vector_index import _Scorer
+def test_onnx_runtime_runs_the_scan_graphs_it_builds() -> None:
+    """The int8 scan's graphs against numpy: whole-row cosines from two parts, from one part, and the head
+    bound (never below the cosine)."""
+    from tusou.store.vector_index import _Scorer, _tail_norms
 
     rng = np.random.default_rng(0)
-    rows = rng.integers(0, 256, (50, 16), dtype=np.uint8)
-    cols = rng.integers(-63, 64, (16, 3), dtype=np.int8)
+    head = rng.integers(0, 256, (50, 16), dtype=np.uint8)
+    tail = rng.integers(0, 256, (50, 24), dtype=np.uint8)
+    hcols = rng.integers(-63, 64, (16, 3), dtype=np.int8)
+    tcols = rng.integers(-63, 64, (24, 3), dtype=np.int8)
     qinv = rng.uniform(0.1, 1, (1, 3)).astype(np.float32)
     rinv = rng.uniform(0.1, 1, 50).astype(np.float32)
     scorer = _Scorer()
-    assert scorer._session is not None
-    want = ((rows.astype(np.float32) - 128) @ cols.astype(np.float32) * qinv).max(axis=1) * rinv
-    np.testing.assert_allclose(scorer.best(rows, cols, qinv, rinv), want, rtol=1e-6)
+    assert scorer._best is not None and scorer._best1 is not None and scorer._bound is not None
+    rows = np.hstack([head, tail]).astype(np.float32) - 128
+    cols = np.vstack([hcols, tcols]).astype(np.float32)
+    want = (rows @ cols * qinv).max(axis=1) * rinv
+    np.testing.assert_allclose(scorer.best(head, hcols, tail, tcols, qinv, rinv), want, rtol=1e-6)
+    want1 = ((head.astype(np.float32) - 128) @ hcols.astype(np.float32) * qinv).max(axis=1) * rinv
+    np.testing.assert_allclose(scorer.best(head, hcols, None, None, qinv, rinv), want1, rtol=1e-6)
+    rtail = _tail_norms((tail.astype(np.int16) - 128).astype(np.int8))[:, None]
+    qtail = (_tail_norms(tcols.T) * qinv[0])[None, :]
+    bound = scorer.bound(head, hcols, qinv, rinv, rtail, qtail)
+    assert np.all(bound >= want - 1e-6)
 
 
 def test_serving_imports_no_onnx() -> None:

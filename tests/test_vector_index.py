@@ -170,7 +170,12 @@ def test_blocks_read_from_a_snapshot_file_outlive_it(tmp_path: Path, monkeypatch
     index.save(tmp_path, "g4")
     loaded = VectorIndex.load(tmp_path, "g4", DIM, table.fetch)
     assert loaded is not None
-    assert [b.flags.writeable for b in loaded._blocks] == [False, False, False, True]  # 3 full, 1 partial
+    assert [b.flags.writeable for b in loaded._heads + loaded._tails] == [
+        False,
+        False,
+        False,
+        True,
+    ] * 2  # 3 full, 1 partial
 
     def answers(ix: VectorIndex) -> list[list[int]]:
         return [ix.search(v[None], -1, 0.8, exact=True)[0].tolist() for v in vectors[:40:4]]
@@ -190,7 +195,9 @@ def test_blocks_read_from_a_snapshot_file_outlive_it(tmp_path: Path, monkeypatch
     first = set(snapshot_files(tmp_path, "g4"))
     loaded.save(tmp_path, "g4")
     assert not (first & set(snapshot_files(tmp_path, "g4")))  # the old snapshot is gone
-    assert all(not b.flags.writeable for b in loaded._blocks[:5])  # now the new file's pages
+    assert all(
+        not b.flags.writeable for b in loaded._heads[:5] + loaded._tails[:5]
+    )  # now the new file's pages
     assert answers(loaded) == want
     loaded.add(np.asarray([1301]), vectors[:1])
     index.add(np.asarray([1301]), vectors[:1])
@@ -207,6 +214,70 @@ def test_blocks_read_from_a_snapshot_file_outlive_it(tmp_path: Path, monkeypatch
     assert again is not None and answers(again) == want and len(again) == len(index)
     brute = table.brute(vectors[:1], 0.8)
     assert sorted(again.search(vectors[:1], -1, 0.8)[0].tolist()) == sorted(brute)
+
+
+def test_a_snapshot_of_the_previous_format_is_read_and_rewritten(tmp_path: Path) -> None:
+    """Format 3 (whole rows per block, no tail norms) loads with the same answers; the next snapshot is
+    written in the current format."""
+    import json
+    import zlib
+
+    index, table, vectors = filled(900)
+    index.remove([5, 6])
+    n = index._n
+    body = (
+        b"TUSOU-IVF-3\n"
+        + json.dumps({"dim": DIM, "count": len(index), "slots": n, "nlist": 0, "trained": 0}).encode()
+        + b"\n"
+    )
+    body += index._keys[:n].tobytes() + index._inv[:n].tobytes() + index._assign[:n].tobytes()
+    body += index._gather_codes(np.arange(n)).tobytes()
+    (tmp_path / "g5.900.1.ivf").write_bytes(body)
+    meta = {"format": 3, "dim": DIM, "seq": 900, "count": len(index), "floats": 0}
+    meta |= {"size": len(body), "crc32": zlib.crc32(body)}
+    (tmp_path / "g5.900.1.json").write_text(json.dumps(meta))
+    old = VectorIndex.load(tmp_path, "g5", DIM, table.fetch)
+    assert old is not None and len(old) == 898 and old.dirty
+    for exact in (True, False):
+        for v in vectors[:30:3]:
+            assert (
+                old.search(v[None], 50, 0.5, exact=exact)[0].tolist()
+                == index.search(v[None], 50, 0.5, exact=exact)[0].tolist()
+            )
+    assert old.save(tmp_path, "g5") == 900
+    assert json.loads(next(tmp_path.glob("g5.900.*.json")).read_text())["format"] == 4
+    new = VectorIndex.load(tmp_path, "g5", DIM, table.fetch)
+    assert new is not None and not new.dirty
+    assert np.array_equal(new._tail_norm[:n], index._tail_norm[:n])
+    assert new.search(vectors[:1], -1, 0.5)[0].tolist() == index.search(vectors[:1], -1, 0.5)[0].tolist()
+
+
+def test_the_head_bound_rules_rows_out_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan's head bound (Cauchy-Schwarz on the tail) never drops a row the whole-row scan keeps, at
+    any threshold; with the bound off (every block scored whole) the answers are the same."""
+    import tusou.store.vector_index as vi
+
+    # PCA-like rows (variance decaying along the dimensions), where the bound rules most rows out.
+    decay = np.exp(-np.arange(DIM) / 24.0).astype(np.float32)
+    table = Table()
+    index = VectorIndex(DIM, table.fetch)
+    vectors = unit(clustered(3000, seed=3) * decay)
+    for k, v in enumerate(vectors, start=1):
+        table.rows[k] = v
+    index.add(np.arange(1, 3001), vectors)
+    index.exact_below = 0
+    queries = unit(vectors[:12] + 0.3 * unit(np.random.default_rng(4).standard_normal((12, DIM)) * decay))
+    query = vi._Query(queries[:1], index.head)
+    bound = query.bounds(index._scorer, index._heads[0][:3000], index._tail_norm[:3000], index._inv[:3000])
+    assert np.mean(bound < 0.8 - vi.SCREEN_MARGIN) > 0.5  # the pruned path is the one under test
+    for threshold in (0.2, 0.5, 0.8):
+        got = [index.search(q[None], -1, threshold, exact=True)[0].tolist() for q in queries]
+        monkeypatch.setattr(vi, "BOUND_GIVE_UP", -1.0)
+        want = [index.search(q[None], -1, threshold, exact=True)[0].tolist() for q in queries]
+        monkeypatch.undo()
+        assert got == want
+        brute = [sorted(table.brute(q[None], threshold)) for q in queries]
+        assert [sorted(g) for g in got] == brute
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "json"])

@@ -70,8 +70,17 @@ KMEANS_ITERS = 8
 # lists are re-sorted once there are more than TAIL_MAX of them.
 NPROBE = 8
 TAIL_MAX = 16_384
-SNAPSHOT_FORMAT = 3
-_MAGIC = b"TUSOU-IVF-3\n"
+# Rows are stored in two parts: the leading HEAD dimensions and the rest. A scan reads the heads and
+# each row's tail norm first (a bound, _Scorer.bound) and the tails only of rows the bound lets through.
+HEAD = 64
+# The bound is compared with the floor less this (float32 rounding of the bound's own arithmetic).
+BOUND_SLACK = 1e-3
+# A block where the bound lets more than this share of rows through is scored whole (the bound saves
+# little there: vectors whose leading dimensions carry little of their length).
+BOUND_GIVE_UP = 0.25
+SNAPSHOT_FORMAT = 4
+_MAGIC = b"TUSOU-IVF-4\n"
+_MAGIC_3 = b"TUSOU-IVF-3\n"  # whole rows per block, no tail norms: read and converted
 
 # keys (int64) -> (keys that still exist, their float32 rows); rows deleted meanwhile are left out.
 Fetch = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -93,53 +102,136 @@ def _inv_norms(codes: np.ndarray) -> np.ndarray:
 
 
 class _Scorer:
-    """Best int8 cosine over the query views for each row, in one ONNX Runtime graph: ``MatMulInteger``
-    of the uint8 rows (int8 + 128, zero point 128) with the 7-bit int8 query columns (u8 x s8 kernels:
-    AVX2, VNNI where the CPU has it), scaled by the views' and the rows' inverse norms, max over views.
-    numpy does the same (slower) when ONNX Runtime is missing."""
+    """Int8 scores in ONNX Runtime graphs (numpy does the same, slower, when ONNX Runtime is missing).
+
+    Rows are stored in two parts, the leading ``head`` dimensions and the rest (the tail), as uint8 codes
+    (int8 + 128, zero point 128); queries are 7-bit int8 columns, one per view (u8 x s8 kernels: AVX2,
+    VNNI where the CPU has it).
+
+    * ``best``: each row's best cosine over the views, from both parts (``MatMulInteger`` of each part,
+      summed: the same integer dot products as one product over the whole row), scaled by the views' and
+      the rows' inverse norms.
+    * ``bound``: an upper bound of that from the head alone. By Cauchy-Schwarz the tail's dot product is at
+      most |row tail| x |query tail|, so ``(head dot + |row tail| |query tail|) / (|row| |query|)`` is >= the
+      cosine. The lite models' vectors are PCA-projected (leading dimensions carry most of the variance):
+      scanning a sixth of each row rules most rows out exactly.
+    """
 
     def __init__(self) -> None:
-        self._session: Any = None
+        self._best: Any = None
+        self._best1: Any = None
+        self._bound: Any = None
         try:
             import onnxruntime as ort
 
             from tusou import onnx_graph as g
 
-            zero = np.array(128, dtype=np.uint8)
-            model = g.model(
+            def session(nodes: list[bytes], inputs: list[bytes]) -> Any:
+                model = g.model(
+                    nodes,
+                    inputs,
+                    [g.value_info("best", g.FLOAT, [None])],
+                    [g.tensor("zero", np.array(128, dtype=np.uint8))],
+                    name="scan",
+                )
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = 1  # blocks run in parallel from our own pool
+                options.inter_op_num_threads = 1
+                return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+            rows = [g.value_info("head", g.UINT8, [None, None]), g.value_info("hcols", g.INT8, [None, None])]
+            tail = [g.value_info("tail", g.UINT8, [None, None]), g.value_info("tcols", g.INT8, [None, None])]
+            norms = [g.value_info("qinv", g.FLOAT, [1, None]), g.value_info("rinv", g.FLOAT, [None])]
+            finish = [
+                g.node("Cast", ["dots"], ["fdots"], to=g.FLOAT),
+                g.node("Mul", ["fdots", "qinv"], ["scaled"]),
+                g.node("ReduceMax", ["scaled"], ["rowmax"], axes=[1], keepdims=0),
+                g.node("Mul", ["rowmax", "rinv"], ["best"]),
+            ]
+            self._best = session(
                 [
-                    g.node("MatMulInteger", ["rows", "cols", "zero"], ["dots"]),
-                    g.node("Cast", ["dots"], ["fdots"], to=g.FLOAT),
+                    g.node("MatMulInteger", ["head", "hcols", "zero"], ["hdots"]),
+                    g.node("MatMulInteger", ["tail", "tcols", "zero"], ["tdots"]),
+                    g.node("Add", ["hdots", "tdots"], ["dots"]),
+                    *finish,
+                ],
+                rows + tail + norms,
+            )
+            self._best1 = session(
+                [g.node("MatMulInteger", ["head", "hcols", "zero"], ["dots"]), *finish], rows + norms
+            )
+            self._bound = session(
+                [
+                    g.node("MatMulInteger", ["head", "hcols", "zero"], ["hdots"]),
+                    g.node("Cast", ["hdots"], ["fdots"], to=g.FLOAT),
                     g.node("Mul", ["fdots", "qinv"], ["scaled"]),
-                    g.node("ReduceMax", ["scaled"], ["rowmax"], axes=[1], keepdims=0),
+                    g.node(
+                        "Mul", ["rtail", "qtail"], ["slack"]
+                    ),  # (m, 1) x (1, v): |row tail| |q tail| / |q|
+                    g.node("Add", ["scaled", "slack"], ["bounds"]),
+                    g.node("ReduceMax", ["bounds"], ["rowmax"], axes=[1], keepdims=0),
                     g.node("Mul", ["rowmax", "rinv"], ["best"]),
                 ],
-                [
-                    g.value_info("rows", g.UINT8, [None, None]),
-                    g.value_info("cols", g.INT8, [None, None]),
-                    g.value_info("qinv", g.FLOAT, [1, None]),
-                    g.value_info("rinv", g.FLOAT, [None]),
-                ],
-                [g.value_info("best", g.FLOAT, [None])],
-                [g.tensor("zero", zero)],
-                name="scan",
+                rows
+                + norms
+                + [g.value_info("rtail", g.FLOAT, [None, 1]), g.value_info("qtail", g.FLOAT, [1, None])],
             )
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1  # blocks run in parallel from our own pool
-            options.inter_op_num_threads = 1
-            self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception:  # noqa: BLE001 - any failure: the numpy path is exact too, only slower
+            self._best = self._best1 = self._bound = None
             log.warning("ONNX Runtime MatMulInteger unavailable; int8 scans run in numpy", exc_info=True)
 
-    def best(self, rows: np.ndarray, cols: np.ndarray, qinv: np.ndarray, rinv: np.ndarray) -> np.ndarray:
-        """(m,) float32: rows (m, d) uint8 offset codes, cols (d, v) int8, qinv (1, v), rinv (m,)."""
-        if self._session is not None:
-            out: np.ndarray = self._session.run(
-                None, {"rows": rows, "cols": cols, "qinv": qinv, "rinv": rinv}
+    def best(
+        self,
+        head: np.ndarray,
+        hcols: np.ndarray,
+        tail: np.ndarray | None,
+        tcols: np.ndarray | None,
+        qinv: np.ndarray,
+        rinv: np.ndarray,
+    ) -> np.ndarray:
+        """(m,) float32: head (m, h) and tail (m, d - h) uint8 codes (tail None: the head is the whole
+        row), columns (h, v) and (d - h, v) int8, qinv (1, v), rinv (m,)."""
+        if tail is None:
+            if self._best1 is not None:
+                out: np.ndarray = self._best1.run(
+                    None, {"head": head, "hcols": hcols, "qinv": qinv, "rinv": rinv}
+                )[0]
+                return out
+            dots = _dots(head, hcols)
+        elif self._best is not None:
+            out = self._best.run(
+                None,
+                {"head": head, "hcols": hcols, "tail": tail, "tcols": tcols, "qinv": qinv, "rinv": rinv},
             )[0]
             return out
-        dots = (rows.astype(np.float32) - 128.0) @ cols.astype(np.float32)
-        return (dots * qinv).max(axis=1) * rinv
+        else:
+            assert tcols is not None
+            dots = _dots(head, hcols) + _dots(tail, tcols)
+        return (dots.astype(np.float32) * qinv).max(axis=1) * rinv
+
+    def bound(
+        self,
+        head: np.ndarray,
+        hcols: np.ndarray,
+        qinv: np.ndarray,
+        rinv: np.ndarray,
+        rtail: np.ndarray,
+        qtail: np.ndarray,
+    ) -> np.ndarray:
+        """(m,) float32, >= ``best`` of the same rows: rtail (m, 1) the rows' tail norms, qtail (1, v) the
+        views' tail norms times their inverse norms."""
+        if self._bound is not None:
+            out: np.ndarray = self._bound.run(
+                None,
+                {"head": head, "hcols": hcols, "qinv": qinv, "rinv": rinv, "rtail": rtail, "qtail": qtail},
+            )[0]
+            return out
+        return (_dots(head, hcols).astype(np.float32) * qinv + rtail * qtail).max(axis=1) * rinv
+
+
+def _dots(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Exact int dot products of uint8 offset codes with int8 columns (numpy fallback)."""
+    return (rows.astype(np.int32) - 128) @ cols.astype(np.int32)
 
 
 _SCORER: _Scorer | None = None
@@ -164,16 +256,38 @@ def _pool() -> ThreadPoolExecutor:
 
 
 class _Query:
-    """A query's views, quantized for the int8 scan."""
+    """A query's views, quantized for the int8 scan, split like the rows at ``head`` dimensions."""
 
-    def __init__(self, queries: np.ndarray) -> None:
+    def __init__(self, queries: np.ndarray, head: int) -> None:
         codes = quantize(queries, 63)
-        self.cols = np.ascontiguousarray(codes.T)
         self.inv_norm = _inv_norms(codes)[None, :]
+        self.hcols = np.ascontiguousarray(codes[:, :head].T)
+        self.tcols: np.ndarray | None = None
+        self.qtail = np.zeros((1, len(codes)), dtype=np.float32)
+        if head < codes.shape[1]:
+            self.tcols = np.ascontiguousarray(codes[:, head:].T)
+            self.qtail = (_tail_norms(codes[:, head:]) * self.inv_norm[0])[None, :].astype(np.float32)
 
-    def cosines(self, scorer: _Scorer, rows: np.ndarray, inv_norm: np.ndarray) -> np.ndarray:
+    def cosines(
+        self, scorer: _Scorer, head: np.ndarray, tail: np.ndarray | None, inv_norm: np.ndarray
+    ) -> np.ndarray:
         """Best int8 cosine over the views for each row (0 for deleted rows, whose inv_norm is 0)."""
-        return scorer.best(rows, self.cols, self.inv_norm, np.ascontiguousarray(inv_norm))
+        return scorer.best(head, self.hcols, tail, self.tcols, self.inv_norm, np.ascontiguousarray(inv_norm))
+
+    def bounds(
+        self, scorer: _Scorer, head: np.ndarray, tail_norm: np.ndarray, inv_norm: np.ndarray
+    ) -> np.ndarray:
+        """An upper bound of :meth:`cosines` from the rows' heads and tail norms alone."""
+        rtail = np.ascontiguousarray(tail_norm, dtype=np.float32).reshape(-1, 1)
+        return scorer.bound(
+            head, self.hcols, self.inv_norm, np.ascontiguousarray(inv_norm), rtail, self.qtail
+        )
+
+
+def _tail_norms(codes: np.ndarray) -> np.ndarray:
+    """L2 norms of int8 rows (exact integer sums of squares, then one square root)."""
+    wide = codes.astype(np.int32)
+    return np.sqrt(np.einsum("ij,ij->i", wide, wide).astype(np.float64)).astype(np.float32)
 
 
 class _RWLock:
@@ -297,8 +411,12 @@ class VectorIndex:
             self._new_floats()
         self._lock = _RWLock()
         self._scorer = _scorer()
-        # Slot-indexed storage: slot s lives in block s // BLOCK, row s % BLOCK.
-        self._blocks: list[np.ndarray] = []
+        # Slot-indexed storage: slot s lives in block s // BLOCK, row s % BLOCK; a block is two arrays,
+        # the rows' first ``head`` dimensions and the rest (uint8 offset codes).
+        self.head = min(HEAD, dim)
+        self._heads: list[np.ndarray] = []
+        self._tails: list[np.ndarray] = []
+        self._tail_norm = np.zeros(0, dtype=np.float32)  # |int8 tail| of each slot
         self._n = 0  # slots used (live and deleted)
         self._live = 0
         self._keys = np.zeros(0, dtype=np.int64)
@@ -360,6 +478,7 @@ class VectorIndex:
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.dim)
         codes = quantize(vectors)
         inv = _inv_norms(codes)
+        tail_norm = _tail_norms(codes[:, self.head :])
         offset = (codes.view(np.uint8) ^ np.uint8(0x80)).reshape(len(keys), self.dim)
         with self._lock.write():
             present = self._slots_of(keys)
@@ -371,35 +490,44 @@ class VectorIndex:
                 present = self._slots_of(keys)
             fresh = present < 0
             if not fresh.all():  # already held (a replay overlapping the snapshot): keep the first copy
-                keys, vectors, offset, inv = keys[fresh], vectors[fresh], offset[fresh], inv[fresh]
+                keys, vectors, offset = keys[fresh], vectors[fresh], offset[fresh]
+                inv, tail_norm = inv[fresh], tail_norm[fresh]
                 if not len(keys):
                     return
             if self._floats is not None:
                 self._floats.write(self._n, vectors)
-            self._append(keys, offset, inv, self._assign_rows(vectors))
+            self._append(keys, offset, inv, self._assign_rows(vectors), tail_norm)
             self.last_seq = max(self.last_seq, int(keys.max()))
             self._touch(len(keys))
             self._maybe_train()
 
-    def _append(self, keys: np.ndarray, offset: np.ndarray, inv: np.ndarray, assign: np.ndarray) -> None:
+    def _append(
+        self, keys: np.ndarray, offset: np.ndarray, inv: np.ndarray, assign: np.ndarray, tail_norm: np.ndarray
+    ) -> None:
+        """Rows (uint8 offset codes, whole) into the next slots."""
         n, m = self._n, len(keys)
         self._keys = _grow(self._keys, n + m)
         self._inv = _grow(self._inv, n + m)
         self._assign = _grow(self._assign, n + m)
+        self._tail_norm = _grow(self._tail_norm, n + m)
         if self._keys_sorted and (n and keys[0] <= self._keys[n - 1] or np.any(np.diff(keys) <= 0)):
             self._keys_sorted = False
         self._key_order = None
         self._keys[n : n + m] = keys
         self._inv[n : n + m] = inv
         self._assign[n : n + m] = assign
+        self._tail_norm[n : n + m] = tail_norm
+        h = self.head
         done = 0
         while done < m:
             slot = n + done
             block, row = divmod(slot, BLOCK)
-            if block == len(self._blocks):
-                self._blocks.append(np.empty((BLOCK, self.dim), dtype=np.uint8))
+            if block == len(self._heads):
+                self._heads.append(np.empty((BLOCK, h), dtype=np.uint8))
+                self._tails.append(np.empty((BLOCK, self.dim - h), dtype=np.uint8))
             take = min(m - done, BLOCK - row)
-            self._blocks[block][row : row + take] = offset[done : done + take]
+            self._heads[block][row : row + take] = offset[done : done + take, :h]
+            self._tails[block][row : row + take] = offset[done : done + take, h:]
             done += take
         self._n += m
         self._live += m
@@ -421,7 +549,10 @@ class VectorIndex:
         while start < stop:
             block, row = divmod(start, BLOCK)
             take = min(stop - start, BLOCK - row)
-            part = self._blocks[block][row : row + take].astype(np.float32) - 128.0
+            part = np.hstack(
+                [self._heads[block][row : row + take], self._tails[block][row : row + take]]
+            ).astype(np.float32)
+            part -= 128.0
             part *= self._inv[start : start + take, None]
             parts.append(part)
             start += take
@@ -467,14 +598,16 @@ class VectorIndex:
         return (self._gather_codes(slots).astype(np.float32) - 128.0) * self._inv[slots, None]
 
     def _gather_codes(self, slots: np.ndarray) -> np.ndarray:
-        """uint8 rows of ``slots`` (sorted ascending), in that order."""
-        out = np.empty((len(slots), self.dim), dtype=np.uint8)
-        cuts = np.searchsorted(slots, np.arange(len(self._blocks) + 1) * BLOCK)
-        for b in range(len(self._blocks)):
-            lo, hi = int(cuts[b]), int(cuts[b + 1])
-            if hi > lo:
-                np.take(self._blocks[b], slots[lo:hi] - b * BLOCK, axis=0, out=out[lo:hi])
-        return out
+        """Whole uint8 rows of ``slots`` (sorted ascending), in that order."""
+        heads, tails = self._gather_heads(slots), self._gather_tails(slots)
+        return heads if tails is None else np.hstack([heads, tails])
+
+    def _gather_heads(self, slots: np.ndarray) -> np.ndarray:
+        return _gather(self._heads, slots, self.head)
+
+    def _gather_tails(self, slots: np.ndarray) -> np.ndarray | None:
+        """None when rows have no tail (``dim <= HEAD``)."""
+        return _gather(self._tails, slots, self.dim - self.head) if self.dim > self.head else None
 
     def _sort_lists(self) -> None:
         assert self._centroids is not None
@@ -520,26 +653,29 @@ class VectorIndex:
         block (the side file under a new generation; the next snapshot names it)."""
         live = np.flatnonzero(self._inv[: self._n] > 0)
         self._layout += 1
-        old_blocks, old_floats = self._blocks, self._floats
+        old_heads, old_tails, old_floats = self._heads, self._tails, self._floats
         keys, inv, assign = self._keys[live].copy(), self._inv[live].copy(), self._assign[live].copy()
-        self._blocks, self._n, self._live = [], 0, 0
+        tail_norm = self._tail_norm[live].copy()
+        self._heads, self._tails, self._n, self._live = [], [], 0, 0
         self._keys = np.zeros(0, dtype=np.int64)
         self._inv = np.zeros(0, dtype=np.float32)
         self._assign = np.zeros(0, dtype=np.int16)
+        self._tail_norm = np.zeros(0, dtype=np.float32)
         self._keys_sorted, self._sorted_upto = True, 0
         if old_floats is not None:
             self._floats = None
             self._floats_gen = time.time_ns()
             self._floats = _Floats(self._float_path(self._floats_gen), self.dim, len(live))
         src_blocks = live // BLOCK
-        for b in range(len(old_blocks)):
+        for b in range(len(old_heads)):
             sel = np.flatnonzero(src_blocks == b)
             if len(sel):
-                rows = old_blocks[b][live[sel] - b * BLOCK]
+                at = live[sel] - b * BLOCK
+                rows = np.hstack([old_heads[b][at], old_tails[b][at]])
                 if self._floats is not None and old_floats is not None:
                     self._floats.write(self._n, old_floats.gather(live[sel]))
-                self._append(keys[sel], rows, inv[sel], assign[sel])
-            old_blocks[b] = np.zeros((0, self.dim), dtype=np.uint8)  # freed as we go
+                self._append(keys[sel], rows, inv[sel], assign[sel], tail_norm[sel])
+            old_heads[b] = old_tails[b] = np.zeros((0, 0), dtype=np.uint8)  # freed as we go
         if old_floats is not None:
             old_floats.close()
             old_floats.path.unlink(missing_ok=True)
@@ -570,7 +706,7 @@ class VectorIndex:
         if limit == 0:
             return empty
         floor = min_cosine - SCREEN_MARGIN
-        query = _Query(queries)
+        query = _Query(queries, self.head)
         with self._lock.read():
             n = len(self)
             if n == 0:
@@ -580,7 +716,7 @@ class VectorIndex:
             if scan:
                 slots, approx = self._scan(query, limit, floor)
             else:
-                slots, approx = self._probe(query, queries, min(n, max(32, 2 * limit)))
+                slots, approx = self._probe(query, queries, min(n, max(32, 2 * limit)), floor)
                 if auto and limit > 1 and np.count_nonzero(approx >= floor) >= DENSE_MATCHES:
                     # Many rows pass the threshold around this query: a dense neighbourhood, where the
                     # lists may miss some. A search that can return several matches gets the scan's answer.
@@ -596,11 +732,23 @@ class VectorIndex:
 
         def one(start: int) -> tuple[np.ndarray, np.ndarray]:
             stop = min(n, start + BLOCK)
-            cos = query.cosines(
-                self._scorer, self._blocks[start // BLOCK][: stop - start], self._inv[start:stop]
-            )
+            b, m = start // BLOCK, stop - start
+            head, inv = self._heads[b][:m], self._inv[start:stop]
+            if query.tcols is None:
+                cos = query.cosines(self._scorer, head, None, inv)
+                hit = np.flatnonzero(cos >= floor)
+                return hit + start, cos[hit]
+            # The heads first: rows whose bound is under the floor cannot pass it; the rest are scored
+            # whole (the same integer dot products as a whole-row scan, so the same cosines).
+            bound = query.bounds(self._scorer, head, self._tail_norm[start:stop], inv)
+            cand = np.flatnonzero(bound >= floor - BOUND_SLACK)
+            if len(cand) > BOUND_GIVE_UP * m:
+                cos = query.cosines(self._scorer, head, self._tails[b][:m], inv)
+                hit = np.flatnonzero(cos >= floor)
+                return hit + start, cos[hit]
+            cos = query.cosines(self._scorer, head[cand], self._tails[b][cand], inv[cand])
             hit = np.flatnonzero(cos >= floor)
-            return hit + start, cos[hit]
+            return cand[hit] + start, cos[hit]
 
         starts = list(range(0, n, BLOCK))
         if len(starts) > 1 and self.threads > 1:
@@ -619,8 +767,11 @@ class VectorIndex:
             slots, approx = slots[keep], approx[keep]
         return slots, approx
 
-    def _probe(self, query: _Query, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``count`` best rows (int8) among the lists nearest to each view and the unsorted tail."""
+    def _probe(
+        self, query: _Query, queries: np.ndarray, count: int, floor: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``count`` best rows (int8) at or above ``floor`` among the lists nearest to each view and the
+        unsorted tail (rows under the floor would be dropped by the re-rank anyway)."""
         n = self._n
         if self._centroids is None:
             slots = np.arange(n, dtype=np.int64)
@@ -632,13 +783,28 @@ class VectorIndex:
             parts.append(np.arange(self._sorted_upto, n, dtype=np.int64))
             slots = np.sort(np.concatenate(parts))
         slots = slots[self._inv[slots] > 0]
-        if not len(slots):
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        cos = query.cosines(self._scorer, self._gather_codes(slots), self._inv[slots])
+        cos = self._cosines_above(query, slots, floor)
+        keep = cos >= floor
+        slots, cos = slots[keep], cos[keep]
         if len(cos) > count:
             top = np.argpartition(-cos, count - 1)[:count]
             slots, cos = slots[top], cos[top]
         return slots, cos
+
+    def _cosines_above(self, query: _Query, slots: np.ndarray, floor: float) -> np.ndarray:
+        """int8 cosines of ``slots`` (sorted), exact where they may reach ``floor``; rows the head bound
+        rules out get their bound (under the floor) instead."""
+        if not len(slots):
+            return np.zeros(0, dtype=np.float32)
+        heads, inv = self._gather_heads(slots), self._inv[slots]
+        if query.tcols is None:
+            return query.cosines(self._scorer, heads, None, inv)
+        bound = query.bounds(self._scorer, heads, self._tail_norm[slots], inv)
+        cand = np.flatnonzero(bound >= floor - BOUND_SLACK)
+        if len(cand):
+            tails = self._gather_tails(slots[cand])
+            bound[cand] = query.cosines(self._scorer, heads[cand], tails, inv[cand])
+        return bound
 
     def search_among(
         self, queries: np.ndarray, among: np.ndarray, limit: int, min_cosine: float
@@ -654,14 +820,14 @@ class VectorIndex:
         if limit == 0 or not len(among):
             return empty
         floor = min_cosine - SCREEN_MARGIN
-        query = _Query(queries)
+        query = _Query(queries, self.head)
         with self._lock.read():
             slots = self._slots_of(among)
             slots = np.sort(slots[slots >= 0])
             slots = slots[self._inv[slots] > 0]  # deleted meanwhile: skipped
             if not len(slots):
                 return empty
-            approx = query.cosines(self._scorer, self._gather_codes(slots), self._inv[slots])
+            approx = self._cosines_above(query, slots, floor)
             keep = approx >= floor
             slots, approx = slots[keep], approx[keep]
             if limit > 0 and len(slots) > limit:
@@ -717,16 +883,20 @@ class VectorIndex:
             "slots": n,
             "nlist": 0 if self._centroids is None else len(self._centroids),
             "trained": self._trained_n,
+            "head": self.head,
         }
         put(_MAGIC)
         put(json.dumps(header).encode() + b"\n")
         put(self._keys[:n].tobytes())
         put(self._inv[:n].tobytes())
         put(self._assign[:n].tobytes())
+        put(self._tail_norm[:n].tobytes())
         codes_at = written
-        for start in range(0, n, BLOCK):
+        for start in range(0, n, BLOCK):  # a block: its rows' heads, then their tails
             rows = min(BLOCK, n - start)
-            put(np.ascontiguousarray(self._blocks[start // BLOCK][:rows]).data.cast("B"))
+            for part in (self._heads[start // BLOCK][:rows], self._tails[start // BLOCK][:rows]):
+                if part.size:
+                    put(np.ascontiguousarray(part).reshape(-1).data)
         if self._centroids is not None:
             put(self._centroids.tobytes())
         return self._live, crc, codes_at
@@ -794,7 +964,8 @@ class VectorIndex:
             with self._lock.write():
                 if self._layout == layout:  # not compacted meanwhile: the file's slots are ours
                     for b in range(slots // BLOCK):
-                        self._blocks[b] = _block_view(mapped, codes_at + b * BLOCK * self.dim, self.dim)
+                        at = codes_at + b * BLOCK * self.dim
+                        self._heads[b], self._tails[b] = _block_views(mapped, at, self.dim, self.head)
         # Only now, with the new snapshot durable, may older ones go.
         keep = f"{name}.{floats_gen}.f32"
         for old in snapshot_files(folder, name):
@@ -816,7 +987,8 @@ class VectorIndex:
             raise ValueError("snapshot size does not match")
         if zlib.crc32(mm) != meta["crc32"]:  # one pass over the mapping, no copy
             raise ValueError("snapshot checksum does not match")
-        if mm[: len(_MAGIC)] != _MAGIC:
+        magic = mm[: len(_MAGIC)]
+        if magic not in (_MAGIC, _MAGIC_3):
             raise ValueError("not a snapshot of this format")
         end = mm.find(b"\n", len(_MAGIC), len(_MAGIC) + 4096)
         if end < 0:
@@ -840,15 +1012,44 @@ class VectorIndex:
         out._keys = take(n, np.int64).copy()
         out._inv = take(n, np.float32).copy()
         out._assign = take(n, np.int16).copy()
-        for start in range(0, n, BLOCK):
-            rows = min(BLOCK, n - start)
-            if rows == BLOCK:
-                out._blocks.append(_block_view(mm, pos, dim))
-                take(BLOCK * dim, np.uint8)
-            else:  # the last, partial block takes appends: a copy of our own
-                block = np.empty((BLOCK, dim), dtype=np.uint8)
-                block[:rows] = take(rows * dim, np.uint8).reshape(rows, dim)
-                out._blocks.append(block)
+        h = out.head
+        if magic == _MAGIC_3:  # whole rows: split into heads and tails, tail norms computed (once)
+            for start in range(0, n, BLOCK):
+                rows = min(BLOCK, n - start)
+                whole = take(rows * dim, np.uint8).reshape(rows, dim)
+                tails = np.empty((BLOCK, dim - h), dtype=np.uint8)
+                tails[:rows] = whole[:, h:]
+                heads = np.empty((BLOCK, h), dtype=np.uint8)
+                heads[:rows] = whole[:, :h]
+                out._heads.append(heads)
+                out._tails.append(tails)
+            out._tail_norm = (
+                np.concatenate(
+                    [
+                        _tail_norms(t[: min(BLOCK, n - b * BLOCK)].view(np.int8) ^ np.int8(-128))
+                        for b, t in enumerate(out._tails)
+                    ]
+                )
+                if n
+                else np.zeros(0, dtype=np.float32)
+            )
+            out._touch(1)  # written again in this format by the next snapshot
+        else:
+            if int(header.get("head", -1)) != h:
+                raise ValueError("snapshot splits its rows elsewhere")
+            out._tail_norm = take(n, np.float32).copy()
+            for start in range(0, n, BLOCK):
+                rows = min(BLOCK, n - start)
+                if rows == BLOCK:
+                    heads, tails = _block_views(mm, pos, dim, h)
+                    take(BLOCK * dim, np.uint8)
+                else:  # the last, partial block takes appends: a copy of our own
+                    heads = np.empty((BLOCK, h), dtype=np.uint8)
+                    heads[:rows] = take(rows * h, np.uint8).reshape(rows, h)
+                    tails = np.empty((BLOCK, dim - h), dtype=np.uint8)
+                    tails[:rows] = take(rows * (dim - h), np.uint8).reshape(rows, dim - h)
+                out._heads.append(heads)
+                out._tails.append(tails)
         if nlist:
             out._centroids = take(nlist * dim, np.float32).reshape(nlist, dim).copy()
             out._trained_n = int(header["trained"])
@@ -877,7 +1078,7 @@ class VectorIndex:
             data = folder / f"{name}.{seq}.{gen}.ivf"
             try:
                 meta = json.loads(meta_path.read_text())
-                if meta.get("format") != SNAPSHOT_FORMAT or meta["dim"] != dim or meta["seq"] != seq:
+                if meta.get("format") not in (3, SNAPSHOT_FORMAT) or meta["dim"] != dim or meta["seq"] != seq:
                     raise ValueError("snapshot of another format or model")
                 out = cls._read(data, dim, meta, fetch)
                 out.folder, out.name = folder, name
@@ -895,6 +1096,17 @@ class VectorIndex:
         return None
 
 
+def _gather(parts: list[np.ndarray], slots: np.ndarray, width: int) -> np.ndarray:
+    """Rows ``slots`` (sorted ascending) of blocks ``parts`` (each (BLOCK, width)), in that order."""
+    out = np.empty((len(slots), width), dtype=np.uint8)
+    cuts = np.searchsorted(slots, np.arange(len(parts) + 1) * BLOCK)
+    for b in range(len(parts)):
+        lo, hi = int(cuts[b]), int(cuts[b + 1])
+        if hi > lo:
+            np.take(parts[b], slots[lo:hi] - b * BLOCK, axis=0, out=out[lo:hi])
+    return out
+
+
 def _map_file(path: Path, populate: bool = False) -> mmap.mmap:
     """``path`` mapped read-only (the mapping outlives the descriptor and the file's name: a snapshot
     deleted after a newer one is written stays readable until its blocks are let go)."""
@@ -903,9 +1115,15 @@ def _map_file(path: Path, populate: bool = False) -> mmap.mmap:
         return mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
 
 
-def _block_view(mm: mmap.mmap, offset: int, dim: int) -> np.ndarray:
-    """A full block of int8 rows (uint8 offset codes) where it lies in a mapped snapshot (read-only)."""
-    return np.frombuffer(mm, dtype=np.uint8, count=BLOCK * dim, offset=offset).reshape(BLOCK, dim)
+def _block_views(mm: mmap.mmap, offset: int, dim: int, head: int) -> tuple[np.ndarray, np.ndarray]:
+    """A full block's heads and tails (uint8 offset codes) where they lie in a mapped snapshot (read-only)."""
+    heads = np.frombuffer(mm, dtype=np.uint8, count=BLOCK * head, offset=offset).reshape(BLOCK, head)
+    tail = dim - head
+    if not tail:
+        return heads, np.zeros((BLOCK, 0), dtype=np.uint8)
+    at = offset + BLOCK * head
+    tails = np.frombuffer(mm, dtype=np.uint8, count=BLOCK * tail, offset=at).reshape(BLOCK, tail)
+    return heads, tails
 
 
 def snapshot_files(folder: Path, name: str) -> list[Path]:
