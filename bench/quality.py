@@ -326,7 +326,7 @@ def run_service(args: argparse.Namespace, root: Path) -> None:
             model_input_size=args.input_size,
         )
     )
-    key = args.model
+    key = emb.model_key  # with its variant (int8, input size): the score map it uses
     sig = config_signature(key)
     cache = Cache(args.eval_dir / "emb")
     scorer = load_scorer()
@@ -543,6 +543,7 @@ def make_raw_fn(
             model_input_size=args.input_size,
         )
     )
+    args.model_key = emb.model_key  # with its variant (int8, input size): the score map it is fitted for
     # Raw features depend on the weights and graph only, not on post-processing: key their cache by the
     # model part of the identity (before "/v<vector space>"), so a new mean or projection reuses them.
     base_id = emb.model_id.split("/")[0]
@@ -752,8 +753,11 @@ def run_calibrate(args: argparse.Namespace, root: Path) -> None:
         "| correct accept at 4 % impostors (no-match share) |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    mean = fit_mean(rf, sets)
     cal = score_mod.calibration(args.model)
+    # A variant of the model (int8, another input size) keeps the family's mean and projection (they are
+    # part of every stored vector's space); only its score map is fitted, and written under "variants".
+    variant = score_mod.variant(args.model_key)
+    mean = fit_mean(rf, sets) if not variant or cal.mean is None else cal.mean
     # The shipped projection (tools/make_projection.py) was fitted on vectors centred with the shipped
     # mean; it is applied wherever that mean is, so the map below is fitted for the vectors served.
     proj = None if cal.projection is None or cal.bias is None else (cal.projection, cal.bias)
@@ -762,12 +766,13 @@ def run_calibrate(args: argparse.Namespace, root: Path) -> None:
     if proj is not None:
         print(f"(projected to {cal.dim} dimensions with tusou/embed/data/{args.model}_projection.npy)\n")
     for name, iv, qv in CANDIDATES:
-        if args.configs and name not in args.configs:
+        if (args.configs or variant) and name not in args.configs:
             continue
         print(summarise(name, evaluate(rf, sets, scorer, iv, qv, mean, proj)), flush=True)
-    print(summarise("plain, uncentred", evaluate(rf, sets, scorer, ("id",), ("id",), None)))
     chosen = views_mod.INDEX_VIEWS, views_mod.QUERY_VIEWS
-    if POWER[0] != 1.0:
+    if not variant:
+        print(summarise("plain, uncentred", evaluate(rf, sets, scorer, ("id",), ("id",), None)))
+    if POWER[0] != 1.0 and not variant:
         p, POWER[0] = POWER[0], 1.0
         print(summarise("chosen views, no power", evaluate(rf, sets, scorer, *chosen, fit_mean(rf, sets))))
         POWER[0] = p
@@ -797,7 +802,20 @@ def run_calibrate(args: argparse.Namespace, root: Path) -> None:
             + f" | {a.max():.3f} |"
         )
     print("\nfitted:", json.dumps(params))
-    if args.write:
+    if args.write and variant:
+        path = ROOT / "tusou" / "embed" / "data" / f"{args.model}_score.json"
+        meta = json.loads(path.read_text())
+        flags = (" --precision int8" if args.precision != "fp32" else "") + (
+            f" --input-size {args.input_size}" if args.input_size else ""
+        )
+        meta.setdefault("variants", {})[variant] = {
+            **params,
+            "model_id": model_id,
+            "fitted_by": f"python bench/quality.py --model {args.model}{flags} --calibrate --write",
+        }
+        path.write_text(json.dumps(meta, indent=1) + "\n")
+        print(f"wrote the {variant} score map into", path)
+    elif args.write:
         data = ROOT / "tusou" / "embed" / "data"
         data.mkdir(exist_ok=True)
         np.save(data / f"{args.model}_mean.npy", mean.astype(np.float16))
@@ -811,6 +829,8 @@ def run_calibrate(args: argparse.Namespace, root: Path) -> None:
         }
         if proj is not None:  # keep the record of how the projection was fitted
             meta["projection"] = json.loads(old.read_text()).get("projection")
+        if old.is_file() and "variants" in json.loads(old.read_text()):  # fitted on this mean: refit them
+            meta["variants"] = json.loads(old.read_text())["variants"]
         (data / f"{args.model}_score.json").write_text(json.dumps(meta, indent=1) + "\n")
         print("wrote", data / f"{args.model}_mean.npy", data / f"{args.model}_score.json")
 

@@ -43,6 +43,8 @@ def _images() -> list[Image.Image]:
 
 def test_another_input_size_is_another_vector_space(native: OnnxEmbedder, small: OnnxEmbedder) -> None:
     assert small.model_id != native.model_id and "-192px/" in small.model_id
+    # Scores through its own map where one ships (score.variant), else lite0's.
+    assert native.model_key == "lite0" and small.model_key == "lite0-192px"
     assert small.encoder.path != native.encoder.path and small.encoder.path.is_file()
     assert Path(str(small.encoder.path) + ".sha256").is_file()
     assert small.encoder.image_size == small.index_encoder.image_size == 192
@@ -87,6 +89,7 @@ def test_graph_at_another_size_is_the_same_network() -> None:
 def test_int8_at_another_size(small: OnnxEmbedder) -> None:
     int8 = create_embedder(_settings(model_input_size=192, model_precision="int8"))
     assert "int8" in int8.model_id and "-192px/" in int8.model_id and int8.model_id != small.model_id
+    assert int8.model_key == "lite0-int8-192px"
     assert int8.encoder.image_size == 192
     imgs = _images()
     cos = np.sum(int8.embed_images(imgs) * small.embed_images(imgs), axis=1)

@@ -13,7 +13,17 @@ from tests import imagegen
 from tusou.embed import score, views
 from tusou.embed.base import Embedder
 
-KEYS = ["lite0", "lite1", "lite2", "efficientnet-lite0@579344248a93", "onnx", "my-clip-encoder"]
+KEYS = [
+    "lite0",
+    "lite1",
+    "lite2",
+    "efficientnet-lite0@579344248a93",
+    "onnx",
+    "my-clip-encoder",
+    "lite0-int8",
+    "lite0-192px",
+    "lite0-int8-192px",
+]
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -78,6 +88,31 @@ def test_known_keys_are_calibrated_and_unknown_fall_back() -> None:
     raw = np.array([[3.0, 4.0]])
     np.testing.assert_allclose(score.postprocess("onnx", raw), [[0.6, 0.8]], atol=1e-6)
     assert float(score.score_from_cosine("onnx", np.float32(0.42))) == pytest.approx(0.42)
+
+
+def test_variants_share_the_vectors_and_may_have_their_own_map() -> None:
+    """A variant of lite0 (int8, another input size) post-processes exactly as lite0 (the mean and the
+    projection are part of every stored vector's space) and scores with its own map where lite0_score.json
+    has one under "variants", with lite0's where not."""
+    import json
+    from importlib import resources
+
+    params = json.loads((resources.files("tusou.embed") / "data" / "lite0_score.json").read_text())
+    base = score.calibration("lite0")
+    assert score.variant("lite0") == "" and score.variant("lite0-int8-192px") == "int8-192px"
+    for key in ("lite0-int8", "lite0-192px", "lite0-int8-192px", "lite0-nosuchvariant"):
+        cal = score.calibration(key)
+        assert cal.mean is not None and base.mean is not None and np.array_equal(cal.mean, base.mean)
+        assert cal.projection is not None and np.array_equal(cal.projection, base.projection)
+        x = np.random.default_rng(1).random((3, 1280)).astype(np.float32)
+        np.testing.assert_array_equal(score.postprocess(key, x), score.postprocess("lite0", x))
+        own = params.get("variants", {}).get(score.variant(key))
+        if own is None:
+            assert cal.cos_knots == base.cos_knots and cal.default_threshold == base.default_threshold
+        else:
+            assert list(cal.cos_knots) == own["cos_knots"]
+            assert cal.default_threshold == own["default_threshold"]
+    assert "nosuchvariant" not in params.get("variants", {})
 
 
 def test_projection_is_the_last_step() -> None:

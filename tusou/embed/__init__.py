@@ -228,6 +228,7 @@ class OnnxEmbedder:
 def create_embedder(settings: Settings) -> OnnxEmbedder:
     """The embedder ``settings.model`` names, ready to use (its ONNX session loaded)."""
     model = settings.model
+    key = model  # the key score.py calibrates by: the model, and any variant of it (score.variant)
     text_encoder: ClipTextEncoder | None = None
     if settings.model_precision != "fp32" and model not in LITE_MODELS:
         raise ValueError(f"model_precision={settings.model_precision} is for the built-in lite models only")
@@ -241,8 +242,10 @@ def create_embedder(settings: Settings) -> OnnxEmbedder:
         if settings.model_precision == "int8":
             path, tag = lite_int8_path(model, path, GRAPH_VERSION, size)
             suffix = f"-{tag}"  # int8 vectors differ from fp32 ones: never mixed in one data folder
+            key += "-int8"
         if size != native:
             suffix += f"-{size}px"  # so do vectors of another input size
+            key += f"-{size}px"
         encoder = OnnxEncoder(path, size, settings.threads)
         index_encoder = OnnxEncoder(path, size, 1)
         pre = lite_preprocessor(size)
@@ -279,7 +282,7 @@ def create_embedder(settings: Settings) -> OnnxEmbedder:
     model_id = _with_vector_space(model, base_id)
     projected = _score.calibration(model).projection is not None
     return OnnxEmbedder(
-        model,
+        key,
         model_id,
         encoder,
         pre,

@@ -83,6 +83,15 @@ def family(model_key: str) -> str | None:
     return m.group(1).lower() if m else None
 
 
+def variant(model_key: str) -> str:
+    """What follows the family in a model key: ``"int8-192px"`` for ``"lite0-int8-192px"``, ``""`` for
+    ``"lite0"``. The built-in model run in int8 or at another input size (``model_key`` of
+    :func:`tusou.embed.create_embedder`) shares the family's mean and projection, but its cosines spread a
+    little differently: ``<family>_score.json`` may carry its own score map under ``"variants"``."""
+    m = _KEY_RE.match(model_key.strip())
+    return model_key.strip()[m.end() :].strip("-").lower() if m else ""
+
+
 def _check_knots(cos_knots: tuple[float, ...], score_knots: tuple[float, ...]) -> None:
     c, s = np.asarray(cos_knots), np.asarray(score_knots)
     if len(c) != len(s) or len(c) < 2:
@@ -104,6 +113,7 @@ def calibration(model_key: str) -> Calibration:
     if not params_file.is_file():
         return _GENERIC
     params = json.loads(params_file.read_text())
+    knots = params.get("variants", {}).get(variant(model_key), params)
     mean = None
     mean_file = data / f"{fam}_mean.npy"
     if mean_file.is_file():
@@ -121,9 +131,9 @@ def calibration(model_key: str) -> Calibration:
     cal = Calibration(
         mean=mean,
         power=float(params.get("power", 1.0)),
-        cos_knots=tuple(float(v) for v in params["cos_knots"]),
-        score_knots=tuple(float(v) for v in params["score_knots"]),
-        default_threshold=float(params["default_threshold"]),
+        cos_knots=tuple(float(v) for v in knots["cos_knots"]),
+        score_knots=tuple(float(v) for v in knots["score_knots"]),
+        default_threshold=float(knots["default_threshold"]),
         projection=projection,
         bias=bias,
     )
