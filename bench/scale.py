@@ -247,7 +247,7 @@ def sqlite_fill(
 def brute_force(store, gid: int, queries: np.ndarray, floor: float) -> list[tuple[np.ndarray, np.ndarray]]:
     """Exact float32 answers (every row above ``floor``, best first, ties by seq) for each query: every
     vector of the group read from SQLite in one sequential pass."""
-    flat = queries.reshape(-1, queries.shape[-1]).T.copy()
+    views = np.ascontiguousarray(queries.reshape(-1, queries.shape[-1]), dtype=np.float32)
     cursor = store._reader().execute(
         "SELECT v.seq, v.vector FROM images AS i JOIN vectors AS v ON v.seq = i.seq WHERE i.gid = ? "
         "ORDER BY i.seq",
@@ -257,7 +257,8 @@ def brute_force(store, gid: int, queries: np.ndarray, floor: float) -> list[tupl
     while rows := cursor.fetchmany(50_000):
         keys = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
-        sims = (vecs @ flat).reshape(len(rows), len(queries), -1).max(axis=2)
+        # einsum, as the store's re-rank: every product summed in the same order (bit-identical cosines)
+        sims = np.einsum("ij,kj->ik", vecs, views).reshape(len(rows), len(queries), -1).max(axis=2)
         keep = (sims >= floor).any(axis=1)
         parts.append((keys[keep], sims[keep]))
     keys = np.concatenate([p[0] for p in parts])

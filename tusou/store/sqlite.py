@@ -605,11 +605,13 @@ class SQLiteStore(Store):
                 keys, cosines = index.search_among(
                     queries, self._filtered_seqs(self._gid(tenant, group), where), limit, min_cosine
                 )
-            found += [(float(c), int(k), group) for k, c in zip(keys, cosines, strict=True)]
-        return self._hits(found, limit)
+            found += [(c, k, group) for k, c in zip(keys.tolist(), cosines.tolist(), strict=True)]
+        # One group's answer comes best first, ties in seq order, already.
+        return self._hits(found, limit, ordered=len(groups) == 1)
 
-    def _hits(self, found: list[tuple[float, int, str]], limit: int) -> list[Hit]:
-        found.sort(key=lambda hit: (-hit[0], hit[1]))
+    def _hits(self, found: list[tuple[float, int, str]], limit: int, ordered: bool = False) -> list[Hit]:
+        if not ordered:
+            found.sort(key=lambda hit: (-hit[0], hit[1]))
         if limit >= 0:
             found = found[:limit]
         rows = self._record_rows([seq for _, seq, _ in found])
