@@ -273,7 +273,9 @@ class Service:
             query, seen, mirror = viewed
             best: tuple[str, float] | None = None
             if in_group:
-                hits, scores = self._scored(tenant, [request.group], query, 1, min_cosine)
+                hits, scores = self._scored(
+                    tenant, [request.group], query, 1, min_cosine, verifying=seen is not None
+                )
                 if seen is not None:
                     hits, scores = self._checked(tenant, hits, scores, _given(seen), _given(mirror))
                 if hits and scores[0] >= floor:
@@ -302,16 +304,29 @@ class Service:
         min_cosine: float,
         where: Any = None,
         labels: Collection[str] | None = None,
+        verifying: bool = True,
     ) -> tuple[list[Hit], list[float]]:
-        """The store's best hits for ``queries`` with their scores, best first; with verification on, enough
-        of them for :meth:`_checked` (its candidates, down to ``verify.LOW``) whatever the limit asks. With
-        ``labels`` only down to ``verify.BAND``: that search asks for every hit above the cut (the label
-        filter comes after), and on a big group far more images score above ``verify.LOW`` than above it."""
-        if self.keypoints is not None:
-            lowest = verify.BAND if labels else verify.LOW
-            min_cosine = min(min_cosine, self.embedder.cosine_for_score(lowest))
-            limit = limit if limit == -1 else max(limit, verify.CANDIDATES)
+        """The store's best hits for ``queries`` with their scores, best first; with verification on (and
+        ``verifying``: the query has an image), enough of them for :meth:`_checked` (its first
+        ``verify.CANDIDATES``, down to ``verify.LOW``) whatever the limit asks. With ``labels`` only down to
+        ``verify.BAND``: that search asks for every hit above the cut (the label filter comes after), and on
+        a big group far more images score above ``verify.LOW`` than above it."""
         extra = () if where is None else (where,)
+        if self.keypoints is not None and verifying and not labels:
+            # Only the first CANDIDATES hits are checked, and a hit under the cut that is not among them is
+            # dropped anyway: the cut's answer is enough once it has CANDIDATES hits, else the best
+            # CANDIDATES down to LOW hold it. (Every hit down to LOW cost a 500k group's search up to
+            # ~100k rows re-ranked and read, for an answer of a few.)
+            limit = limit if limit == -1 else max(limit, verify.CANDIDATES)
+            hits = self.store.search(tenant, groups, queries, limit, min_cosine, *extra)
+            if len(hits) < verify.CANDIDATES:
+                low = min(min_cosine, self.embedder.cosine_for_score(verify.LOW))
+                hits = self.store.search(tenant, groups, queries, verify.CANDIDATES, low, *extra)
+            scores = self.embedder.score(np.asarray([hit.cosine for hit in hits], dtype=np.float32))
+            return hits, scores.tolist()
+        if self.keypoints is not None and verifying:
+            min_cosine = min(min_cosine, self.embedder.cosine_for_score(verify.BAND))
+            limit = limit if limit == -1 else max(limit, verify.CANDIDATES)
         hits = self.store.search(tenant, groups, queries, -1 if labels else limit, min_cosine, *extra)
         hits = _labelled(hits, labels, limit)
         scores = self.embedder.score(np.asarray([hit.cosine for hit in hits], dtype=np.float32))
@@ -597,7 +612,8 @@ class Service:
         # A label filter applies to every match (exact), then the limit. The store checks that the groups
         # exist in the same call (on Milvus, in the same consistency round as the search).
         hits, scores = self._scored(
-            tenant, query.groups, queries, query.limit, min_cosine, query.where, query.labels
+            tenant, query.groups, queries, query.limit, min_cosine, query.where, query.labels,
+            verifying=image is not None,
         )
         if image is not None:
             hits, scores = self._checked(
