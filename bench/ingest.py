@@ -1,12 +1,14 @@
 """HTTP ingest speed: ``/v1/image/group/<g>/add`` with 640x480 JPEGs as data URIs, as a client sends them.
 
-    python bench/ingest.py [--n 128] [--batches 1,32] [--precision fp32,int8] [--verify on,off]
+    python bench/ingest.py [--n 128] [--batches 1,32] [--precision fp32,int8] [--sizes 0,192]
+                           [--verify on,off]
 
-For each (precision, verification) a fresh server (``python -m tusou serve``, default settings otherwise:
-thumbnails and automatic tags on) is started on an empty data folder, one group is created and the images
-are added in requests of each batch size; the first request of each round is a warm-up and is not timed.
-Prints img/s (wall) and the server's CPU milliseconds per image (user + system, from /proc: the figure to
-compare between runs on a busy machine), with the load average beside each row.
+For each (precision, input size (TUSOU_MODEL_INPUT_SIZE; 0: the model's own), verification) a fresh
+server (``python -m tusou serve``, default settings otherwise: thumbnails and automatic tags on) is
+started on an empty data folder, one group is created and the images are added in requests of each
+batch size; the first request of each round is a warm-up and is not timed. Prints img/s (wall) and the
+server's CPU milliseconds per image (user + system, from /proc: the figure to compare between runs on a
+busy machine), with the load average beside each row.
 
 Images: 640x480 JPEGs (quality 90) cut from the photos under ~/.cache/tusou-eval/out when present, else
 generated scenes (bench/embed_speed.py's synthetic ones).
@@ -66,7 +68,7 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run(args: argparse.Namespace, jpegs: list[bytes], precision: str, verify: str) -> list[tuple]:
+def run(args: argparse.Namespace, jpegs: list[bytes], precision: str, size: int, verify: str) -> list[tuple]:
     data = Path(tempfile.mkdtemp(prefix="tusou-ingest-"))
     keys = KeyStore(data / "keys.db")
     keys.create("bench")
@@ -76,6 +78,8 @@ def run(args: argparse.Namespace, jpegs: list[bytes], precision: str, verify: st
         "TUSOU_VERIFY": "true" if verify == "on" else "false",
         "TUSOU_MODEL_DIR": str(args.model_dir),
     }
+    if size:
+        env["TUSOU_MODEL_INPUT_SIZE"] = str(size)
     port = 19000 + os.getpid() % 1000
     server = Server(data, port, env)
     searcher = Searcher(data)
@@ -107,7 +111,8 @@ def run(args: argparse.Namespace, jpegs: list[bytes], precision: str, verify: st
                 assert all(not e for e in resp.json().get("errors", []) or []), resp.text[:300]
             dt, cpu = time.perf_counter() - t0, cpu_s(server.proc.pid) - c0
             n = sum(len(b["data"]) for b in timed)
-            rows.append((precision, verify, batch, n, n / dt, 1000 * cpu / n, os.getloadavg()[0]))
+            name = f"{precision}@{size}" if size else precision
+            rows.append((name, verify, batch, n, n / dt, 1000 * cpu / n, os.getloadavg()[0]))
     finally:
         server.stop()
     return rows
@@ -118,6 +123,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=128, help="images per batch size (plus one warm-up request)")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--precision", default="fp32,int8")
+    ap.add_argument("--sizes", default="0", help="comma-separated TUSOU_MODEL_INPUT_SIZE, 0: the model's own")
     ap.add_argument("--verify", default="on", help="comma-separated: on, off (TUSOU_VERIFY)")
     ap.add_argument("--images", type=Path, default=DEFAULT_PHOTOS if DEFAULT_PHOTOS.is_dir() else None)
     ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "tusou-bench-models")
@@ -125,10 +131,11 @@ def main() -> None:
     args.batches = [int(b) for b in args.batches.split(",")]
     jpegs, source = jpegs_640x480(args.n + max(args.batches), args.images)
     print(f"{len(jpegs)} JPEGs 640x480 ({source}), mean {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB")
-    print(f"{'precision':<10}{'verify':>7}{'batch':>6}{'images':>7}{'img/s':>8}{'cpu ms/img':>12}{'load':>6}")
-    for precision in args.precision.split(","):
+    print(f"{'model':<10}{'verify':>7}{'batch':>6}{'images':>7}{'img/s':>8}{'cpu ms/img':>12}{'load':>6}")
+    configs = [(p, int(s)) for s in args.sizes.split(",") for p in args.precision.split(",")]
+    for precision, size in configs:
         for verify in args.verify.split(","):
-            for row in run(args, jpegs, precision, verify):
+            for row in run(args, jpegs, precision, size, verify):
                 p, v, b, n, rate, cpu, load = row
                 print(f"{p:<10}{v:>7}{b:>6}{n:>7}{rate:>8.1f}{cpu:>12.1f}{load:>6.1f}", flush=True)
 

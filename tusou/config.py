@@ -90,7 +90,7 @@ class Settings(BaseSettings):
         le=448,
         multiple_of=32,
         description="Built-in models: the side of the square image the network sees; None = the model's own "
-        "(224 for lite0). 192 costs ~0.73 of the network's work at about the same quality (docs/score.md). "
+        "(224 for lite0). 192 costs ~0.73 of the network's work, and some quality (docs/score.md). "
         "A data folder keeps the input size it was indexed with.",
     )
     threads: int = Field(default=0, description="ONNX Runtime intra-op threads; 0 = one per core.")
