@@ -769,6 +769,11 @@ def run_calibrate(args: argparse.Namespace, root: Path) -> None:
     proj = None if cal.projection is None or cal.bias is None else (cal.projection, cal.bias)
     if proj is not None and (cal.mean is None or not np.allclose(cal.mean, mean, atol=1e-3)):
         sys.exit("the refitted mean differs from the shipped one: refit the projection (make_projection.py)")
+    if proj is not None and cal.mean is not None:
+        # Same mean up to float rounding (features computed another day differ in the last bits): keep the
+        # shipped one, bit for bit. Its bytes are part of every folder's vector-space identity, so a
+        # rewritten file would make every data folder refuse to start.
+        mean = cal.mean
     if proj is not None:
         print(f"(projected to {cal.dim} dimensions with tusou/embed/data/{args.model}_projection.npy)\n")
     for name, iv, qv in CANDIDATES:
@@ -824,7 +829,8 @@ def run_calibrate(args: argparse.Namespace, root: Path) -> None:
     elif args.write:
         data = ROOT / "tusou" / "embed" / "data"
         data.mkdir(exist_ok=True)
-        np.save(data / f"{args.model}_mean.npy", mean.astype(np.float16))
+        if proj is None:  # with a projection the mean is the one it was fitted on (kept above)
+            np.save(data / f"{args.model}_mean.npy", mean.astype(np.float16))
         old = data / f"{args.model}_score.json"
         meta = {
             **params,
@@ -838,7 +844,8 @@ def run_calibrate(args: argparse.Namespace, root: Path) -> None:
         if old.is_file() and "variants" in json.loads(old.read_text()):  # fitted on this mean: refit them
             meta["variants"] = json.loads(old.read_text())["variants"]
         (data / f"{args.model}_score.json").write_text(json.dumps(meta, indent=1) + "\n")
-        print("wrote", data / f"{args.model}_mean.npy", data / f"{args.model}_score.json")
+        written = [data / f"{args.model}_mean.npy"] if proj is None else []
+        print("wrote", *written, data / f"{args.model}_score.json")
 
 
 def main() -> None:
