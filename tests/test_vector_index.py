@@ -278,6 +278,20 @@ def test_the_head_bound_rules_rows_out_exactly(monkeypatch: pytest.MonkeyPatch) 
         assert got == want
         brute = [sorted(table.brute(q[None], threshold)) for q in queries]
         assert [sorted(g) for g in got] == brute
+    # The probe's search for the best few scores only rows whose bound reaches the count-th best cosine
+    # found: the same best rows as scoring every row whose bound passes the floor.
+    slots = np.arange(3000)
+    for q in queries:
+        query = vi._Query(q[None], index.head)
+        for count in (1, 8, 32):
+            for floor in (0.2, 0.6):
+                pruned = index._best_above(query, slots, floor, count)
+                full = index._cosines_above(query, slots, floor)
+                assert np.count_nonzero(np.isfinite(pruned)) < len(slots)  # some rows were never scored
+                top = np.argsort(-full, kind="stable")[:count]
+                top = top[full[top] >= floor]
+                assert np.array_equal(pruned[top], full[top])
+                assert np.sort(pruned)[::-1][: len(top)].tolist() == full[top].tolist()
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "json"])
