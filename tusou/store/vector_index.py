@@ -816,10 +816,12 @@ class VectorIndex:
                 out[rows] = query.cosines(self._scorer, heads[rows], tails, inv[rows])
 
         cand = np.flatnonzero(bound >= floor - BOUND_SLACK)
-        order = cand[np.argsort(-bound[cand], kind="stable")]
-        first = np.sort(order[: 2 * count])
+        if len(cand) <= 2 * count:
+            score(cand)
+            return out
+        split = np.argpartition(-bound[cand], 2 * count - 1)
+        first, rest = np.sort(cand[split[: 2 * count]]), cand[split[2 * count :]]
         score(first)
-        rest = order[2 * count :]
         if np.count_nonzero(out[first] >= floor) >= count:
             kth = float(np.partition(out[first], len(first) - count)[len(first) - count])
             rest = rest[bound[rest] >= kth - BOUND_SLACK]
