@@ -574,7 +574,9 @@ def main() -> None:
         "--milvus-tick-ms", type=int, default=20, help="proxy.timeTickInterval of the started server"
     )
     parser.add_argument("--milvus-index", choices=("FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8"), default="IVF_FLAT")
-    parser.add_argument("--milvus-nprobe", type=int, default=16, help="IVF lists searched per segment")
+    parser.add_argument(
+        "--milvus-nprobe", type=int, default=8, help="IVF lists searched per segment (8x for every match)"
+    )
     parser.add_argument(
         "--milvus-nlist", type=int, default=1024, help="IVF lists per segment of the bench's new collection"
     )

@@ -106,6 +106,9 @@ INDEXES: dict[str, dict[str, int]] = {
 # gives the recall and speed measured with them (1024 lists for segments of ~1M rows).
 DEFAULT_NLIST = 128
 DEFAULT_NPROBE = 8
+# A search for every match (a top-k band above _INLINE_FIELDS rows) searches this many times nprobe lists
+# (at most all of them): its matches spread over more lists than one best row does (docs/scale.md).
+_WIDE_NPROBE = 8
 _HNSW_MIN_EF = 256
 _HNSW_MAX_EF = 32_768
 # Bytes of vectors per insert call: well below gRPC message limits (2000 rows at dim 1280, 10000 at 256).
@@ -428,6 +431,8 @@ class MilvusStore(Store):
         except Exception:  # noqa: BLE001 (the test double may not describe it: keep the setting)
             described = {}
         self.index_type = str(described.get("index_type") or self.index_type)
+        if str(described.get("nlist", "")).isdigit():
+            self.nlist = int(described["nlist"])
         # Automatic tags (JSON text) live in their own column; a collection made before it has none, and
         # then stores no tags (keyword search answers "not supported"; recreate the collection to get it).
         names = {f["name"] for f in self.client.describe_collection(self.images)["fields"]}
@@ -1145,6 +1150,7 @@ class MilvusStore(Store):
     ) -> list[tuple[list[tuple[float, dict]], bool]]:
         """On an IVF index, per view, the ``want`` best rows by a top-k search over ``nprobe`` lists per
         segment: (those with cosine >= min_cosine, whether all ``want`` were). The views go in one call.
+        A band for every match searches ``_WIDE_NPROBE`` times more lists (``_nprobe``).
 
         Not a range search: Milvus 2.3.5's IVF range search ignores nprobe and misses rows well inside its
         radius (recall 0.992 per view at the default threshold against 0.9999 for top-k with 32 of 1024 lists;
@@ -1163,7 +1169,7 @@ class MilvusStore(Store):
                 filter=flt,
                 limit=k,
                 output_fields=self._fields if inline else ["seq"],
-                search_params={"metric_type": "IP", "params": {"nprobe": self.nprobe}},
+                search_params={"metric_type": "IP", "params": {"nprobe": self._nprobe(inline)}},
                 anns_field="vec",
                 **self._read_level(self.images),
             )
@@ -1190,6 +1196,10 @@ class MilvusStore(Store):
             for above, full in out
         ]
 
+    def _nprobe(self, narrow: bool) -> int:
+        """IVF lists to search: ``nprobe`` for a few best rows, ``_WIDE_NPROBE`` times more for all."""
+        return self.nprobe if narrow else max(self.nprobe, min(self.nprobe * _WIDE_NPROBE, self.nlist))
+
     def _range_search(
         self, view: np.ndarray, flt: str, limit: int, min_cosine: float, upper: float
     ) -> list[tuple[float, dict]]:
@@ -1200,7 +1210,7 @@ class MilvusStore(Store):
         if self.index_type == "HNSW":
             params["params"]["ef"] = min(max(limit, _HNSW_MIN_EF), _HNSW_MAX_EF)
         elif self.index_type.startswith("IVF"):
-            params["params"]["nprobe"] = self.nprobe
+            params["params"]["nprobe"] = self._nprobe(limit <= _INLINE_FIELDS)
         result = self.client.search(
             self.images,
             data=[view.tolist()],
