@@ -313,19 +313,23 @@ def print_table(model: str, dt: float, nd: dict[str, Any], sem: dict[str, dict[s
 # --------------------------------------------------------------------------------------- service path
 
 
-def run_service(args: argparse.Namespace, root: Path) -> None:
+def bench_embedder(args: argparse.Namespace) -> Any:
+    """The embedder the command line names (model, precision, input size), as the service would build it."""
     from tusou.config import Settings
     from tusou.embed import create_embedder
 
-    emb = create_embedder(
-        Settings(
-            data=args.data,
-            model=args.model,
-            threads=args.threads,
-            model_precision=args.precision,
-            model_input_size=args.input_size,
-        )
+    settings = Settings(
+        data=args.data,
+        model=args.model,
+        threads=args.threads,
+        model_precision=args.precision,
+        model_input_size=args.input_size,
     )
+    return create_embedder(settings)
+
+
+def run_service(args: argparse.Namespace, root: Path) -> None:
+    emb = bench_embedder(args)
     key = emb.model_key  # with its variant (int8, input size): the score map it uses
     sig = config_signature(key)
     cache = Cache(args.eval_dir / "emb")
@@ -531,18 +535,7 @@ def make_raw_fn(
     args: argparse.Namespace,
 ) -> tuple[str, Callable[[Image.Image], np.ndarray], Callable[[Path], Image.Image]]:
     """(model_id, image -> raw feature of exactly that image, path -> decoded image), from the embedder."""
-    from tusou.config import Settings
-    from tusou.embed import create_embedder
-
-    emb = create_embedder(
-        Settings(
-            data=args.data,
-            model=args.model,
-            threads=args.threads,
-            model_precision=args.precision,
-            model_input_size=args.input_size,
-        )
-    )
+    emb = bench_embedder(args)
     args.model_key = emb.model_key  # with its variant (int8, input size): the score map it is fitted for
     # Raw features depend on the weights and graph only, not on post-processing: key their cache by the
     # model part of the identity (before "/v<vector space>"), so a new mean or projection reuses them.
