@@ -54,8 +54,10 @@ def new_group(client: QiniuClient, photos: list[Image.Image], keep: list[int]) -
     assert client.post("/v1/image/group/g/new", body).json()["errors"] == [None] * len(keep)
 
 
-def search(client: QiniuClient, uri: str, threshold: float | None = None) -> list[tuple[str, float]]:
-    params: dict = {"groups": ["g"], "limit": 3}
+def search(
+    client: QiniuClient, uri: str, threshold: float | None = None, limit: int = 3
+) -> list[tuple[str, float]]:
+    params: dict = {"groups": ["g"], "limit": limit}
     if threshold is not None:
         params["threshold"] = threshold
     resp = client.post("/v1/image/groups/search", {"data": {"uri": uri}, "params": params})
@@ -84,6 +86,42 @@ def test_a_verified_copy_scores_in_the_near_duplicate_band(
         assert [hit for hit, _ in after] == [f"p{i}"] and after[0][1] >= 0.85, (i, after)
     # A copy that already scores in the band keeps its own score: verification only ever raises one.
     assert search(checked, combo(photos[4])) == search(plain, combo(photos[4]))
+
+
+def test_a_small_limit_answers_as_if_every_candidate_was_checked(
+    verified: Tusou, photos: list[Image.Image], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """limit=1 or 2 (under verify.CANDIDATES): when the hits asked for already score in the near-duplicate
+    band, the store is asked once, without the other candidates (verification raises one to 0.85 at most,
+    never past them); otherwise the candidates are fetched and checked. Either way the answer is the first
+    hits of a search that checked every candidate (limit=3)."""
+    client = verified.client("v")
+    new_group(client, photos, list(range(len(photos))))
+    store = verified.service.store
+    asked: list[int] = []
+    real_search = store.search
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        asked.append(args[3])  # the limit the store was asked for
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(store, "search", counted)
+    answered_at_once = widened = 0
+    for i in [0, 4, *HARD]:
+        for uri in (data_uri(jpeg(photos[i])), combo(photos[i])):
+            # A low threshold keeps the hard copies' unverified scores (under 0.85) in the answer.
+            every_candidate = search(client, uri, 0.4, limit=3)
+            for limit in (1, 2):
+                asked.clear()
+                got = search(client, uri, 0.4, limit=limit)
+                assert got == every_candidate[:limit], (i, limit, got, every_candidate)
+                if asked == [limit]:
+                    assert len(got) == limit and min(score for _, score in got) >= 0.85, (i, got)
+                    answered_at_once += 1
+                else:
+                    assert asked[:2] == [limit, 3], asked
+                    widened += 1
+    assert answered_at_once and widened, (answered_at_once, widened)
 
 
 def test_no_copy_in_the_group_nothing_is_verified(verified: Tusou, photos: list[Image.Image]) -> None:
