@@ -549,21 +549,6 @@ class VectorIndex:
             out[start : start + 8192] = sims.argmax(axis=1)
         return out
 
-    def _rows_float(self, start: int, stop: int) -> np.ndarray:
-        """Slots [start, stop) as float32 rows of unit length (deleted rows come out zero)."""
-        parts = []
-        while start < stop:
-            block, row = divmod(start, BLOCK)
-            take = min(stop - start, BLOCK - row)
-            part = np.hstack(
-                [self._heads[block][row : row + take], self._tails[block][row : row + take]]
-            ).astype(np.float32)
-            part -= 128.0
-            part *= self._inv[start : start + take, None]
-            parts.append(part)
-            start += take
-        return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
-
     def _maybe_train(self) -> None:
         if self._live < TRAIN_AT:
             return
@@ -593,7 +578,7 @@ class VectorIndex:
         self._centroids = centroids
         self._trained_n = self._live
         for start in range(0, self._n, BLOCK):
-            rows = self._rows_float(start, min(self._n, start + BLOCK))
+            rows = self._gather_float(np.arange(start, min(self._n, start + BLOCK)))
             self._assign[start : start + len(rows)] = self._assign_rows(rows)
         self._sort_lists()
         log.info(
@@ -601,6 +586,7 @@ class VectorIndex:
         )
 
     def _gather_float(self, slots: np.ndarray) -> np.ndarray:
+        """``slots`` (sorted ascending) as float32 rows of unit length (deleted rows come out zero)."""
         return (self._gather_codes(slots).astype(np.float32) - 128.0) * self._inv[slots, None]
 
     def _gather_codes(self, slots: np.ndarray) -> np.ndarray:
