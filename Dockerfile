@@ -6,16 +6,22 @@
 #
 # BASE may name any Debian-like image with python3 (>= 3.11) and its venv module, e.g. one made locally
 # with mmdebstrap where no registry is reachable (docs/deploy.md). MODEL: lite0, lite1 or lite2.
+# PRECISION (fp32 or int8) and INPUT_SIZE (empty: the model's own) pick the graph built into the image; the
+# model folder is read-only at run time, so they are build arguments, not run-time settings.
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 
 ARG MODEL=lite0
+ARG PRECISION=fp32
+ARG INPUT_SIZE=
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/tusou/bin:$PATH \
     TUSOU_MODEL=${MODEL} \
+    TUSOU_MODEL_PRECISION=${PRECISION} \
+    TUSOU_MODEL_INPUT_SIZE=${INPUT_SIZE} \
     TUSOU_MODEL_DIR=/opt/tusou/models \
     TUSOU_DATA=/data \
     TUSOU_HOST=0.0.0.0 \

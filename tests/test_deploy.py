@@ -100,6 +100,43 @@ def test_dockerfile_references_exist() -> None:
     assert f"chmod -R a+rX {env['TUSOU_MODEL_DIR']}" in warm_up
 
 
+def settings_built_with(build_args: dict[str, str]) -> Settings:
+    """The Settings a container of this Dockerfile starts with, built with ``build_args`` (the rest at their
+    ARG defaults): each ENV's ``${ARG}`` substituted as docker does."""
+    steps = instructions()
+    args = {}
+    for keyword, rest in steps:
+        if keyword == "ARG":
+            name, _, default = rest.partition("=")
+            args[name] = default
+    args.update(build_args)
+    env = {}
+    for name, value in env_of(steps).items():
+        for arg, arg_value in args.items():
+            value = value.replace("${" + arg + "}", arg_value)
+        assert "${" not in value, f"ENV {name}={value}: no such build argument"
+        if name.startswith("TUSOU_"):
+            env[name] = value
+    saved = {name: os.environ.pop(name) for name in list(os.environ) if name.startswith("TUSOU_")}
+    try:
+        os.environ.update(env)
+        return Settings()
+    finally:
+        for name in env:
+            os.environ.pop(name, None)
+        os.environ.update(saved)
+
+
+def test_model_build_arguments_reach_the_settings() -> None:
+    """The default build serves the model exactly as a plain install does (an empty INPUT_SIZE is the
+    model's own size, so data folders move between the two); PRECISION and INPUT_SIZE pick another graph."""
+    default = settings_built_with({})
+    for name in ("model", "model_precision", "model_input_size"):
+        assert getattr(default, name) == Settings.model_fields[name].default, name
+    fast = settings_built_with({"PRECISION": "int8", "INPUT_SIZE": "192", "MODEL": "lite1"})
+    assert (fast.model, fast.model_precision, fast.model_input_size) == ("lite1", "int8", 192)
+
+
 def wait_healthy(url: str, proc_alive: object, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while True:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -176,6 +176,12 @@ class Settings(BaseSettings):
     metrics_token: str | None = Field(
         default=None, description="If set, /metrics requires Authorization: Bearer <token>."
     )
+
+    @field_validator("model_input_size", mode="before")
+    @classmethod
+    def _empty_means_native(cls, value: object) -> object:
+        # The Dockerfile passes its INPUT_SIZE build argument on as TUSOU_MODEL_INPUT_SIZE, empty by default.
+        return None if value == "" else value
 
     @property
     def db_path(self) -> Path:
