@@ -110,9 +110,11 @@ def test_dense_neighbourhoods_get_every_match_even_on_the_graph_path(embedder, p
     floor = embedder.cosine_for_score(embedder.default_threshold)
     for query in embedder.embed_queries(photos):
         truth = table.brute(query, floor)
-        best = dict(sorted(truth.items(), key=lambda kv: -kv[1])[:100])
-        found, cos = index.search(query, 100, floor)
-        assert dict(zip(found.tolist(), cos.tolist(), strict=True)) == pytest.approx(best)
+        # Small limits too: the scan's floor is raised to the lists' limit-th best less twice the margin.
+        for limit in (2, 10, 100):
+            best = dict(sorted(truth.items(), key=lambda kv: -kv[1])[:limit])
+            found, cos = index.search(query, limit, floor)
+            assert dict(zip(found.tolist(), cos.tolist(), strict=True)) == pytest.approx(best)
 
 
 def test_deleted_rows_never_come_back(tmp_path: Path) -> None:
