@@ -247,11 +247,131 @@ def test_a_snapshot_of_the_previous_format_is_read_and_rewritten(tmp_path: Path)
                 == index.search(v[None], 50, 0.5, exact=exact)[0].tolist()
             )
     assert old.save(tmp_path, "g5") == 900
-    assert json.loads(next(tmp_path.glob("g5.900.*.json")).read_text())["format"] == 4
+    assert json.loads(next(tmp_path.glob("g5.900.*.json")).read_text())["format"] == 5
     new = VectorIndex.load(tmp_path, "g5", DIM, table.fetch)
     assert new is not None and not new.dirty
     assert np.array_equal(new._tail_norm[:n], index._tail_norm[:n])
     assert new.search(vectors[:1], -1, 0.5)[0].tolist() == index.search(vectors[:1], -1, 0.5)[0].tolist()
+
+
+def side_filled(folder: Path, n: int, seed: int = 0) -> tuple[VectorIndex, Table, np.ndarray]:
+    """An index with its float32 side file in ``folder`` (as the SQLite store makes them), trained."""
+    table = Table()
+    index = VectorIndex(DIM, table.fetch, folder, "g7")
+    vectors = clustered(n, seed)
+    keys = np.arange(1, n + 1)
+    table.rows.update(zip(keys.tolist(), vectors, strict=True))
+    for start in range(0, n, 500):
+        index.add(keys[start : start + 500], vectors[start : start + 500])
+    return index, table, vectors
+
+
+def test_the_side_file_in_list_order_answers_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``relayout`` rewrites the side file with each list's rows together: the answers (keys, float32
+    cosines) are the same before and after, through adds, deletes, a compaction, snapshots and reloads; the
+    old side file goes once a snapshot names the new one."""
+    import tusou.store.vector_index as vi
+
+    monkeypatch.setattr(vi, "TRAIN_AT", 1000)
+    monkeypatch.setattr(vi, "RELAYOUT_MIN", 500)
+    monkeypatch.setattr(vi, "BLOCK", 256)  # several blocks, and a compaction below
+    index, table, vectors = side_filled(tmp_path, 3000)
+    index.exact_below = 0
+    assert index._centroids is not None and index.relayout_due()
+
+    def answers(ix: VectorIndex) -> list:
+        out = []
+        for v in vectors[:60:6]:
+            for limit, exact in ((-1, None), (10, False), (50, None)):
+                keys, cos = ix.search(v[None], limit, 0.7, exact=exact)
+                out.append((keys.tolist(), cos.tolist()))
+        return out
+
+    want = answers(index)
+    index.save(tmp_path, "g7")
+    first = index._floats.path if index._floats else None
+    assert index.relayout() and not index.relayout_due()
+    # Each list's rows are consecutive in the new file, lists one after another.
+    upto = index._flisted
+    assert upto == 3000 and index._fpos[np.argsort(index._assign[:upto], kind="stable")].tolist() == list(
+        range(upto)
+    )
+    assert index._floats is not None and first is not None and index._floats.path != first
+    rows = vi._read_rows(index._floats, index._fpos[:upto])
+    assert np.array_equal(rows, np.stack([table.rows[int(k)] for k in index._keys[:upto]]))
+    assert answers(index) == want
+    assert first.exists()  # the last snapshot still names it
+    index.save(tmp_path, "g7")
+    assert not first.exists() and len(list(tmp_path.glob("g7.*.f32"))) == 1
+    loaded = VectorIndex.load(tmp_path, "g7", DIM, table.fetch)
+    assert loaded is not None
+    loaded.exact_below = 0
+    assert answers(loaded) == want
+    more = clustered(400, seed=9)
+    for ix in (index, loaded):
+        ix.add(np.arange(3001, 3401), more)  # appended behind the listed rows
+        ix.remove(np.arange(2, 400, 5))
+    table.rows.update(zip(range(3001, 3401), more, strict=True))
+    for k in range(2, 400, 5):
+        del table.rows[k]
+    want = answers(index)
+    assert answers(loaded) == want
+    brute = table.brute(vectors[:1], 0.7)
+    keys, cos = loaded.search(vectors[:1], -1, 0.7)
+    assert dict(zip(keys.tolist(), cos.tolist(), strict=True)) == pytest.approx(brute)
+    loaded.remove(np.arange(400, 2800))  # more than half deleted: compacted, the side file by slot again
+    for k in range(400, 2800):
+        table.rows.pop(k, None)
+    assert loaded._layout == 1 and loaded._flisted == 0
+    keys, cos = loaded.search(vectors[2900][None], -1, 0.7)
+    assert dict(zip(keys.tolist(), cos.tolist(), strict=True)) == pytest.approx(
+        table.brute(vectors[2900][None], 0.7)
+    )
+    loaded.save(tmp_path, "g7")
+    again = VectorIndex.load(tmp_path, "g7", DIM, table.fetch)
+    assert again is not None
+    assert again.search(vectors[2900][None], -1, 0.7)[0].tolist() == keys.tolist()
+
+
+def test_a_snapshot_of_format_4_opens_with_its_side_file_by_slot(tmp_path: Path) -> None:
+    """Format 4 (the side file's rows by slot, no positions) loads with the same answers and is rewritten
+    in the current format by the next snapshot."""
+    import json
+    import zlib
+
+    import tusou.store.vector_index as vi
+
+    index, table, vectors = side_filled(tmp_path, 1200)
+    index.remove([3, 4])
+    index.save(tmp_path, "g7")
+    meta_path = next(tmp_path.glob("g7.*.json"))
+    meta = json.loads(meta_path.read_text())
+    data = meta_path.with_suffix(".ivf")
+    body = data.read_bytes()
+    end = body.index(b"\n", len(vi._MAGIC))
+    header = json.loads(body[len(vi._MAGIC) : end])
+    n = header.pop("slots")
+    header = {**header, "slots": n}
+    del header["float_rows"], header["float_listed"]
+    at = end + 1 + n * (8 + 4 + 2 + 4)  # keys, inverse norms, lists, tail norms; then the positions
+    old = vi._MAGIC_4 + json.dumps(header).encode() + b"\n" + body[end + 1 : at] + body[at + 8 * n :]
+    data.write_bytes(old)
+    meta |= {"format": 4, "size": len(old), "crc32": zlib.crc32(old)}
+    meta_path.write_text(json.dumps(meta))
+    loaded = VectorIndex.load(tmp_path, "g7", DIM, table.fetch)
+    assert loaded is not None and len(loaded) == 1198 and not loaded.dirty
+    for v in vectors[:40:4]:
+        keys, cos = loaded.search(v[None], -1, 0.6)
+        assert dict(zip(keys.tolist(), cos.tolist(), strict=True)) == pytest.approx(table.brute(v[None], 0.6))
+        assert keys.tolist() == index.search(v[None], -1, 0.6)[0].tolist()
+    loaded.add(np.asarray([1201]), vectors[:1])
+    table.rows[1201] = vectors[0]
+    loaded.save(tmp_path, "g7")
+    assert json.loads(next(tmp_path.glob("g7.*.json")).read_text())["format"] == 5
+    again = VectorIndex.load(tmp_path, "g7", DIM, table.fetch)
+    assert again is not None and 1201 in again.search(vectors[:1], 5, 0.6)[0].tolist()
 
 
 def test_the_head_bound_rules_rows_out_exactly(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -378,6 +378,8 @@ class SQLiteStore(Store):
             for gid, index in list(self._indexes.items()):
                 if self._stop.is_set():
                     return
+                if index.relayout_due():
+                    self._relayout(gid, index)
                 # A snapshot writes the whole group (2 GB at 5M x 384): after a fixed number of changes it
                 # would be rewritten over and over while a large group fills; an eighth of the group's size
                 # bounds both the rewriting and what a crash leaves to replay from SQLite.
@@ -398,6 +400,15 @@ class SQLiteStore(Store):
             except OSError:
                 # The snapshot is only an accelerator: SQLite still has every row; try again later.
                 log.exception("snapshot of group %d failed", gid)
+
+    def _relayout(self, gid: int, index: VectorIndex) -> None:
+        with self._snapshot_lock:
+            if self._indexes.get(gid) is not index:  # removed meanwhile
+                return
+            try:
+                index.relayout()  # marks the index changed: the next round writes a snapshot naming it
+            except OSError:
+                log.exception("rewriting the side file of group %d failed", gid)
 
     def snapshot(self) -> None:
         """Write a snapshot of every group changed since its last one (tests, clean shutdown)."""
