@@ -133,6 +133,11 @@ _WRITTEN: dict[tuple[str, str], int] = {}
 _WRITTEN_LOCK = threading.Lock()
 # Within MilvusStore.read_snapshot(): (the store, the guarantee timestamp its reads carry) for this request.
 _PINNED: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("tusou_pinned", default=None)
+# Within MilvusStore.read_snapshot(): (id of the store, tenant, group) -> the group's registry seq, for the
+# groups this request has found already (a search by a stored id checks its group once, not per read).
+_CHECKED: contextvars.ContextVar[dict[tuple[int, str, str], int] | None] = contextvars.ContextVar(
+    "tusou_checked", default=None
+)
 
 # Byte limits of the VARCHAR fields; the service's own limits are lower in characters, these are in bytes.
 _MAX = {
@@ -147,6 +152,11 @@ _MAX = {
 }
 
 _IMAGE_FIELDS = ["seq", "tenant", "grp", "image_id", "label", "desc", "uri"]
+# Scalar indexes of a new images collection (MilvusStore._ensure_indexes). Without one Milvus evaluates a
+# filter on the field row by row: ``gkey`` (every search and read names its group, and the partition key
+# only picks the partition, shared by every group hashed to it) cost 3-7 ms of a 200k-row search, and an
+# image looked up by id (``ikey``; a search by a stored id starts with one) scanned every key.
+_SCALAR_INDEXED = ("gkey", "ikey")
 
 
 def _key(*parts: str) -> str:
@@ -396,6 +406,7 @@ class MilvusStore(Store):
         # Idempotent; after a Milvus restart collections must be loaded before they answer.
         self.client.load_collection(self.groups)
         if self.client.has_collection(self.images):
+            self._ensure_indexes()
             self.client.load_collection(self.images)
             self._check_model(model_id)
         if not self.client.has_collection(self.images):
@@ -408,22 +419,14 @@ class MilvusStore(Store):
             schema.add_field("lkey", DataType.VARCHAR, max_length=32)
             schema.add_field("meta", DataType.JSON)
             schema.add_field("vec", DataType.FLOAT_VECTOR, dim=self.dim)
-            index = self.client.prepare_index_params()
-            # FLAT: exact. HNSW: a graph; a range search with ef >= its top-k returns (nearly) every row in
-            # range (tests/test_milvus_ann.py measures it).
-            index.add_index(
-                field_name="vec",
-                index_type=self.index_type,
-                metric_type="IP",
-                params=self._index_params(),
-            )
+            # No indexes here (pymilvus would create them and load): _ensure_indexes, then the load.
             self.client.create_collection(
                 self.images,
                 schema=schema,
-                index_params=index,
                 consistency_level=self.consistency,
                 num_partitions=num_partitions,
             )
+        self._ensure_indexes()
         self.client.load_collection(self.images)
         # An existing collection keeps the index it was created with, whatever ``index`` says.
         try:
@@ -455,6 +458,42 @@ class MilvusStore(Store):
         self._schemas.clear()  # a collection dropped and made again above has a new description
         # Processes creating the collection at once each wrote a key: all adopt the one that stayed.
         self._markers = MarkerCodec(bytes.fromhex(self._meta().get("marker_key") or key))
+
+    def _ensure_indexes(self) -> None:
+        """Index a new images collection: the scalar keys first (``_SCALAR_INDEXED``), the vector last.
+
+        Milvus loads a collection only once its vector field is indexed, and refuses a new index on a
+        loaded collection ("can't change the index for loaded collection"). With the vector's index made
+        last, no process can load the collection before every index exists: another process starting on
+        the collection meanwhile either finds no vector index and makes the missing ones itself (same
+        parameters: Milvus accepts an identical index again), or fails to load and tries again
+        (``_setup``). A collection whose vector is indexed already is left as it is: one made before the
+        ``ikey`` index keeps scanning for ids (docs/scale.md says how to add it)."""
+        from pymilvus import MilvusException
+
+        if self.client.list_indexes(self.images, field_name="vec"):
+            return
+        # Milvus 2.3 indexes VARCHAR as a Trie; later servers (and Milvus Lite) offer INVERTED. These indexes
+        # only make reads faster: a server with neither goes without.
+        for field in _SCALAR_INDEXED:
+            for kind in ("Trie", "INVERTED"):
+                if self.client.list_indexes(self.images, field_name=field):
+                    break
+                index = self.client.prepare_index_params()
+                index.add_index(field_name=field, index_type=kind, index_name=field)
+                with contextlib.suppress(MilvusException):
+                    self.client.create_index(self.images, index)
+        index = self.client.prepare_index_params()
+        # FLAT: exact. HNSW: a graph; a range search with ef >= its top-k returns (nearly) every row in
+        # range (tests/test_milvus_ann.py measures it).
+        index.add_index(
+            field_name="vec",
+            index_type=self.index_type,
+            metric_type="IP",
+            params=self._index_params(),
+            index_name="vec",
+        )
+        self.client.create_index(self.images, index)
 
     def _meta(self) -> dict[str, Any]:
         rows = self.client.query(
@@ -573,21 +612,26 @@ class MilvusStore(Store):
         of every read of the block, so the first read waits for it and later ones find it reached. A search
         by a stored image's id (its vector, then the search) thus waits once, not twice, and sees exactly
         what a Strong read at the start would. Under ``Session`` reads already share this process's last
-        write's timestamp: nothing to do. Reads the store makes at Strong on purpose (race checks) stay so.
+        write's timestamp. Reads the store makes at Strong on purpose (race checks) stay so. Either way a
+        group found once in the block is not looked up again (``_require``).
         """
-        if self.consistency != "Strong" or self._pinned() is not None:
-            yield
+        if _CHECKED.get() is not None:
+            yield  # nested: the outer block's snapshot and checked groups hold
             return
+        checked = _CHECKED.set({})
+        token = None
         try:
-            ts = self._alloc_timestamp()
-        except Exception:  # noqa: BLE001 (no oracle: plain Strong reads)
-            ts = 0
-        token = _PINNED.set((id(self), ts)) if ts > 0 else None
-        try:
+            if self.consistency == "Strong" and self._pinned() is None:
+                try:
+                    ts = self._alloc_timestamp()
+                except Exception:  # noqa: BLE001 (no oracle: plain Strong reads)
+                    ts = 0
+                token = _PINNED.set((id(self), ts)) if ts > 0 else None
             yield
         finally:
             if token is not None:
                 _PINNED.reset(token)
+            _CHECKED.reset(checked)
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on the read pool, in the caller's context (a pinned snapshot travels with it)."""
@@ -623,9 +667,17 @@ class MilvusStore(Store):
         return rows[0]["seq"] if rows else None
 
     def _require(self, tenant: str, group: str) -> int:
+        """The group's registry seq, or GroupNotFound. Inside ``read_snapshot`` a group is looked up once
+        per request: a search by a stored id found its group while reading the vector, and its search
+        does not ask again."""
+        checked = _CHECKED.get()
+        if checked is not None and (id(self), tenant, group) in checked:
+            return checked[(id(self), tenant, group)]
         seq = self._group_seq(tenant, group)
         if seq is None:
             raise GroupNotFound(group)
+        if checked is not None:
+            checked[(id(self), tenant, group)] = seq
         return seq
 
     def _with_group(self, tenant: str, group: str, read: Callable[[], Any]) -> Any:
