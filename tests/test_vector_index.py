@@ -501,3 +501,23 @@ def test_adds_are_not_starved_by_a_stream_of_searches() -> None:
         stop.set()
         for thread in threads:
             thread.join()
+
+
+def test_side_file_reads_return_the_rows_asked_for(tmp_path: Path) -> None:
+    """Rows read in runs, runs close together in one call (the rows between skipped), more runs than one
+    call takes: each row asked for comes back, in order."""
+    import tusou.store.vector_index as vi
+
+    rows = np.random.default_rng(2).standard_normal((6000, DIM)).astype(np.float32)
+    floats = vi._Floats(tmp_path / "g9.1.f32", DIM)
+    floats.write(0, rows)
+    rng = np.random.default_rng(3)
+    for want in (
+        np.arange(6000),
+        np.sort(rng.choice(6000, 4000, replace=False)),  # gaps of a few rows: shared calls
+        np.arange(0, 6000, vi.READ_GAP + 2),  # every gap just over: one call per row
+        np.arange(0, 6000, 2),  # 3000 runs in shared calls: more than one call's buffers
+        np.asarray([5999]),
+    ):
+        assert np.array_equal(floats.gather(want), rows[want])
+    floats.close()

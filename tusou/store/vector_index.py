@@ -81,10 +81,10 @@ BOUND_GIVE_UP = 0.25
 # The side file's rows are rewritten in list order (VectorIndex.relayout) once this many rows, and more
 # than half as many as were in list order at the last rewrite, sit outside it (appended since).
 RELAYOUT_MIN = 100_000
-# Rows of the side file read with one call across gaps of at most this many unwanted rows (24 KB): a
-# list-ordered answer's rows lie close together, and big sequential reads are what a cold disk does fast.
-READ_GAP = 16
+# Side-file reads (_Floats.gather): rows at most this many rows apart are read with one call.
+READ_GAP = 4
 SNAPSHOT_FORMAT = 5
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _MAGIC = b"TUSOU-IVF-5\n"
 _MAGIC_4 = b"TUSOU-IVF-4\n"  # side-file rows by slot (no positions): read as is
 _MAGIC_3 = b"TUSOU-IVF-3\n"  # whole rows per block, no tail norms: read and converted
@@ -385,33 +385,55 @@ class _Floats:
             done += os.pwrite(self.fd, data[done:], slot * self.row_bytes + done)
 
     def gather(self, slots: np.ndarray) -> np.ndarray:
-        """Rows at positions ``slots`` (sorted ascending), in that order. Rows closer than ``READ_GAP``
-        are read with one call (the rows between into a scratch buffer): when the file is not in the page
-        cache, one large read costs about what one row does."""
+        """Rows at positions ``slots`` (sorted ascending), in that order: one ``preadv`` per run of
+        consecutive rows, straight into the answer's array; runs at most ``READ_GAP`` rows apart share a
+        call (the rows between go to a scratch buffer: copying them from the page cache costs less than a
+        call). In a list-ordered file an answer's rows lie close together, and when they are not in the
+        page cache the kernel reads them ahead in large reads."""
         out = np.empty((len(slots), self.dim), dtype=np.float32)
         if not len(slots):
             return out
         buf, size = out.data.cast("B"), self.row_bytes
-        steps = np.diff(slots)
-        breaks = (np.flatnonzero(steps > READ_GAP) + 1).tolist()
-        starts, stops = [0, *breaks], [*breaks, len(slots)]
-        for start, stop in zip(starts, stops, strict=True):
-            first, last = int(slots[start]), int(slots[stop - 1])
-            if last - first + 1 == stop - start:  # consecutive: straight into the answer
-                self._read(buf[start * size : stop * size], first)
-            else:
-                span = np.empty((last - first + 1, self.dim), dtype=np.float32)
-                self._read(span.data.cast("B"), first)
-                out[start:stop] = span[slots[start:stop] - first]
+        breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+        starts = np.concatenate([[0], breaks])
+        stops = np.concatenate([breaks, [len(slots)]])
+        gaps = np.zeros(len(starts), dtype=np.int64)
+        gaps[1:] = slots[starts[1:]] - slots[stops[:-1] - 1] - 1
+        firsts = slots[starts]
+        scratch = memoryview(bytearray(READ_GAP * size))
+        parts: list[memoryview] = []
+        at = 0
+        for start, stop, gap, first in zip(
+            starts.tolist(), stops.tolist(), gaps.tolist(), firsts.tolist(), strict=True
+        ):
+            if parts and (gap > READ_GAP or len(parts) >= _IOV_MAX - 1):
+                self._read(parts, at)
+                parts = []
+            if not parts:
+                at = first
+            elif gap:
+                parts.append(scratch[: gap * size])
+            parts.append(buf[start * size : stop * size])
+        self._read(parts, at)
         return out
 
-    def _read(self, buf: memoryview, slot: int) -> None:
-        want, offset = len(buf), slot * self.row_bytes
-        got = os.preadv(self.fd, [buf], offset)
+    def _read(self, parts: list[memoryview], slot: int) -> None:
+        """Fill ``parts`` from the file at row ``slot`` on (one call; more only after a short read)."""
+        offset = slot * self.row_bytes
+        got = os.preadv(self.fd, parts, offset)
+        want = sum(len(p) for p in parts)
         while got < want:  # short reads happen only at the end of the file (a bug) or on signals
-            more = os.preadv(self.fd, [buf[got:]], offset + got)
+            skip = got
+            rest = []
+            for p in parts:
+                if skip >= len(p):
+                    skip -= len(p)
+                    continue
+                rest.append(p[skip:])
+                skip = 0
+            more = os.preadv(self.fd, rest, offset + got)
             if not more:
-                raise OSError(f"{self.path}: rows missing at position {slot}")
+                raise OSError(f"{self.path}: rows missing at position {slot + got // self.row_bytes}")
             got += more
 
     def sync(self) -> None:
