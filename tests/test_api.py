@@ -404,3 +404,30 @@ def test_invalid_limit_names_the_range(client: QiniuClient) -> None:
     searched = client.post("/v1/image/groups/search", query)
     assert searched.status_code == 406
     assert searched.json() == {"error": "invalid limit: must be 1-10000, or -1 for all"}
+
+
+def test_search_answers_are_the_bytes_json_renders(client: QiniuClient, photos: list[Image.Image]) -> None:
+    """A search answer is written without the generic JSON renderer (a 10,000-hit answer is milliseconds of
+    work): its bytes must still be exactly what that renderer writes for the same content, whatever the
+    strings hold and whatever a desc is."""
+    tricky = ["plain", '引号"和\\反斜杠', "tab\tnew\nline\x01\x1f", "emoji 😀 \u2028\u2029\x7f", "é", ""]
+    strings = [entry(photos[0], f"t{i}", tricky[i], tricky[-1 - i]) for i in range(len(tricky))]
+    assert client.post("/v1/image/group/s/new", {"data": strings}).status_code == 200
+    numbers = {"p": 1e-05, "big": 12345678901234567890, "neg": -0.0, "list": [1.5, None, True], "q": "x"}
+    mixed = [entry(photos[0], "n0", "num", numbers), entry(photos[0], "n1", "text", "just text")]
+    assert client.post("/v1/image/group/m/new", {"data": mixed}).status_code == 200
+    every = {"limit": -1}
+    answers = [
+        client.post("/v1/image/groups/search", {"data": {"id": "t0"}, "params": {"groups": ["s"], **every}}),
+        client.post("/v1/image/groups/search", {"data": {"id": "n0"}, "params": {"groups": ["m"], **every}}),
+        client.post("/v1/image/group/s/search", {"data": {"id": "t1"}, "params": every}),
+    ]
+    for resp in answers:
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["content-type"] == "application/json"
+        out = resp.json()
+        rendered = json.dumps(out, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+        assert resp.content == rendered.encode("utf-8")
+    assert {h["label"] for h in answers[0].json()["result"]} == set(tricky)
+    assert {h["id"]: h["desc"] for h in answers[1].json()["result"]} == {"n0": numbers, "n1": "just text"}
+    assert "group" not in answers[2].json()["result"][0]

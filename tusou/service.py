@@ -47,7 +47,7 @@ from tusou.errors import GroupExists, ImageNotFound, QiniuError
 from tusou.fetch import Fetcher, load_image
 from tusou.files import tighten_tree
 from tusou.images import ImageError, PixelBudget
-from tusou.store.base import KEEP, Hit, NewImage, Store
+from tusou.store.base import KEEP, Hit, NewImage, Store, gc_paused
 from tusou.thumbs import ThumbStore, make_thumbnail
 
 #: The most near-duplicates one image is paired with by ``Service.duplicates`` (bounds each search).
@@ -632,12 +632,13 @@ class Service:
                 lambda: verify.keypoints(image, query=True),
                 lambda: verify.keypoints(image, query=True, mirrored=True),
             )
-        return [
-            _match(hit, score, query.with_tags)
-            for hit, score in zip(hits, scores, strict=True)
-            # The inverse map is approximate at the boundary; the score decides.
-            if score >= floor
-        ][: query.limit]
+        with gc_paused():
+            return [
+                _match(hit, score, query.with_tags)
+                for hit, score in zip(hits, scores, strict=True)
+                # The inverse map is approximate at the boundary; the score decides.
+                if score >= floor
+            ][: query.limit]
 
     def search_text(self, tenant: str, query: SearchQuery) -> list[Match]:
         """Keyword search (beyond Qiniu): images whose automatic tags give the word's concepts at least
@@ -690,8 +691,22 @@ def _labelled(hits: list[Hit], labels: Collection[str] | None, limit: int) -> li
 
 def _match(hit: Hit, score: float, with_tags: bool) -> Match:
     """A store hit as the service's answer, with its score (and its tags when asked)."""
-    tags = (hit.tags or []) if with_tags else None
-    return Match(hit.group, hit.id, hit.label, hit.desc, hit.uri or None, score, tags)
+    match = _new(Match)
+    # Match is frozen: its generated __init__ sets each field through object.__setattr__, 2.7 us a match
+    # (27 ms of a 10,000-hit answer); the same fields written into the instance at once take 0.7 us.
+    vars(match).update(
+        group=hit.group,
+        id=hit.id,
+        label=hit.label,
+        desc=hit.desc,
+        uri=hit.uri or None,
+        score=score,
+        tags=(hit.tags or []) if with_tags else None,
+    )
+    return match
+
+
+_new = object.__new__
 
 
 #: The least side, in pixels of the decoded image, of a query's box (data.box).

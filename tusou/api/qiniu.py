@@ -16,6 +16,7 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl
 
+import orjson
 from pydantic import BaseModel, Field, create_model
 
 from tusou.config import Settings
@@ -37,6 +38,7 @@ from tusou.domain import (
 )
 from tusou.embed import concepts
 from tusou.errors import QiniuError
+from tusou.store.base import gc_paused
 from tusou.store.filters import parse_filter
 
 # Group ids travel in URL paths: no separators, dot-segments or control characters.
@@ -447,18 +449,39 @@ def image(info: ImageInfo, with_tags: bool = False) -> dict[str, Any]:
 
 def hits(matches: list[Match], *, with_group: bool = True) -> dict[str, Any]:
     """Search results; the legacy single-group search leaves ``group`` out."""
-    result = []
+    result: list[dict[str, Any]] = []
+    append = result.append
     for match in matches:
-        entry: dict[str, Any] = {"desc": match.desc}
-        if with_group:
-            entry["group"] = match.group
-        entry.update(id=match.id, label=match.label, score=round(float(match.score), 7))
+        score = round(float(match.score), 7)
+        entry: dict[str, Any] = (
+            {"desc": match.desc, "group": match.group, "id": match.id, "label": match.label, "score": score}
+            if with_group
+            else {"desc": match.desc, "id": match.id, "label": match.label, "score": score}
+        )
         if match.uri:
             entry["uri"] = match.uri
         if match.tags is not None:  # only when the query asked for them (beyond Qiniu)
             entry["tags"] = tags(match.tags)
-        result.append(entry)
+        append(entry)
     return {"code": 0, "message": "", "result": result}
+
+
+def hits_body(matches: list[Match], *, with_group: bool = True) -> bytes:
+    """:func:`hits` as the response body: the bytes Starlette's ``JSONResponse`` renders (compact separators,
+    UTF-8, no NaN). Written by orjson where its bytes are those: every string (all code points checked),
+    ``null``/``true``/integers, and floats from 1e-4 to below 1e16, which scores are (under 1e-4 Python writes
+    ``1e-05`` where orjson writes ``1e-5``); a desc that is not a string, or tags, go through ``json``. A
+    10,000-hit answer: 15 -> 1.5 ms (plus the dicts: 7 ms)."""
+    with gc_paused():
+        body = hits(matches, with_group=with_group)
+    plain = True
+    for match in matches:
+        if type(match.desc) is not str or match.tags is not None or not 1e-4 <= match.score < 1e16:
+            plain = False
+            break
+    if plain:
+        return orjson.dumps(body)
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
 
 
 def duplicates(result: DuplicatePage) -> dict[str, Any]:

@@ -13,7 +13,6 @@ is ``snapshot_every_s`` old, and ``close()`` writes the rest.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from tusou.store.base import (
     ModelMismatch,
     NewImage,
     Store,
+    gc_paused,
 )
 from tusou.store.filters import Filter
 from tusou.store.markers import MarkerCodec, new_marker_key
@@ -107,21 +107,6 @@ def _load_desc(text: str | None) -> object:
         # A plain string (the usual desc): our JSON text with no escape is the string between its quotes.
         return text[1:-1]
     return json.loads(text)
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off while a search's hits are built (acyclic objects only: nothing for
-    it to find). Otherwise building 16k hits ran ~50 collections, some over every object of the process
-    (a third of the build's time); the objects are seen once, by the first collection after."""
-    if not gc.isenabled():  # off already (another search building, or the application's choice)
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _dump_tags(tags: list[list[float]] | None) -> str | None:
@@ -674,7 +659,7 @@ class SQLiteStore(Store):
             where, seqs = where[there], [seqs[i] for i in there.tolist()]
             scores, at = [scores[i] for i in there.tolist()], [at[i] for i in there.tolist()]
         pick = where.tolist()
-        with _gc_paused():  # thousands of acyclic objects: no collection pass over them while they are built
+        with gc_paused():  # thousands of acyclic objects: no collection pass over them while they are built
             return list(
                 map(
                     Hit,
