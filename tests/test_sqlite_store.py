@@ -159,3 +159,35 @@ def test_missing_or_short_float_side_file_means_rebuild_from_sqlite(tmp_path: Pa
     assert state(store, queries) == expected
     store.close()
     assert len(list((tmp_path / "index").glob("*.f32"))) == 2  # new generations, the old ones gone
+
+
+def test_a_large_answer_carries_each_hits_own_record(tmp_path: Path) -> None:
+    """An answer drawn from thousands of rows has its records read in another thread while the rows are
+    scored, and a small one in line: every hit carries its own id, label, desc, uri and tags, in the order
+    of an exact scan, with deleted rows left out."""
+    rng = np.random.default_rng(5)
+    base = vectors(1, 9)[0]
+    near = base + 0.8 * rng.standard_normal((3000, DIM)).astype(np.float32) / np.sqrt(DIM)
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    store = open_store(tmp_path)
+
+    def record(k: int) -> tuple:
+        desc = {"k": k} if k % 5 == 0 else f'd"{k}'
+        tags = [[k % 10, 0.5]] if k % 4 == 0 else None
+        return f"l{k % 7}", desc, (f"http://x/{k}" if k % 3 else None), tags
+
+    store.create_group(
+        "t", "g", [NewImage(f"i{k}", *record(k)[:3], v, record(k)[3]) for k, v in enumerate(near)]
+    )
+    gone = {f"i{k}" for k in range(0, 3000, 11)}
+    store.delete_images("t", "g", sorted(gone))
+    cosines = near @ base
+    for limit, floor in ((-1, 0.0), (2500, 0.0), (50, 0.0), (-1, 0.95)):
+        hits = store.search("t", ["g"], base[None], limit, floor)
+        want = [k for k in np.argsort(-cosines, kind="stable").tolist() if f"i{k}" not in gone]
+        want = [k for k in want if cosines[k] >= floor - 1e-6][: limit if limit > 0 else None]
+        assert [h.id for h in hits] == [f"i{k}" for k in want]
+        assert all((h.label, h.desc, h.uri, h.tags) == record(int(h.id[1:])) for h in hits)
+        assert all(h.group == "g" for h in hits)
+    assert len(store.search("t", ["g"], base[None], -1, 0.0)) > 2000  # the other thread's case
+    store.close()

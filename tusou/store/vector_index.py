@@ -91,6 +91,9 @@ _MAGIC_3 = b"TUSOU-IVF-3\n"  # whole rows per block, no tail norms: read and con
 
 # keys (int64) -> (keys that still exist, their float32 rows); rows deleted meanwhile are left out.
 Fetch = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# Called with the keys a search's answer is drawn from, before their float32 rows are read (the SQLite store
+# starts reading their records then, in another thread).
+Prefetch = Callable[[np.ndarray], None]
 
 
 def quantize(vectors: np.ndarray, levels: int = 127) -> np.ndarray:
@@ -817,14 +820,21 @@ class VectorIndex:
 
     # --- search ------------------------------------------------------------------------------------
     def search(
-        self, queries: np.ndarray, limit: int, min_cosine: float, *, exact: bool | None = None
+        self,
+        queries: np.ndarray,
+        limit: int,
+        min_cosine: float,
+        *,
+        exact: bool | None = None,
+        prefetch: Prefetch | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Keys and cosines of the best ``limit`` rows (all when limit < 0) at or above ``min_cosine``.
 
         ``queries`` holds the views of one query; a row scores its best cosine over them. ``exact``
         forces (True) or forbids (False) the full scan (False: the lists' own answer, for measuring it);
         by default the scan is used when the group is small, the request wants many rows, or the lists
-        find a dense neighbourhood above the threshold.
+        find a dense neighbourhood above the threshold. ``prefetch`` is called with the keys the answer
+        is drawn from (a superset), before their float32 rows are read (:meth:`_rerank`).
         """
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         empty = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
@@ -854,7 +864,7 @@ class VectorIndex:
                         least = max(floor, float(np.partition(found, len(found) - limit)[len(found) - limit]))
                         least -= 2 * SCREEN_MARGIN
                     slots, approx = self._scan(query, limit, max(floor, least))
-            keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor)
+            keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch)
         if limit >= 0:
             keys, cosines = keys[:limit], cosines[:limit]
         return keys, cosines
@@ -971,7 +981,13 @@ class VectorIndex:
         return bound
 
     def search_among(
-        self, queries: np.ndarray, among: np.ndarray, limit: int, min_cosine: float
+        self,
+        queries: np.ndarray,
+        among: np.ndarray,
+        limit: int,
+        min_cosine: float,
+        *,
+        prefetch: Prefetch | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`search` restricted to the rows ``among`` (a filter's matches), exact: their int8 codes are
         scored, the candidates that may make the answer are re-ranked in float32.
@@ -999,19 +1015,28 @@ class VectorIndex:
                 kth = float(np.partition(approx, len(approx) - limit)[len(approx) - limit])
                 keep = approx >= kth - 2 * SCREEN_MARGIN
                 slots, approx = slots[keep], approx[keep]
-            keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor)
+            keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch)
         if limit >= 0:
             keys, cosines = keys[:limit], cosines[:limit]
         return keys, cosines
 
     def _rerank(
-        self, slots: np.ndarray, approx: np.ndarray, queries: np.ndarray, min_cosine: float, floor: float
+        self,
+        slots: np.ndarray,
+        approx: np.ndarray,
+        queries: np.ndarray,
+        min_cosine: float,
+        floor: float,
+        prefetch: Prefetch | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The candidates that pass ``min_cosine`` in float32, best first (ties in seq order): keys, cosines.
-        Runs under the read lock (slots are stable)."""
+        Runs under the read lock (slots are stable). ``prefetch`` gets the candidates' keys first (the
+        caller may start reading their records while the float32 rows are read and scored)."""
         keep = approx >= floor
         slots, approx = slots[keep], approx[keep]
         keys = self._keys[slots]
+        if prefetch is not None:
+            prefetch(keys)
         if self._floats is not None:
             # Read in side-file order (a list's rows lie together there); the keys follow that order.
             places = self._fpos[slots]
