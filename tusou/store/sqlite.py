@@ -413,7 +413,9 @@ class SQLiteStore(Store):
             if self._indexes.get(gid) is not index:  # removed meanwhile
                 return
             try:
-                index.relayout()  # marks the index changed: the next round writes a snapshot naming it
+                # Marks the index changed: the next round writes a snapshot naming the new file. A close
+                # stops it between reads.
+                index.relayout(self._stop)
             except OSError:
                 log.exception("rewriting the side file of group %d failed", gid)
 

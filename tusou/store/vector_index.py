@@ -740,15 +740,16 @@ class VectorIndex:
             and self._n - self._flisted > max(RELAYOUT_MIN, self._flisted // 2)
         )
 
-    def relayout(self) -> bool:
+    def relayout(self, stop: threading.Event | None = None) -> bool:
         """Rewrite the side file (a new generation) with the rows in list order, the rows of one list
         together: the matches of a query lie in a few lists, so a large answer's float32 rows are a few
         runs of the file instead of one random read each (5M sparse: 7,000-15,000 matches a query in 2-10
         lists, 25-40 MB of the file). Searches and adds go on meanwhile: rows in the side file never
         change once written, so the old file is read outside the lock; the rows added meanwhile are
         copied under the write lock, when the new file takes over. The old file stays until the next
-        snapshot (which names the new one) is durable. Returns False when there was nothing to do or a
-        compaction came first."""
+        snapshot (which names the new one) is durable. Returns False when there was nothing to do, a
+        compaction came first or ``stop`` was set (checked between reads of 64 MB: a shutdown does not
+        wait for the rewrite)."""
         with self._lock.read():
             floats = self._floats
             if floats is None or self._centroids is None or not self.relayout_due():
@@ -770,8 +771,10 @@ class VectorIndex:
             chunk = max(1, (64 << 20) // floats.row_bytes)  # the old file read in order, 64 MB at a time
             rows = np.empty((chunk, self.dim), dtype=np.float32)
             for start in range(0, held, chunk):
-                stop = min(held, start + chunk)
-                got = rows[: stop - start]
+                if stop is not None and stop.is_set():
+                    raise _Abandoned
+                end = min(held, start + chunk)
+                got = rows[: end - start]
                 view = got.data.cast("B")
                 done = 0
                 while done < len(view):
@@ -779,7 +782,7 @@ class VectorIndex:
                     if not more:
                         raise OSError(f"{floats.path}: rows missing at position {start}")
                     done += more
-                slots = slot_at[start:stop]
+                slots = slot_at[start:end]
                 mine = np.flatnonzero(slots >= 0)
                 dest = place[slots[mine]]
                 by_dest = np.argsort(dest, kind="stable")
@@ -788,14 +791,17 @@ class VectorIndex:
                 for a, b in zip([0, *breaks], [*breaks, len(dest)], strict=True):
                     if b > a:
                         fresh.write(int(dest[a]), picked[a:b])
-        except BaseException:
+        except BaseException as exc:
             fresh.close()
             fresh.path.unlink(missing_ok=True)
+            self._relayout_to = None
+            if isinstance(exc, _Abandoned):
+                return False
             raise
         finally:
             os.close(source)
-            self._relayout_to = None
         with self._lock.write():
+            self._relayout_to = None  # from here the file is current (or deleted)
             if self._layout != layout or self._floats is not floats:  # compacted meanwhile: slots moved
                 fresh.close()
                 fresh.path.unlink(missing_ok=True)
@@ -1339,6 +1345,10 @@ def _warm(path: Path) -> None:
             pass  # only a warm-up
 
     threading.Thread(target=run, name="tusou-warm", daemon=True).start()
+
+
+class _Abandoned(Exception):
+    """A relayout stopped midway (shutdown)."""
 
 
 def _read_rows(floats: _Floats, places: np.ndarray) -> np.ndarray:
