@@ -431,3 +431,23 @@ def test_search_answers_are_the_bytes_json_renders(client: QiniuClient, photos: 
     assert {h["label"] for h in answers[0].json()["result"]} == set(tricky)
     assert {h["id"]: h["desc"] for h in answers[1].json()["result"]} == {"n0": numbers, "n1": "just text"}
     assert "group" not in answers[2].json()["result"][0]
+
+
+def test_answer_scores_round_as_python_rounds() -> None:
+    """Scores are rounded to 7 decimals for the answer in numpy (qiniu._round7): the same floats as Python's
+    round, half-way points and their neighbours included."""
+    import math
+    import random
+
+    from tusou.api.qiniu import _round7
+
+    rng = random.Random(7)
+    values = [float(f"{rng.random():.9g}") for _ in range(20_000)]
+    values += [(k + 0.5) / 1e7 for k in range(0, 10**7, 4999)]
+    values += [k / 1e7 + 5e-8 for k in range(0, 10**7, 5003)]
+    values += [v + d for v in values[-400:] for d in (-1e-16, 1e-16)]
+    values += [0.0, -0.0, 1.0, 0.99999995, 1.00000005, 2.5e-7, 1e20, float("inf"), float("nan")]
+    want, got = [round(v, 7) for v in values], _round7(values)
+    assert len(got) == len(want)
+    for w, g in zip(want, got, strict=True):
+        assert (math.isnan(w) and math.isnan(g)) or (w == g and math.copysign(1, w) == math.copysign(1, g))
