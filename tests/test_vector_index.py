@@ -521,3 +521,26 @@ def test_side_file_reads_return_the_rows_asked_for(tmp_path: Path) -> None:
     ):
         assert np.array_equal(floats.gather(want), rows[want])
     floats.close()
+
+
+def test_no_match_from_the_lists_is_checked_by_the_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A match may sit in a list the query is far from (a lone photo among another item's crowd: on the
+    dense 500k bench catalogue 7 of 120 JPEG queries with a match got none from the lists). When the lists
+    find nothing, the answer is the scan's: the match, or "none" only when there is none."""
+    index, table, vectors = filled(4000)
+    index.exact_below = 0  # the lists' path, as for a large group
+    missed = []
+
+    def lists_find_nothing(*args: object) -> tuple[np.ndarray, np.ndarray]:
+        missed.append(1)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+
+    monkeypatch.setattr(index, "_probe", lists_find_nothing)
+    for v in vectors[:20:4]:
+        for threshold in (0.6, 0.99, 1.01):
+            truth = table.brute(v[None], threshold)
+            for limit in (1, 5):
+                want = dict(sorted(truth.items(), key=lambda kv: -kv[1])[:limit])
+                keys, cos = index.search(v[None], limit, threshold)
+                assert dict(zip(keys.tolist(), cos.tolist(), strict=True)) == pytest.approx(want)
+    assert len(missed) == 30  # every search asked the lists first
