@@ -111,6 +111,20 @@ class _Records(NamedTuple):
     tags: list[str | None]  # stored JSON text
 
 
+def _merged(a: _Records, b: _Records) -> _Records:
+    """Two record sets as one, ascending by seq."""
+    order = np.argsort(np.asarray(a.seqs + b.seqs, dtype=np.int64), kind="stable").tolist()
+    columns: list[list] = [
+        a.seqs + b.seqs,
+        a.ids + b.ids,
+        a.labels + b.labels,
+        a.descs + b.descs,
+        a.uris + b.uris,
+        a.tags + b.tags,
+    ]
+    return _Records(*([column[i] for i in order] for column in columns))
+
+
 def _dump_desc(desc: object) -> str | None:
     return None if desc is None else json.dumps(desc, ensure_ascii=False, separators=(",", ":"))
 
@@ -663,6 +677,10 @@ class SQLiteStore(Store):
         if limit >= 0:
             keys, cosines, at = keys[:limit], cosines[:limit], at[:limit]
         records = prefetched[0].result() if prefetched else None
+        if records is not None:
+            missing = keys[~np.isin(keys, np.asarray(records.seqs, dtype=np.int64))]
+            if len(missing):  # answer rows the index read after the prefetched ones
+                records = _merged(records, self._records(missing))
         return self._hits_of(list(groups), keys, cosines.tolist(), at.tolist(), records)
 
     def _hits(self, found: list[tuple[float, int, str]], limit: int) -> list[Hit]:
