@@ -526,7 +526,7 @@ def test_side_file_reads_return_the_rows_asked_for(tmp_path: Path) -> None:
 def test_no_match_from_the_lists_is_checked_by_the_scan(monkeypatch: pytest.MonkeyPatch) -> None:
     """A match may sit in a list the query is far from (a lone photo among another item's crowd: on the
     dense 500k bench catalogue 7 of 120 JPEG queries with a match got none from the lists). When the lists
-    find nothing, the answer is the scan's: the match, or "none" only when there is none."""
+    find fewer matches than the limit, the answer is the scan's: "that is all" only when it is."""
     index, table, vectors = filled(4000)
     index.exact_below = 0  # the lists' path, as for a large group
     missed = []
@@ -535,6 +535,21 @@ def test_no_match_from_the_lists_is_checked_by_the_scan(monkeypatch: pytest.Monk
         missed.append(1)
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
 
+    probe = index._probe
+
+    def lists_find_one(*args: object) -> tuple[np.ndarray, np.ndarray]:
+        missed.append(1)
+        slots, cos = probe(*args)  # type: ignore[arg-type]
+        best = np.argsort(-cos)[:1]
+        return slots[best], cos[best]
+
+    for v in vectors[:20:4]:  # the lists give one of the matches: a limit above 1 gets the scan's answer
+        truth = table.brute(v[None], 0.6)
+        want = dict(sorted(truth.items(), key=lambda kv: -kv[1])[:5])
+        monkeypatch.setattr(index, "_probe", lists_find_one)
+        keys, cos = index.search(v[None], 5, 0.6)
+        assert len(want) > 1 and dict(zip(keys.tolist(), cos.tolist(), strict=True)) == pytest.approx(want)
+    missed.clear()
     monkeypatch.setattr(index, "_probe", lists_find_nothing)
     for v in vectors[:20:4]:
         for threshold in (0.6, 0.99, 1.01):

@@ -871,10 +871,11 @@ class VectorIndex:
                         least -= 2 * SCREEN_MARGIN
                     slots, approx = self._scan(query, limit, max(floor, least))
             keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch, limit)
-            if auto and not scan and not len(keys):
-                # Nothing in the lists: a match may still sit in a list the query is far from (a lone
-                # photo among another item's crowd: the dense 500k bench catalogue, 7 of 120 JPEG queries
-                # with a match answered none). "No match" is the scan's answer to give.
+            if auto and not scan and len(keys) < limit:
+                # Fewer matches than asked for in the lists: another may still sit in a list the query is
+                # far from (a lone photo among another item's crowd: on the dense 500k bench catalogue, 7
+                # of 120 JPEG queries with a match got none at limit=1, one got 1 of its 2 at limit=10).
+                # An answer that says "that is all" (none, or fewer than the limit) is the scan's to give.
                 slots, approx = self._scan(query, limit, floor)
                 keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch, limit)
         if limit >= 0:
