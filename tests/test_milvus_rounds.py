@@ -1,15 +1,14 @@
-"""A search on the Milvus store costs one read round, counted at the Milvus client, at the store's level.
+"""A search on the Milvus store reads as little as it can, counted at the Milvus client, at the store's level.
 
 Under ``Strong`` consistency every Milvus read waits until the server has applied all earlier writes (up to
 about two time ticks, 200 ms by default); under ``Session`` (the default) a read waits only for this
-process's own last write. Either way the service's search must not check its groups in calls of their own
-before searching: the store checks them in the same round as the search, and only a group that was not
-found is looked up once more, with Strong, before "not exists" is answered.
+process's own last write. The service's search must not check its groups in calls of their own before
+searching: the existence check is folded into the search (rows found of a group show that it exists), and
+only a group the search found nothing of is looked up in the registry, once per request, and once more
+with Strong before "not exists" is answered.
 
-The Milvus client is wrapped so that every read is recorded with its consistency level, and every read
-waits at a barrier for the others of its round: reads issued one after another would never meet there
-(the barrier breaks after its timeout and the search fails), so passing proves that they were in flight
-together. Runs on the Milvus Lite test double and, where it starts, a real Milvus server.
+The Milvus client is wrapped so that every read is recorded, in order, with its consistency level. Runs on
+the Milvus Lite test double and, where it starts, a real Milvus server.
 """
 
 from __future__ import annotations
@@ -64,16 +63,14 @@ class VectorEmbedder:
         return score
 
 
-class RoundCounter:
-    """Wraps a MilvusClient: records every read; reads meet at a barrier of ``parties`` (one round)."""
+class ReadRecorder:
+    """Wraps a MilvusClient: records every read, in order."""
 
-    def __init__(self, client: Any, parties: int) -> None:
+    def __init__(self, client: Any) -> None:
         self._client = client
         #: (method, collection, consistency level, guarantee timestamp) of every read
         self.reads: list[tuple[str, str, str | None, int | None]] = []
         self._lock = threading.Lock()
-        self._parties = parties
-        self._barrier = threading.Barrier(parties, timeout=30)
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._client, name)
@@ -85,9 +82,6 @@ class RoundCounter:
                 self.reads.append(
                     (name, collection, kwargs.get("consistency_level"), kwargs.get("guarantee_timestamp"))
                 )
-                first_round = len(self.reads) <= self._parties
-            if first_round:
-                self._barrier.wait()
             return method(collection, *args, **kwargs)
 
         return read
@@ -138,51 +132,70 @@ def photo_uri() -> str:
 
 
 @pytest.mark.parametrize("groups", [["r1"], ["r1", "r2"]])
-def test_a_search_is_one_round(milvus_store: Any, tmp_path: Path, groups: list[str]) -> None:
+def test_a_search_that_finds_its_groups_is_one_read(
+    milvus_store: Any, tmp_path: Path, groups: list[str]
+) -> None:
     store, tenant = milvus_store, "t-" + uuid.uuid4().hex[:12]
     vectors = unit(np.random.default_rng(3), 6)
     for g, group in enumerate(groups):
-        rows = vectors[g * 3 : g * 3 + 3]
+        # Each group holds the query's own vector: the search finds rows of every group.
+        rows = [vectors[0], *vectors[g * 3 + 1 : g * 3 + 3]]
         store.create_group(
             tenant, group, [NewImage(f"{group}-{i}", "", None, None, v) for i, v in enumerate(rows)]
         )
     settings = Settings(data=tmp_path)
     service = Service(settings, store, VectorEmbedder(vectors[0]), Fetcher(settings))
-    counter = RoundCounter(store.client, parties=len(groups) + 1)  # a check per group, and the search
+    counter = ReadRecorder(store.client)
     store.client = counter
     try:
         matches = service.search(tenant, SearchQuery(groups, 10, 0.5, uri=photo_uri()))
     finally:
         store.client = counter._client
         service.close()
-    assert [m.id for m in matches][:1] == ["r1-0"] and matches[0].score == pytest.approx(1.0, abs=1e-4)
-    # Each store search is one round: its group checks and the search in flight together. With
-    # verification on, a search whose answer has fewer than verify.CANDIDATES hits asks the store once
-    # more, down to verify.LOW (Service._scored): a second round. Every read is at the store's level
-    # (Session by default: no wait for other processes' writes; under Strong the service pins one
-    # timestamp for the whole request), so the request pays at most one consistency wait.
-    # The groups are checked in the first round only: the second search of the request knows them.
+    assert {m.id for m in matches if m.score > 0.999} == {f"{group}-0" for group in groups}
+    # The groups' existence is folded into the search: rows found of a group show that it exists, so no
+    # registry read. With verification on, a search whose answer has fewer than verify.CANDIDATES hits asks
+    # the store once more, down to verify.LOW (Service._scored): a second search. Every read is at the
+    # store's level (Session by default: no wait for other processes' writes; under Strong the service pins
+    # one timestamp for the whole request), so the request pays at most one consistency wait.
     level = search_level_of(store)
-    per_round = len(groups) + 1
-    rounds = 1 + len(counter.reads) - per_round
-    assert rounds in (1, 2) and len(counter.reads) == per_round + rounds - 1, counter.reads
+    names = [name for name, _, _, _ in counter.reads]
+    assert names in (["search"], ["search"] * 2), counter.reads
     assert [read_level for _, _, read_level, _ in counter.reads] == [level] * len(counter.reads)
     stamps = {stamp for _, _, _, stamp in counter.reads}
     assert len(stamps) == 1 or store.consistency != "Strong", stamps  # one pinned timestamp under Strong
-    names = sorted(name for name, _, _, _ in counter.reads[:per_round])
-    assert names == ["query"] * len(groups) + ["search"]
-    assert [name for name, _, _, _ in counter.reads[per_round:]] == ["search"] * (rounds - 1)
-    print(f"\n[milvus rounds] {len(groups)} group(s): {len(counter.reads)} {level} reads, {rounds} round(s)")
+    print(f"\n[milvus rounds] {len(groups)} group(s): {len(counter.reads)} {level} reads")
 
 
-def test_a_missing_group_is_found_in_the_same_round(milvus_store: Any, tmp_path: Path) -> None:
+def test_a_group_without_hits_is_checked_after_the_search(milvus_store: Any, tmp_path: Path) -> None:
     store, tenant = milvus_store, "t-" + uuid.uuid4().hex[:12]
-    store.create_group(tenant, "here", [NewImage("a", "", None, None, unit(np.random.default_rng(4), 1)[0])])
+    vectors = unit(np.random.default_rng(7), 3)
+    store.create_group(tenant, "far", [NewImage("f", "", None, None, vectors[1])])
     settings = Settings(data=tmp_path)
-    service = Service(
-        settings, store, VectorEmbedder(unit(np.random.default_rng(5), 1)[0]), Fetcher(settings)
-    )
-    counter = RoundCounter(store.client, parties=3)
+    service = Service(settings, store, VectorEmbedder(vectors[0]), Fetcher(settings))
+    counter = ReadRecorder(store.client)
+    store.client = counter
+    try:
+        # A threshold no row of "far" reaches: the search returns nothing, then the group is looked up.
+        matches = service.search(tenant, SearchQuery(["far"], 10, 0.999, uri=photo_uri()))
+    finally:
+        store.client = counter._client
+        service.close()
+    assert matches == []
+    names = [(name, collection) for name, collection, _, _ in counter.reads]
+    assert names[0] == ("search", store.images), counter.reads
+    # The group's registry row was read (once per request, however many searches followed).
+    assert names.count(("query", store.groups)) == 1, counter.reads
+    assert {name for name, _ in names[1:]} <= {"search", "query"}
+
+
+def test_a_missing_group_is_found_after_the_search(milvus_store: Any, tmp_path: Path) -> None:
+    store, tenant = milvus_store, "t-" + uuid.uuid4().hex[:12]
+    vector = unit(np.random.default_rng(4), 1)[0]
+    store.create_group(tenant, "here", [NewImage("a", "", None, None, vector)])
+    settings = Settings(data=tmp_path)
+    service = Service(settings, store, VectorEmbedder(vector), Fetcher(settings))
+    counter = ReadRecorder(store.client)
     store.client = counter
     try:
         with pytest.raises(GroupNotFound) as missing:
@@ -191,13 +204,16 @@ def test_a_missing_group_is_found_in_the_same_round(milvus_store: Any, tmp_path:
         store.client = counter._client
         service.close()
     assert missing.value.message == "group gone not exists"
-    # One round of three reads; under Session, the group that was not found is looked up once more with
-    # Strong (another process may have just created it) before "not exists" is answered.
-    # (Under Strong, the search's pinned timestamp is already as fresh as a Strong read: no second look.)
-    levels = [level for _, _, level, _ in counter.reads]
+    # The search (it finds "here"'s image: "here" needs no check), then "gone" in the registry; under
+    # Session, a group that was not found is looked up once more with Strong (another process may have
+    # just created it) before "not exists" is answered. (Under Strong, the search's pinned timestamp is
+    # already as fresh as a Strong read: no second look.)
     level = search_level_of(store)
     fresh = level == "Strong" or store.consistency == "Strong"
-    assert levels == [level] * 3 + ([] if fresh else ["Strong"])
+    reads = [(name, collection, lv) for name, collection, lv, _ in counter.reads]
+    assert reads == [("search", store.images, level), ("query", store.groups, level)] + (
+        [] if fresh else [("query", store.groups, "Strong")]
+    ), reads
 
 
 def test_a_search_by_stored_id_waits_once(milvus_store: Any, tmp_path: Path) -> None:
@@ -210,7 +226,7 @@ def test_a_search_by_stored_id_waits_once(milvus_store: Any, tmp_path: Path) -> 
     store.create_group(tenant, "r1", [NewImage(f"r1-{i}", "", None, None, v) for i, v in enumerate(vectors)])
     settings = Settings(data=tmp_path)
     service = Service(settings, store, VectorEmbedder(vectors[0]), Fetcher(settings))
-    counter = RoundCounter(store.client, parties=2)  # the vector's row and its group check, together
+    counter = ReadRecorder(store.client)
     store.client = counter
     try:
         matches = service.search(tenant, SearchQuery(["r1"], 10, 0.5, by_id=ImageRef("r1", "r1-2")))
@@ -218,19 +234,18 @@ def test_a_search_by_stored_id_waits_once(milvus_store: Any, tmp_path: Path) -> 
         store.client = counter._client
         service.close()
     assert [m.id for m in matches][:1] == ["r1-2"] and matches[0].score == pytest.approx(1.0, abs=1e-4)
-    # The vector round (row and group check), then the search: the group was found in the first round,
-    # so the search does not check it again (MilvusStore._require within read_snapshot).
-    assert [name for name, _, _, _ in counter.reads][2:] == ["search"], counter.reads
-    assert sorted(name for name, _, _, _ in counter.reads) == ["query"] * 2 + ["search"]
+    # The vector's row (found: its group exists), then the search (it finds the image: no group check).
+    assert [(name, c) for name, c, _, _ in counter.reads] == [
+        ("query", store.images),
+        ("search", store.images),
+    ]
     levels = {(level, stamp) for _, _, level, stamp in counter.reads}
     if store.uri.startswith("http") and store.consistency == "Strong":
-        assert len(levels) == 1, levels  # one guarantee timestamp for all three reads: one wait
+        assert len(levels) == 1, levels  # one guarantee timestamp for both reads: one wait
         ((level, stamp),) = levels
         assert level == "Customized" and stamp is not None and stamp > 1  # from the oracle
     elif store.uri.startswith("http"):
-        # Session: each collection's reads carry this process's last write to it (the registry's and the
-        # images'), the same for the vector's round and the search's: the second finds it reached.
-        for collection in {c for _, c, _, _ in counter.reads}:
-            stamps = {(lv, st) for _, c, lv, st in counter.reads if c == collection}
-            assert len(stamps) == 1 and next(iter(stamps))[0] == "Customized", (collection, stamps)
+        # Session: both carry this process's last write to the images' collection: the second finds it
+        # reached.
+        assert len(levels) == 1 and next(iter(levels))[0] == "Customized", levels
     print(f"\n[milvus rounds] search by id ({store.consistency}): {len(counter.reads)} reads, {levels}")

@@ -40,8 +40,9 @@ Choices, and why:
   to see other processes' writes: the checks that settle races between writers (a group created twice,
   an id added twice), and a group that a non-Strong read did not find is looked up again with Strong
   before "not exists" is answered. ``Strong`` makes every read wait for every process's writes (up to
-  about two time ticks). Reads that an operation needs together (group check and data) run in parallel;
-  a search checks its groups in the same round (tests/test_milvus_rounds.py counts the reads).
+  about two time ticks). Reads that an operation needs together (group check and data) run in parallel.
+  A search folds its existence checks into itself: rows found of a group show that the group exists, and
+  only a group it found nothing of is looked up afterwards (tests/test_milvus_rounds.py records the reads).
 * **Updates cannot lose an image.** Milvus rewrites a row to change it, and Milvus 2.3's upsert lost rows on
   a partition-key collection. An update therefore inserts the new version first, under the next version
   of the primary key (low 2 bits + 1 mod 4: the same listing position), and only then deletes the versions
@@ -894,7 +895,10 @@ class MilvusStore(Store):
         return self._query(self.images, flt, self._fields, limit=limit)
 
     def _image_row(self, tenant: str, group: str, image_id: str, fields: list[str]) -> dict:
-        rows = self._with_group(tenant, group, lambda: self._rows_by_ids(tenant, group, [image_id], fields))
+        # The row found shows that its group exists (as in ``search``): the registry is read only when not.
+        rows = self._rows_by_ids(tenant, group, [image_id], fields)
+        if not rows:
+            self._require(tenant, group)
         if not rows and not self._fresh(self.images):
             # As for groups: "not found" only after a Strong look (another process may have just added it).
             rows = self._rows_by_ids(tenant, group, [image_id], fields, "Strong")
@@ -1075,7 +1079,6 @@ class MilvusStore(Store):
     ) -> list[Hit]:
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         groups = list(dict.fromkeys(groups))
-        checks = [self._submit(self._require, tenant, g) for g in groups]
         names = {_key(tenant, g): g for g in groups}
         flt = _in("gkey", list(names))
         # A filter: as an expression on the hashed columns when the collection has them (Milvus scores only
@@ -1085,12 +1088,16 @@ class MilvusStore(Store):
         if pre:
             flt = f"{flt} and ({pre})"
         want = -1 if where is not None and not pre else limit
-        best, refused = self._best(tenant, names, queries, flt, want, min_cosine, where)
+        best, refused, present = self._best(tenant, names, queries, flt, want, min_cosine, where)
         if refused and 0 <= limit and len(best) < limit:
             # The expression let through rows the exact check refused (e.g. true for 1), which took places
             # in the answer: ask again for every match.
-            best, _ = self._best(tenant, names, queries, flt, -1, min_cosine, where)
-        for check in checks:
+            best, _, more = self._best(tenant, names, queries, flt, -1, min_cosine, where)
+            present |= more
+        # The existence check folded into the search: a group the search found rows of exists (its rows are
+        # removed before its registry row, and an add that finds its group gone removes its own rows), so
+        # only a group without any is looked up in the registry, after the search (GroupNotFound if gone).
+        for check in [self._submit(self._require, tenant, g) for g in groups if g not in present]:
             check.result()
         # An image left with two versions by an interrupted update counts once, as its newer version.
         keep = {e["seq"] for e in _newest(sorted((e for _, e in best.values()), key=lambda e: e["seq"]))}
@@ -1121,22 +1128,24 @@ class MilvusStore(Store):
         limit: int,
         min_cosine: float,
         where: Filter | None,
-    ) -> tuple[dict[int, tuple[float, dict]], int]:
-        """seq -> (best cosine over the views, entity) of the rows that pass ``where``, and how many rows
-        the search returned that ``where`` refused."""
+    ) -> tuple[dict[int, tuple[float, dict]], int, set[str]]:
+        """seq -> (best cosine over the views, entity) of the rows that pass ``where``, how many rows the
+        search returned that ``where`` refused, and the groups it returned rows of."""
         best: dict[int, tuple[float, dict]] = {}
         refused = 0
+        present: set[str] = set()
         for found in self._search_views(queries, flt, limit, min_cosine):
             for cosine, entity in found:
                 if entity["tenant"] != tenant or names.get(_key(tenant, entity["grp"])) != entity["grp"]:
                     continue  # a hash collision with another tenant's group: never shown
+                present.add(entity["grp"])
                 if where is not None and not where.matches(entity["label"], _load_desc(entity["desc"])):
                     refused += 1
                     continue
                 seq = int(entity["seq"])
                 if seq not in best or cosine > best[seq][0]:
                     best[seq] = (cosine, entity)
-        return best, refused
+        return best, refused, present
 
     def _search_views(
         self, views: np.ndarray, flt: str, limit: int, min_cosine: float
