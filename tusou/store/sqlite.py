@@ -216,6 +216,7 @@ class SQLiteStore(Store):
         self._stop = threading.Event()
         self._records_lock = threading.Lock()
         self._records_executor: ThreadPoolExecutor | None = None
+        self._records_busy = False
         self._load()
         self._snapshotter = threading.Thread(target=self._snapshot_loop, name="tusou-snapshot", daemon=True)
         self._snapshotter.start()
@@ -644,8 +645,16 @@ class SQLiteStore(Store):
         def prefetch(keys: np.ndarray) -> None:
             # A large answer's records are read in another thread while the index reads and scores the
             # candidates' float32 rows (both mostly outside the GIL: SQLite's step, preadv).
-            if len(groups) == 1 and len(keys) >= _PREFETCH_MIN:
-                prefetched.append(self._records_pool().submit(self._records, keys))
+            # One thread does this; while it is busy with another search's records, this search reads its
+            # own in line afterwards, as concurrent searches did before (no queue behind one thread).
+            if len(groups) == 1 and len(keys) >= _PREFETCH_MIN and not prefetched:
+                with self._records_lock:
+                    if self._records_busy:
+                        return
+                    self._records_busy = True
+                future = self._records_pool().submit(self._records, keys)
+                future.add_done_callback(self._records_done)
+                prefetched.append(future)
 
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         for group in groups:
@@ -799,6 +808,10 @@ class SQLiteStore(Store):
             with self._records_lock:
                 self._warming = None
             conn.close()
+
+    def _records_done(self, _: Future) -> None:
+        with self._records_lock:
+            self._records_busy = False
 
     def _records_pool(self) -> ThreadPoolExecutor:
         """The thread that reads large answers' records (:meth:`search`), made on first use. Its connection
