@@ -104,6 +104,25 @@ def synthetic(
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+def unrelated_jpegs(count: int) -> list[bytes]:
+    """JPEGs unlike any photo or scene: pixel noise, smooth colour noise and stripes (seeded)."""
+    rng = np.random.default_rng(7)
+    out = []
+    for i in range(count):
+        if i % 3 == 0:
+            pixels = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+        elif i % 3 == 1:
+            small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+            pixels = np.asarray(small.resize((640, 480), Image.Resampling.BICUBIC))
+        else:
+            width = int(rng.integers(8, 60))
+            band = (np.arange(640) // width) % 2
+            colours = rng.integers(0, 256, (2, 3), dtype=np.uint8)
+            pixels = np.broadcast_to(colours[band][None], (480, 640, 3)).copy()
+        out.append(jpeg_bytes(Image.fromarray(pixels)))
+    return out
+
+
 def data_uri(data: bytes) -> str:
     return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
 
@@ -301,9 +320,27 @@ def inproc_bench(args, data: Path, embedder, queries: np.ndarray) -> dict:
             max(times),
             float(np.median(returned)),
         )
+    # Queries with no match: images unlike the catalogue's (the exact scan below keeps those with no row
+    # above the threshold). The lists find nothing for them and the search falls back to the exact scan:
+    # what a "no match" answer costs.
+    strangers = embedder.embed_queries([embedder.open_image(b) for b in unrelated_jpegs(6)])
+    stranger_times: dict[int, list[float]] = {1: [], -1: []}
+    for q in strangers:
+        for limit, times in stranger_times.items():
+            t = time.perf_counter()
+            store.search(tenant, [GROUP], q, limit, floor)
+            times.append((time.perf_counter() - t) * 1000)
     # Served answers (keys, order, float cosines) against brute-force float32 over every row.
     n_exact = min(len(queries), args.exact_queries)
-    truth = brute_force(store, store._gids[(tenant, GROUP)], queries[:n_exact], floor)
+    truth = brute_force(
+        store, store._gids[(tenant, GROUP)], np.concatenate([queries[:n_exact], strangers]), floor
+    )
+    truth, stranger_truth = truth[:n_exact], truth[n_exact:]
+    lone = [i for i, (keys_found, _) in enumerate(stranger_truth) if len(keys_found) == 0]
+    report["nomatch_queries"] = (len(lone), len(strangers))
+    for limit, times in stranger_times.items():
+        kept = [times[i] for i in lone] or [float("nan")]
+        report[f"inproc_nomatch_limit_{limit}"] = (pct(kept, 50), pct(kept, 99), max(kept), 0.0)
     same = ties = total = 0
     worst_cos = 0.0
     for qi in range(n_exact):
@@ -498,6 +535,14 @@ def print_sqlite_table(r: dict) -> None:
         for limit in LIMITS:
             p50, p99, worst, returned = r[f"{prefix}_limit_{limit}"]
             print(f"| {label}, limit={limit} | {p50:.1f} / {p99:.1f} / {worst:.1f} ms | {returned:.0f} |")
+    lone, tried = r.get("nomatch_queries", (0, 0))
+    for limit in (1, -1):
+        if f"inproc_nomatch_limit_{limit}" in r:
+            p50, p99, worst, _ = r[f"inproc_nomatch_limit_{limit}"]
+            print(
+                f"| (a) a query with no match ({lone} of {tried} noise/pattern images), limit={limit} | "
+                f"{p50:.1f} / {p99:.1f} / {worst:.1f} ms | 0 |"
+            )
     print("\n| measure | value |\n|---|---|")
     same, total = r["served_identical"]
     print(
