@@ -870,14 +870,14 @@ class VectorIndex:
                         least = max(floor, float(np.partition(found, len(found) - limit)[len(found) - limit]))
                         least -= 2 * SCREEN_MARGIN
                     slots, approx = self._scan(query, limit, max(floor, least))
-            keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch, limit)
+            keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch)
             if auto and not scan and len(keys) < limit:
                 # Fewer matches than asked for in the lists: another may still sit in a list the query is
                 # far from (a lone photo among another item's crowd: on the dense 500k bench catalogue, 7
                 # of 120 JPEG queries with a match got none at limit=1, one got 1 of its 2 at limit=10).
                 # An answer that says "that is all" (none, or fewer than the limit) is the scan's to give.
                 slots, approx = self._scan(query, limit, floor)
-                keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch, limit)
+                keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch)
         if limit >= 0:
             keys, cosines = keys[:limit], cosines[:limit]
         return keys, cosines
@@ -1028,7 +1028,7 @@ class VectorIndex:
                 kth = float(np.partition(approx, len(approx) - limit)[len(approx) - limit])
                 keep = approx >= kth - 2 * SCREEN_MARGIN
                 slots, approx = slots[keep], approx[keep]
-            keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch, limit)
+            keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch)
         if limit >= 0:
             keys, cosines = keys[:limit], cosines[:limit]
         return keys, cosines
@@ -1041,31 +1041,16 @@ class VectorIndex:
         min_cosine: float,
         floor: float,
         prefetch: Prefetch | None = None,
-        limit: int = -1,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The candidates that pass ``min_cosine`` in float32, best first (ties in seq order): keys, cosines
-        (with ``limit`` > 0, enough of them for the best ``limit``). Runs under the read lock (slots are
-        stable). ``prefetch`` gets the keys of the rows read first (the caller may start reading their
-        records while the float32 rows are read and scored; the answer may hold a few others).
+        """The candidates that pass ``min_cosine`` in float32, best first (ties in seq order): keys, cosines.
+        Runs under the read lock (slots are stable). ``prefetch`` gets the candidates' keys first (the
+        caller may start reading their records while the float32 rows are read and scored).
 
-        With more candidates than ``limit``, the ``limit`` best by int8 are scored first: each of them
-        scores at least the least of their float32 cosines (``kth``), so the others need scoring only
-        where their int8 cosine is within the int8 error (``SCREEN_MARGIN``) of ``kth``; a row further
-        under it scores below ``limit`` rows. (500k dense, limit=10000: ~13,900 candidates, ~10,000 +
-        the band scored.)"""
+        (Scoring the ``limit`` best by int8 first and then only the rows near the least of their float32
+        cosines read ~10,000 rows instead of ~13,900 for a 500k dense ``limit=10000``, but two reads of a
+        list-ordered side file cost more than one: measured slower, not used.)"""
         keep = approx >= floor
-        slots, approx = slots[keep], approx[keep]
-        if 0 < limit < len(slots):
-            top = np.zeros(len(slots), dtype=bool)
-            top[np.argpartition(-approx, limit - 1)[:limit]] = True
-            keys, cosines = self._exact(slots[top], approx[top], queries, prefetch)
-            kth = float(cosines.min()) if len(cosines) else floor
-            rest = np.flatnonzero(~top)
-            band = rest[approx[rest] >= kth - SCREEN_MARGIN]
-            more_keys, more = self._exact(slots[band], approx[band], queries, None)
-            keys, cosines = np.concatenate([keys, more_keys]), np.concatenate([cosines, more])
-        else:
-            keys, cosines = self._exact(slots, approx, queries, prefetch)
+        keys, cosines = self._exact(slots[keep], approx[keep], queries, prefetch)
         passing = np.flatnonzero(cosines >= min_cosine)
         # Best first; equal cosines in seq (insertion) order so answers are repeatable.
         order = passing[np.lexsort((keys[passing], -cosines[passing]))]
