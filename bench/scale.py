@@ -17,7 +17,8 @@ The embedded store (default), once per density (``--density both``, the default,
    default threshold, whatever the base photos are. Reports fill time and rows/s and the close snapshot.
 3. (a) In process: ``SQLiteStore.search`` with the real JPEG queries' four views at the default threshold,
    p50/p99/max for limit 1, 100, 10000, -1; the served answers (keys, order) against brute-force float32
-   over every row (``--exact-queries`` queries, each limit).
+   over every row (``--exact-queries`` queries, each limit); and queries with no match (noise and pattern
+   images, kept where the exact scan finds nothing), limit 1 and -1: what a "no match" answer costs.
 4. ``python -m tusou serve`` on the folder: time from process start to the first answered search;
    (b) HTTP search by a stored image's id (the photo the JPEG query was made from: one view, no model)
    and (c) HTTP search with the JPEG (its four-view embedding included), same limits; ingest img/s over
