@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -78,10 +79,13 @@ class ReadRecorder:
             return method
 
         def read(collection: str, *args: Any, **kwargs: Any) -> Any:
-            with self._lock:
-                self.reads.append(
-                    (name, collection, kwargs.get("consistency_level"), kwargs.get("guarantee_timestamp"))
-                )
+            # The store's count of the collection's groups (MilvusStore._alone) is refreshed in the
+            # background, off every request's path: not one of the request's reads.
+            if not (collection.endswith("_groups") and kwargs.get("output_fields") == ["count(*)"]):
+                with self._lock:
+                    self.reads.append(
+                        (name, collection, kwargs.get("consistency_level"), kwargs.get("guarantee_timestamp"))
+                    )
             return method(collection, *args, **kwargs)
 
         return read
@@ -104,6 +108,10 @@ def milvus_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         pytest.importorskip("milvus_lite")
         lite = str(tmp_path_factory.mktemp("milvus-lite") / "rounds.db")
         store = LiteMilvusStore(lite, collection=COLLECTION, model_id="m", dim=DIM)
+    # The collection's groups counted as unknown for the test's length: reads keep the group filter
+    # (without it, another test's group scoring above the threshold adds a search; that path has its own
+    # test below).
+    store._groups_seen = (-1, time.monotonic() + 3600)
     yield store
     store.close()
 
@@ -249,3 +257,60 @@ def test_a_search_by_stored_id_waits_once(milvus_store: Any, tmp_path: Path) -> 
         # reached.
         assert len(levels) == 1 and next(iter(levels))[0] == "Customized", levels
     print(f"\n[milvus rounds] search by id ({store.consistency}): {len(counter.reads)} reads, {levels}")
+
+
+@pytest.mark.parametrize("backend", ["lite", "server"])
+def test_a_search_without_the_group_filter_falls_back_when_another_group_scores(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, backend: str
+) -> None:
+    """A collection holding only the searched group is searched without the ``gkey`` filter (Milvus
+    evaluates it on every row of the partition). Another group made since the store last counted them
+    (here: a count made stale on purpose) returns rows at or above the threshold: the search asks again
+    with the filter, and the answer is the group's own, for every limit. A lookup by id without the filter
+    keeps only the group's row of that id."""
+    from tests.milvus_lite import LiteMilvusStore
+    from tusou.store.milvus import MilvusStore
+
+    collection = "alone_" + uuid.uuid4().hex[:8]
+    if backend == "server":
+        uri = request.getfixturevalue("milvus_server").uri
+        store: Any = MilvusStore(uri, collection=collection, model_id="m", dim=DIM)
+    else:
+        pytest.importorskip("milvus_lite")
+        lite = str(tmp_path_factory.mktemp("milvus-lite") / "alone.db")
+        store = LiteMilvusStore(lite, collection=collection, model_id="m", dim=DIM)
+    try:
+        rng = np.random.default_rng(9)
+        query, noise = unit(rng, 2)
+        near = (query + 0.15 * noise) / np.linalg.norm(query + 0.15 * noise)  # cosine ~0.99 to the query
+        store.create_group(
+            "t", "a", [NewImage("x", "", None, None, near), NewImage("y", "", None, None, noise)]
+        )
+        store._count_groups()
+        assert store._alone(1)
+        filters: list[str] = []
+        search = store.client.search
+
+        def recording(collection: str, *args: Any, **kwargs: Any) -> Any:
+            filters.append(kwargs.get("filter", ""))
+            return search(collection, *args, **kwargs)
+
+        store.client.search = recording
+        assert [h.id for h in store.search("t", ["a"], query[None, :], 1, 0.5)] == ["x"]
+        assert filters == [""]  # alone: no group filter
+        # Another tenant's group, holding the query itself and an image with the same id: made after the
+        # count (as by another process), which still says one group.
+        store.create_group("u", "b", [NewImage("x", "", None, None, query)])
+        store._groups_seen = (1, time.monotonic())
+        filters.clear()
+        for limit in (1, 10, -1):
+            hits = store.search("t", ["a"], query[None, :], limit, 0.5)
+            assert [(h.group, h.id) for h in hits] == [("a", "x")], limit
+        # Each: first without the filter (another group's row scored), then again with it.
+        assert [bool(f) for f in filters] == [False, True] * 3, filters
+        assert all(f.startswith("gkey in [") for f in filters[1::2]), filters
+        assert np.allclose(store.get_vector("t", "a", "x"), near, atol=1e-6)
+        assert np.allclose(store.get_vector("u", "b", "x"), query, atol=1e-6)
+        store.client.search = search
+    finally:
+        store.close()
