@@ -43,8 +43,8 @@ def main() -> None:
     assign = index._assign[live].astype(np.int64)
     residual = np.empty(len(live), dtype=np.float32)
     for start in range(0, len(live), 50_000):
-        rows = index._gather_float(live[start : start + 50_000])
-        residual[start : start + 50_000] = np.linalg.norm(rows - centroids[assign[start : start + 50_000]], axis=1)
+        part = slice(start, start + 50_000)
+        residual[part] = np.linalg.norm(index._gather_float(live[part]) - centroids[assign[part]], axis=1)
     floor = embedder.cosine_for_score(embedder.default_threshold)
     print(f"{len(live):,} rows, {len(centroids):,} lists, default threshold at cosine {floor:.4f}")
     p5, p50, p95, top = np.percentile(residual, [5, 50, 95, 100])
