@@ -122,9 +122,7 @@ def _dump_desc(desc: object) -> str | None:
 
 
 def _load_desc(text: str | None) -> object:
-    if text == '""':
-        return ""
-    if text is None:
+    if text is None or text == '""':  # the usual desc, "": no JSON to parse
         return ""
     if text[:1] == '"' and "\\" not in text:
         # A plain string (the usual desc): our JSON text with no escape is the string between its quotes.

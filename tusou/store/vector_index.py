@@ -422,22 +422,7 @@ class _Floats:
 
     def _read(self, parts: list[memoryview], slot: int) -> None:
         """Fill ``parts`` from the file at row ``slot`` on (one call; more only after a short read)."""
-        offset = slot * self.row_bytes
-        got = os.preadv(self.fd, parts, offset)
-        want = sum(len(p) for p in parts)
-        while got < want:  # short reads happen only at the end of the file (a bug) or on signals
-            skip = got
-            rest = []
-            for p in parts:
-                if skip >= len(p):
-                    skip -= len(p)
-                    continue
-                rest.append(p[skip:])
-                skip = 0
-            more = os.preadv(self.fd, rest, offset + got)
-            if not more:
-                raise OSError(f"{self.path}: rows missing at position {slot + got // self.row_bytes}")
-            got += more
+        _read_full(self.fd, parts, slot, self.row_bytes, self.path)
 
     def sync(self) -> None:
         os.fsync(self.fd)
@@ -775,13 +760,7 @@ class VectorIndex:
                     raise _Abandoned
                 end = min(held, start + chunk)
                 got = rows[: end - start]
-                view = got.data.cast("B")
-                done = 0
-                while done < len(view):
-                    more = os.preadv(source, [view[done:]], start * floats.row_bytes + done)
-                    if not more:
-                        raise OSError(f"{floats.path}: rows missing at position {start}")
-                    done += more
+                _read_full(source, [got.data.cast("B")], start, floats.row_bytes, floats.path)
                 slots = slot_at[start:end]
                 mine = np.flatnonzero(slots >= 0)
                 dest = place[slots[mine]]
@@ -867,7 +846,7 @@ class VectorIndex:
                     # drops them too), and the head bound rules most rows out against it.
                     least = floor
                     if len(found) >= limit:
-                        least = max(floor, float(np.partition(found, len(found) - limit)[len(found) - limit]))
+                        least = float(np.partition(found, len(found) - limit)[len(found) - limit])
                         least -= 2 * SCREEN_MARGIN
                     slots, approx = self._scan(query, limit, max(floor, least))
             keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch, limit)
@@ -1374,6 +1353,26 @@ def _warm(path: Path) -> None:
 
 class _Abandoned(Exception):
     """A relayout stopped midway (shutdown)."""
+
+
+def _read_full(fd: int, parts: list[memoryview], row: int, row_bytes: int, path: Path) -> None:
+    """Fill ``parts`` from a side file at row ``row`` on: one ``preadv``, more only after a short read."""
+    offset = row * row_bytes
+    got = os.preadv(fd, parts, offset)
+    want = sum(len(p) for p in parts)
+    while got < want:  # short reads happen only at the end of the file (a bug) or on signals
+        skip = got
+        rest = []
+        for p in parts:
+            if skip >= len(p):
+                skip -= len(p)
+                continue
+            rest.append(p[skip:])
+            skip = 0
+        more = os.preadv(fd, rest, offset + got)
+        if not more:
+            raise OSError(f"{path}: rows missing at position {row + got // row_bytes}")
+        got += more
 
 
 def _read_rows(floats: _Floats, places: np.ndarray) -> np.ndarray:
