@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tusou.store.vector_index import VectorIndex, quantize, snapshot_files
+from tusou.store.vector_index import SNAPSHOT_FORMAT, VectorIndex, quantize, snapshot_files
 
 DIM = 96
 
@@ -247,7 +247,7 @@ def test_a_snapshot_of_the_previous_format_is_read_and_rewritten(tmp_path: Path)
                 == index.search(v[None], 50, 0.5, exact=exact)[0].tolist()
             )
     assert old.save(tmp_path, "g5") == 900
-    assert json.loads(next(tmp_path.glob("g5.900.*.json")).read_text())["format"] == 5
+    assert json.loads(next(tmp_path.glob("g5.900.*.json")).read_text())["format"] == SNAPSHOT_FORMAT
     new = VectorIndex.load(tmp_path, "g5", DIM, table.fetch)
     assert new is not None and not new.dirty
     assert np.array_equal(new._tail_norm[:n], index._tail_norm[:n])
@@ -355,8 +355,8 @@ def test_a_snapshot_of_format_4_opens_with_its_side_file_by_slot(tmp_path: Path)
     n = header.pop("slots")
     header = {**header, "slots": n}
     del header["float_rows"], header["float_listed"]
-    at = end + 1 + n * (8 + 4 + 2 + 4)  # keys, inverse norms, lists, tail norms; then the positions
-    old = vi._MAGIC_4 + json.dumps(header).encode() + b"\n" + body[end + 1 : at] + body[at + 8 * n :]
+    at = end + 1 + n * (8 + 4 + 2 + 4)  # keys, inverse norms, lists, tail norms; then positions, residuals
+    old = vi._MAGIC_4 + json.dumps(header).encode() + b"\n" + body[end + 1 : at] + body[at + 12 * n :]
     data.write_bytes(old)
     meta |= {"format": 4, "size": len(old), "crc32": zlib.crc32(old)}
     meta_path.write_text(json.dumps(meta))
@@ -369,7 +369,7 @@ def test_a_snapshot_of_format_4_opens_with_its_side_file_by_slot(tmp_path: Path)
     loaded.add(np.asarray([1201]), vectors[:1])
     table.rows[1201] = vectors[0]
     loaded.save(tmp_path, "g7")
-    assert json.loads(next(tmp_path.glob("g7.*.json")).read_text())["format"] == 5
+    assert json.loads(next(tmp_path.glob("g7.*.json")).read_text())["format"] == SNAPSHOT_FORMAT
     again = VectorIndex.load(tmp_path, "g7", DIM, table.fetch)
     assert again is not None and 1201 in again.search(vectors[:1], 5, 0.6)[0].tolist()
 
@@ -559,3 +559,116 @@ def test_no_match_from_the_lists_is_checked_by_the_scan(monkeypatch: pytest.Monk
                 keys, cos = index.search(v[None], limit, threshold)
                 assert dict(zip(keys.tolist(), cos.tolist(), strict=True)) == pytest.approx(want)
     assert len(missed) == 30  # every search asked the lists first
+
+
+def test_the_residual_bound_keeps_a_match_far_from_its_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan and the probe skip rows whose list's centroid plus residual norm cannot reach the threshold
+    (q.x <= q.c + |q| |x - c|). Rows made so that the bound is tight (the query along x - c, x far from
+    every centroid: q.x = q.c + |x - c| exactly) must still be found, alone in lists the query is far from:
+    rows added before the lists were trained, after, after a compaction, through a snapshot of the current
+    format and one of format 5 (no residuals: computed by ``fill_residuals``), with one or two views."""
+    import json
+    import zlib
+
+    import tusou.store.vector_index as vi
+
+    monkeypatch.setattr(vi, "TRAIN_AT", 1000)
+    monkeypatch.setattr(vi, "BLOCK", 256)  # several blocks
+    rng = np.random.default_rng(11)
+    centres = unit(rng.standard_normal((40, DIM)))  # fewer centres than lists: rows near their centroids
+
+    def clustered(n: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        return unit(centres[rng.integers(0, 40, n)] + 0.4 * unit(rng.standard_normal((n, DIM))))
+
+    lone = unit(rng.standard_normal((6, DIM)))  # near no centre: far from their lists' centroids
+    table = Table()
+    index = VectorIndex(DIM, table.fetch, tmp_path, "g8")
+    rows = clustered(3000, seed=12)
+    keys = np.arange(1, 3001)
+    rows[[100, 600, 1500, 1700, 2500, 2900]] = lone  # before training (at 1000 rows) and after
+    table.rows.update(zip(keys.tolist(), rows, strict=True))
+    for start in range(0, 3000, 250):
+        index.add(keys[start : start + 250], rows[start : start + 250])
+    index.exact_below = 0
+    assert index._centroids is not None and not np.isinf(index._resid[: index._n]).any()
+    lone_keys = [101, 601, 1501, 1701, 2501, 2901]
+
+    def tight(ix: VectorIndex) -> list[tuple[np.ndarray, float]]:
+        """For each lone row: the query along x - c (c its list's centroid), and q.x less a hair."""
+        out = []
+        for key in lone_keys:
+            slot = int(ix._slots_of(np.asarray([key]))[0])
+            x = table.rows[key]
+            c = ix._centroids[ix._assign[slot]]
+            q = unit((x - c)[None])
+            out.append((q, float((x @ q.T)[0]) - 1e-5))
+        return out
+
+    def check(ix: VectorIndex, pruning: bool) -> None:
+        for i, (q, threshold) in enumerate(tight(ix)):
+            assert 0.5 < threshold < 0.7  # a real match, for a query far from its list
+            other = rows[(7 * i) % 3000][None]
+            for views in (q, np.vstack([other, q])):
+                truth = table.brute(views, threshold)
+                assert lone_keys[i] in truth
+                for limit, exact in ((1, None), (1, True), (5, None), (-1, None)):
+                    want = dict(sorted(truth.items(), key=lambda kv: -kv[1])[: limit if limit > 0 else None])
+                    found, cos = ix.search(views, limit, threshold, exact=exact)
+                    assert dict(zip(found.tolist(), cos.tolist(), strict=True)) == pytest.approx(want)
+            sims = vi._products(q, ix._centroids)
+            limits = ix._residual_limits(q, sims, threshold)
+            assert limits is not None
+            live = np.flatnonzero(ix._inv[: ix._n] > 0)
+            ruled_out = np.mean(ix._resid[live] < limits[ix._assign[live]])
+            assert ruled_out > 0.5 if pruning else ruled_out == 0  # the bound under test does prune
+
+    check(index, True)
+    gone = np.setdiff1d(np.arange(2, 2000, 3), lone_keys)
+    index.remove(gone)  # deleted rows: skipped either way
+    for k in gone.tolist():
+        del table.rows[k]
+    check(index, True)
+    index.remove(np.setdiff1d(np.arange(1, 2700), lone_keys))  # more than half deleted: compacted
+    for k in np.setdiff1d(np.arange(1, 2700), lone_keys).tolist():
+        table.rows.pop(k, None)
+    assert index._layout == 1
+    more = clustered(800, seed=13)
+    more[400] = unit(rng.standard_normal((1, DIM)))[0]
+    table.rows.update(zip(range(3001, 3801), more, strict=True))
+    index.add(np.arange(3001, 3801), more)  # added after the compaction
+    lone_keys.append(3401)
+    check(index, True)
+    index.save(tmp_path, "g8")
+    loaded = VectorIndex.load(tmp_path, "g8", DIM, table.fetch)
+    assert loaded is not None and not loaded.residuals_due()
+    loaded.exact_below = 0
+    assert np.array_equal(loaded._resid[: loaded._n], index._resid[: index._n])
+    check(loaded, True)
+    # The same snapshot in format 5 (no residual norms): exact without them, then filled in.
+    meta_path = next(tmp_path.glob("g8.*.json"))
+    meta = json.loads(meta_path.read_text())
+    data = meta_path.with_suffix(".ivf")
+    body = data.read_bytes()
+    end = body.index(b"\n", len(vi._MAGIC))
+    n = index._n
+    at = end + 1 + n * (8 + 4 + 2 + 4 + 8)  # keys, inverse norms, lists, tail norms, positions
+    old = vi._MAGIC_5 + body[len(vi._MAGIC) : at] + body[at + 4 * n :]
+    data.write_bytes(old)
+    meta |= {"format": 5, "size": len(old), "crc32": zlib.crc32(old)}
+    meta_path.write_text(json.dumps(meta))
+    five = VectorIndex.load(tmp_path, "g8", DIM, table.fetch)
+    assert five is not None and five.residuals_due() and not five.dirty
+    five.exact_below = 0
+    check(five, False)
+    assert five.fill_residuals() and not five.residuals_due() and five.dirty
+    assert np.allclose(five._resid[:n], index._resid[:n], rtol=0, atol=1e-6)
+    check(five, True)
+    five.save(tmp_path, "g8")
+    assert json.loads(next(tmp_path.glob("g8.*.json")).read_text())["format"] == SNAPSHOT_FORMAT
+    again = VectorIndex.load(tmp_path, "g8", DIM, table.fetch)
+    assert again is not None and not again.residuals_due()
+    again.exact_below = 0
+    check(again, True)

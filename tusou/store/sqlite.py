@@ -392,6 +392,8 @@ class SQLiteStore(Store):
                     return
                 if index.relayout_due():
                     self._relayout(gid, index)
+                if index.residuals_due():  # a snapshot of an earlier format: its rows' residual norms
+                    self._relayout(gid, index, residuals=True)
                 # A snapshot writes the whole group (2 GB at 5M x 384): after a fixed number of changes it
                 # would be rewritten over and over while a large group fills; an eighth of the group's size
                 # bounds both the rewriting and what a crash leaves to replay from SQLite.
@@ -413,16 +415,19 @@ class SQLiteStore(Store):
                 # The snapshot is only an accelerator: SQLite still has every row; try again later.
                 log.exception("snapshot of group %d failed", gid)
 
-    def _relayout(self, gid: int, index: VectorIndex) -> None:
+    def _relayout(self, gid: int, index: VectorIndex, residuals: bool = False) -> None:
         with self._snapshot_lock:
             if self._indexes.get(gid) is not index:  # removed meanwhile
                 return
             try:
-                # Marks the index changed: the next round writes a snapshot naming the new file. A close
-                # stops it between reads.
-                index.relayout(self._stop)
+                # Marks the index changed: the next round writes a snapshot naming the new file (or holding
+                # the residual norms). A close stops it between reads.
+                if residuals:
+                    index.fill_residuals(self._stop)
+                else:
+                    index.relayout(self._stop)
             except OSError:
-                log.exception("rewriting the side file of group %d failed", gid)
+                log.exception("background pass over the side file of group %d failed", gid)
 
     def snapshot(self) -> None:
         """Write a snapshot of every group changed since its last one (tests, clean shutdown)."""

@@ -20,9 +20,10 @@ Search paths: small groups, large limits and "every match" scan all rows (exact:
 the survivors); otherwise the inverted file proposes candidates (approximate, recall measured), and a
 dense neighbourhood (``DENSE_MATCHES`` rows above the threshold) gets the exact scan instead.
 
-Snapshots: ``save`` writes ``<name>.<seq>.<generation>.ivf`` beside the previous one (temp file, fsync,
-rename) and then a ``.json`` with its size and CRC; ``load`` takes the newest snapshot whose JSON and CRC
-check out. The owner replays the live rows the snapshot lacks from the record of truth.
+Snapshots (format 6: rows, lists, residual norms): ``save`` writes ``<name>.<seq>.<generation>.ivf`` beside
+the previous one (temp file, fsync, rename) and then a ``.json`` with its size and CRC; ``load`` takes the
+newest snapshot whose JSON and CRC check out. The owner replays the live rows the snapshot lacks from the
+record of truth.
 """
 
 from __future__ import annotations
@@ -83,9 +84,16 @@ BOUND_GIVE_UP = 0.25
 RELAYOUT_MIN = 100_000
 # Side-file reads (_Floats.gather): rows at most this many rows apart are read with one call.
 READ_GAP = 4
-SNAPSHOT_FORMAT = 5
+# The residual bound (VectorIndex._residual_limits): a row x of the list with centroid c has q.x <= q.c +
+# |q| |x - c|; the bound is compared with the threshold less this (float32 rounding of the products).
+RESID_SLACK = 1e-3
+# A scan block where the residual bound lets more than this share of rows through runs the head bound
+# over the whole block (gathering the survivors' heads would cost more than it saves).
+RESID_GIVE_UP = 0.5
+SNAPSHOT_FORMAT = 6
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-_MAGIC = b"TUSOU-IVF-5\n"
+_MAGIC = b"TUSOU-IVF-6\n"
+_MAGIC_5 = b"TUSOU-IVF-5\n"  # no residual norms: computed in the background (fill_residuals)
 _MAGIC_4 = b"TUSOU-IVF-4\n"  # side-file rows by slot (no positions): read as is
 _MAGIC_3 = b"TUSOU-IVF-3\n"  # whole rows per block, no tail norms: read and converted
 
@@ -457,6 +465,10 @@ class VectorIndex:
         self._keys = np.zeros(0, dtype=np.int64)
         self._inv = np.zeros(0, dtype=np.float32)  # 1 / |int8 row|, 0 for a deleted slot
         self._assign = np.zeros(0, dtype=np.int16)
+        # |x - c| of each slot's float32 row x and its list's centroid c (the residual bound); +inf where
+        # not known (no lists yet, or a snapshot of an earlier format until ``fill_residuals`` has run).
+        self._resid = np.zeros(0, dtype=np.float32)
+        self._resid_stale = False  # some listed rows' residuals are unknown (fill_residuals is due)
         self._layout = 0  # bumped by a compaction (slots move)
         # Where each slot's float32 row lies in the side file (rows are appended there as they are added;
         # ``relayout`` rewrites them in list order), the rows the file holds, and how many of them (the
@@ -538,13 +550,20 @@ class VectorIndex:
                     return
             if self._floats is not None:
                 self._floats.write(self._fnext, vectors)
-            self._append(keys, offset, inv, self._assign_rows(vectors), tail_norm)
+            assign = self._assign_rows(vectors)
+            self._append(keys, offset, inv, assign, tail_norm, self._residuals(vectors, assign))
             self.last_seq = max(self.last_seq, int(keys.max()))
             self._touch(len(keys))
             self._maybe_train()
 
     def _append(
-        self, keys: np.ndarray, offset: np.ndarray, inv: np.ndarray, assign: np.ndarray, tail_norm: np.ndarray
+        self,
+        keys: np.ndarray,
+        offset: np.ndarray,
+        inv: np.ndarray,
+        assign: np.ndarray,
+        tail_norm: np.ndarray,
+        resid: np.ndarray,
     ) -> None:
         """Rows (uint8 offset codes, whole) into the next slots; their float32 rows were written to the
         side file at ``_fnext`` onwards."""
@@ -556,6 +575,7 @@ class VectorIndex:
         self._inv = _grow(self._inv, n + m)
         self._assign = _grow(self._assign, n + m)
         self._tail_norm = _grow(self._tail_norm, n + m)
+        self._resid = _grow(self._resid, n + m)
         if self._keys_sorted and (n and keys[0] <= self._keys[n - 1] or np.any(np.diff(keys) <= 0)):
             self._keys_sorted = False
         self._key_order = None
@@ -563,6 +583,7 @@ class VectorIndex:
         self._inv[n : n + m] = inv
         self._assign[n : n + m] = assign
         self._tail_norm[n : n + m] = tail_norm
+        self._resid[n : n + m] = resid
         h = self.head
         done = 0
         while done < m:
@@ -588,6 +609,34 @@ class VectorIndex:
             sims = vectors[start : start + 8192] @ self._centroids.T
             out[start : start + 8192] = sims.argmax(axis=1)
         return out
+
+    def _residuals(
+        self, vectors: np.ndarray, assign: np.ndarray, centroids: np.ndarray | None = None
+    ) -> np.ndarray:
+        """|x - c| of float32 rows ``vectors`` and their lists' centroids (+inf without lists), in float64
+        (stored as float32: the bound's slack covers that rounding)."""
+        centroids = self._centroids if centroids is None else centroids
+        if centroids is None:
+            return np.full(len(vectors), np.inf, dtype=np.float32)
+        out = np.empty(len(vectors), dtype=np.float32)
+        for start in range(0, len(vectors), 8192):
+            part = slice(start, start + 8192)
+            diff = vectors[part].astype(np.float64) - centroids[assign[part]]
+            out[part] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        return out
+
+    def _float_rows(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The live ``slots`` (sorted) that have a float32 row the re-rank reads, and those rows: from the
+        side file, else through ``fetch`` (none without either: the re-rank then uses int8 cosines)."""
+        slots = slots[self._inv[slots] > 0]
+        if self._floats is not None:
+            return slots, _read_rows(self._floats, self._fpos[slots])
+        if self.fetch is None or not len(slots):
+            return slots[:0], np.zeros((0, self.dim), dtype=np.float32)
+        keys = self._keys[slots]
+        got, rows = self.fetch(keys)
+        at = {k: i for i, k in enumerate(keys.tolist())}  # live keys are unique
+        return slots[np.asarray([at[k] for k in got.tolist()], dtype=np.int64)], rows
 
     def _maybe_train(self) -> None:
         if self._live < TRAIN_AT:
@@ -617,9 +666,13 @@ class VectorIndex:
             centroids = (sums / norms).astype(np.float32)
         self._centroids = centroids
         self._trained_n = self._live
+        self._resid[: self._n] = np.inf
         for start in range(0, self._n, BLOCK):
-            rows = self._gather_float(np.arange(start, min(self._n, start + BLOCK)))
-            self._assign[start : start + len(rows)] = self._assign_rows(rows)
+            slots = np.arange(start, min(self._n, start + BLOCK))
+            self._assign[start : start + len(slots)] = self._assign_rows(self._gather_float(slots))
+            held, rows = self._float_rows(slots)  # the residuals from the rows the re-rank scores
+            self._resid[held] = self._residuals(rows, self._assign[held])
+        self._resid_stale = False
         self._sort_lists()
         log.info(
             "inverted file: %d lists over %d rows in %.1fs", nlist, self._live, time.monotonic() - started
@@ -687,12 +740,13 @@ class VectorIndex:
         self._layout += 1
         old_heads, old_tails, old_floats = self._heads, self._tails, self._floats
         keys, inv, assign = self._keys[live].copy(), self._inv[live].copy(), self._assign[live].copy()
-        tail_norm = self._tail_norm[live].copy()
+        tail_norm, resid = self._tail_norm[live].copy(), self._resid[live].copy()
         self._heads, self._tails, self._n, self._live = [], [], 0, 0
         self._keys = np.zeros(0, dtype=np.int64)
         self._inv = np.zeros(0, dtype=np.float32)
         self._assign = np.zeros(0, dtype=np.int16)
         self._tail_norm = np.zeros(0, dtype=np.float32)
+        self._resid = np.zeros(0, dtype=np.float32)
         self._keys_sorted, self._sorted_upto = True, 0
         old_fpos = self._fpos
         self._fpos, self._fnext, self._flisted = np.zeros(0, dtype=np.int64), 0, 0
@@ -708,7 +762,7 @@ class VectorIndex:
                 rows = np.hstack([old_heads[b][at], old_tails[b][at]])
                 if self._floats is not None and old_floats is not None:
                     self._floats.write(self._fnext, _read_rows(old_floats, old_fpos[live[sel]]))
-                self._append(keys[sel], rows, inv[sel], assign[sel], tail_norm[sel])
+                self._append(keys[sel], rows, inv[sel], assign[sel], tail_norm[sel], resid[sel])
             old_heads[b] = old_tails[b] = np.zeros((0, 0), dtype=np.uint8)  # freed as we go
         if old_floats is not None:
             old_floats.close()
@@ -796,6 +850,63 @@ class VectorIndex:
         log.info("side file of %s in list order: %d rows in %.1fs", self.name, n, time.monotonic() - started)
         return True
 
+    def residuals_due(self) -> bool:
+        """Whether listed rows lack their residual norm (a snapshot of an earlier format was loaded)."""
+        return self._resid_stale and self._centroids is not None
+
+    def fill_residuals(self, stop: threading.Event | None = None) -> bool:
+        """Compute the residual norms a snapshot of an earlier format lacks, from the float32 rows (read
+        in file order, outside the lock: rows never change once written), and install them under the
+        write lock unless the lists were retrained or the slots compacted meanwhile (rows added since
+        have their own). Searches are exact meanwhile (an unknown residual bounds nothing). Marks the
+        index changed: the next snapshot holds them. False when there was nothing to do or it gave up."""
+        with self._lock.read():
+            if not self.residuals_due():
+                return False
+            centroids, layout, n = self._centroids, self._layout, self._n
+            assert centroids is not None
+            assign = self._assign[:n].copy()
+            floats = self._floats
+            if floats is not None:
+                fpos, held = self._fpos[:n].copy(), self._fnext
+                source = os.open(floats.path, os.O_RDONLY)  # ours: a compaction may close theirs
+        started = time.monotonic()
+        resid = np.full(n, np.inf, dtype=np.float32)
+        if floats is None:  # rows through ``fetch`` (no side file), a chunk at a time under the read lock
+            for start in range(0, n, 10_000):
+                if stop is not None and stop.is_set():
+                    return False
+                with self._lock.read():
+                    if self._layout != layout or self._centroids is not centroids:
+                        return False
+                    slots, rows = self._float_rows(np.arange(start, min(n, start + 10_000)))
+                    resid[slots] = self._residuals(rows, assign[slots], centroids)
+        else:
+            try:
+                slot_at = np.full(held, -1, dtype=np.int64)
+                slot_at[fpos] = np.arange(n)
+                chunk = max(1, (64 << 20) // floats.row_bytes)
+                rows = np.empty((chunk, self.dim), dtype=np.float32)
+                for start in range(0, held, chunk):
+                    if stop is not None and stop.is_set():
+                        return False
+                    end = min(held, start + chunk)
+                    got = rows[: end - start]
+                    _read_full(source, [got.data.cast("B")], start, floats.row_bytes, floats.path)
+                    slots = slot_at[start:end]
+                    mine = np.flatnonzero(slots >= 0)
+                    resid[slots[mine]] = self._residuals(got[mine], assign[slots[mine]], centroids)
+            finally:
+                os.close(source)
+        with self._lock.write():
+            if self._layout != layout or self._centroids is not centroids:
+                return False  # compacted (slots moved) or retrained (residuals recomputed) meanwhile
+            self._resid[:n] = resid
+            self._resid_stale = False
+            self._touch(1)
+        log.info("residual norms of %s: %d rows in %.1fs", self.name, n, time.monotonic() - started)
+        return True
+
     def keys(self) -> np.ndarray:
         with self._lock.read():
             held = self._keys[: self._n]
@@ -833,10 +944,12 @@ class VectorIndex:
                 return empty
             auto = exact is None
             scan = exact if not auto else n < self.exact_below or limit < 0 or limit > ANN_MAX_LIMIT
+            sims = None if self._centroids is None else _products(queries, self._centroids)
+            rlim = self._residual_limits(queries, sims, min_cosine)
             if scan:
-                slots, approx = self._scan(query, limit, floor)
+                slots, approx = self._scan(query, limit, floor, rlim)
             else:
-                slots, approx = self._probe(query, queries, min(n, max(32, 2 * limit)), floor)
+                slots, approx = self._probe(query, sims, min(n, max(32, 2 * limit)), floor, rlim)
                 found = approx[approx >= floor]
                 if auto and limit > 1 and len(found) >= DENSE_MATCHES:
                     # Many rows pass the threshold around this query: a dense neighbourhood, where the
@@ -848,27 +961,57 @@ class VectorIndex:
                     if len(found) >= limit:
                         least = float(np.partition(found, len(found) - limit)[len(found) - limit])
                         least -= 2 * SCREEN_MARGIN
-                    slots, approx = self._scan(query, limit, max(floor, least))
+                    # Rows whose float32 cosine is under the scan's floor less the int8 error cannot pass
+                    # the floor in int8 either: the residual bound may rule them out too.
+                    above = max(floor, least)
+                    more = self._residual_limits(queries, sims, max(min_cosine, above - SCREEN_MARGIN))
+                    slots, approx = self._scan(query, limit, above, more)
             keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch, limit)
             if auto and not scan and len(keys) < limit:
                 # Fewer matches than asked for in the lists: another may still sit in a list the query is
                 # far from (a lone photo among another item's crowd: on the dense 500k bench catalogue, 7
                 # of 120 JPEG queries with a match got none at limit=1, one got 1 of its 2 at limit=10).
                 # An answer that says "that is all" (none, or fewer than the limit) is the scan's to give.
-                slots, approx = self._scan(query, limit, floor)
+                slots, approx = self._scan(query, limit, floor, rlim)
                 keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch, limit)
         if limit >= 0:
             keys, cosines = keys[:limit], cosines[:limit]
         return keys, cosines
 
-    def _scan(self, query: _Query, limit: int, floor: float) -> tuple[np.ndarray, np.ndarray]:
-        """Every row's int8 score: the rows that may pass ``floor`` and may make the best ``limit``."""
+    def _residual_limits(
+        self, queries: np.ndarray, sims: np.ndarray | None, target: float
+    ) -> np.ndarray | None:
+        """Per list, the least residual norm |x - c| with which a row of that list may reach the float32
+        cosine ``target`` for some view: q.x = q.c + q.(x - c) <= q.c + |q| |x - c| (Cauchy-Schwarz),
+        exact for any x and c, compared less ``RESID_SLACK`` (float32 rounding of q.c, of the re-rank's
+        products and of the stored norms: each well under 1e-4). A row whose residual is under its list's
+        limit cannot be in the answer, whatever its int8 cosine. None when nothing can be ruled out: no
+        lists, no float32 rows (the re-rank then answers int8 cosines, which this does not bound), or a
+        zero view."""
+        if sims is None or (self._floats is None and self.fetch is None):
+            return None
+        qnorm = np.sqrt(np.einsum("ij,ij->i", queries.astype(np.float64), queries.astype(np.float64)))
+        if not np.all(qnorm > 0):
+            return None
+        limits = ((target - RESID_SLACK - sims.astype(np.float64)) / qnorm[:, None]).min(axis=0)
+        return limits.astype(np.float32)
+
+    def _scan(
+        self, query: _Query, limit: int, floor: float, rlim: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's int8 score: the rows that may pass ``floor`` and may make the best ``limit``.
+        ``rlim``: per list, the residual norm under which a row cannot be in the answer
+        (:meth:`_residual_limits`); those rows are not scored."""
         n = self._n
 
         def one(start: int) -> tuple[np.ndarray, np.ndarray]:
             stop = min(n, start + BLOCK)
             b, m = start // BLOCK, stop - start
             head, inv = self._heads[b][:m], self._inv[start:stop]
+            if rlim is not None:
+                sel = np.flatnonzero(self._resid[start:stop] >= rlim[self._assign[start:stop]])
+                if len(sel) <= RESID_GIVE_UP * m:
+                    return self._score_some(query, b, start, sel, floor)
             if query.tcols is None:
                 cos = query.cosines(self._scorer, head, None, inv)
                 hit = np.flatnonzero(cos >= floor)
@@ -902,21 +1045,42 @@ class VectorIndex:
             slots, approx = slots[keep], approx[keep]
         return slots, approx
 
+    def _score_some(
+        self, query: _Query, b: int, start: int, sel: np.ndarray, floor: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``sel`` (ascending, within block ``b`` at slot ``start``) that pass ``floor`` in int8, with
+        their cosines: the head bound on their heads, whole rows where it passes."""
+        if not len(sel):
+            return sel, np.zeros(0, dtype=np.float32)
+        head, inv = self._heads[b][sel], self._inv[start + sel]
+        if query.tcols is None:
+            cos = query.cosines(self._scorer, head, None, inv)
+        else:
+            bound = query.bounds(self._scorer, head, self._tail_norm[start + sel], inv)
+            keep = np.flatnonzero(bound >= floor - BOUND_SLACK)
+            if len(keep) < len(sel):
+                sel, head, inv = sel[keep], head[keep], inv[keep]
+            cos = query.cosines(self._scorer, head, self._tails[b][sel], inv)
+        hit = np.flatnonzero(cos >= floor)
+        return sel[hit] + start, cos[hit]
+
     def _probe(
-        self, query: _Query, queries: np.ndarray, count: int, floor: float
+        self, query: _Query, sims: np.ndarray | None, count: int, floor: float, rlim: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``count`` best rows (int8) at or above ``floor`` among the lists nearest to each view and the
-        unsorted tail (rows under the floor would be dropped by the re-rank anyway)."""
+        unsorted tail (rows under the floor would be dropped by the re-rank anyway). ``sims``: the views'
+        products with the centroids; ``rlim``: as for :meth:`_scan` (rows it rules out are not scored)."""
         n = self._n
-        if self._centroids is None:
+        if self._centroids is None or sims is None:
             slots = np.arange(n, dtype=np.int64)
         else:
-            sims = _products(queries, self._centroids)
             nprobe = min(NPROBE, len(self._centroids))
             lists = np.unique(np.argpartition(-sims, nprobe - 1, axis=1)[:, :nprobe])
             parts = [self._order[self._offsets[i] : self._offsets[i + 1]] for i in lists]
             parts.append(np.arange(self._sorted_upto, n, dtype=np.int64))
             slots = np.sort(np.concatenate(parts))
+        if rlim is not None:
+            slots = slots[self._resid[slots] >= rlim[self._assign[slots]]]
         slots = slots[self._inv[slots] > 0]
         cos = self._best_above(query, slots, floor, count)
         keep = cos >= floor
@@ -1095,6 +1259,7 @@ class VectorIndex:
         put(self._assign[:n].tobytes())
         put(self._tail_norm[:n].tobytes())
         put(self._fpos[:n].tobytes())
+        put(self._resid[:n].tobytes())
         codes_at = written
         for start in range(0, n, BLOCK):  # a block: its rows' heads, then their tails
             rows = min(BLOCK, n - start)
@@ -1195,7 +1360,7 @@ class VectorIndex:
         # the heads, a sixth of each block, and the tails of the rows its bound lets through).
         mm.madvise(mmap.MADV_DONTNEED)
         magic = mm[: len(_MAGIC)]
-        if magic not in (_MAGIC, _MAGIC_4, _MAGIC_3):
+        if magic not in (_MAGIC, _MAGIC_5, _MAGIC_4, _MAGIC_3):
             raise ValueError("not a snapshot of this format")
         end = mm.find(b"\n", len(_MAGIC), len(_MAGIC) + 4096)
         if end < 0:
@@ -1245,11 +1410,13 @@ class VectorIndex:
             if int(header.get("head", -1)) != h:
                 raise ValueError("snapshot splits its rows elsewhere")
             out._tail_norm = take(n, np.float32).copy()
-            if magic == _MAGIC:
+            if magic in (_MAGIC, _MAGIC_5):
                 out._fpos = take(n, np.int64).copy()
                 out._fnext, out._flisted = int(header["float_rows"]), int(header["float_listed"])
                 if n and (out._fpos.min() < 0 or out._fpos.max() >= out._fnext):
                     raise ValueError("snapshot places rows outside its side file")
+            if magic == _MAGIC:
+                out._resid = take(n, np.float32).copy()
             for start in range(0, n, BLOCK):
                 rows = min(BLOCK, n - start)
                 if rows == BLOCK:
@@ -1268,8 +1435,11 @@ class VectorIndex:
         if pos != size:
             raise ValueError("snapshot has trailing data")
         out._n = n
-        if magic != _MAGIC:  # formats 3 and 4: the side file holds the rows by slot
+        if magic in (_MAGIC_4, _MAGIC_3):  # the side file holds the rows by slot
             out._fpos, out._fnext = np.arange(n, dtype=np.int64), n
+        if magic != _MAGIC:  # formats 3-5: no residual norms; the store's snapshot thread computes them
+            out._resid = np.full(n, np.inf, dtype=np.float32)
+            out._resid_stale = out._centroids is not None
         out._live = int(np.count_nonzero(out._inv[:n] > 0))
         if out._live != meta["count"]:
             raise ValueError("snapshot does not hold what its metadata says")
@@ -1292,7 +1462,7 @@ class VectorIndex:
             data = folder / f"{name}.{seq}.{gen}.ivf"
             try:
                 meta = json.loads(meta_path.read_text())
-                known = meta.get("format") in (3, 4, SNAPSHOT_FORMAT)
+                known = meta.get("format") in (3, 4, 5, SNAPSHOT_FORMAT)
                 if not known or meta["dim"] != dim or meta["seq"] != seq:
                     raise ValueError("snapshot of another format or model")
                 out = cls._read(data, dim, meta, fetch)
