@@ -433,6 +433,84 @@ def test_search_answers_are_the_bytes_json_renders(client: QiniuClient, photos: 
     assert "group" not in answers[2].json()["result"][0]
 
 
+def test_search_answers_written_from_columns_are_the_hit_by_hit_answers(
+    tusou: Tusou, client: QiniuClient, photos: list[Image.Image], image_server: ImageServer
+) -> None:
+    """The search routes write their body from the answer's columns (no object per hit): for every kind of
+    search (several groups, the legacy route, filters, labels, tags, limits and thresholds at their edges)
+    the bytes are those the hit-by-hit renderer (``qiniu.hits`` through ``JSONResponse``) writes for the
+    same answer, and each hit carries its own image's id, label, desc and uri. A store that answers hit by
+    hit (Milvus: ``Hits.of``) renders the same bytes."""
+    from starlette.responses import JSONResponse
+
+    from tusou.api import qiniu
+    from tusou.domain import Matches
+    from tusou.store.base import Hits
+
+    tricky = ['引号"和\\反斜杠', "tab\tnew\nline\x01\x1f", "emoji 😀 \u2028\u2029\x7f", "", "1e-05"]
+    names = ['引号"和\\反斜杠', " space ", "emoji 😀 \u2028\u2029", "", "1e-05"]  # ids: no control characters
+    numbers = {"n": 1, "p": 1e-05, "big": 2**70, "s": tricky[0]}
+    descs: list = ["plain", numbers, 3, -0.0, [True, None], None, ""]
+    added: dict[tuple[str, str], dict] = {}
+    for group, offset in (("a", 0), ("b", 3)):
+        data = []
+        for i in range(9):
+            image_id, label, desc = f"{group}{i}{names[i % 5]}", tricky[(i + offset) % 5], descs[i % 7]
+            photo = photos[i % 2]  # many hits per search: each photo nine times
+            uri = image_server.put(f"{group}{i}.jpg", jpeg(photo)) if i % 3 == 0 else data_uri(jpeg(photo))
+            attribute = {"id": image_id, "label": label, **({} if desc is None else {"desc": desc})}
+            data.append({"uri": uri, "attribute": attribute})
+            added[(group, image_id)] = {
+                "label": label, "desc": "" if desc is None else desc, "uri": uri if i % 3 == 0 else None
+            }
+        assert client.post(f"/v1/image/group/{group}/new", {"data": data}).json()["errors"] == [None] * 9
+    query_uri = data_uri(jpeg(photos[0].resize((200, 150)), 50))
+
+    def search(data: dict, legacy: str | None = None, **params: object) -> tuple[str | None, dict]:
+        return legacy, {"data": data, "params": params if legacy else {"groups": ["a", "b"], **params}}
+
+    by_uri = {"uri": query_uri}
+    searches = [
+        search({"id": "a0" + names[0]}, limit=-1),
+        search(by_uri, limit=10, threshold=0),
+        search(by_uri, limit=1),
+        (None, {"data": {"id": "b4" + names[4]}, "params": {"groups": ["b"], "limit": -1, "threshold": 0}}),
+        search({"id": "a1" + names[1]}, limit=3, tags=True),
+        search(by_uri, limit=-1, threshold=1),
+        search(by_uri, limit=-1, labels=tricky[:2]),
+        search({"id": "a2" + names[2]}, limit=-1, filter={"desc.n": {"eq": 1}}),
+        search({"text": "animal"}, limit=-1, threshold=0),
+        search({"id": "a3" + names[3]}, "a", limit=-1, threshold=0),
+        search(by_uri, "b", limit=2, threshold=0, tags=True),
+    ]
+    wire = qiniu.Wire(tusou.settings)
+    sizes = []
+    for legacy, body in searches:
+        path = "/v1/image/groups/search" if legacy is None else f"/v1/image/group/{legacy}/search"
+        resp = client.post(path, body)
+        assert resp.status_code == 200, (body, resp.text)
+        answer = tusou.service.search(client.access_key, wire.search(body, legacy))
+        assert isinstance(answer, Matches)
+        hit_by_hit = JSONResponse(qiniu.hits(list(answer), with_group=legacy is None)).body
+        assert resp.content == hit_by_hit, body
+        found = answer.hits
+        as_milvus = Matches(Hits.of(list(found)), answer.scores, answer.with_tags)
+        assert qiniu.hits_body(as_milvus, with_group=legacy is None) == hit_by_hit
+        result = resp.json()["result"]
+        sizes.append(len(result))
+        for hit in result:
+            group = hit.get("group", legacy)
+            assert group is not None
+            want = added[(group, hit["id"])]
+            assert (hit["label"], hit["desc"], hit.get("uri")) == (want["label"], want["desc"], want["uri"])
+            assert ("tags" in hit) == bool(body["params"].get("tags"))
+        scores = [hit["score"] for hit in result]
+        assert scores == sorted(scores, reverse=True)
+    # Each photo's ten copies over both groups; limits cut them (1, 3, 2); none above 1; labels and a
+    # filter keep a few (the keyword search's count depends on the model's tags).
+    assert sizes[:8] + sizes[9:] == [10, 10, 1, 5, 3, 0, 4, 2, 4, 2]
+
+
 def test_answer_scores_round_as_python_rounds() -> None:
     """Scores are rounded to 7 decimals for the answer in numpy (qiniu._round7): the same floats as Python's
     round, half-way points and their neighbours included."""

@@ -7,11 +7,14 @@ them alone. Fields hold values that already passed the wire rules: ids are strin
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias, overload
+
+import numpy as np
 
 from tusou.duplicates import Cluster
-from tusou.store.base import ImageInfo, ItemError
+from tusou.store.base import Hits, ImageInfo, ItemError
 from tusou.store.filters import Filter
 
 #: A value JSON can carry (an image's ``desc``).
@@ -29,6 +32,7 @@ __all__ = [
     "JSONValue",
     "ListImages",
     "Match",
+    "Matches",
     "NewImages",
     "NewItem",
     "Page",
@@ -160,6 +164,59 @@ class Match:
     uri: str | None
     score: float
     tags: list[list[float]] | None = None  # only filled when the query asked for them
+
+
+class Matches(Sequence[Match]):
+    """A search's answer in columns, best first (``Match`` for each hit, without an object per hit): the
+    store's :class:`tusou.store.base.Hits` with their 0..1 ``scores`` (float64). ``tags``: None unless the
+    query asked for them. The renderer (``tusou.api.qiniu.hits_body``) writes the body from the columns;
+    indexing or iterating gives ``Match`` objects."""
+
+    __slots__ = ("hits", "scores", "with_tags")
+
+    def __init__(self, hits: Hits, scores: np.ndarray, with_tags: bool) -> None:
+        self.hits, self.scores, self.with_tags = hits, scores, with_tags
+
+    @classmethod
+    def empty(cls) -> Matches:
+        return cls(Hits.empty(), np.zeros(0), False)
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    @overload
+    def __getitem__(self, i: int) -> Match: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Matches: ...
+
+    def __getitem__(self, i: int | slice) -> Match | Matches:
+        if isinstance(i, slice):
+            return Matches(self.hits[i], self.scores[i], self.with_tags)
+        i = range(len(self))[i]  # negative indexes, and IndexError past the end
+        hits = self.hits
+        return Match(
+            hits.groups[i],
+            hits.ids[i],
+            hits.labels[i],
+            hits.desc(i),
+            hits.uris[i] or None,
+            float(self.scores[i]),
+            (hits.tag_list(i) or []) if self.with_tags else None,
+        )
+
+    def __iter__(self) -> Iterator[Match]:
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other: Any) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Matches({list(self)!r})"
 
 
 @dataclass(frozen=True)

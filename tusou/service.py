@@ -33,7 +33,7 @@ from tusou.domain import (
     ImageRef,
     ItemError,
     ListImages,
-    Match,
+    Matches,
     NewImages,
     NewItem,
     Page,
@@ -47,7 +47,7 @@ from tusou.errors import GroupExists, ImageNotFound, QiniuError
 from tusou.fetch import Fetcher, load_image
 from tusou.files import tighten_tree
 from tusou.images import ImageError, PixelBudget
-from tusou.store.base import KEEP, Hit, NewImage, Store, gc_paused
+from tusou.store.base import KEEP, Hits, NewImage, Store
 from tusou.thumbs import ThumbStore, make_thumbnail
 
 #: The most near-duplicates one image is paired with by ``Service.duplicates`` (bounds each search).
@@ -278,8 +278,8 @@ class Service:
                 )
                 if seen is not None:
                     hits, scores = self._checked(tenant, hits, scores, _given(seen), _given(mirror))
-                if hits and scores[0] >= floor:
-                    best = (hits[0].id, scores[0])
+                if len(hits) and scores[0] >= floor:
+                    best = (hits.ids[0], float(scores[0]))
             if earlier:
                 cosines = (query @ np.stack([v for _, v in earlier]).T).max(axis=0)
                 j = int(np.argmax(cosines))
@@ -305,9 +305,9 @@ class Service:
         where: Any = None,
         labels: Collection[str] | None = None,
         verifying: bool = True,
-    ) -> tuple[list[Hit], list[float]]:
-        """The store's best hits for ``queries`` with their scores, best first; with verification on (and
-        ``verifying``: the query has an image), enough of them for :meth:`_checked` (its first
+    ) -> tuple[Hits, np.ndarray]:
+        """The store's best hits for ``queries`` with their scores (float64), best first; with verification
+        on (and ``verifying``: the query has an image), enough of them for :meth:`_checked` (its first
         ``verify.CANDIDATES``, down to ``verify.LOW``) whatever the limit asks. With ``labels`` only down to
         ``verify.BAND``: that search asks for every hit above the cut (the label filter comes after), and on
         a big group far more images score above ``verify.LOW`` than above it."""
@@ -323,44 +323,48 @@ class Service:
                 # the answer stands without fetching more. (Fetching CANDIDATES > 1 hits takes the exact
                 # scan wherever many rows match: ~450 ms at 5M rows for a limit=1 search.)
                 hits = self.store.search(tenant, groups, queries, limit, min_cosine, *extra)
-                scores = self.embedder.score(np.asarray([hit.cosine for hit in hits], dtype=np.float32))
+                scores = self._scores(hits)
                 if len(hits) == limit and float(scores.min()) >= verify.VERIFIED:
-                    return hits, scores.tolist()
+                    return hits, scores
             limit = limit if limit == -1 else max(limit, verify.CANDIDATES)
             hits = self.store.search(tenant, groups, queries, limit, min_cosine, *extra)
             if len(hits) < verify.CANDIDATES:
                 low = min(min_cosine, self.embedder.cosine_for_score(verify.LOW))
                 hits = self.store.search(tenant, groups, queries, verify.CANDIDATES, low, *extra)
-            scores = self.embedder.score(np.asarray([hit.cosine for hit in hits], dtype=np.float32))
-            return hits, scores.tolist()
+            return hits, self._scores(hits)
         if self.keypoints is not None and verifying:
             min_cosine = min(min_cosine, self.embedder.cosine_for_score(verify.BAND))
             limit = limit if limit == -1 else max(limit, verify.CANDIDATES)
         hits = self.store.search(tenant, groups, queries, -1 if labels else limit, min_cosine, *extra)
         hits = _labelled(hits, labels, limit)
-        scores = self.embedder.score(np.asarray([hit.cosine for hit in hits], dtype=np.float32))
-        return hits, scores.tolist()
+        return hits, self._scores(hits)
+
+    def _scores(self, hits: Hits) -> np.ndarray:
+        """The 0..1 scores of ``hits``' cosines (float64: the values compare with a threshold as Python
+        floats do)."""
+        return self.embedder.score(np.asarray(hits.cosines, dtype=np.float32)).astype(np.float64)
 
     def _checked(
         self,
         tenant: str,
-        hits: list[Hit],
-        scores: list[float],
+        hits: Hits,
+        scores: np.ndarray,
         points: Callable[[], bytes],
         mirrored: Callable[[], bytes | None],
-    ) -> tuple[list[Hit], list[float]]:
+    ) -> tuple[Hits, np.ndarray]:
         """``hits`` rescored by verification (``verify.check``) against the query's keypoints (``points()``,
         ``mirrored()``: computed on their first need only) and ranked again."""
         keypoints = self.keypoints
         assert keypoints is not None
-        scores = verify.check(
-            scores,
-            lambda i: keypoints.get(tenant, hits[i].group, [hits[i].id]).get(hits[i].id),
+        groups, ids = hits.groups, hits.ids
+        checked = verify.check(
+            scores.tolist(),
+            lambda i: keypoints.get(tenant, groups[i], [ids[i]]).get(ids[i]),
             points,
             mirrored,
         )
-        order = sorted(range(len(hits)), key=lambda i: -scores[i])  # stable: ties keep the search's order
-        return [hits[i] for i in order], [scores[i] for i in order]
+        order = sorted(range(len(hits)), key=lambda i: -checked[i])  # stable: ties keep the search's order
+        return hits.take(order), np.asarray([checked[i] for i in order], dtype=np.float64)
 
     def _load(self, tenant: str, uri: str, full_size: bool = False) -> Image.Image:
         """A uri -> RGB image shrunk to what the model needs (``full_size``: not shrunk), decoded inside the
@@ -544,7 +548,7 @@ class Service:
             if not marker:
                 return counts
 
-    def _search_clip_text(self, tenant: str, query: SearchQuery, text_encoder: Any) -> list[Match]:
+    def _search_clip_text(self, tenant: str, query: SearchQuery, text_encoder: Any) -> Matches:
         """Keyword search with a CLIP-class model (model=clip): the text's vector against the stored image
         vectors. The score is the cosine (clipped to 0..1); ``threshold`` is the least cosine, default
         :data:`CLIP_TEXT_THRESHOLD` (text-image cosines of CLIP models sit far below image-image ones)."""
@@ -594,7 +598,7 @@ class Service:
     def get_image(self, tenant: str, ref: ImageRef) -> ImageInfo:
         return self.store.get_image(tenant, ref.group, ref.id)
 
-    def search(self, tenant: str, query: SearchQuery) -> list[Match]:
+    def search(self, tenant: str, query: SearchQuery) -> Matches:
         """Qiniu's search: the best ``limit`` images over ``groups`` scoring at least the threshold."""
         if query.text is not None:
             return self.search_text(tenant, query)
@@ -603,7 +607,7 @@ class Service:
         with self.store.read_snapshot():
             return self._search_image(tenant, query)
 
-    def _search_image(self, tenant: str, query: SearchQuery) -> list[Match]:
+    def _search_image(self, tenant: str, query: SearchQuery) -> Matches:
         floor = (
             self.default_threshold
             if query.threshold is None
@@ -632,15 +636,15 @@ class Service:
                 lambda: verify.keypoints(image, query=True),
                 lambda: verify.keypoints(image, query=True, mirrored=True),
             )
-        with gc_paused():
-            return [
-                _match(hit, score, query.with_tags)
-                for hit, score in zip(hits, scores, strict=True)
-                # The inverse map is approximate at the boundary; the score decides.
-                if score >= floor
-            ][: query.limit]
+        # The inverse map is approximate at the boundary; the score decides (vectorised: the answer stays
+        # in columns up to the response body).
+        passing = scores >= floor
+        if not passing.all():
+            kept = np.flatnonzero(passing)
+            hits, scores = hits.take(kept), scores[kept]
+        return Matches(hits[: query.limit], scores[: query.limit], query.with_tags)
 
-    def search_text(self, tenant: str, query: SearchQuery) -> list[Match]:
+    def search_text(self, tenant: str, query: SearchQuery) -> Matches:
         """Keyword search (beyond Qiniu): images whose automatic tags give the word's concepts at least
         ``threshold`` of evidence (default :data:`tusou.embed.concepts.TEXT_THRESHOLD`), best first.
 
@@ -655,7 +659,7 @@ class Service:
             return self._search_clip_text(tenant, query, text_encoder)
         classes = concepts.load().resolve(query.text)
         if not classes:
-            return []
+            return Matches.empty()
         floor = concepts.TEXT_THRESHOLD if query.threshold is None else query.threshold
         hits = self.store.search_tags(
             tenant, query.groups, sorted(classes), -1 if query.labels else query.limit, floor, query.where
@@ -674,39 +678,23 @@ def _given(value: T) -> Callable[[], T]:
 _Loaded = tuple[np.ndarray, bytes | None, tuple[np.ndarray, bytes | None, bytes | None] | None, bytes | None]
 
 
-def _text_matches(hits: list[Hit], query: SearchQuery, score: Callable[[float], float]) -> list[Match]:
+def _text_matches(hits: Hits, query: SearchQuery, score: Callable[[float], float]) -> Matches:
     """A keyword search's answer: ``labels`` keeps hits before ``limit`` counts them (the store was asked
     for every hit when labels are given), each hit scored by ``score`` of its cosine or evidence."""
     kept = _labelled(hits, query.labels, query.limit)
-    return [_match(hit, score(hit.cosine), query.with_tags) for hit in kept]
+    scores = np.asarray([score(c) for c in kept.cosines.tolist()], dtype=np.float64)
+    return Matches(kept, scores, query.with_tags)
 
 
-def _labelled(hits: list[Hit], labels: Collection[str] | None, limit: int) -> list[Hit]:
+def _labelled(hits: Hits, labels: Collection[str] | None, limit: int) -> Hits:
     """``hits`` whose label is one of ``labels`` (all of them when no labels are asked), at most ``limit``:
     the label filter applies to every match before the limit counts (the store was asked for every hit)."""
     if not labels:
         return hits
-    return [hit for hit in hits if hit.label in labels][:limit]
+    rows = [i for i, label in enumerate(hits.labels) if label in labels]
+    return hits.take(rows[:limit] if limit >= 0 else rows)
 
 
-def _match(hit: Hit, score: float, with_tags: bool) -> Match:
-    """A store hit as the service's answer, with its score (and its tags when asked)."""
-    match = _new(Match)
-    # Match is frozen: its generated __init__ sets each field through object.__setattr__, 2.7 us a match
-    # (27 ms of a 10,000-hit answer); the same fields written into the instance at once take 0.7 us.
-    vars(match).update(
-        group=hit.group,
-        id=hit.id,
-        label=hit.label,
-        desc=hit.desc,
-        uri=hit.uri or None,
-        score=score,
-        tags=(hit.tags or []) if with_tags else None,
-    )
-    return match
-
-
-_new = object.__new__
 
 
 #: The least side, in pixels of the decoded image, of a query's box (data.box).

@@ -13,6 +13,8 @@ import ast
 import json
 import math
 import re
+from collections.abc import Sequence
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -31,6 +33,7 @@ from tusou.domain import (
     ItemError,
     ListImages,
     Match,
+    Matches,
     NewImages,
     NewItem,
     Page,
@@ -39,7 +42,6 @@ from tusou.domain import (
 )
 from tusou.embed import concepts
 from tusou.errors import QiniuError
-from tusou.store.base import gc_paused
 from tusou.store.filters import parse_filter
 
 # Group ids travel in URL paths: no separators, dot-segments or control characters.
@@ -448,8 +450,9 @@ def image(info: ImageInfo, with_tags: bool = False) -> dict[str, Any]:
     return {"desc": info.desc, "label": info.label}
 
 
-def hits(matches: list[Match], *, with_group: bool = True) -> dict[str, Any]:
-    """Search results; the legacy single-group search leaves ``group`` out."""
+def hits(matches: Sequence[Match], *, with_group: bool = True) -> dict[str, Any]:
+    """Search results; the legacy single-group search leaves ``group`` out. (The search routes write the
+    same JSON from the answer's columns: :func:`hits_body`.)"""
     result: list[dict[str, Any]] = []
     append = result.append
     for match, score in zip(matches, _round7([match.score for match in matches]), strict=True):
@@ -483,22 +486,81 @@ def _round7(values: list[float]) -> list[float]:
     return out
 
 
-def hits_body(matches: list[Match], *, with_group: bool = True) -> bytes:
-    """:func:`hits` as the response body: the bytes Starlette's ``JSONResponse`` renders (compact separators,
-    UTF-8, no NaN). Written by orjson where its bytes are those: every string (all code points checked),
-    ``null``/``true``/integers, and floats from 1e-4 to below 1e16, which scores are (under 1e-4 Python writes
-    ``1e-05`` where orjson writes ``1e-5``); a desc that is not a string, or tags, go through ``json``. A
-    10,000-hit answer: 15 -> 1.5 ms (plus the dicts: 7 ms)."""
-    with gc_paused():
-        body = hits(matches, with_group=with_group)
-    plain = True
-    for match in matches:
-        if type(match.desc) is not str or match.tags is not None or not 1e-4 <= match.score < 1e16:
-            plain = False
-            break
-    if plain:
-        return orjson.dumps(body)
-    return json.dumps(body, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
+def _render(value: Any) -> str:
+    """``value`` as Starlette's ``JSONResponse`` writes it (compact, UTF-8 text, no NaN)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+
+
+def _interleave(columns: list[Sequence[str] | str], n: int) -> list[str]:
+    """Row by row, ``columns[0][i], columns[1][i], ...`` for i < n in one list (a ``str`` column: that text in
+    every row), filled a column at a time by slice assignment: no Python step per row."""
+    width = len(columns)
+    out: list[str] = [""] * (width * n)
+    for k, column in enumerate(columns):
+        out[k::width] = [column] * n if isinstance(column, str) else column
+    return out
+
+
+def _floats(values: list[float]) -> list[str]:
+    """Each float as ``json`` writes it (``float.__repr__``), finite values assumed: orjson writes the same
+    shortest digits for 1e-4 <= |v| < 1e16 and for 0 (one call for the whole list, split at its commas:
+    10,000 scores 3.5 -> 0.4 ms); the others (``1e-05`` in Python, ``1e-5`` in orjson) take repr."""
+    out = orjson.dumps(values).decode()[1:-1].split(",")
+    x = np.abs(np.asarray(values, dtype=np.float64))
+    for i in np.flatnonzero(((x < 1e-4) & (x != 0)) | (x >= 1e16)).tolist():
+        out[i] = float.__repr__(values[i])
+    return out
+
+
+_EMPTY_HITS = b'{"code":0,"message":"","result":[]}'
+
+
+def hits_body(matches: Matches, *, with_group: bool = True) -> bytes:
+    """:func:`hits` as the response body, written from the answer's columns: exactly the bytes Starlette's
+    ``JSONResponse`` renders for ``hits(matches)`` (key order, compact separators, UTF-8), with no dict or
+    ``Match`` per hit. Each string is escaped by ``json``'s own encoder (``encode_basestring``: what
+    ``json.dumps(ensure_ascii=False)`` calls), each score written as ``json`` writes a float, and a stored
+    desc's JSON text is used as it is: the store wrote it with the renderer's own options (``Hits.json``),
+    and ``json.dumps`` writes back byte for byte the text it wrote. Tags (when asked for) are rendered per
+    hit. A 10,000-hit answer: ~5 ms (Match objects, dicts and orjson before: ~15 ms)."""
+    n = len(matches)
+    if not n:
+        return _EMPTY_HITS
+    found = matches.hits
+    scores = _round7(matches.scores.tolist())
+    if not all(map(math.isfinite, scores)):
+        _render(scores)  # raises ValueError as the renderer would (scores are 0..1: never here)
+    enc = encode_basestring
+    if found.json:
+        descs: Sequence[str] = [d or '""' for d in found.descs]
+    else:
+        descs = [enc(d) if type(d) is str else _render(d) for d in found.descs]
+    groups: Sequence[str] | str = ""
+    if with_group:
+        names = set(found.groups)
+        groups = enc(next(iter(names))) if len(names) == 1 else list(map(enc, found.groups))
+    tails: Sequence[str] | str = "}"
+    if any(found.uris) or matches.with_tags:
+        tails = [',"uri":' + enc(u) + "}" if u else "}" for u in found.uris]
+        if matches.with_tags:
+            listed = [tags(found.tag_list(i) or []) for i in range(n)]
+            tails = [t[:-1] + ',"tags":' + _render(x) + "}" for t, x in zip(tails, listed, strict=True)]
+    columns: list[Sequence[str] | str] = ['{"desc":', descs]
+    if with_group:
+        columns += [',"group":', groups]
+    columns += [
+        ',"id":',
+        list(map(enc, found.ids)),
+        ',"label":',
+        list(map(enc, found.labels)),
+        ',"score":',
+        _floats(scores),
+        tails,
+        ",",
+    ]
+    parts = _interleave(columns, n)
+    parts[-1] = "]}"
+    return ('{"code":0,"message":"","result":[' + "".join(parts)).encode()
 
 
 def duplicates(result: DuplicatePage) -> dict[str, Any]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from operator import itemgetter
+from typing import Any, overload
 
 import numpy as np
 
@@ -80,6 +82,134 @@ class Hit:
     tags: list[list[float]] | None = None
 
 
+def load_desc(text: str | None) -> Any:
+    """A desc from its stored compact JSON text (None, or the text of "": the empty string)."""
+    if text is None or text == '""':  # the usual desc, "": no JSON to parse
+        return ""
+    if text[:1] == '"' and "\\" not in text:
+        # A plain string (the usual desc): our JSON text with no escape is the string between its quotes.
+        return text[1:-1]
+    return json.loads(text)
+
+
+def load_tags(text: str | None) -> list[list[float]] | None:
+    """Automatic tags from their stored JSON text (None: none computed)."""
+    return None if text is None else json.loads(text)
+
+
+def gather(column: Sequence[Any], rows: Sequence[int]) -> Sequence[Any]:
+    """``[column[i] for i in rows]`` in one C call (``itemgetter``) where there are two rows or more."""
+    if len(rows) > 1:
+        return itemgetter(*rows)(column)  # type: ignore[no-any-return]
+    return [column[i] for i in rows]
+
+
+class Hits(Sequence[Hit]):
+    """A search's answer in columns, best first: the i-th hit is ``groups[i]``, ``ids[i]``, ... with
+    ``cosines[i]`` (a numpy array; for ``search_tags`` the evidence). No object per hit: a 10,000-hit answer
+    goes from the store to the response body as these columns (``Hit`` objects are made only when indexed
+    or iterated, for callers that want one hit at a time).
+
+    ``json``: ``descs`` and ``tags`` hold each value's stored compact JSON text as ``json.dumps(value,
+    ensure_ascii=False, separators=(",", ":"))`` wrote it (None: no desc, which reads as "", or no tags);
+    else the values themselves."""
+
+    __slots__ = ("cosines", "descs", "groups", "ids", "json", "labels", "tags", "uris")
+
+    def __init__(
+        self,
+        groups: Sequence[str],
+        ids: Sequence[str],
+        labels: Sequence[str],
+        descs: Sequence[Any],
+        uris: Sequence[str | None],
+        cosines: np.ndarray,
+        tags: Sequence[Any],
+        json: bool,
+    ) -> None:
+        self.groups, self.ids, self.labels, self.descs = groups, ids, labels, descs
+        self.uris, self.cosines, self.tags, self.json = uris, cosines, tags, json
+
+    @classmethod
+    def of(cls, hits: Iterable[Hit]) -> Hits:
+        """Columns of ``Hit`` objects (a store that builds its answer hit by hit)."""
+        listed = list(hits)
+        return cls(
+            [h.group for h in listed],
+            [h.id for h in listed],
+            [h.label for h in listed],
+            [h.desc for h in listed],
+            [h.uri for h in listed],
+            np.asarray([h.cosine for h in listed], dtype=np.float64),
+            [h.tags for h in listed],
+            json=False,
+        )
+
+    @classmethod
+    def empty(cls) -> Hits:
+        return cls([], [], [], [], [], np.zeros(0, dtype=np.float32), [], json=True)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def desc(self, i: int) -> Any:
+        return load_desc(self.descs[i]) if self.json else self.descs[i]
+
+    def tag_list(self, i: int) -> list[list[float]] | None:
+        return load_tags(self.tags[i]) if self.json else self.tags[i]  # type: ignore[no-any-return]
+
+    @overload
+    def __getitem__(self, i: int) -> Hit: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Hits: ...
+
+    def __getitem__(self, i: int | slice) -> Hit | Hits:
+        if isinstance(i, slice):
+            return Hits(
+                self.groups[i], self.ids[i], self.labels[i], self.descs[i], self.uris[i], self.cosines[i],
+                self.tags[i], self.json,
+            )
+        i = range(len(self))[i]  # negative indexes, and IndexError past the end
+        return Hit(
+            self.groups[i],
+            self.ids[i],
+            self.labels[i],
+            self.desc(i),
+            self.uris[i],
+            float(self.cosines[i]),
+            self.tag_list(i),
+        )
+
+    def __iter__(self) -> Iterator[Hit]:
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to any sequence of the same hits (a list of ``Hit`` included)."""
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Hits({list(self)!r})"
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> Hits:
+        """The hits at ``rows``, in that order."""
+        picked = rows.tolist() if isinstance(rows, np.ndarray) else list(rows)
+        return Hits(
+            gather(self.groups, picked),
+            gather(self.ids, picked),
+            gather(self.labels, picked),
+            gather(self.descs, picked),
+            gather(self.uris, picked),
+            self.cosines[np.asarray(picked, dtype=np.intp)],
+            gather(self.tags, picked),
+            self.json,
+        )
+
+
 @dataclass
 class ItemError:
     """A per-image failure inside a batch write (becomes an ``errors[]`` entry)."""
@@ -144,7 +274,7 @@ class Store(ABC):
         limit: int,
         min_cosine: float,
         where: Filter | None = None,
-    ) -> list[Hit]:
+    ) -> Hits:
         """Best ``limit`` images over ``groups`` with cosine >= min_cosine, best first.
 
         ``queries`` is (v, dim): several views of one query; an image scores its best cosine over them.
@@ -162,7 +292,7 @@ class Store(ABC):
         limit: int,
         min_evidence: float,
         where: Filter | None = None,
-    ) -> list[Hit]:
+    ) -> Hits:
         """Keyword search: images whose stored tags put at least ``min_evidence`` of probability on
         ``classes`` (Hit.cosine = that sum, 0..1), best first, ties in insertion order."""
         raise StoreError("keyword search is not supported by this store", 400)

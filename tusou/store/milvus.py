@@ -83,6 +83,7 @@ from tusou.store.base import (
     GroupExists,
     GroupNotFound,
     Hit,
+    Hits,
     ImageInfo,
     ImageNotFound,
     ItemError,
@@ -1060,7 +1061,7 @@ class MilvusStore(Store):
         limit: int,
         min_evidence: float,
         where: Filter | None = None,
-    ) -> list[Hit]:
+    ) -> Hits:
         """Every row of the groups is read (by seq pages) and its tags summed here in Python: Milvus 2.3
         cannot sum inside JSON text. Cost grows with the groups' size (docs/words.md)."""
         if not self.has_tags:
@@ -1092,7 +1093,7 @@ class MilvusStore(Store):
         found.sort(key=lambda item: (-item[0], item[1]))
         if limit >= 0:
             found = found[:limit]
-        return [
+        return Hits.of(
             Hit(
                 r["grp"],
                 r["image_id"],
@@ -1103,7 +1104,7 @@ class MilvusStore(Store):
                 _load_tags(r),
             )
             for ev, _, r in found
-        ]
+        )
 
     def get_vector(self, tenant: str, group: str, image_id: str) -> np.ndarray:
         r = self._image_row(tenant, group, image_id, ["vec"], unscoped=True)
@@ -1117,7 +1118,7 @@ class MilvusStore(Store):
         limit: int,
         min_cosine: float,
         where: Filter | None = None,
-    ) -> list[Hit]:
+    ) -> Hits:
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         groups = list(dict.fromkeys(groups))
         names = {_key(tenant, g): g for g in groups}
@@ -1156,7 +1157,7 @@ class MilvusStore(Store):
         )
         if limit >= 0:
             found = found[:limit]
-        return [
+        return Hits.of(
             Hit(
                 e["grp"],
                 e["image_id"],
@@ -1167,7 +1168,7 @@ class MilvusStore(Store):
                 _load_tags(e),
             )
             for _, (cosine, e) in found
-        ]
+        )
 
     def _best(
         self,

@@ -22,8 +22,6 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from itertools import repeat
-from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,14 +32,16 @@ from tusou.store.base import (
     KEEP,
     GroupExists,
     GroupNotFound,
-    Hit,
+    Hits,
     ImageInfo,
     ImageNotFound,
     ItemError,
     ModelMismatch,
     NewImage,
     Store,
-    gc_paused,
+    gather,
+    load_desc,
+    load_tags,
 )
 from tusou.store.filters import Filter
 from tusou.store.markers import MarkerCodec, new_marker_key
@@ -121,21 +121,14 @@ def _dump_desc(desc: object) -> str | None:
     return None if desc is None else json.dumps(desc, ensure_ascii=False, separators=(",", ":"))
 
 
-def _load_desc(text: str | None) -> object:
-    if text is None or text == '""':  # the usual desc, "": no JSON to parse
-        return ""
-    if text[:1] == '"' and "\\" not in text:
-        # A plain string (the usual desc): our JSON text with no escape is the string between its quotes.
-        return text[1:-1]
-    return json.loads(text)
+_load_desc = load_desc
 
 
 def _dump_tags(tags: list[list[float]] | None) -> str | None:
     return None if tags is None else json.dumps(tags, separators=(",", ":"))
 
 
-def _load_tags(text: str | None) -> list[list[float]] | None:
-    return None if text is None else json.loads(text)
+_load_tags = load_tags
 
 
 def _insert_tag_rows(conn: sqlite3.Connection, gid: int, seq: int, tags: list[list[float]]) -> None:
@@ -643,7 +636,7 @@ class SQLiteStore(Store):
         limit: int,
         min_cosine: float,
         where: Filter | None = None,
-    ) -> list[Hit]:
+    ) -> Hits:
         prefetched: list[Future] = []
 
         def prefetch(keys: np.ndarray) -> None:
@@ -685,57 +678,55 @@ class SQLiteStore(Store):
             missing = keys[~np.isin(keys, np.asarray(records.seqs, dtype=np.int64))]
             if len(missing):  # answer rows the index read after the prefetched ones
                 records = _joined(records, self._records(missing))
-        return self._hits_of(list(groups), keys, cosines.tolist(), at.tolist(), records)
+        return self._hits_of(list(groups), keys, cosines, at, records)
 
-    def _hits(self, found: list[tuple[float, int, str]], limit: int) -> list[Hit]:
+    def _hits(self, found: list[tuple[float, int, str]], limit: int) -> Hits:
         found.sort(key=lambda hit: (-hit[0], hit[1]))
         if limit >= 0:
             found = found[:limit]
         names = sorted({group for _, _, group in found})
         at = {name: i for i, name in enumerate(names)}
         seqs = np.asarray([seq for _, seq, _ in found], dtype=np.int64)
-        return self._hits_of(names, seqs, [c for c, _, _ in found], [at[g] for _, _, g in found])
+        scores = np.asarray([c for c, _, _ in found], dtype=np.float64)
+        return self._hits_of(names, seqs, scores, np.asarray([at[g] for _, _, g in found], dtype=np.intp))
 
     def _hits_of(
         self,
         groups: list[str],
         seqs: np.ndarray,
-        scores: list[float],
-        at: list[int],
+        scores: np.ndarray,
+        at: np.ndarray,
         records: _Records | None = None,
-    ) -> list[Hit]:
+    ) -> Hits:
         """The hits of ``seqs`` (in that order) with their ``scores``, ``groups[at[i]]`` the i-th's group;
         ``records``: :meth:`_records` of (a superset of) ``seqs``, read already (in any seq order). A row
-        deleted between the index scan and this read is left out."""
+        deleted between the index scan and this read is left out. The answer stays in columns (``Hits``): no
+        object per hit (16.5k ``Hit`` objects with their descs and tags parsed took ~10 ms)."""
         if not len(seqs):
-            return []
+            return Hits.empty()
         found, ids, labels, descs, uris, tags = records if records is not None else self._records(seqs)
         if not found:
-            return []
+            return Hits.empty()
         have = np.asarray(found, dtype=np.int64)
         ranks = np.argsort(have, kind="stable")  # the identity, unless record sets were joined
         where = ranks[np.minimum(np.searchsorted(have[ranks], seqs), len(have) - 1)]
         there = have[where] == seqs
         if not there.all():  # rows deleted meanwhile
-            kept = np.flatnonzero(there).tolist()
-            where = where[kept]
-            scores, at = [scores[i] for i in kept], [at[i] for i in kept]
+            kept = np.flatnonzero(there)
+            where, scores, at = where[kept], scores[kept], at[kept]
         pick = where.tolist()
+        names = [groups[g] for g in at.tolist()] if len(groups) > 1 else [groups[0]] * len(pick)
         # Each column gathered in one C call (itemgetter): ~25 % faster than an index per hit (16.5k hits).
-        get = itemgetter(*pick) if len(pick) > 1 else lambda column: tuple(column[i] for i in pick)
-        with gc_paused():  # thousands of acyclic objects: no collection pass over them while they are built
-            return list(
-                map(
-                    Hit,
-                    [groups[g] for g in at] if len(groups) > 1 else repeat(groups[0], len(pick)),
-                    get(ids),
-                    get(labels),
-                    map(_load_desc, get(descs)),
-                    get(uris),
-                    scores,
-                    map(_load_tags, get(tags)),
-                )
-            )
+        return Hits(
+            names,
+            gather(ids, pick),
+            gather(labels, pick),
+            gather(descs, pick),  # the stored JSON text (Hits.json)
+            gather(uris, pick),
+            scores,
+            gather(tags, pick),
+            json=True,
+        )
 
     def _filtered_seqs(self, gid: int, where: Filter) -> np.ndarray:
         sql, params = where.sql()
@@ -750,7 +741,7 @@ class SQLiteStore(Store):
         limit: int,
         min_evidence: float,
         where: Filter | None = None,
-    ) -> list[Hit]:
+    ) -> Hits:
         wanted = json.dumps(sorted({int(c) for c in classes}))
         found: list[tuple[float, int, str]] = []
         extra, params = where.sql() if where is not None else ("1", [])
