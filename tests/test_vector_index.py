@@ -672,3 +672,116 @@ def test_the_residual_bound_keeps_a_match_far_from_its_list(
     assert again is not None and not again.residuals_due()
     again.exact_below = 0
     check(again, True)
+
+
+def einsum_scan(table: Table, queries: np.ndarray, min_cosine: float, among: set[int] | None = None) -> tuple:
+    """What an exact float32 scan of every row answers (the bench's brute force): each row's best cosine
+    over the views as einsum computes it, rows at or above ``min_cosine``, best first, ties in key order."""
+    keys = np.asarray(sorted(k for k in table.rows if among is None or k in among), dtype=np.int64)
+    rows = np.stack([table.rows[int(k)] for k in keys])
+    best = np.einsum("ij,kj->ik", rows, np.asarray(queries, dtype=np.float32)).max(axis=1)
+    keep = np.flatnonzero(best >= min_cosine)
+    order = keep[np.lexsort((keys[keep], -best[keep]))]
+    return keys[order], best[order]
+
+
+@pytest.mark.parametrize("views", [1, 4])
+def test_large_answers_equal_an_exact_float_scan_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, views: int
+) -> None:
+    """A dense catalogue (hundreds of matches a query, read in pieces from the side file by two threads):
+    keys, order and float32 cosines are those of an einsum scan of every row, bit for bit, at limits 1, 100,
+    10000 and every match, for one and four query views; with the side file by slot, in list order, with
+    rows added since, after deletes, a compaction, a snapshot and a reload, and among a filter's rows."""
+    import tusou.store.vector_index as vi
+
+    monkeypatch.setattr(vi, "TRAIN_AT", 1000)
+    monkeypatch.setattr(vi, "RELAYOUT_MIN", 500)
+    monkeypatch.setattr(vi, "BLOCK", 512)
+    monkeypatch.setattr(vi, "PIECE_ROWS", 37)  # many pieces, shared by two threads
+    rng = np.random.default_rng(5)
+    centres = unit(rng.standard_normal((6, DIM)))
+
+    def rows(n: int) -> np.ndarray:
+        return unit(centres[rng.integers(0, len(centres), n)] + 0.45 * unit(rng.standard_normal((n, DIM))))
+
+    table = Table()
+    index = VectorIndex(DIM, table.fetch, tmp_path, "g8")
+    index.threads = 2
+    vectors = rows(3000)
+    vectors[1500:1520] = vectors[1400]  # equal cosines: seq order decides
+    keys = np.arange(1, 3001)
+    table.rows.update(zip(keys.tolist(), vectors, strict=True))
+    for start in range(0, 3000, 500):
+        index.add(keys[start : start + 500], vectors[start : start + 500])
+    queries = [unit(v + 0.2 * unit(rng.standard_normal((views, DIM)))) for v in vectors[1390:1420:6]]
+
+    def check(ix: VectorIndex) -> None:
+        matches = []
+        for q in queries:
+            want_keys, want_cos = einsum_scan(table, q, 0.6)
+            matches.append(len(want_keys))
+            for limit in (1, 100, 10_000, -1):
+                got_keys, got_cos = ix.search(q, limit, 0.6)
+                end = len(want_keys) if limit < 0 else limit
+                assert np.array_equal(got_keys, want_keys[:end]) and np.array_equal(got_cos, want_cos[:end])
+            among = set(range(1, 4000, 3))
+            want_keys, want_cos = einsum_scan(table, q, 0.6, among)
+            for limit in (100, -1):
+                got_keys, got_cos = ix.search_among(q, np.asarray(sorted(among)), limit, 0.6)
+                end = len(want_keys) if limit < 0 else limit
+                assert np.array_equal(got_keys, want_keys[:end]) and np.array_equal(got_cos, want_cos[:end])
+        assert min(matches) > 120  # large answers: several pieces each
+
+    check(index)  # the side file by slot
+    assert index.relayout()
+    check(index)  # in list order
+    more = rows(600)
+    index.add(np.arange(3001, 3601), more)  # appended behind the listed rows
+    table.rows.update(zip(range(3001, 3601), more, strict=True))
+    check(index)
+    gone = np.arange(2, 3601, 7)
+    index.remove(gone)
+    for k in gone.tolist():
+        del table.rows[k]
+    check(index)
+    index.save(tmp_path, "g8")
+    loaded = VectorIndex.load(tmp_path, "g8", DIM, table.fetch)
+    assert loaded is not None
+    loaded.threads = 2
+    check(loaded)
+    gone = np.arange(1, 2600)
+    loaded.remove(gone)  # more than half deleted: compacted, a new side file
+    for k in gone.tolist():
+        table.rows.pop(k, None)
+    assert loaded._layout == 1
+    check(loaded)
+
+
+def test_side_file_scores_equal_every_row_scored_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_Floats.best``, in pieces on one or two threads, gives each row asked for the cosine that scoring
+    every row of the file at once gives, bit for bit, in the order asked."""
+    import tusou.store.vector_index as vi
+
+    monkeypatch.setattr(vi, "PIECE_ROWS", 100)
+    rows = unit(np.random.default_rng(6).standard_normal((5000, DIM)))
+    queries = unit(np.random.default_rng(7).standard_normal((4, DIM)))
+    floats = vi._Floats(tmp_path / "g9.1.f32", DIM)
+    floats.write(0, rows)
+    every = np.einsum("ij,kj->ik", rows, queries).max(axis=1)
+    rng = np.random.default_rng(8)
+    for want in (
+        np.arange(5000),
+        np.sort(rng.choice(5000, 777, replace=False)),
+        np.asarray([4999]),
+        np.zeros(0, int),
+    ):
+        for threads in (1, 2):
+            assert np.array_equal(floats.best(want, queries, threads), every[want])
+            assert np.array_equal(
+                floats.best(want, queries[:1], threads),
+                np.einsum("ij,kj->ik", rows[want], queries[:1]).max(axis=1),
+            )
+    floats.close()

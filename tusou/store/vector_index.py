@@ -90,6 +90,9 @@ RESID_SLACK = 1e-3
 # A scan block where the residual bound lets more than this share of rows through runs the head bound
 # over the whole block (gathering the survivors' heads would cost more than it saves).
 RESID_GIVE_UP = 0.5
+# The re-rank reads and scores its float32 rows in pieces of this many rows (_Floats.best), on two threads
+# when it has more than one piece.
+PIECE_ROWS = 2048
 SNAPSHOT_FORMAT = 6
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _MAGIC = b"TUSOU-IVF-6\n"
@@ -427,6 +430,44 @@ class _Floats:
             parts.append(buf[start * size : stop * size])
         self._read(parts, at)
         return out
+
+    def best(self, places: np.ndarray, queries: np.ndarray, threads: int = 1) -> np.ndarray:
+        """Each row at ``places`` (sorted ascending)'s best float32 cosine over ``queries``, in that order:
+        the same ``_products`` of the same rows as a scan of every row, bit for bit (a row's products do not
+        depend on the rows scored with it).
+
+        Read and scored in pieces of ``PIECE_ROWS`` rows. With ``threads`` > 1 and more than one piece, a
+        helper on the scan's pool takes pieces too (``preadv`` and the products release the GIL); pieces
+        go to whichever thread asks first, and a helper that has not started when this thread runs out is
+        cancelled: on busy cores this costs what a serial read does."""
+        n = len(places)
+        out = np.empty(n, dtype=np.float32)
+        pieces = list(range(0, n, PIECE_ROWS))
+        if threads < 2 or len(pieces) < 2:
+            for a in pieces:
+                self._best_of(places[a : a + PIECE_ROWS], queries, out[a : a + PIECE_ROWS])
+            return out
+        todo = iter(pieces)
+        lock = threading.Lock()
+
+        def work() -> None:
+            while True:
+                with lock:
+                    a = next(todo, None)
+                if a is None:
+                    return
+                self._best_of(places[a : a + PIECE_ROWS], queries, out[a : a + PIECE_ROWS])
+
+        helper = _pool().submit(work)
+        try:
+            work()
+        finally:
+            if not helper.cancel():
+                helper.result()
+        return out
+
+    def _best_of(self, places: np.ndarray, queries: np.ndarray, out: np.ndarray) -> None:
+        np.max(_products(self.gather(places), queries), axis=1, out=out)
 
     def _read(self, parts: list[memoryview], slot: int) -> None:
         """Fill ``parts`` from the file at row ``slot`` on (one call; more only after a short read)."""
@@ -1218,9 +1259,8 @@ class VectorIndex:
             # Read in side-file order (a list's rows lie together there); the keys follow that order.
             places = self._fpos[slots]
             order = np.argsort(places)
-            rows = self._floats.gather(places[order]) if len(slots) else np.zeros((0, self.dim), np.float32)
             keys = keys[order]
-            cosines = _products(rows, queries).max(axis=1) if len(keys) else np.zeros(0, dtype=np.float32)
+            cosines = self._floats.best(places[order], queries, self.threads)
         elif self.fetch is None:
             cosines = approx
         else:
