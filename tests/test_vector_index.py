@@ -785,3 +785,21 @@ def test_side_file_scores_equal_every_row_scored_at_once(
                 np.einsum("ij,kj->ik", rows[want], queries[:1]).max(axis=1),
             )
     floats.close()
+
+
+def test_best_first_is_the_lexsort_of_cosines_then_keys() -> None:
+    """The answer's order (one sort of cosine bits and key packed in a uint64, the best ``limit`` first)
+    is ``lexsort((keys, -cosines))``: best first, equal cosines (0.0 and -0.0 too) in key order, negative
+    cosines below positive ones; keys outside 0..2**32-1 take lexsort itself."""
+    import tusou.store.vector_index as vi
+
+    rng = np.random.default_rng(9)
+    for n in (0, 1, 7, 3000):
+        cosines = rng.choice(np.float32([-0.7, -0.2, -0.0, 0.0, 1e-30, 0.3, 0.5, 0.9, 1.0]), n)
+        cosines[: n // 2] = rng.uniform(-1, 1, n // 2).astype(np.float32)
+        for keys in (rng.permutation(10 * n + 1)[:n], rng.permutation(n) + (1 << 32) - n // 2):
+            keys = keys.astype(np.int64)
+            want = np.lexsort((keys, -cosines))
+            for limit in (-1, 0, 1, 5, n, n + 3):
+                got = vi._best_first(keys, cosines, limit)
+                assert np.array_equal(got, want if limit < 0 else want[:limit])
