@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -298,3 +299,40 @@ def test_a_snapshot_without_residual_norms_gets_them_in_the_background(
     index = store._indexes[store._gids[("t", "g")]]
     assert not index.residuals_due() and state(store, queries) == expected
     store.close()
+
+
+def test_the_images_table_is_warmed_in_idle_moments_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The images table is read into the page cache in steps, only while no search ran lately (at the open,
+    it competed with the first searches): none while searches keep coming, then every row, then the thread
+    ends."""
+    import time
+
+    from tusou.store import sqlite
+
+    store = open_store(tmp_path)
+    fill(store)
+    store.close()
+    monkeypatch.setattr(sqlite, "_WARM_ROWS", 100)
+    monkeypatch.setattr(sqlite, "_WARM_IDLE_S", 2.0)
+    steps: list[int] = []
+    step = SQLiteStore._warm_step
+
+    def counted(conn: sqlite3.Connection, after: int) -> int | None:
+        steps.append(after)
+        return step(conn, after)
+
+    monkeypatch.setattr(SQLiteStore, "_warm_step", staticmethod(counted))
+    store = open_store(tmp_path)  # the warm-up waits for an idle moment after the open, as after a search
+    try:
+        store._last_search = time.monotonic() + 3600  # a search as good as running all along
+        assert not store._warmer.join(1.0) and store._warmer.is_alive() and steps == []
+        assert len(store.search("t", ["a"], vectors(1, 3), 5, -1.0)) == 5  # ends: the idle clock restarts
+        store._warmer.join(30)
+        assert not store._warmer.is_alive()
+        seqs = [r[0] for r in store._reader().execute("SELECT seq FROM images ORDER BY seq")]
+        # Every row once, in steps of _WARM_ROWS (814 rows: 8 full, one of 14), then a step that finds none.
+        assert len(seqs) == 814 and steps == [0, *seqs[99::100], seqs[-1]]
+    finally:
+        store.close()
