@@ -250,16 +250,17 @@ def test_the_side_file_is_put_in_list_order_in_the_background(
     store.close()
 
 
-def test_a_snapshot_without_residual_norms_gets_them_in_the_background(
+def test_a_snapshot_without_angles_gets_them_in_the_background(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A data folder whose snapshot is format 5 (written before the residual norms) opens and answers
-    exactly at once; the store's snapshot thread computes the norms from the side file and the next
-    snapshot holds them (the current format), with the same answers before, after and across a restart."""
+    """A data folder whose snapshot is format 5 (written before the rows' angles from their centroids)
+    opens and answers exactly at once; the store's snapshot thread computes the angles from the side file
+    and the next snapshot holds them (the current format), with the same answers before, after and across
+    a restart."""
     import json
-    import zlib
 
     import tusou.store.vector_index as vi
+    from tests.test_vector_index import old_format
 
     monkeypatch.setattr(vi, "TRAIN_AT", 1000)
     rng = np.random.default_rng(5)
@@ -270,34 +271,25 @@ def test_a_snapshot_without_residual_norms_gets_them_in_the_background(
     store.create_group("t", "g", images("x", rows))
     queries = np.concatenate([rows[:4], vectors(3, 8)])  # with matches, and far from everything
     expected = state(store, queries)
-    want = store._indexes[store._gids[("t", "g")]]._resid[:3000].copy()
-    store.close()  # a snapshot of the current format; rewritten below as format 5 would have written it
-    (meta_path,) = (tmp_path / "index").glob("g*.json")
-    meta = json.loads(meta_path.read_text())
-    data = meta_path.with_suffix(".ivf")
-    body = data.read_bytes()
-    end = body.index(b"\n", len(vi._MAGIC))
-    at = end + 1 + 3000 * (8 + 4 + 2 + 4 + 8)  # keys, inverse norms, lists, tail norms, positions
-    old = vi._MAGIC_5 + body[len(vi._MAGIC) : at] + body[at + 4 * 3000 :]
-    data.write_bytes(old)
-    meta |= {"format": 5, "size": len(old), "crc32": zlib.crc32(old)}
-    meta_path.write_text(json.dumps(meta))
+    want = store._indexes[store._gids[("t", "g")]]._angle[:3000].copy()
+    store.close()
+    old_format(tmp_path / "index", "g1", 3000, 5)
     store = SQLiteStore(tmp_path / "tusou.db", model_id="m1", dim=DIM, snapshot_every_s=0.5)
     index = store._indexes[store._gids[("t", "g")]]
     assert state(store, queries) == expected
     for _ in range(300):
-        if not index.residuals_due() and not index.dirty:
+        if not index.angles_due() and not index.dirty:
             break
         store._stop.wait(0.1)
-    assert not index.residuals_due() and not index.dirty
-    assert np.allclose(index._resid[:3000], want, rtol=0, atol=1e-6)
+    assert not index.angles_due() and not index.dirty
+    assert np.allclose(index._angle[:3000], want, rtol=0, atol=1e-6)
     assert state(store, queries) == expected
     (meta_path,) = (tmp_path / "index").glob("g*.json")
     assert json.loads(meta_path.read_text())["format"] == vi.SNAPSHOT_FORMAT
     crash(store)
     store = open_store(tmp_path)
     index = store._indexes[store._gids[("t", "g")]]
-    assert not index.residuals_due() and state(store, queries) == expected
+    assert not index.angles_due() and state(store, queries) == expected
     store.close()
 
 

@@ -355,7 +355,7 @@ def test_a_snapshot_of_format_4_opens_with_its_side_file_by_slot(tmp_path: Path)
     n = header.pop("slots")
     header = {**header, "slots": n}
     del header["float_rows"], header["float_listed"]
-    at = end + 1 + n * (8 + 4 + 2 + 4)  # keys, inverse norms, lists, tail norms; then positions, residuals
+    at = end + 1 + n * (8 + 4 + 2 + 4)  # keys, inverse norms, lists, tail norms; then positions, angles
     old = vi._MAGIC_4 + json.dumps(header).encode() + b"\n" + body[end + 1 : at] + body[at + 12 * n :]
     data.write_bytes(old)
     meta |= {"format": 4, "size": len(old), "crc32": zlib.crc32(old)}
@@ -561,16 +561,40 @@ def test_no_match_from_the_lists_is_checked_by_the_scan(monkeypatch: pytest.Monk
     assert len(missed) == 30  # every search asked the lists first
 
 
-def test_the_residual_bound_keeps_a_match_far_from_its_list(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The scan and the probe skip rows whose list's centroid plus residual norm cannot reach the threshold
-    (q.x <= q.c + |q| |x - c|). Rows made so that the bound is tight (the query along x - c, x far from
-    every centroid: q.x = q.c + |x - c| exactly) must still be found, alone in lists the query is far from:
-    rows added before the lists were trained, after, after a compaction, through a snapshot of the current
-    format and one of format 5 (no residuals: computed by ``fill_residuals``), with one or two views."""
+def old_format(folder: Path, name: str, n: int, version: int) -> None:
+    """Rewrite ``name``'s snapshot in ``folder`` as format 5 (no angles) or 6 (residual norms |x - c| in
+    their place, here zeros: never to be used as angles), as those releases wrote them."""
     import json
     import zlib
+
+    import tusou.store.vector_index as vi
+
+    (meta_path,) = folder.glob(f"{name}.*.json")
+    meta = json.loads(meta_path.read_text())
+    data = meta_path.with_suffix(".ivf")
+    body = data.read_bytes()
+    end = body.index(b"\n", len(vi._MAGIC))
+    header = json.loads(body[len(vi._MAGIC) : end])
+    del header["xmax"]
+    at = end + 1 + n * (8 + 4 + 2 + 4 + 8)  # keys, inverse norms, lists, tail norms, positions; the angles
+    rest = body[at + 4 * n :] if version == 5 else bytes(4 * n) + body[at + 4 * n :]
+    magic = vi._MAGIC_5 if version == 5 else vi._MAGIC_6
+    old = magic + json.dumps(header).encode() + b"\n" + body[end + 1 : at] + rest
+    data.write_bytes(old)
+    meta |= {"format": version, "size": len(old), "crc32": zlib.crc32(old)}
+    meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("version", [5, 6])
+def test_the_angle_bound_keeps_a_match_far_from_its_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: int
+) -> None:
+    """The scan and the probe skip rows whose angle from their list's centroid is too far from the query's
+    (q.x <= |q| |x| cos(angle(q, c) - angle(x, c))). Rows made so that the bound is tight (q in the plane
+    of x and c, beyond x: q.x equals the bound) must still be found, alone in lists the query is far from:
+    rows added before the lists were trained, after, after a compaction, through a snapshot of the current
+    format and one of an earlier format (no angles: computed by ``fill_angles``), with one or two views."""
+    import json
 
     import tusou.store.vector_index as vi
 
@@ -593,37 +617,44 @@ def test_the_residual_bound_keeps_a_match_far_from_its_list(
     for start in range(0, 3000, 250):
         index.add(keys[start : start + 250], rows[start : start + 250])
     index.exact_below = 0
-    assert index._centroids is not None and not np.isinf(index._resid[: index._n]).any()
+    assert index._centroids is not None and not np.isnan(index._angle[: index._n]).any()
     lone_keys = [101, 601, 1501, 1701, 2501, 2901]
 
-    def tight(ix: VectorIndex) -> list[tuple[np.ndarray, float]]:
-        """For each lone row: the query along x - c (c its list's centroid), and q.x less a hair."""
+    def tight(ix: VectorIndex) -> list[tuple[int, np.ndarray, float]]:
+        """For each lone row x (at angle phi from its list's centroid c): the queries at phi + 50 and
+        phi - 50 degrees from c in the plane of c and x (50 degrees from x: the bound is q.x), and q.x less
+        a hair."""
         out = []
         for key in lone_keys:
             slot = int(ix._slots_of(np.asarray([key]))[0])
-            x = table.rows[key]
-            c = ix._centroids[ix._assign[slot]]
-            q = unit((x - c)[None])
-            out.append((q, float((x @ q.T)[0]) - 1e-5))
+            x = table.rows[key].astype(np.float64)
+            c = ix._centroids[ix._assign[slot]].astype(np.float64)
+            c /= np.linalg.norm(c)
+            side = x - (x @ c) * c
+            side /= np.linalg.norm(side)
+            for turn in (50, -50):
+                psi = np.arctan2(x @ side, x @ c) + np.radians(turn)
+                q = (np.cos(psi) * c + np.sin(psi) * side).astype(np.float32)[None]
+                out.append((key, q, float((table.rows[key] @ q.T)[0]) - 1e-5))
         return out
 
     def check(ix: VectorIndex, pruning: bool) -> None:
-        for i, (q, threshold) in enumerate(tight(ix)):
-            assert 0.5 < threshold < 0.7  # a real match, for a query far from its list
+        for i, (key, q, threshold) in enumerate(tight(ix)):
+            assert 0.6 < threshold < 0.7  # a real match
             other = rows[(7 * i) % 3000][None]
             for views in (q, np.vstack([other, q])):
                 truth = table.brute(views, threshold)
-                assert lone_keys[i] in truth
+                assert key in truth
                 for limit, exact in ((1, None), (1, True), (5, None), (-1, None)):
                     want = dict(sorted(truth.items(), key=lambda kv: -kv[1])[: limit if limit > 0 else None])
                     found, cos = ix.search(views, limit, threshold, exact=exact)
                     assert dict(zip(found.tolist(), cos.tolist(), strict=True)) == pytest.approx(want)
-            sims = vi._products(q, ix._centroids)
-            limits = ix._residual_limits(q, sims, threshold)
-            assert limits is not None
-            live = np.flatnonzero(ix._inv[: ix._n] > 0)
-            ruled_out = np.mean(ix._resid[live] < limits[ix._assign[live]])
-            assert ruled_out > 0.5 if pruning else ruled_out == 0  # the bound under test does prune
+            window = ix._angle_window(q, vi._products(q, ix._centroids), threshold)
+            if pruning:  # the bound under test does rule rows out
+                assert window is not None and len(ix._within(0, ix._n, window)) < 0.5 * ix._n
+            elif window is not None:  # rows whose angle is unknown pass
+                unknown = np.flatnonzero(np.isnan(ix._angle[: ix._n]))
+                assert len(unknown) and np.isin(unknown, ix._within(0, ix._n, window)).all()
 
     check(index, True)
     gone = np.setdiff1d(np.arange(2, 2000, 3), lone_keys)
@@ -643,33 +674,30 @@ def test_the_residual_bound_keeps_a_match_far_from_its_list(
     check(index, True)
     index.save(tmp_path, "g8")
     loaded = VectorIndex.load(tmp_path, "g8", DIM, table.fetch)
-    assert loaded is not None and not loaded.residuals_due()
+    assert loaded is not None and not loaded.angles_due()
     loaded.exact_below = 0
-    assert np.array_equal(loaded._resid[: loaded._n], index._resid[: index._n])
-    check(loaded, True)
-    # The same snapshot in format 5 (no residual norms): exact without them, then filled in.
-    meta_path = next(tmp_path.glob("g8.*.json"))
-    meta = json.loads(meta_path.read_text())
-    data = meta_path.with_suffix(".ivf")
-    body = data.read_bytes()
-    end = body.index(b"\n", len(vi._MAGIC))
     n = index._n
-    at = end + 1 + n * (8 + 4 + 2 + 4 + 8)  # keys, inverse norms, lists, tail norms, positions
-    old = vi._MAGIC_5 + body[len(vi._MAGIC) : at] + body[at + 4 * n :]
-    data.write_bytes(old)
-    meta |= {"format": 5, "size": len(old), "crc32": zlib.crc32(old)}
-    meta_path.write_text(json.dumps(meta))
-    five = VectorIndex.load(tmp_path, "g8", DIM, table.fetch)
-    assert five is not None and five.residuals_due() and not five.dirty
-    five.exact_below = 0
-    check(five, False)
-    assert five.fill_residuals() and not five.residuals_due() and five.dirty
-    assert np.allclose(five._resid[:n], index._resid[:n], rtol=0, atol=1e-6)
-    check(five, True)
-    five.save(tmp_path, "g8")
+    assert np.array_equal(loaded._angle[:n], index._angle[:n], equal_nan=True) and loaded._xmax == index._xmax
+    check(loaded, True)
+    # The same snapshot in an earlier format: exact without the angles, then filled in.
+    old_format(tmp_path, "g8", n, version)
+    old = VectorIndex.load(tmp_path, "g8", DIM, table.fetch)
+    assert old is not None and old.angles_due() and not old.dirty
+    old.exact_below = 0
+    check(old, False)
+    late = unit(rng.standard_normal((1, DIM)))  # rows with angles beside rows without
+    table.rows[3801] = late[0]
+    old.add(np.asarray([3801]), late)
+    index.add(np.asarray([3801]), late)
+    lone_keys.append(3801)
+    check(old, False)
+    assert old.fill_angles() and not old.angles_due() and old.dirty
+    assert np.allclose(old._angle[:n], index._angle[:n], rtol=0, atol=1e-6, equal_nan=True)
+    check(old, True)
+    old.save(tmp_path, "g8")
     assert json.loads(next(tmp_path.glob("g8.*.json")).read_text())["format"] == SNAPSHOT_FORMAT
     again = VectorIndex.load(tmp_path, "g8", DIM, table.fetch)
-    assert again is not None and not again.residuals_due()
+    assert again is not None and not again.angles_due()
     again.exact_below = 0
     check(again, True)
 

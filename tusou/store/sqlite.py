@@ -391,8 +391,8 @@ class SQLiteStore(Store):
                     return
                 if index.relayout_due():
                     self._relayout(gid, index)
-                if index.residuals_due():  # a snapshot of an earlier format: its rows' residual norms
-                    self._relayout(gid, index, residuals=True)
+                if index.angles_due():  # a snapshot of an earlier format: its rows' angles
+                    self._relayout(gid, index, angles=True)
                 # A snapshot writes the whole group (2 GB at 5M x 384): after a fixed number of changes it
                 # would be rewritten over and over while a large group fills; an eighth of the group's size
                 # bounds both the rewriting and what a crash leaves to replay from SQLite.
@@ -414,15 +414,15 @@ class SQLiteStore(Store):
                 # The snapshot is only an accelerator: SQLite still has every row; try again later.
                 log.exception("snapshot of group %d failed", gid)
 
-    def _relayout(self, gid: int, index: VectorIndex, residuals: bool = False) -> None:
+    def _relayout(self, gid: int, index: VectorIndex, angles: bool = False) -> None:
         with self._snapshot_lock:
             if self._indexes.get(gid) is not index:  # removed meanwhile
                 return
             try:
                 # Marks the index changed: the next round writes a snapshot naming the new file (or holding
-                # the residual norms). A close stops it between reads.
-                if residuals:
-                    index.fill_residuals(self._stop)
+                # the angles). A close stops it between reads.
+                if angles:
+                    index.fill_angles(self._stop)
                 else:
                     index.relayout(self._stop)
             except OSError:

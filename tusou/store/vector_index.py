@@ -20,10 +20,10 @@ Search paths: small groups, large limits and "every match" scan all rows (exact:
 the survivors); otherwise the inverted file proposes candidates (approximate, recall measured), and a
 dense neighbourhood (``DENSE_MATCHES`` rows above the threshold) gets the exact scan instead.
 
-Snapshots (format 6: rows, lists, residual norms): ``save`` writes ``<name>.<seq>.<generation>.ivf`` beside
-the previous one (temp file, fsync, rename) and then a ``.json`` with its size and CRC; ``load`` takes the
-newest snapshot whose JSON and CRC check out. The owner replays the live rows the snapshot lacks from the
-record of truth.
+Snapshots (format 7: rows, lists, angles from the centroids): ``save`` writes
+``<name>.<seq>.<generation>.ivf`` beside the previous one (temp file, fsync, rename) and then a ``.json``
+with its size and CRC; ``load`` takes the newest snapshot whose JSON and CRC check out. The owner replays
+the live rows the snapshot lacks from the record of truth.
 """
 
 from __future__ import annotations
@@ -84,19 +84,23 @@ BOUND_GIVE_UP = 0.25
 RELAYOUT_MIN = 100_000
 # Side-file reads (_Floats.gather): rows at most this many rows apart are read with one call.
 READ_GAP = 4
-# The residual bound (VectorIndex._residual_limits): a row x of the list with centroid c has q.x <= q.c +
-# |q| |x - c|; the bound is compared with the threshold less this (float32 rounding of the products).
-RESID_SLACK = 1e-3
-# A scan block where the residual bound lets more than this share of rows through runs the head bound
+# The angle bound (VectorIndex._angle_window): the angle between a query view q and a row x is at least
+# |angle(q, c) - angle(x, c)| for x's list centroid c (the triangle inequality on the sphere), so
+# q.x <= |q| |x| cos(|angle(q, c) - angle(x, c)|). Compared with the threshold less ANGLE_SLACK (float32
+# rounding of the re-rank's products); angle(q, c) from float32 products widened by COS_ERROR.
+ANGLE_SLACK = 1e-3
+COS_ERROR = 1e-4
+# A scan block where the angle bound lets more than this share of rows through runs the head bound
 # over the whole block (gathering the survivors' heads would cost more than it saves).
-RESID_GIVE_UP = 0.5
+ANGLE_GIVE_UP = 0.5
 # The re-rank reads and scores its float32 rows in pieces of this many rows (_Floats.best), on two threads
 # when it has more than one piece.
 PIECE_ROWS = 2048
-SNAPSHOT_FORMAT = 6
+SNAPSHOT_FORMAT = 7
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-_MAGIC = b"TUSOU-IVF-6\n"
-_MAGIC_5 = b"TUSOU-IVF-5\n"  # no residual norms: computed in the background (fill_residuals)
+_MAGIC = b"TUSOU-IVF-7\n"
+_MAGIC_6 = b"TUSOU-IVF-6\n"  # residual norms (|x - c|) instead of angles: read, angles computed anew
+_MAGIC_5 = b"TUSOU-IVF-5\n"  # no angles: computed in the background (fill_angles)
 _MAGIC_4 = b"TUSOU-IVF-4\n"  # side-file rows by slot (no positions): read as is
 _MAGIC_3 = b"TUSOU-IVF-3\n"  # whole rows per block, no tail norms: read and converted
 
@@ -506,10 +510,15 @@ class VectorIndex:
         self._keys = np.zeros(0, dtype=np.int64)
         self._inv = np.zeros(0, dtype=np.float32)  # 1 / |int8 row|, 0 for a deleted slot
         self._assign = np.zeros(0, dtype=np.int16)
-        # |x - c| of each slot's float32 row x and its list's centroid c (the residual bound); +inf where
-        # not known (no lists yet, or a snapshot of an earlier format until ``fill_residuals`` has run).
-        self._resid = np.zeros(0, dtype=np.float32)
-        self._resid_stale = False  # some listed rows' residuals are unknown (fill_residuals is due)
+        # The angle (radians) between each slot's float32 row and its list's centroid (the angle bound),
+        # NaN where not known (no lists yet, or a snapshot of an earlier format until ``fill_angles``
+        # has run), and a bound of the rows' norms (1 for unit rows; the bound scales with it).
+        self._angle = np.zeros(0, dtype=np.float32)
+        self._xmax = 0.0
+        # The centroids' norms (float64) and the centroids array they are of (searches compute them once).
+        self._cnorm: np.ndarray = np.zeros(0)
+        self._cnorm_of: np.ndarray | None = None
+        self._angle_stale = False  # some listed rows' angles are unknown (fill_angles is due)
         self._layout = 0  # bumped by a compaction (slots move)
         # Where each slot's float32 row lies in the side file (rows are appended there as they are added;
         # ``relayout`` rewrites them in list order), the rows the file holds, and how many of them (the
@@ -524,6 +533,7 @@ class VectorIndex:
         self._centroids: np.ndarray | None = None
         self._trained_n = 0
         self._order = np.zeros(0, dtype=np.int64)  # slots < _sorted_upto, by list
+        self._order_angle = np.zeros(0, dtype=np.float32)  # their angles, in that order (the probe's)
         self._offsets = np.zeros(1, dtype=np.int64)
         self._sorted_upto = 0
         # The highest seq added; a snapshot holds exactly the adds up to it.
@@ -592,7 +602,9 @@ class VectorIndex:
             if self._floats is not None:
                 self._floats.write(self._fnext, vectors)
             assign = self._assign_rows(vectors)
-            self._append(keys, offset, inv, assign, tail_norm, self._residuals(vectors, assign))
+            angle, top = self._angles(vectors, assign)
+            self._xmax = max(self._xmax, top)
+            self._append(keys, offset, inv, assign, tail_norm, angle)
             self.last_seq = max(self.last_seq, int(keys.max()))
             self._touch(len(keys))
             self._maybe_train()
@@ -604,7 +616,7 @@ class VectorIndex:
         inv: np.ndarray,
         assign: np.ndarray,
         tail_norm: np.ndarray,
-        resid: np.ndarray,
+        angle: np.ndarray,
     ) -> None:
         """Rows (uint8 offset codes, whole) into the next slots; their float32 rows were written to the
         side file at ``_fnext`` onwards."""
@@ -616,7 +628,7 @@ class VectorIndex:
         self._inv = _grow(self._inv, n + m)
         self._assign = _grow(self._assign, n + m)
         self._tail_norm = _grow(self._tail_norm, n + m)
-        self._resid = _grow(self._resid, n + m)
+        self._angle = _grow(self._angle, n + m)
         if self._keys_sorted and (n and keys[0] <= self._keys[n - 1] or np.any(np.diff(keys) <= 0)):
             self._keys_sorted = False
         self._key_order = None
@@ -624,7 +636,7 @@ class VectorIndex:
         self._inv[n : n + m] = inv
         self._assign[n : n + m] = assign
         self._tail_norm[n : n + m] = tail_norm
-        self._resid[n : n + m] = resid
+        self._angle[n : n + m] = angle
         h = self.head
         done = 0
         while done < m:
@@ -651,20 +663,27 @@ class VectorIndex:
             out[start : start + 8192] = sims.argmax(axis=1)
         return out
 
-    def _residuals(
+    def _angles(
         self, vectors: np.ndarray, assign: np.ndarray, centroids: np.ndarray | None = None
-    ) -> np.ndarray:
-        """|x - c| of float32 rows ``vectors`` and their lists' centroids (+inf without lists), in float64
-        (stored as float32: the bound's slack covers that rounding)."""
+    ) -> tuple[np.ndarray, float]:
+        """The angles between float32 rows ``vectors`` and their lists' centroids (NaN without lists), in
+        float64: a = x.c/|c|, b = |x - a c/|c||, atan2(b, a) (accurate near 0, where arccos is not); and
+        the rows' largest norm (the caller raises ``_xmax`` to it under the write lock)."""
         centroids = self._centroids if centroids is None else centroids
-        if centroids is None:
-            return np.full(len(vectors), np.inf, dtype=np.float32)
+        if centroids is None or not len(vectors):
+            return np.full(len(vectors), np.nan, dtype=np.float32), 0.0
         out = np.empty(len(vectors), dtype=np.float32)
+        top = 0.0
         for start in range(0, len(vectors), 8192):
             part = slice(start, start + 8192)
-            diff = vectors[part].astype(np.float64) - centroids[assign[part]]
-            out[part] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-        return out
+            x = vectors[part].astype(np.float64)
+            c = centroids[assign[part]].astype(np.float64)
+            c /= np.sqrt(np.einsum("ij,ij->i", c, c))[:, None]
+            a = np.einsum("ij,ij->i", x, c)
+            off = x - a[:, None] * c
+            out[part] = np.arctan2(np.sqrt(np.einsum("ij,ij->i", off, off)), a)
+            top = max(top, float(np.sqrt(np.einsum("ij,ij->i", x, x).max())))
+        return out, top
 
     def _float_rows(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The live ``slots`` (sorted) that have a float32 row the re-rank reads, and those rows: from the
@@ -707,13 +726,14 @@ class VectorIndex:
             centroids = (sums / norms).astype(np.float32)
         self._centroids = centroids
         self._trained_n = self._live
-        self._resid[: self._n] = np.inf
+        self._angle[: self._n] = np.nan
         for start in range(0, self._n, BLOCK):
             slots = np.arange(start, min(self._n, start + BLOCK))
             self._assign[start : start + len(slots)] = self._assign_rows(self._gather_float(slots))
-            held, rows = self._float_rows(slots)  # the residuals from the rows the re-rank scores
-            self._resid[held] = self._residuals(rows, self._assign[held])
-        self._resid_stale = False
+            held, rows = self._float_rows(slots)  # the angles of the rows the re-rank scores
+            self._angle[held], top = self._angles(rows, self._assign[held])
+            self._xmax = max(self._xmax, top)
+        self._angle_stale = False
         self._sort_lists()
         log.info(
             "inverted file: %d lists over %d rows in %.1fs", nlist, self._live, time.monotonic() - started
@@ -742,6 +762,7 @@ class VectorIndex:
         counts = np.bincount(assign, minlength=len(self._centroids))
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._sorted_upto = self._n
+        self._order_angle = self._angle[self._order]
 
     def _slots_of(self, keys: np.ndarray) -> np.ndarray:
         """The slot holding each key (live or deleted), -1 where none does."""
@@ -781,13 +802,13 @@ class VectorIndex:
         self._layout += 1
         old_heads, old_tails, old_floats = self._heads, self._tails, self._floats
         keys, inv, assign = self._keys[live].copy(), self._inv[live].copy(), self._assign[live].copy()
-        tail_norm, resid = self._tail_norm[live].copy(), self._resid[live].copy()
+        tail_norm, angle = self._tail_norm[live].copy(), self._angle[live].copy()
         self._heads, self._tails, self._n, self._live = [], [], 0, 0
         self._keys = np.zeros(0, dtype=np.int64)
         self._inv = np.zeros(0, dtype=np.float32)
         self._assign = np.zeros(0, dtype=np.int16)
         self._tail_norm = np.zeros(0, dtype=np.float32)
-        self._resid = np.zeros(0, dtype=np.float32)
+        self._angle = np.zeros(0, dtype=np.float32)
         self._keys_sorted, self._sorted_upto = True, 0
         old_fpos = self._fpos
         self._fpos, self._fnext, self._flisted = np.zeros(0, dtype=np.int64), 0, 0
@@ -803,7 +824,7 @@ class VectorIndex:
                 rows = np.hstack([old_heads[b][at], old_tails[b][at]])
                 if self._floats is not None and old_floats is not None:
                     self._floats.write(self._fnext, _read_rows(old_floats, old_fpos[live[sel]]))
-                self._append(keys[sel], rows, inv[sel], assign[sel], tail_norm[sel], resid[sel])
+                self._append(keys[sel], rows, inv[sel], assign[sel], tail_norm[sel], angle[sel])
             old_heads[b] = old_tails[b] = np.zeros((0, 0), dtype=np.uint8)  # freed as we go
         if old_floats is not None:
             old_floats.close()
@@ -891,18 +912,19 @@ class VectorIndex:
         log.info("side file of %s in list order: %d rows in %.1fs", self.name, n, time.monotonic() - started)
         return True
 
-    def residuals_due(self) -> bool:
-        """Whether listed rows lack their residual norm (a snapshot of an earlier format was loaded)."""
-        return self._resid_stale and self._centroids is not None
+    def angles_due(self) -> bool:
+        """Whether listed rows lack their angle from the centroid (a snapshot of an earlier format)."""
+        return self._angle_stale and self._centroids is not None
 
-    def fill_residuals(self, stop: threading.Event | None = None) -> bool:
-        """Compute the residual norms a snapshot of an earlier format lacks, from the float32 rows (read
-        in file order, outside the lock: rows never change once written), and install them under the
-        write lock unless the lists were retrained or the slots compacted meanwhile (rows added since
-        have their own). Searches are exact meanwhile (an unknown residual bounds nothing). Marks the
-        index changed: the next snapshot holds them. False when there was nothing to do or it gave up."""
+    def fill_angles(self, stop: threading.Event | None = None) -> bool:
+        """Compute the angles from the centroids that a snapshot of an earlier format lacks, from the
+        float32 rows (read in file order, outside the lock: rows never change once written), and install
+        them under the write lock unless the lists were retrained or the slots compacted meanwhile (rows
+        added since have their own). Searches are exact meanwhile (an unknown angle bounds nothing).
+        Marks the index changed: the next snapshot holds them. False when there was nothing to do or it
+        gave up."""
         with self._lock.read():
-            if not self.residuals_due():
+            if not self.angles_due():
                 return False
             centroids, layout, n = self._centroids, self._layout, self._n
             assert centroids is not None
@@ -912,7 +934,8 @@ class VectorIndex:
                 fpos, held = self._fpos[:n].copy(), self._fnext
                 source = os.open(floats.path, os.O_RDONLY)  # ours: a compaction may close theirs
         started = time.monotonic()
-        resid = np.full(n, np.inf, dtype=np.float32)
+        angle = np.full(n, np.nan, dtype=np.float32)
+        xmax = 0.0
         if floats is None:  # rows through ``fetch`` (no side file), a chunk at a time under the read lock
             for start in range(0, n, 10_000):
                 if stop is not None and stop.is_set():
@@ -921,7 +944,8 @@ class VectorIndex:
                     if self._layout != layout or self._centroids is not centroids:
                         return False
                     slots, rows = self._float_rows(np.arange(start, min(n, start + 10_000)))
-                    resid[slots] = self._residuals(rows, assign[slots], centroids)
+                    angle[slots], top = self._angles(rows, assign[slots], centroids)
+                    xmax = max(xmax, top)
         else:
             try:
                 slot_at = np.full(held, -1, dtype=np.int64)
@@ -936,16 +960,19 @@ class VectorIndex:
                     _read_full(source, [got.data.cast("B")], start, floats.row_bytes, floats.path)
                     slots = slot_at[start:end]
                     mine = np.flatnonzero(slots >= 0)
-                    resid[slots[mine]] = self._residuals(got[mine], assign[slots[mine]], centroids)
+                    angle[slots[mine]], top = self._angles(got[mine], assign[slots[mine]], centroids)
+                    xmax = max(xmax, top)
             finally:
                 os.close(source)
         with self._lock.write():
             if self._layout != layout or self._centroids is not centroids:
-                return False  # compacted (slots moved) or retrained (residuals recomputed) meanwhile
-            self._resid[:n] = resid
-            self._resid_stale = False
+                return False  # compacted (slots moved) or retrained (angles recomputed) meanwhile
+            self._angle[:n] = angle
+            self._order_angle = self._angle[self._order]
+            self._xmax = max(self._xmax, xmax)
+            self._angle_stale = False
             self._touch(1)
-        log.info("residual norms of %s: %d rows in %.1fs", self.name, n, time.monotonic() - started)
+        log.info("angles to the centroids of %s: %d rows in %.1fs", self.name, n, time.monotonic() - started)
         return True
 
     def keys(self) -> np.ndarray:
@@ -986,11 +1013,11 @@ class VectorIndex:
             auto = exact is None
             scan = exact if not auto else n < self.exact_below or limit < 0 or limit > ANN_MAX_LIMIT
             sims = None if self._centroids is None else _products(queries, self._centroids)
-            rlim = self._residual_limits(queries, sims, min_cosine)
+            window = self._angle_window(queries, sims, min_cosine)
             if scan:
-                slots, approx = self._scan(query, limit, floor, rlim)
+                slots, approx = self._scan(query, limit, floor, window)
             else:
-                slots, approx = self._probe(query, sims, min(n, max(32, 2 * limit)), floor, rlim)
+                slots, approx = self._probe(query, sims, min(n, max(32, 2 * limit)), floor, window)
                 found = approx[approx >= floor]
                 if auto and limit > 1 and len(found) >= DENSE_MATCHES:
                     # Many rows pass the threshold around this query: a dense neighbourhood, where the
@@ -1003,9 +1030,9 @@ class VectorIndex:
                         least = float(np.partition(found, len(found) - limit)[len(found) - limit])
                         least -= 2 * SCREEN_MARGIN
                     # Rows whose float32 cosine is under the scan's floor less the int8 error cannot pass
-                    # the floor in int8 either: the residual bound may rule them out too.
+                    # the floor in int8 either: the angle bound may rule them out too.
                     above = max(floor, least)
-                    more = self._residual_limits(queries, sims, max(min_cosine, above - SCREEN_MARGIN))
+                    more = self._angle_window(queries, sims, max(min_cosine, above - SCREEN_MARGIN))
                     slots, approx = self._scan(query, limit, above, more)
             keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch, limit)
             if auto and not scan and len(keys) < limit:
@@ -1013,45 +1040,74 @@ class VectorIndex:
                 # far from (a lone photo among another item's crowd: on the dense 500k bench catalogue, 7
                 # of 120 JPEG queries with a match got none at limit=1, one got 1 of its 2 at limit=10).
                 # An answer that says "that is all" (none, or fewer than the limit) is the scan's to give.
-                slots, approx = self._scan(query, limit, floor, rlim)
+                slots, approx = self._scan(query, limit, floor, window)
                 keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch, limit)
         if limit >= 0:
             keys, cosines = keys[:limit], cosines[:limit]
         return keys, cosines
 
-    def _residual_limits(
+    def _angle_window(
         self, queries: np.ndarray, sims: np.ndarray | None, target: float
-    ) -> np.ndarray | None:
-        """Per list, the least residual norm |x - c| with which a row of that list may reach the float32
-        cosine ``target`` for some view: q.x = q.c + q.(x - c) <= q.c + |q| |x - c| (Cauchy-Schwarz),
-        exact for any x and c, compared less ``RESID_SLACK`` (float32 rounding of q.c, of the re-rank's
-        products and of the stored norms: each well under 1e-4). A row whose residual is under its list's
-        limit cannot be in the answer, whatever its int8 cosine. None when nothing can be ruled out: no
-        lists, no float32 rows (the re-rank then answers int8 cosines, which this does not bound), or a
-        zero view."""
-        if sims is None or (self._floats is None and self.fetch is None):
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per list, the angles from its centroid (radians, ``lo`` to ``hi``) within which a row of that
+        list may reach the float32 cosine ``target`` for some view; a row outside cannot be in the answer,
+        whatever its int8 cosine.
+
+        The angle between q and x is at least |angle(q, c) - angle(x, c)| (the triangle inequality on the
+        sphere), so q.x <= |q| |x| cos(|angle(q, c) - angle(x, c)|) <= |q| xmax cos(...): a row can reach
+        ``target`` (less ``ANGLE_SLACK``: the re-rank's float32 products) only if its angle lies within
+        arccos(target / (|q| xmax)) of angle(q, c). angle(q, c) comes from the float32 products ``sims``
+        (widened by ``COS_ERROR``). None when nothing can be ruled out: no lists, no float32 rows (the
+        re-rank then answers int8 cosines, which this does not bound), a target at or under 0, or a zero
+        view."""
+        centroids = self._centroids
+        if sims is None or centroids is None or (self._floats is None and self.fetch is None):
             return None
-        qnorm = np.sqrt(np.einsum("ij,ij->i", queries.astype(np.float64), queries.astype(np.float64)))
+        reach = target - ANGLE_SLACK
+        if reach <= 0 or self._xmax <= 0:
+            return None
+        q = queries.astype(np.float64)
+        qnorm = np.sqrt(np.einsum("ij,ij->i", q, q))
         if not np.all(qnorm > 0):
             return None
-        limits = ((target - RESID_SLACK - sims.astype(np.float64)) / qnorm[:, None]).min(axis=0)
-        return limits.astype(np.float32)
+        if self._cnorm_of is not centroids:
+            c = centroids.astype(np.float64)
+            self._cnorm, self._cnorm_of = np.sqrt(np.einsum("ij,ij->i", c, c)), centroids
+        cos = sims.astype(np.float64) / self._cnorm[None, :] / qnorm[:, None]
+        near = np.arccos(np.clip(cos + COS_ERROR, -1.0, 1.0))
+        far = np.arccos(np.clip(cos - COS_ERROR, -1.0, 1.0))
+        t = reach / (qnorm * self._xmax)
+        spread = np.arccos(np.clip(t, -1.0, 1.0))[:, None]
+        lo = np.where(t[:, None] > 1, np.inf, near - spread).min(axis=0) - 1e-6  # t > 1: out of reach
+        hi = np.where(t[:, None] > 1, -np.inf, far + spread).max(axis=0) + 1e-6
+        return lo.astype(np.float32), hi.astype(np.float32)
+
+    def _within(self, start: int, stop: int, window: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Offsets (from ``start``) of the slots ``start:stop`` whose angle lies in their list's window
+        (or is unknown: NaN compares false)."""
+        lo, hi = window
+        angle, assign = self._angle[start:stop], self._assign[start:stop]
+        return np.flatnonzero(~((angle < np.take(lo, assign)) | (angle > np.take(hi, assign))))
 
     def _scan(
-        self, query: _Query, limit: int, floor: float, rlim: np.ndarray | None = None
+        self,
+        query: _Query,
+        limit: int,
+        floor: float,
+        window: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Every row's int8 score: the rows that may pass ``floor`` and may make the best ``limit``.
-        ``rlim``: per list, the residual norm under which a row cannot be in the answer
-        (:meth:`_residual_limits`); those rows are not scored."""
+        ``window``: per list, the angles from the centroid outside which a row cannot be in the answer
+        (:meth:`_angle_window`); those rows are not scored."""
         n = self._n
 
         def one(start: int) -> tuple[np.ndarray, np.ndarray]:
             stop = min(n, start + BLOCK)
             b, m = start // BLOCK, stop - start
             head, inv = self._heads[b][:m], self._inv[start:stop]
-            if rlim is not None:
-                sel = np.flatnonzero(self._resid[start:stop] >= rlim[self._assign[start:stop]])
-                if len(sel) <= RESID_GIVE_UP * m:
+            if window is not None:
+                sel = self._within(start, stop, window)
+                if len(sel) <= ANGLE_GIVE_UP * m:
                     return self._score_some(query, b, start, sel, floor)
             if query.tcols is None:
                 cos = query.cosines(self._scorer, head, None, inv)
@@ -1106,22 +1162,35 @@ class VectorIndex:
         return sel[hit] + start, cos[hit]
 
     def _probe(
-        self, query: _Query, sims: np.ndarray | None, count: int, floor: float, rlim: np.ndarray | None = None
+        self,
+        query: _Query,
+        sims: np.ndarray | None,
+        count: int,
+        floor: float,
+        window: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``count`` best rows (int8) at or above ``floor`` among the lists nearest to each view and the
         unsorted tail (rows under the floor would be dropped by the re-rank anyway). ``sims``: the views'
-        products with the centroids; ``rlim``: as for :meth:`_scan` (rows it rules out are not scored)."""
+        products with the centroids; ``window``: as for :meth:`_scan` (rows it rules out are not scored)."""
         n = self._n
         if self._centroids is None or sims is None:
             slots = np.arange(n, dtype=np.int64)
         else:
             nprobe = min(NPROBE, len(self._centroids))
-            lists = np.unique(np.argpartition(-sims, nprobe - 1, axis=1)[:, :nprobe])
-            parts = [self._order[self._offsets[i] : self._offsets[i + 1]] for i in lists]
-            parts.append(np.arange(self._sorted_upto, n, dtype=np.int64))
+            lists = np.unique(np.argpartition(-sims, nprobe - 1, axis=1)[:, :nprobe]).tolist()
+            parts = []
+            for i in lists:
+                part = slice(self._offsets[i], self._offsets[i + 1])
+                if window is None:
+                    parts.append(self._order[part])
+                else:  # the list's angles lie together (in list order): no gather by slot
+                    angle = self._order_angle[part]
+                    parts.append(self._order[part][~((angle < window[0][i]) | (angle > window[1][i]))])
+            if window is None:
+                parts.append(np.arange(self._sorted_upto, n, dtype=np.int64))
+            else:
+                parts.append(self._within(self._sorted_upto, n, window) + self._sorted_upto)
             slots = np.sort(np.concatenate(parts))
-        if rlim is not None:
-            slots = slots[self._resid[slots] >= rlim[self._assign[slots]]]
         slots = slots[self._inv[slots] > 0]
         cos = self._best_above(query, slots, floor, count)
         keep = cos >= floor
@@ -1290,6 +1359,7 @@ class VectorIndex:
             "head": self.head,
             "float_rows": self._fnext,
             "float_listed": self._flisted,
+            "xmax": self._xmax,
         }
         put(_MAGIC)
         put(json.dumps(header).encode() + b"\n")
@@ -1298,7 +1368,7 @@ class VectorIndex:
         put(self._assign[:n].tobytes())
         put(self._tail_norm[:n].tobytes())
         put(self._fpos[:n].tobytes())
-        put(self._resid[:n].tobytes())
+        put(self._angle[:n].tobytes())
         codes_at = written
         for start in range(0, n, BLOCK):  # a block: its rows' heads, then their tails
             rows = min(BLOCK, n - start)
@@ -1399,7 +1469,7 @@ class VectorIndex:
         # the heads, a sixth of each block, and the tails of the rows its bound lets through).
         mm.madvise(mmap.MADV_DONTNEED)
         magic = mm[: len(_MAGIC)]
-        if magic not in (_MAGIC, _MAGIC_5, _MAGIC_4, _MAGIC_3):
+        if magic not in (_MAGIC, _MAGIC_6, _MAGIC_5, _MAGIC_4, _MAGIC_3):
             raise ValueError("not a snapshot of this format")
         end = mm.find(b"\n", len(_MAGIC), len(_MAGIC) + 4096)
         if end < 0:
@@ -1449,13 +1519,16 @@ class VectorIndex:
             if int(header.get("head", -1)) != h:
                 raise ValueError("snapshot splits its rows elsewhere")
             out._tail_norm = take(n, np.float32).copy()
-            if magic in (_MAGIC, _MAGIC_5):
+            if magic in (_MAGIC, _MAGIC_6, _MAGIC_5):
                 out._fpos = take(n, np.int64).copy()
                 out._fnext, out._flisted = int(header["float_rows"]), int(header["float_listed"])
                 if n and (out._fpos.min() < 0 or out._fpos.max() >= out._fnext):
                     raise ValueError("snapshot places rows outside its side file")
             if magic == _MAGIC:
-                out._resid = take(n, np.float32).copy()
+                out._angle = take(n, np.float32).copy()
+                out._xmax = float(header["xmax"])
+            elif magic == _MAGIC_6:
+                take(n, np.float32)  # residual norms |x - c|: the angles are computed anew
             for start in range(0, n, BLOCK):
                 rows = min(BLOCK, n - start)
                 if rows == BLOCK:
@@ -1476,9 +1549,9 @@ class VectorIndex:
         out._n = n
         if magic in (_MAGIC_4, _MAGIC_3):  # the side file holds the rows by slot
             out._fpos, out._fnext = np.arange(n, dtype=np.int64), n
-        if magic != _MAGIC:  # formats 3-5: no residual norms; the store's snapshot thread computes them
-            out._resid = np.full(n, np.inf, dtype=np.float32)
-            out._resid_stale = out._centroids is not None
+        if magic != _MAGIC:  # formats 3-6: no angles; the store's snapshot thread computes them
+            out._angle = np.full(n, np.nan, dtype=np.float32)
+            out._angle_stale = out._centroids is not None
         out._live = int(np.count_nonzero(out._inv[:n] > 0))
         if out._live != meta["count"]:
             raise ValueError("snapshot does not hold what its metadata says")
@@ -1501,7 +1574,7 @@ class VectorIndex:
             data = folder / f"{name}.{seq}.{gen}.ivf"
             try:
                 meta = json.loads(meta_path.read_text())
-                known = meta.get("format") in (3, 4, 5, SNAPSHOT_FORMAT)
+                known = meta.get("format") in (3, 4, 5, 6, SNAPSHOT_FORMAT)
                 if not known or meta["dim"] != dim or meta["seq"] != seq:
                     raise ValueError("snapshot of another format or model")
                 out = cls._read(data, dim, meta, fetch)
