@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
 
 from tusou import upgrade as upgrades
 from tusou.store.base import (
@@ -696,7 +697,12 @@ class SQLiteStore(Store):
             keys, cosines, at = keys[:limit], cosines[:limit], at[:limit]
         records = prefetched[0].result() if prefetched else None
         if records is not None:
-            missing = keys[~np.isin(keys, np.asarray(records.seqs, dtype=np.int64))]
+            # The prefetched records come in ascending seq order (one _records call): a binary search per
+            # key (np.isin sorted both sides: ~3 ms for 10,000 keys among 10,000 records). Were they not,
+            # a present row could only be read again (a key counts as present where it is found).
+            have = np.asarray(records.seqs, dtype=np.int64)
+            at_have = np.minimum(np.searchsorted(have, keys), max(len(have) - 1, 0))
+            missing = keys[have[at_have] != keys] if len(have) else keys
             if len(missing):  # answer rows the index read after the prefetched ones
                 records = _joined(records, self._records(missing))
         return self._hits_of(list(groups), keys, cosines, at, records)
@@ -873,7 +879,9 @@ class SQLiteStore(Store):
         temporary index of them first, 25 % slower), and each column comes back as one JSON array built by
         SQLite and parsed by ``json.loads``: no Python row per record. (16k rows of a 500k group, chunks of
         ``IN (?, ...)`` in hit order with a tuple per row: 78 ms; this: ~11-29 ms.)"""
-        wanted = "[" + ",".join(map(str, np.sort(seqs).tolist())) + "]"
+        # The seqs as a JSON array (orjson writes int64 arrays directly: 16.5k seqs 3 -> 0.2 ms).
+        ordered = np.sort(np.asarray(seqs, dtype=np.int64))
+        wanted = orjson.dumps(ordered, option=orjson.OPT_SERIALIZE_NUMPY).decode()
         row = (
             self._reader()
             .execute(
