@@ -533,7 +533,6 @@ class VectorIndex:
         self._centroids: np.ndarray | None = None
         self._trained_n = 0
         self._order = np.zeros(0, dtype=np.int64)  # slots < _sorted_upto, by list
-        self._order_angle = np.zeros(0, dtype=np.float32)  # their angles, in that order (the probe's)
         self._offsets = np.zeros(1, dtype=np.int64)
         self._sorted_upto = 0
         # The highest seq added; a snapshot holds exactly the adds up to it.
@@ -762,7 +761,6 @@ class VectorIndex:
         counts = np.bincount(assign, minlength=len(self._centroids))
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._sorted_upto = self._n
-        self._order_angle = self._angle[self._order]
 
     def _slots_of(self, keys: np.ndarray) -> np.ndarray:
         """The slot holding each key (live or deleted), -1 where none does."""
@@ -968,7 +966,6 @@ class VectorIndex:
             if self._layout != layout or self._centroids is not centroids:
                 return False  # compacted (slots moved) or retrained (angles recomputed) meanwhile
             self._angle[:n] = angle
-            self._order_angle = self._angle[self._order]
             self._xmax = max(self._xmax, xmax)
             self._angle_stale = False
             self._touch(1)
@@ -1013,11 +1010,12 @@ class VectorIndex:
             auto = exact is None
             scan = exact if not auto else n < self.exact_below or limit < 0 or limit > ANN_MAX_LIMIT
             sims = None if self._centroids is None else _products(queries, self._centroids)
-            window = self._angle_window(queries, sims, min_cosine)
+            # The angle bound serves the scans only: the probed lists are the query's neighbourhood, where
+            # it rules few rows out (measured: the probe no faster with it, 500k and 5M).
             if scan:
-                slots, approx = self._scan(query, limit, floor, window)
+                slots, approx = self._scan(query, limit, floor, self._angle_window(queries, sims, min_cosine))
             else:
-                slots, approx = self._probe(query, sims, min(n, max(32, 2 * limit)), floor, window)
+                slots, approx = self._probe(query, sims, min(n, max(32, 2 * limit)), floor)
                 found = approx[approx >= floor]
                 if auto and limit > 1 and len(found) >= DENSE_MATCHES:
                     # Many rows pass the threshold around this query: a dense neighbourhood, where the
@@ -1040,7 +1038,7 @@ class VectorIndex:
                 # far from (a lone photo among another item's crowd: on the dense 500k bench catalogue, 7
                 # of 120 JPEG queries with a match got none at limit=1, one got 1 of its 2 at limit=10).
                 # An answer that says "that is all" (none, or fewer than the limit) is the scan's to give.
-                slots, approx = self._scan(query, limit, floor, window)
+                slots, approx = self._scan(query, limit, floor, self._angle_window(queries, sims, min_cosine))
                 keys, cosines = self._rerank(slots, approx, queries, min_cosine, floor, prefetch, limit)
         if limit >= 0:
             keys, cosines = keys[:limit], cosines[:limit]
@@ -1121,7 +1119,9 @@ class VectorIndex:
                 cos = query.cosines(self._scorer, head, self._tails[b][:m], inv)
                 hit = np.flatnonzero(cos >= floor)
                 return hit + start, cos[hit]
-            cos = query.cosines(self._scorer, head[cand], self._tails[b][cand], inv[cand])
+            cos = query.cosines(
+                self._scorer, np.take(head, cand, axis=0), np.take(self._tails[b], cand, axis=0), inv[cand]
+            )
             hit = np.flatnonzero(cos >= floor)
             return cand[hit] + start, cos[hit]
 
@@ -1149,47 +1149,33 @@ class VectorIndex:
         their cosines: the head bound on their heads, whole rows where it passes."""
         if not len(sel):
             return sel, np.zeros(0, dtype=np.float32)
-        head, inv = self._heads[b][sel], self._inv[start + sel]
+        # np.take, not fancy indexing: 4x faster for 64-byte rows (2x for the tails), measured.
+        head, inv = np.take(self._heads[b], sel, axis=0), self._inv[start + sel]
         if query.tcols is None:
             cos = query.cosines(self._scorer, head, None, inv)
         else:
             bound = query.bounds(self._scorer, head, self._tail_norm[start + sel], inv)
             keep = np.flatnonzero(bound >= floor - BOUND_SLACK)
             if len(keep) < len(sel):
-                sel, head, inv = sel[keep], head[keep], inv[keep]
-            cos = query.cosines(self._scorer, head, self._tails[b][sel], inv)
+                sel, head, inv = sel[keep], np.take(head, keep, axis=0), inv[keep]
+            cos = query.cosines(self._scorer, head, np.take(self._tails[b], sel, axis=0), inv)
         hit = np.flatnonzero(cos >= floor)
         return sel[hit] + start, cos[hit]
 
     def _probe(
-        self,
-        query: _Query,
-        sims: np.ndarray | None,
-        count: int,
-        floor: float,
-        window: tuple[np.ndarray, np.ndarray] | None = None,
+        self, query: _Query, sims: np.ndarray | None, count: int, floor: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``count`` best rows (int8) at or above ``floor`` among the lists nearest to each view and the
         unsorted tail (rows under the floor would be dropped by the re-rank anyway). ``sims``: the views'
-        products with the centroids; ``window``: as for :meth:`_scan` (rows it rules out are not scored)."""
+        products with the centroids."""
         n = self._n
         if self._centroids is None or sims is None:
             slots = np.arange(n, dtype=np.int64)
         else:
             nprobe = min(NPROBE, len(self._centroids))
-            lists = np.unique(np.argpartition(-sims, nprobe - 1, axis=1)[:, :nprobe]).tolist()
-            parts = []
-            for i in lists:
-                part = slice(self._offsets[i], self._offsets[i + 1])
-                if window is None:
-                    parts.append(self._order[part])
-                else:  # the list's angles lie together (in list order): no gather by slot
-                    angle = self._order_angle[part]
-                    parts.append(self._order[part][~((angle < window[0][i]) | (angle > window[1][i]))])
-            if window is None:
-                parts.append(np.arange(self._sorted_upto, n, dtype=np.int64))
-            else:
-                parts.append(self._within(self._sorted_upto, n, window) + self._sorted_upto)
+            lists = np.unique(np.argpartition(-sims, nprobe - 1, axis=1)[:, :nprobe])
+            parts = [self._order[self._offsets[i] : self._offsets[i + 1]] for i in lists]
+            parts.append(np.arange(self._sorted_upto, n, dtype=np.int64))
             slots = np.sort(np.concatenate(parts))
         slots = slots[self._inv[slots] > 0]
         cos = self._best_above(query, slots, floor, count)
