@@ -96,6 +96,9 @@ _CHUNK = 900
 # a 500k group's images table is ~20 MB: 16k records 15 -> 10 ms).
 _PREFETCH_MIN = 2_000
 _RECORDS_CACHE_KIB = 32_768
+# Threads that read a large answer's records, each a share of the seqs (ascending ranges): the records were
+# the long pole of a large search (16k records in one thread ~24-38 ms under load, the index's re-rank ~7).
+_RECORDS_THREADS = 2
 # The images table's warm-up after the store opens (``_warm_records``): this many rows per step, each step
 # only after this long without a search, so that it never competes with searches for a core.
 _WARM_ROWS = 5_000
@@ -214,6 +217,7 @@ class SQLiteStore(Store):
         self._records_lock = threading.Lock()
         self._records_executor: ThreadPoolExecutor | None = None
         self._records_busy = False
+        self._records_pending = 0
         self._load()
         # time.monotonic() at a search's start and end; the warm-up waits for an idle moment after it.
         self._last_search = time.monotonic()
@@ -662,18 +666,23 @@ class SQLiteStore(Store):
         prefetched: list[Future] = []
 
         def prefetch(keys: np.ndarray) -> None:
-            # A large answer's records are read in another thread while the index reads and scores the
-            # candidates' float32 rows (both mostly outside the GIL: SQLite's step, preadv).
-            # One thread does this; while it is busy with another search's records, this search reads its
-            # own in line afterwards, as concurrent searches did before (no queue behind one thread).
+            # A large answer's records are read in other threads while the index reads and scores the
+            # candidates' float32 rows (both mostly outside the GIL: SQLite's step, preadv), each thread
+            # an ascending range of the seqs. One search at a time does this; while the threads are busy
+            # with another search's records, this search reads its own in line afterwards, as concurrent
+            # searches did before (no queue behind them).
             if len(groups) == 1 and len(keys) >= _PREFETCH_MIN and not prefetched:
+                pieces = np.array_split(np.sort(keys), _RECORDS_THREADS)
                 with self._records_lock:
                     if self._records_busy:
                         return
                     self._records_busy = True
-                future = self._records_pool().submit(self._records, keys)
-                future.add_done_callback(self._records_done)
-                prefetched.append(future)
+                    self._records_pending = len(pieces)
+                pool = self._records_pool()
+                for piece in pieces:
+                    future = pool.submit(self._records, piece)
+                    future.add_done_callback(self._records_done)
+                    prefetched.append(future)
 
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         for group in groups:
@@ -696,8 +705,10 @@ class SQLiteStore(Store):
         if limit >= 0:
             keys, cosines, at = keys[:limit], cosines[:limit], at[:limit]
         records = prefetched[0].result() if prefetched else None
+        for future in prefetched[1:]:  # the next ranges of seqs: the records stay in ascending order
+            records = _joined(records, future.result())  # type: ignore[arg-type]
         if records is not None:
-            # The prefetched records come in ascending seq order (one _records call): a binary search per
+            # The prefetched records come in ascending seq order (ascending ranges): a binary search per
             # key (np.isin sorted both sides: ~3 ms for 10,000 keys among 10,000 records). Were they not,
             # a present row could only be read again (a key counts as present where it is found).
             have = np.asarray(records.seqs, dtype=np.int64)
@@ -856,15 +867,17 @@ class SQLiteStore(Store):
 
     def _records_done(self, _: Future) -> None:
         with self._records_lock:
-            self._records_busy = False
+            self._records_pending -= 1
+            if not self._records_pending:
+                self._records_busy = False
 
     def _records_pool(self) -> ThreadPoolExecutor:
-        """The thread that reads large answers' records (:meth:`search`), made on first use. Its connection
-        keeps a larger page cache (``_RECORDS_CACHE_KIB``): one connection's, not every reader thread's."""
+        """The threads that read large answers' records (:meth:`search`), made on first use. Their
+        connections keep a larger page cache (``_RECORDS_CACHE_KIB``): theirs, not every reader thread's."""
         with self._records_lock:
             if self._records_executor is None:
                 self._records_executor = ThreadPoolExecutor(
-                    1,
+                    _RECORDS_THREADS,
                     thread_name_prefix="tusou-records",
                     initializer=lambda: self._reader().execute(f"PRAGMA cache_size=-{_RECORDS_CACHE_KIB}"),
                 )
