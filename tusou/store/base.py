@@ -8,7 +8,6 @@ float32 rows and similarity goes out as cosine.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,22 +28,6 @@ from tusou.store.filters import Filter
 
 class ModelMismatch(Exception):
     """The data folder was indexed with another model; searching it with this one would be meaningless."""
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off while a search's answer is built: thousands of acyclic objects
-    (hits, matches, strings), nothing for it to find. Otherwise building 16k hits ran ~50 collections, some
-    over every object of the process (a third of the build's time); the new objects are seen once, by the
-    first collection after."""
-    if not gc.isenabled():  # off already (another search building, or the application's choice)
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 #: ``update_image(desc=KEEP)``: leave the desc unchanged (None is a real value: "no desc").
