@@ -493,7 +493,15 @@ def _render(value: Any) -> str:
 
 def _interleave(columns: list[Sequence[str] | str], n: int) -> list[str]:
     """Row by row, ``columns[0][i], columns[1][i], ...`` for i < n in one list (a ``str`` column: that text in
-    every row), filled a column at a time by slice assignment: no Python step per row."""
+    every row; neighbouring ones are joined first), filled a column at a time by slice assignment: no Python
+    step per row."""
+    merged: list[Sequence[str] | str] = []
+    for column in columns:
+        if isinstance(column, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += column
+        else:
+            merged.append(column)
+    columns = merged
     width = len(columns)
     out: list[str] = [""] * (width * n)
     for k, column in enumerate(columns):
@@ -545,7 +553,9 @@ def hits_body(matches: Matches, *, with_group: bool = True) -> bytes:
         if matches.with_tags:
             listed = [tags(found.tag_list(i) or []) for i in range(n)]
             tails = [t[:-1] + ',"tags":' + _render(x) + "}" for t, x in zip(tails, listed, strict=True)]
-    columns: list[Sequence[str] | str] = ['{"desc":', descs]
+    # Each row from its desc to the next row's opening: the first row's opening is in the head, the last
+    # row's comma and opening become the array's and the object's ends.
+    columns: list[Sequence[str] | str] = [descs]
     if with_group:
         columns += [',"group":', groups]
     columns += [
@@ -556,11 +566,11 @@ def hits_body(matches: Matches, *, with_group: bool = True) -> bytes:
         ',"score":',
         _floats(scores),
         tails,
-        ",",
+        ',{"desc":',
     ]
     parts = _interleave(columns, n)
-    parts[-1] = "]}"
-    return ('{"code":0,"message":"","result":[' + "".join(parts)).encode()
+    parts[-1] = parts[-1][: -len(',{"desc":')] + "]}"
+    return ('{"code":0,"message":"","result":[{"desc":' + "".join(parts)).encode()
 
 
 def duplicates(result: DuplicatePage) -> dict[str, Any]:

@@ -112,7 +112,7 @@ _SEQ_CHUNK = 1_000_000
 class _Records(NamedTuple):
     """Columns of records, ascending by seq (``SQLiteStore._records``)."""
 
-    seqs: list[int]
+    seqs: np.ndarray  # int64
     ids: list[str]
     labels: list[str]
     descs: list[str | None]  # stored JSON text
@@ -122,7 +122,10 @@ class _Records(NamedTuple):
 
 def _joined(a: _Records, b: _Records) -> _Records:
     """Two record sets as one (each column's lists joined; seqs no longer in order: ``_hits_of`` sorts)."""
-    return _Records(*(x + y for x, y in zip(a, b, strict=True)))  # type: ignore[operator]
+    return _Records(
+        np.concatenate([a.seqs, b.seqs]),
+        *(x + y for x, y in zip(a[1:], b[1:], strict=True)),  # type: ignore[operator]
+    )
 
 
 def _dump_desc(desc: object) -> str | None:
@@ -711,7 +714,7 @@ class SQLiteStore(Store):
             # The prefetched records come in ascending seq order (ascending ranges): a binary search per
             # key (np.isin sorted both sides: ~3 ms for 10,000 keys among 10,000 records). Were they not,
             # a present row could only be read again (a key counts as present where it is found).
-            have = np.asarray(records.seqs, dtype=np.int64)
+            have = records.seqs
             at_have = np.minimum(np.searchsorted(have, keys), max(len(have) - 1, 0))
             missing = keys[have[at_have] != keys] if len(have) else keys
             if len(missing):  # answer rows the index read after the prefetched ones
@@ -743,9 +746,9 @@ class SQLiteStore(Store):
         if not len(seqs):
             return Hits.empty()
         found, ids, labels, descs, uris, tags = records if records is not None else self._records(seqs)
-        if not found:
+        if not len(found):
             return Hits.empty()
-        have = np.asarray(found, dtype=np.int64)
+        have = found
         ranks = np.argsort(have, kind="stable")  # the identity, unless record sets were joined
         where = ranks[np.minimum(np.searchsorted(have[ranks], seqs), len(have) - 1)]
         there = have[where] == seqs
@@ -906,7 +909,7 @@ class SQLiteStore(Store):
             .fetchone()
         )
         found, ids, labels, descs, uris, tags = (json.loads(column) for column in row)
-        return _Records(found, ids, labels, descs, uris, tags)
+        return _Records(np.asarray(found, dtype=np.int64), ids, labels, descs, uris, tags)
 
     def close(self) -> None:
         if self._closed:
