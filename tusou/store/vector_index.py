@@ -1202,7 +1202,7 @@ class VectorIndex:
         def score(rows: np.ndarray) -> None:
             if len(rows):
                 tails = self._gather_tails(slots[rows])
-                out[rows] = query.cosines(self._scorer, heads[rows], tails, inv[rows])
+                out[rows] = query.cosines(self._scorer, np.take(heads, rows, axis=0), tails, inv[rows])
 
         cand = np.flatnonzero(bound >= floor - BOUND_SLACK)
         if len(cand) <= 2 * count:
