@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,7 +41,6 @@ from tusou.store.base import (
     ModelMismatch,
     NewImage,
     Store,
-    gather,
     load_desc,
     load_tags,
 )
@@ -756,16 +756,23 @@ class SQLiteStore(Store):
             kept = np.flatnonzero(there)
             where, scores, at = where[kept], scores[kept], at[kept]
         pick = where.tolist()
-        names = [groups[g] for g in at.tolist()] if len(groups) > 1 else [groups[0]] * len(pick)
-        # Each column gathered in one C call (itemgetter): ~25 % faster than an index per hit (16.5k hits).
+        n = len(pick)
+        names = [groups[g] for g in at.tolist()] if len(groups) > 1 else [groups[0]] * n
+        # Each column gathered in one C call (one itemgetter for all: ~25 % faster than an index per hit);
+        # a column of NULLs only (uris, tags, as usual) is not gathered.
+        get = itemgetter(*pick) if n > 1 else (lambda column: [column[i] for i in pick])
+
+        def column(values: list[Any]) -> Sequence[Any]:
+            return get(values) if any(values) else [None] * n
+
         return Hits(
             names,
-            gather(ids, pick),
-            gather(labels, pick),
-            gather(descs, pick),  # the stored JSON text (Hits.json)
-            gather(uris, pick),
+            get(ids),
+            get(labels),
+            get(descs),  # the stored JSON text (Hits.json)
+            column(uris),
             scores,
-            gather(tags, pick),
+            column(tags),
             json=True,
         )
 
