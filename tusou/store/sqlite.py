@@ -128,6 +128,26 @@ def _joined(a: _Records, b: _Records) -> _Records:
     )
 
 
+def _positions(have: np.ndarray, seqs: np.ndarray) -> np.ndarray:
+    """Where each of ``seqs`` is in ``have`` (distinct seqs, in any order), -1 where it is not. A table over
+    the span of ``have`` where that is at most 32 slots a seq (a large answer's records: 16.5k seqs of a
+    500k group, 2 MB for ~0.3 ms), else a binary search (16.5k unsorted keys ~1.5 ms)."""
+    if not len(have) or not len(seqs):
+        return np.full(len(seqs), -1, dtype=np.intp)
+    low, high = int(have.min()), int(have.max())
+    inside = (seqs >= low) & (seqs <= high)
+    where = np.full(len(seqs), -1, dtype=np.intp)
+    if high - low < 32 * len(have):
+        table = np.full(high - low + 1, -1, dtype=np.intp)
+        table[have - low] = np.arange(len(have))
+        where[inside] = table[seqs[inside] - low]
+        return where
+    ranks = np.argsort(have, kind="stable")
+    at = ranks[np.minimum(np.searchsorted(have[ranks], seqs[inside]), len(have) - 1)]
+    where[inside] = np.where(have[at] == seqs[inside], at, -1)
+    return where
+
+
 def _dump_desc(desc: object) -> str | None:
     return None if desc is None else json.dumps(desc, ensure_ascii=False, separators=(",", ":"))
 
@@ -711,12 +731,7 @@ class SQLiteStore(Store):
         for future in prefetched[1:]:  # the next ranges of seqs: the records stay in ascending order
             records = _joined(records, future.result())  # type: ignore[arg-type]
         if records is not None:
-            # The prefetched records come in ascending seq order (ascending ranges): a binary search per
-            # key (np.isin sorted both sides: ~3 ms for 10,000 keys among 10,000 records). Were they not,
-            # a present row could only be read again (a key counts as present where it is found).
-            have = records.seqs
-            at_have = np.minimum(np.searchsorted(have, keys), max(len(have) - 1, 0))
-            missing = keys[have[at_have] != keys] if len(have) else keys
+            missing = keys[_positions(records.seqs, keys) < 0]
             if len(missing):  # answer rows the index read after the prefetched ones
                 records = _joined(records, self._records(missing))
         return self._hits_of(list(groups), keys, cosines, at, records)
@@ -748,10 +763,8 @@ class SQLiteStore(Store):
         found, ids, labels, descs, uris, tags = records if records is not None else self._records(seqs)
         if not len(found):
             return Hits.empty()
-        have = found
-        ranks = np.argsort(have, kind="stable")  # the identity, unless record sets were joined
-        where = ranks[np.minimum(np.searchsorted(have[ranks], seqs), len(have) - 1)]
-        there = have[where] == seqs
+        where = _positions(found, seqs)
+        there = where >= 0
         if not there.all():  # rows deleted meanwhile
             kept = np.flatnonzero(there)
             where, scores, at = where[kept], scores[kept], at[kept]
