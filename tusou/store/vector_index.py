@@ -1651,10 +1651,10 @@ def _best_first(keys: np.ndarray, cosines: np.ndarray, limit: int = -1) -> np.nd
     descending above the key), sorted in one pass; the best ``limit`` picked first (keys are unique, so the
     sort keys are). 16k rows: 2.7 -> 0.8 ms."""
     n = len(keys)
-    if not n or keys.min() < 0 or keys.max() >= 1 << 32:
+    if not n or cosines.dtype != np.float32 or keys.min() < 0 or keys.max() >= 1 << 32:
         order = np.lexsort((keys, -cosines))
         return order[:limit] if limit >= 0 else order
-    bits = (np.asarray(cosines, dtype=np.float32) + np.float32(0.0)).view(np.uint32)  # -0.0 as 0.0
+    bits = (cosines + np.float32(0.0)).view(np.uint32)  # -0.0 as 0.0
     # Ascending order of the float is ascending order of these (negative floats: every bit flipped).
     rising = np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(0x80000000))
     sort_keys = (~rising).astype(np.uint64) << np.uint64(32) | keys.astype(np.uint64)
