@@ -831,3 +831,110 @@ def test_best_first_is_the_lexsort_of_cosines_then_keys() -> None:
             for limit in (-1, 0, 1, 5, n, n + 3):
                 got = vi._best_first(keys, cosines, limit)
                 assert np.array_equal(got, want if limit < 0 else want[:limit])
+
+
+def test_the_best_row_beyond_the_nearest_list_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search for the single best row whose first scored rows hold a near copy of the query scores the
+    other probed rows only where the angle bound lets a row reach it. A row in another list that beats
+    the copy (the query on the border of two lists, the row just across) must still be the answer, and an
+    exact copy of it added earlier wins the tie (seq order); likewise without a near copy. A search by a
+    stored row finds that row."""
+    import tusou.store.vector_index as vi
+
+    monkeypatch.setattr(vi, "TRAIN_AT", 1000)
+    index, table, vectors = side_filled(tmp_path, 3000, seed=21)
+    index.exact_below = 0
+    centroids = index._centroids.astype(np.float64)
+    closeness = centroids @ centroids.T
+    np.fill_diagonal(closeness, -2)
+    rng = np.random.default_rng(22)
+    tried = 0
+    for a in np.argsort(-closeness.max(axis=1))[:10].tolist():  # pairs of near centroids
+        b = int(closeness[a].argmax())
+        for near_copy in (True, False):
+            q = unit((0.505 * centroids[a] + 0.495 * centroids[b])[None])
+            z = unit((0.495 * centroids[a] + 0.505 * centroids[b])[None])  # across the border
+            side = unit(rng.standard_normal((1, DIM)))
+            y = unit(q + (0.08 if near_copy else 0.5) * unit(side - (side @ q.T) * q))  # in the near list
+            if (
+                int(vi._products(q, index._centroids).argmax()) != a
+                or int(index._assign_rows(z)[0]) != b
+                or int(index._assign_rows(y)[0]) != a
+            ):
+                continue
+            assert (float(y[0] @ q[0]) >= vi.NEAR_COPY) == near_copy
+            assert float(z[0] @ q[0]) > float(y[0] @ q[0])
+            key = 10_000 + 10 * tried
+            rows = np.vstack([y, z, z])  # the copy of z first (the lower seq), then z itself
+            table.rows.update(zip(range(key, key + 3), rows, strict=True))
+            index.add(np.asarray([key]), y)
+            index._sort_lists()  # y in the nearest list; z and its copy in the unsorted tail, then in theirs
+            index.add(np.arange(key + 1, key + 3), rows[1:])
+            for views, in_list in ((q, False), (np.vstack([q, unit(vectors[:1] + 0.5)]), False), (q, True)):
+                if in_list:  # added rows sit in an unsorted tail until the lists are sorted again
+                    index._sort_lists()
+                    assert int(index._slots_of(np.asarray([key + 2]))[0]) in index._list(b)
+                truth = table.brute(views, 0.5)
+                # Equal rows tie (BLAS may round the brute force's products of equal rows apart).
+                want = sorted(truth.items(), key=lambda kv: (-round(kv[1], 5), kv[0]))[0]
+                found, cos = index.search(views, 1, 0.5)
+                assert (found.tolist(), cos.tolist()) == ([want[0]], [pytest.approx(want[1])])
+                assert want[0] == key + 1
+            index.remove(np.arange(key, key + 3))  # the next case on its own
+            for k in range(key, key + 3):
+                del table.rows[k]
+            tried += 1
+    assert tried >= 4
+    for k in (5, 700, 2999):  # by a stored row: itself (or an earlier exact copy)
+        found, cos = index.search(vectors[k - 1][None], 1, 0.5)
+        assert found.tolist() == [k] and cos[0] == pytest.approx(1.0)
+
+
+def test_a_near_copy_found_first_does_not_hide_a_closer_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows scored first (the best head bounds) are near copies of the query, each with the query's own
+    leading dimensions and its other dimensions turned a little (bound 1, cosine ~0.992); a closer row
+    (cosine ~0.996) has a lower bound, so it is scored after them, where the angle bound at the copies'
+    best cosine must let it through: it is the answer."""
+    import tusou.store.vector_index as vi
+
+    monkeypatch.setattr(vi, "TRAIN_AT", 1000)
+    index, table, vectors = side_filled(tmp_path, 3000, seed=31)
+    index.exact_below = 0
+    rng = np.random.default_rng(32)
+    h = index.head
+    hits = 0
+    for k in (11, 1200, 2500):
+        q = unit(vectors[k - 1][None] + 0.3 * unit(rng.standard_normal((1, DIM)))).astype(np.float64)
+        copies = []
+        for _ in range(80):  # same head, tail turned by ~10 degrees: bound 1, cosine ~0.993
+            turn = rng.standard_normal(DIM - h)
+            tail = q[0, h:]
+            turn -= (turn @ tail) / (tail @ tail) * tail
+            turn *= np.linalg.norm(tail) / np.linalg.norm(turn)
+            copies.append(np.concatenate([q[0, :h], np.cos(0.18) * tail + np.sin(0.18) * turn]))
+        nudge = np.zeros(DIM)
+        nudge[:h] = rng.standard_normal(h)
+        closer = unit(q + 0.09 * unit(nudge[None])).astype(np.float64)  # tail along the query's
+        rows = unit(np.vstack([*copies, closer]).astype(np.float32))
+        key = 20_000 + 100 * hits
+        keys = np.arange(key, key + len(rows))
+        table.rows.update(zip(keys.tolist(), rows, strict=True))
+        index.add(keys, rows)
+        index._sort_lists()
+        cos = rows @ q[0].astype(np.float32)
+        assert cos[:-1].max() < cos[-1] < 0.998 and cos[:-1].max() >= vi.NEAR_COPY
+        query = vi._Query(q.astype(np.float32), h)
+        slots = np.sort(index._slots_of(keys))
+        bound = query.bounds(
+            index._scorer, index._gather_heads(slots), index._tail_norm[slots], index._inv[slots]
+        )
+        assert np.sum(bound > bound[-1]) >= 64  # the closer row (the last slot) is scored after the copies
+        truth = table.brute(q.astype(np.float32), 0.5)
+        want = max(truth.items(), key=lambda kv: kv[1])
+        found, got = index.search(q.astype(np.float32), 1, 0.5)
+        assert found.tolist() == [want[0]] == [keys[-1]] and got[0] == pytest.approx(want[1])
+        hits += 1

@@ -96,6 +96,9 @@ ANGLE_GIVE_UP = 0.5
 # The re-rank reads and scores its float32 rows in pieces of this many rows (_Floats.best), on two threads
 # when it has more than one piece.
 PIECE_ROWS = 2048
+# A search for the single best row whose first scored rows hold one at this float32 cosine or more (a near
+# copy of the query) scores the other probed rows only where the angle bound lets them reach it.
+NEAR_COPY = 0.99
 SNAPSHOT_FORMAT = 7
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _MAGIC = b"TUSOU-IVF-7\n"
@@ -1015,7 +1018,8 @@ class VectorIndex:
             if scan:
                 slots, approx = self._scan(query, limit, floor, self._angle_window(queries, sims, min_cosine))
             else:
-                slots, approx = self._probe(query, sims, min(n, max(32, 2 * limit)), floor)
+                best_of = (queries, min_cosine) if limit == 1 else None
+                slots, approx = self._probe(query, sims, min(n, max(32, 2 * limit)), floor, best_of)
                 found = approx[approx >= floor]
                 if auto and limit > 1 and len(found) >= DENSE_MATCHES:
                     # Many rows pass the threshold around this query: a dense neighbourhood, where the
@@ -1163,22 +1167,29 @@ class VectorIndex:
         return sel[hit] + start, cos[hit]
 
     def _probe(
-        self, query: _Query, sims: np.ndarray | None, count: int, floor: float
+        self,
+        query: _Query,
+        sims: np.ndarray | None,
+        count: int,
+        floor: float,
+        best_of: tuple[np.ndarray, float] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``count`` best rows (int8) at or above ``floor`` among the lists nearest to each view and the
         unsorted tail (rows under the floor would be dropped by the re-rank anyway). ``sims``: the views'
-        products with the centroids."""
+        products with the centroids; ``best_of``: the float32 views and the threshold of a search for the
+        single best row (:meth:`_best_above`)."""
         n = self._n
         if self._centroids is None or sims is None:
             slots = np.arange(n, dtype=np.int64)
         else:
             nprobe = min(NPROBE, len(self._centroids))
             lists = np.unique(np.argpartition(-sims, nprobe - 1, axis=1)[:, :nprobe])
-            parts = [self._order[self._offsets[i] : self._offsets[i + 1]] for i in lists]
+            parts = [self._list(i) for i in lists]
             parts.append(np.arange(self._sorted_upto, n, dtype=np.int64))
             slots = np.sort(np.concatenate(parts))
         slots = slots[self._inv[slots] > 0]
-        cos = self._best_above(query, slots, floor, count)
+        beat = None if best_of is None or sims is None else (*best_of, sims)
+        cos = self._best_above(query, slots, floor, count, beat)
         keep = cos >= floor
         slots, cos = slots[keep], cos[keep]
         if len(cos) > count:
@@ -1186,13 +1197,31 @@ class VectorIndex:
             slots, cos = slots[top], cos[top]
         return slots, cos
 
-    def _best_above(self, query: _Query, slots: np.ndarray, floor: float, count: int) -> np.ndarray:
+    def _list(self, i: int) -> np.ndarray:
+        """The slots of list ``i`` sorted into the lists (ascending)."""
+        return self._order[self._offsets[i] : self._offsets[i + 1]]
+
+    def _best_above(
+        self,
+        query: _Query,
+        slots: np.ndarray,
+        floor: float,
+        count: int,
+        beat: tuple[np.ndarray, float, np.ndarray] | None = None,
+    ) -> np.ndarray:
         """int8 cosines of ``slots`` (sorted), exact for the ``count`` best at or above ``floor``; -inf or
         a value under the floor for rows that cannot be among them.
 
         The probed lists are the query's neighbourhood, where the head bound lets most rows through (75-99 %
         at 5M): the rows with the best bounds are scored first, and then only rows whose bound reaches the
-        count-th best cosine found (a row's cosine never exceeds its bound)."""
+        count-th best cosine found (a row's cosine never exceeds its bound).
+
+        ``beat`` (float32 views, threshold, their products with the centroids): a search for the single
+        best row. When the first rows scored hold a near copy of the query (float32 cosine at least
+        ``NEAR_COPY``: a search by a stored image finds the image itself), the other rows are scored only
+        where the angle bound says they may reach its cosine (less the bound's slack: ties stay); the
+        others cannot be the answer, whatever their int8 rank. 500k dense, by a stored image: 1-7 of the
+        ~16k probed rows are left."""
         if query.tcols is None or len(slots) <= 4 * count:
             return self._cosines_above(query, slots, floor)
         heads, inv = self._gather_heads(slots), self._inv[slots]
@@ -1214,6 +1243,16 @@ class VectorIndex:
         if np.count_nonzero(out[first] >= floor) >= count:
             kth = float(np.partition(out[first], len(first) - count)[len(first) - count])
             rest = rest[bound[rest] >= kth - BOUND_SLACK]
+        if beat is not None and len(rest) and float(out[first].max()) >= NEAR_COPY - SCREEN_MARGIN:
+            views, min_cosine, sims = beat
+            near = first[out[first] >= NEAR_COPY - SCREEN_MARGIN]
+            cosines = self._exact(slots[near], out[near], views)[1]
+            best = float(cosines.max()) if len(cosines) else -np.inf
+            window = self._angle_window(views, sims, best) if best >= max(min_cosine, NEAR_COPY) else None
+            if window is not None:
+                lo, hi = window
+                angle, assign = self._angle[slots[rest]], self._assign[slots[rest]]
+                rest = rest[~((angle < np.take(lo, assign)) | (angle > np.take(hi, assign)))]
         score(np.sort(rest))
         return out
 
