@@ -326,11 +326,13 @@ def inproc_bench(args, data: Path, embedder, queries: np.ndarray) -> dict:
     # what a "no match" answer costs.
     strangers = embedder.embed_queries([embedder.open_image(b) for b in unrelated_jpegs(6)])
     stranger_times: dict[int, list[float]] = {1: [], -1: []}
+    stranger_hits: dict[int, list[int]] = {1: [], -1: []}
     for q in strangers:
         for limit, times in stranger_times.items():
             t = time.perf_counter()
-            store.search(tenant, [GROUP], q, limit, floor)
+            served = store.search(tenant, [GROUP], q, limit, floor)
             times.append((time.perf_counter() - t) * 1000)
+            stranger_hits[limit].append(len(served))
     # Served answers (keys, order, float cosines) against brute-force float32 over every row.
     n_exact = min(len(queries), args.exact_queries)
     truth = brute_force(
@@ -341,7 +343,16 @@ def inproc_bench(args, data: Path, embedder, queries: np.ndarray) -> dict:
     report["nomatch_queries"] = (len(lone), len(strangers))
     for limit, times in stranger_times.items():
         kept = [times[i] for i in lone] or [float("nan")]
-        report[f"inproc_nomatch_limit_{limit}"] = (pct(kept, 50), pct(kept, 99), max(kept), 0.0)
+        hits = [stranger_hits[limit][i] for i in lone] or [0]
+        served = float(np.median(hits))
+        report[f"inproc_nomatch_limit_{limit}"] = (pct(kept, 50), pct(kept, 99), max(kept), served)
+    # Every noise/pattern query's served answer (those with a match too) against the exact scan.
+    strangers_same = 0
+    for q, (t_keys, _) in zip(strangers, stranger_truth, strict=True):
+        for limit in (1, -1):
+            got_keys, _ = index.search(q, limit, floor)
+            strangers_same += int(np.array_equal(got_keys, t_keys if limit < 0 else t_keys[:limit]))
+    report["nomatch_served_identical"] = (strangers_same, 2 * len(strangers))
     same = ties = total = 0
     worst_cos = 0.0
     for qi in range(n_exact):
@@ -539,10 +550,10 @@ def print_sqlite_table(r: dict) -> None:
     lone, tried = r.get("nomatch_queries", (0, 0))
     for limit in (1, -1):
         if f"inproc_nomatch_limit_{limit}" in r:
-            p50, p99, worst, _ = r[f"inproc_nomatch_limit_{limit}"]
+            p50, p99, worst, served = r[f"inproc_nomatch_limit_{limit}"]
             print(
                 f"| (a) a query with no match ({lone} of {tried} noise/pattern images), limit={limit} | "
-                f"{p50:.1f} / {p99:.1f} / {worst:.1f} ms | 0 |"
+                f"{p50:.1f} / {p99:.1f} / {worst:.1f} ms | {served:.0f} |"
             )
     print("\n| measure | value |\n|---|---|")
     same, total = r["served_identical"]
@@ -552,6 +563,12 @@ def print_sqlite_table(r: dict) -> None:
         f"{same} of {total} / {r['served_identical_up_to_ties']} of {total} "
         f"(max cosine difference {r['served_cos_err']:.1e}) |"
     )
+    if "nomatch_served_identical" in r:
+        same, total = r["nomatch_served_identical"]
+        print(
+            f"| the noise/pattern queries' served answers vs an exact float32 scan, limits 1/-1: identical "
+            f"keys | {same} of {total} |"
+        )
     for batch in (1, 32):
         print(f"| ingest over HTTP, batch {batch} | {r[f'ingest_batch_{batch}_img_s']:.1f} img/s |")
     print(
