@@ -482,6 +482,7 @@ def test_search_answers_written_from_columns_are_the_hit_by_hit_answers(
         search({"text": "animal"}, limit=-1, threshold=0),
         search({"id": "a3" + names[3]}, "a", limit=-1, threshold=0),
         search(by_uri, "b", limit=2, threshold=0, tags=True),
+        search({"id": "a6" + names[1]}, "a", limit=1),  # every hit with a uri
     ]
     wire = qiniu.Wire(tusou.settings)
     sizes = []
@@ -508,7 +509,7 @@ def test_search_answers_written_from_columns_are_the_hit_by_hit_answers(
         assert scores == sorted(scores, reverse=True)
     # Each photo's ten copies over both groups; limits cut them (1, 3, 2); none above 1; labels and a
     # filter keep a few (the keyword search's count depends on the model's tags).
-    assert sizes[:8] + sizes[9:] == [10, 10, 1, 5, 3, 0, 4, 2, 4, 2]
+    assert sizes[:8] + sizes[9:] == [10, 10, 1, 5, 3, 0, 4, 2, 4, 2, 1]
 
 
 def test_answer_scores_round_as_python_rounds() -> None:
