@@ -148,6 +148,18 @@ def _positions(have: np.ndarray, seqs: np.ndarray) -> np.ndarray:
     return where
 
 
+def _int_array(text: str) -> np.ndarray:
+    """SQLite's JSON array of integers (``json_group_array`` of seqs: ``[1,5,9]``) as an int64 array, parsed
+    by numpy (16.5k seqs: 0.3 ms; ``json.loads`` and a conversion: 1.4 ms)."""
+    inner = text[1:-1]
+    if not inner:
+        return np.zeros(0, dtype=np.int64)
+    values = np.fromstring(inner, dtype=np.int64, sep=",")
+    if len(values) != inner.count(",") + 1:  # not the plain array expected: the general parser
+        return np.asarray(json.loads(text), dtype=np.int64)
+    return values
+
+
 def _dump_desc(desc: object) -> str | None:
     return None if desc is None else json.dumps(desc, ensure_ascii=False, separators=(",", ":"))
 
@@ -928,8 +940,8 @@ class SQLiteStore(Store):
             )
             .fetchone()
         )
-        found, ids, labels, descs, uris, tags = (json.loads(column) for column in row)
-        return _Records(np.asarray(found, dtype=np.int64), ids, labels, descs, uris, tags)
+        ids, labels, descs, uris, tags = (json.loads(column) for column in row[1:])
+        return _Records(_int_array(row[0]), ids, labels, descs, uris, tags)
 
     def close(self) -> None:
         if self._closed:
