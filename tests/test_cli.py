@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -37,6 +38,26 @@ def test_keys_create_list_revoke(tmp_path: Path) -> None:
     assert keys.secret_for(created["access_key"]) is None
     revoke_again = CliRunner().invoke(main, ["keys", "revoke", "--data", data, created["access_key"]])
     assert revoke_again.exit_code == 1
+
+
+def test_new_keys_never_start_with_a_dash(tmp_path: Path) -> None:
+    # A key is a command-line argument: `keys revoke -lU8...` read as an option (1 key in 64 did).
+    keys = KeyStore(tmp_path / "keys.db")
+    made = [keys.create() for _ in range(400)]
+    assert not [k for k in made if k.access_key.startswith("-") or k.secret_key.startswith("-")]
+    assert all(len(k.access_key) == 40 for k in made)
+
+
+def test_a_dashed_key_from_an_older_release_is_revoked_after_a_double_dash(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    keys = KeyStore(data / "keys.db", cache_s=0)
+    keys.create()
+    dashed = "-" + "a" * 39
+    with sqlite3.connect(data / "keys.db") as conn:
+        conn.execute("INSERT INTO keys VALUES (?, ?, ?, ?, 0)", (dashed, "s" * 40, "old", 0.0))
+    assert keys.secret_for(dashed) == "s" * 40
+    run("keys", "revoke", "--data", str(data), "--", dashed)
+    assert keys.secret_for(dashed) is None
 
 
 def test_key_files_are_private(tmp_path: Path) -> None:

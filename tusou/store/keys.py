@@ -16,6 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def _token() -> str:
+    """40 URL-safe characters, never starting with "-": a key is typed as a command-line argument
+    (``tusou keys revoke AK``), where a leading dash reads as an option."""
+    while True:
+        token = secrets.token_urlsafe(30)[:40]
+        if not token.startswith("-"):
+            return token
+
+
 @dataclass(frozen=True)
 class AccessKey:
     access_key: str
@@ -46,8 +55,8 @@ class KeyStore:
 
     def create(self, name: str = "") -> AccessKey:
         key = AccessKey(
-            access_key=secrets.token_urlsafe(30)[:40],
-            secret_key=secrets.token_urlsafe(30)[:40],
+            access_key=_token(),
+            secret_key=_token(),
             name=name,
             created=time.time(),
             revoked=False,
