@@ -938,3 +938,65 @@ def test_a_near_copy_found_first_does_not_hide_a_closer_row(
         found, got = index.search(q.astype(np.float32), 1, 0.5)
         assert found.tolist() == [want[0]] == [keys[-1]] and got[0] == pytest.approx(want[1])
         hits += 1
+
+
+def test_angles_computed_in_the_background_give_way_to_a_compaction_and_keep_rows_added_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fill_angles`` reads the side file outside the lock: rows added meanwhile keep the angles their add
+    computed, and a compaction meanwhile (slots moved) makes it give up, leaving the angles unknown (every
+    row passes the bound) until the next try; the answers equal brute force throughout."""
+    import tusou.store.vector_index as vi
+
+    monkeypatch.setattr(vi, "TRAIN_AT", 1000)
+    monkeypatch.setattr(vi, "BLOCK", 256)  # a compaction below (more than a block deleted)
+    index, table, vectors = side_filled(tmp_path, 3000, seed=41)
+    index.save(tmp_path, "g7")
+    old_format(tmp_path, "g7", index._n, 5)
+    loaded = VectorIndex.load(tmp_path, "g7", DIM, table.fetch)
+    assert loaded is not None and loaded.angles_due()
+    loaded.exact_below = 0
+
+    def exact(ix: VectorIndex) -> None:
+        for v in vectors[:50:10]:
+            for limit in (1, -1):
+                truth = sorted(table.brute(v[None], 0.6).items(), key=lambda kv: (-round(kv[1], 5), kv[0]))
+                keys, cos = ix.search(v[None], limit, 0.6)
+                want = truth[:limit] if limit > 0 else truth
+                assert keys.tolist() == [k for k, _ in want] and cos == pytest.approx([c for _, c in want])
+
+    read_full = vi._read_full
+    more = clustered(200, seed=42)
+
+    def add_meanwhile(*args: object) -> None:
+        read_full(*args)  # type: ignore[arg-type]
+        if 3001 not in table.rows:
+            table.rows.update(zip(range(3001, 3201), more, strict=True))
+            loaded.add(np.arange(3001, 3201), more)
+
+    monkeypatch.setattr(vi, "_read_full", add_meanwhile)
+    assert loaded.fill_angles() and not loaded.angles_due()
+    assert not np.isnan(loaded._angle[: loaded._n]).any()  # the added rows' own angles kept
+    fresh, _ = loaded._angles(more, loaded._assign[3000:3200])
+    assert np.array_equal(loaded._angle[3000:3200], fresh)
+    exact(loaded)
+    loaded.save(tmp_path, "g7")
+    old_format(tmp_path, "g7", loaded._n, 5)
+    again = VectorIndex.load(tmp_path, "g7", DIM, table.fetch)
+    assert again is not None and again.angles_due()
+    again.exact_below = 0
+    gone = np.arange(1, 2500)
+
+    def compact_meanwhile(*args: object) -> None:
+        read_full(*args)  # type: ignore[arg-type]
+        if again._layout == 0:
+            again.remove(gone)  # more than half deleted: compacted, slots move
+            for k in gone.tolist():
+                table.rows.pop(k, None)
+
+    monkeypatch.setattr(vi, "_read_full", compact_meanwhile)
+    assert not again.fill_angles() and again._layout == 1 and again.angles_due()
+    exact(again)
+    monkeypatch.setattr(vi, "_read_full", read_full)
+    assert again.fill_angles() and not again.angles_due()
+    exact(again)
