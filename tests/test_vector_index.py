@@ -1000,3 +1000,57 @@ def test_angles_computed_in_the_background_give_way_to_a_compaction_and_keep_row
     monkeypatch.setattr(vi, "_read_full", read_full)
     assert again.fill_angles() and not again.angles_due()
     exact(again)
+
+
+def test_a_search_by_a_stored_row_finds_a_copy_only_when_there_is_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-view search for the single best row first scores the probed rows at the query's own angle from
+    their centroids (where a copy would be). A row there that is no copy (cosine 0.95: same angle from the
+    centroid, another side) must not end the search: a closer row elsewhere in the list (0.98) is the
+    answer. A stored row finds itself, and an earlier exact copy of it wins the tie."""
+    import tusou.store.vector_index as vi
+
+    monkeypatch.setattr(vi, "TRAIN_AT", 1000)
+    index, table, vectors = side_filled(tmp_path, 3000, seed=51)
+    index.exact_below = 0
+    rng = np.random.default_rng(52)
+    done = 0
+    for a in range(len(index._centroids)):
+        c = index._centroids[a].astype(np.float64)
+        c /= np.linalg.norm(c)
+        u, u2 = unit(rng.standard_normal((2, DIM))).astype(np.float64)
+        u -= (u @ c) * c
+        u /= np.linalg.norm(u)
+        u2 -= (u2 @ c) * c + (u2 @ u) * u
+        u2 /= np.linalg.norm(u2)
+        psi = np.radians(40)
+        q = np.cos(psi) * c + np.sin(psi) * u
+        along = (0.95 - np.cos(psi) ** 2) / np.sin(psi) ** 2  # u.u' for q.w = 0.95
+        w = np.cos(psi) * c + np.sin(psi) * (along * u + np.sqrt(1 - along**2) * u2)  # q's angle from c
+        turn = np.radians(np.degrees(np.arccos(0.98)))
+        v = np.cos(psi - turn) * c + np.sin(psi - turn) * u  # closer to c: 0.98 from q
+        q32, rows = q.astype(np.float32)[None], np.vstack([w, v]).astype(np.float32)
+        if int(vi._products(q32, index._centroids).argmax()) != a or index._assign_rows(rows).tolist() != [
+            a,
+            a,
+        ]:
+            continue
+        key = 30_000 + 10 * done
+        table.rows.update({key: rows[0], key + 1: rows[1]})
+        index.add(np.asarray([key, key + 1]), rows)
+        truth = table.brute(q32, 0.5)
+        assert max(truth, key=truth.get) == key + 1
+        found, cos = index.search(q32, 1, 0.5)
+        assert found.tolist() == [key + 1] and cos[0] == pytest.approx(0.98, abs=1e-4)
+        index.remove([key, key + 1])
+        del table.rows[key], table.rows[key + 1]
+        done += 1
+        if done == 5:
+            break
+    assert done >= 3
+    table.rows[9_000] = vectors[99]
+    index.add(np.asarray([9_000]), vectors[99][None])  # a later exact copy of row 100
+    for k in (100, 2999):
+        found, cos = index.search(vectors[k - 1][None], 1, 0.5)
+        assert found.tolist() == [k] and cos[0] == pytest.approx(1.0)
