@@ -873,17 +873,8 @@ class VectorIndex:
             place[order] = np.arange(n)
             slot_at = np.full(held, -1, dtype=np.int64)
             slot_at[old] = np.arange(n)
-            chunk = max(1, (64 << 20) // floats.row_bytes)  # the old file read in order, 64 MB at a time
-            rows = np.empty((chunk, self.dim), dtype=np.float32)
-            for start in range(0, held, chunk):
-                if stop is not None and stop.is_set():
-                    raise _Abandoned
-                end = min(held, start + chunk)
-                got = rows[: end - start]
-                _read_full(source, [got.data.cast("B")], start, floats.row_bytes, floats.path)
-                slots = slot_at[start:end]
-                mine = np.flatnonzero(slots >= 0)
-                dest = place[slots[mine]]
+            for slots, mine, got in _in_file_order(source, floats, slot_at, stop):
+                dest = place[slots]
                 by_dest = np.argsort(dest, kind="stable")
                 dest, picked = dest[by_dest], got[mine[by_dest]]
                 breaks = (np.flatnonzero(np.diff(dest) != 1) + 1).tolist()
@@ -954,18 +945,11 @@ class VectorIndex:
             try:
                 slot_at = np.full(held, -1, dtype=np.int64)
                 slot_at[fpos] = np.arange(n)
-                chunk = max(1, (64 << 20) // floats.row_bytes)
-                rows = np.empty((chunk, self.dim), dtype=np.float32)
-                for start in range(0, held, chunk):
-                    if stop is not None and stop.is_set():
-                        return False
-                    end = min(held, start + chunk)
-                    got = rows[: end - start]
-                    _read_full(source, [got.data.cast("B")], start, floats.row_bytes, floats.path)
-                    slots = slot_at[start:end]
-                    mine = np.flatnonzero(slots >= 0)
-                    angle[slots[mine]], top = self._angles(got[mine], assign[slots[mine]], centroids)
+                for slots, mine, got in _in_file_order(source, floats, slot_at, stop):
+                    angle[slots], top = self._angles(got[mine], assign[slots], centroids)
                     xmax = max(xmax, top)
+            except _Abandoned:
+                return False
             finally:
                 os.close(source)
         with self._lock.write():
@@ -1746,6 +1730,26 @@ def _best_first(keys: np.ndarray, cosines: np.ndarray, limit: int = -1) -> np.nd
         top = np.argpartition(sort_keys, limit - 1)[:limit] if limit else np.zeros(0, dtype=np.intp)
         return top[np.argsort(sort_keys[top])]
     return np.argsort(sort_keys)
+
+
+def _in_file_order(
+    source: int, floats: _Floats, slot_at: np.ndarray, stop: threading.Event | None
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The side file read front to back through ``source``, 64 MB at a time (``slot_at``: each file row's
+    slot, -1 where none holds it): per read, the slots it holds, where they lie in it, and the rows read
+    (one buffer, reused by the next read). Raises ``_Abandoned`` when ``stop`` is set, checked before each
+    read: a shutdown does not wait for a whole pass over the file."""
+    held = len(slot_at)
+    chunk = max(1, (64 << 20) // floats.row_bytes)
+    rows = np.empty((chunk, floats.dim), dtype=np.float32)
+    for start in range(0, held, chunk):
+        if stop is not None and stop.is_set():
+            raise _Abandoned
+        end = min(held, start + chunk)
+        got = rows[: end - start]
+        _read_full(source, [got.data.cast("B")], start, floats.row_bytes, floats.path)
+        mine = np.flatnonzero(slot_at[start:end] >= 0)
+        yield slot_at[start:end][mine], mine, got
 
 
 def _read_rows(floats: _Floats, places: np.ndarray) -> np.ndarray:
