@@ -164,14 +164,8 @@ def _dump_desc(desc: object) -> str | None:
     return None if desc is None else json.dumps(desc, ensure_ascii=False, separators=(",", ":"))
 
 
-_load_desc = load_desc
-
-
 def _dump_tags(tags: list[list[float]] | None) -> str | None:
     return None if tags is None else json.dumps(tags, separators=(",", ":"))
-
-
-_load_tags = load_tags
 
 
 def _insert_tag_rows(conn: sqlite3.Connection, gid: int, seq: int, tags: list[list[float]]) -> None:
@@ -624,7 +618,7 @@ class SQLiteStore(Store):
         )
         more = len(rows) > limit
         rows = rows[:limit]
-        page = [ImageInfo(r[1], r[2], _load_desc(r[3]), r[4], _load_tags(r[5])) for r in rows]
+        page = [ImageInfo(r[1], r[2], load_desc(r[3]), r[4], load_tags(r[5])) for r in rows]
         return page, (self._markers.encode(tenant, group, rows[-1][0]) if more else "")
 
     def _image_row(self, tenant: str, group: str, image_id: str) -> tuple:
@@ -642,7 +636,7 @@ class SQLiteStore(Store):
 
     def get_image(self, tenant: str, group: str, image_id: str) -> ImageInfo:
         row = self._image_row(tenant, group, image_id)
-        return ImageInfo(row[1], row[2], _load_desc(row[3]), row[4], _load_tags(row[5]))
+        return ImageInfo(row[1], row[2], load_desc(row[3]), row[4], load_tags(row[5]))
 
     def update_image(
         self, tenant: str, group: str, image_id: str, *, label: str | None = None, desc: Any = KEEP
@@ -665,7 +659,7 @@ class SQLiteStore(Store):
                 ).fetchone()
                 if row is None:
                     raise ImageNotFound(image_id)  # rolls the (empty) transaction back
-        return ImageInfo(row[0], row[1], _load_desc(row[2]), row[3], _load_tags(row[4]))
+        return ImageInfo(row[0], row[1], load_desc(row[2]), row[3], load_tags(row[4]))
 
     def get_vector(self, tenant: str, group: str, image_id: str) -> np.ndarray:
         seq = self._image_row(tenant, group, image_id)[0]
