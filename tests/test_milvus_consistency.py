@@ -10,6 +10,7 @@ writing one group.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -211,21 +212,27 @@ def test_two_processes_adding_and_updating_one_group_lose_nothing(
         if other.poll() is None:
             other.kill()
     assert len(written) == 80
-    expected = [f"s{i}" for i in range(4)] + [f"{n}{j}" for n in "ab" for j in range(30)]
-    listed = all_ids(s, t, "both")
-    assert sorted(listed) == sorted(expected)
-    # Two updates of one image at the same instant can both write its next version (two rows, one primary
-    # key); the one that sees the other's copy writes its row once more, which removes both: count is exact.
-    assert s.count(t, "both") == len(expected)
-    for i in range(4):
-        info = s.get_image(t, "both", f"s{i}")
-        assert info.label in written and info.desc == {"by": info.label[0]}
-        assert [h.id for h in s.search(t, ["both"], shared[i][None, :], 1, 0.99)] == [f"s{i}"]
-    for name in "ab":
-        for j in range(30):
-            assert s.get_image(t, "both", f"{name}{j}").label == (f"{name}!" if j % 3 == 0 else name)
-            hits = s.search(t, ["both"], own[name][j][None, :], 1, 0.99)
-            assert [h.id for h in hits] == [f"{name}{j}"]
+    # Checked at Strong: a Session read waits only for this process's writes, not the other's last ones.
+    from tusou.store.milvus import MilvusStore
+
+    uri = milvus_server.uri
+    strong = MilvusStore(uri, collection=COLLECTION, model_id="m", dim=DIM, consistency="Strong")
+    with contextlib.closing(strong) as s:
+        expected = [f"s{i}" for i in range(4)] + [f"{n}{j}" for n in "ab" for j in range(30)]
+        listed = all_ids(s, t, "both")
+        assert sorted(listed) == sorted(expected)
+        # Two updates of one image at the same instant can both write its next version (two rows, one
+        # primary key); the one that sees the other's copy writes its row once more, which removes both.
+        assert s.count(t, "both") == len(expected)
+        for i in range(4):
+            info = s.get_image(t, "both", f"s{i}")
+            assert info.label in written and info.desc == {"by": info.label[0]}
+            assert [h.id for h in s.search(t, ["both"], shared[i][None, :], 1, 0.99)] == [f"s{i}"]
+        for name in "ab":
+            for j in range(30):
+                assert s.get_image(t, "both", f"{name}{j}").label == (f"{name}!" if j % 3 == 0 else name)
+                hits = s.search(t, ["both"], own[name][j][None, :], 1, 0.99)
+                assert [h.id for h in hits] == [f"{name}{j}"]
 
 
 def test_two_updates_of_one_image_at_the_same_instant_leave_it_counted_once(

@@ -118,7 +118,7 @@ _INSERT_BYTES = 10 << 20
 # Keys per ``in [...]`` filter.
 _IN_CHUNK = 1000
 # Writes of an updated row when racing updates of the same image collide (see MilvusStore._rewrite).
-_REWRITE_TRIES = 3
+_REWRITE_TRIES = 6
 # An IVF top-k search up to this many rows returns their fields at once; a larger one, ids first.
 _INLINE_FIELDS = 100
 # Rows of an IVF top-k search for a larger limit or -1, before asking for the whole band (16384).
@@ -990,9 +990,11 @@ class MilvusStore(Store):
         instant both write the same next version: two rows under one primary key, which every read shows
         once but count(*) counts twice. Of two such writers at least one sees the other's row here (each
         reads after its own write, so the later writer's read comes after the earlier one's write), and
-        writes its row once more as the version after, which deletes both copies: count stays exact. (Both
-        may see it and do so together: each retries after a random pause, at most three times.) One count
-        covers the whole batch; only a batch with a copy counts its rows one by one."""
+        writes its row once more as the version after, which deletes both copies: count stays exact. The
+        count reads at Strong: at Session it would wait only for this process's writes and could miss the
+        other's copy. (Both may see it and do so together: each retries after a random pause that doubles
+        each time, at most six times.) One count covers the whole batch; only a batch with a copy counts its
+        rows one by one."""
         if not rows:
             return
         gkey = rows[0]["gkey"]
@@ -1000,7 +1002,7 @@ class MilvusStore(Store):
         for row in rows:
             row["vec"] = np.asarray(row["vec"], dtype=np.float32)
         todo = list(range(len(rows)))
-        for _ in range(_REWRITE_TRIES if settle else 1):
+        for attempt in range(_REWRITE_TRIES if settle else 1):
             for i in todo:
                 rows[i]["seq"] = _next_version(olds[i])
             self._insert_rows(self.images, [rows[i] for i in todo])
@@ -1015,7 +1017,7 @@ class MilvusStore(Store):
                 return
             if not todo:
                 return
-            time.sleep(random.uniform(0.0, 0.05))
+            time.sleep(random.uniform(0.0, 0.05 * 2**attempt))
             for i in todo:
                 olds[i], stales[i] = rows[i]["seq"], []
 
@@ -1024,11 +1026,11 @@ class MilvusStore(Store):
         return self._copies_of(gkey, [seq])
 
     def _copies_of(self, gkey: str, seqs: Sequence[int]) -> int:
-        """Rows stored under these primary keys, copies included."""
+        """Rows stored under these primary keys, copies included (Strong: other processes' copies too)."""
         total = 0
         for start in range(0, len(seqs), _IN_CHUNK):
             flt = f'gkey == "{gkey}" and {_in("seq", [int(s) for s in seqs[start : start + _IN_CHUNK]])}'
-            rows = self._query(self.images, flt, ["count(*)"])
+            rows = self._query(self.images, flt, ["count(*)"], consistency="Strong")
             total += int(rows[0]["count(*)"]) if rows else 0
         return total
 
