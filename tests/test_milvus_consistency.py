@@ -247,15 +247,40 @@ def test_two_updates_of_one_image_at_the_same_instant_leave_it_counted_once(
     read_before = s._image_row(t, "race", "r0", s._row_fields)
     assert s.update_image(t, "race", "r0", label="first").label == "first"
     copies: list[int] = []
-    count_copies = s._copies
+    count_copies = s._rows_of_image
     with monkeypatch.context() as patch:
         patch.setattr(s, "_image_row", lambda *args: dict(read_before))  # read before "first" wrote
-        patch.setattr(s, "_copies", lambda *args: copies.append(count_copies(*args)) or copies[-1])
+        patch.setattr(s, "_rows_of_image", lambda *args: copies.append(count_copies(*args)) or copies[-1])
         assert s.update_image(t, "race", "r0", label="second").label == "second"
     assert copies == [2, 1]  # the collision was there, and was settled
     assert s.count(t, "race") == 2 and all_ids(s, t, "race") == ["r0", "r1"]
     assert s.get_image(t, "race", "r0").label == "second"
     assert [(h.id, h.label) for h in s.search(t, ["race"], vecs[0][None, :], -1, 0.99)] == [("r0", "second")]
+
+
+def test_an_update_that_read_a_version_replaced_twice_since_leaves_one_row(
+    session_store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's Session read can be older than this process's last two updates: it read version
+    v, this process wrote v+1 and then v+2 (deleting v+1), and the late update writes v+1 again, beside
+    v+2 (no two rows under one key: only a count per image sees it). It reads the image's versions and
+    writes its row after the newest: one row, count exact, the late update's label."""
+    s, t = session_store, "t-" + uuid.uuid4().hex[:12]
+    vecs = unit(np.random.default_rng(45), 2)
+    s.create_group(t, "late", [NewImage(f"r{i}", "old", None, None, v) for i, v in enumerate(vecs)])
+    read_before = s._image_row(t, "late", "r0", s._row_fields)
+    assert s.update_image(t, "late", "r0", label="first").label == "first"
+    assert s.update_image(t, "late", "r0", label="second").label == "second"
+    counts: list[int] = []
+    count_rows = s._rows_of_image
+    with monkeypatch.context() as patch:
+        patch.setattr(s, "_image_row", lambda *args: dict(read_before))  # read before "first" wrote
+        patch.setattr(s, "_rows_of_image", lambda *args: counts.append(count_rows(*args)) or counts[-1])
+        assert s.update_image(t, "late", "r0", label="late").label == "late"
+    assert counts == [2, 1]  # v+1 beside v+2, then settled
+    assert s.count(t, "late") == 2 and all_ids(s, t, "late") == ["r0", "r1"]
+    assert s.get_image(t, "late", "r0").label == "late"
+    assert [(h.id, h.label) for h in s.search(t, ["late"], vecs[0][None, :], -1, 0.99)] == [("r0", "late")]
 
 
 def test_retagging_while_an_update_of_the_same_image_lands_leaves_it_counted_once(
@@ -271,10 +296,10 @@ def test_retagging_while_an_update_of_the_same_image_lands_leaves_it_counted_onc
     read_before = s._rows_by_ids(t, "retag", ["r0", "r1"], s._row_fields)
     assert s.update_image(t, "retag", "r0", label="first").label == "first"
     copies: list[int] = []
-    count_copies = s._copies_of
+    count_copies = s._rows_of_images
     with monkeypatch.context() as patch:
         patch.setattr(s, "_rows_by_ids", lambda *args: [dict(r) for r in read_before])  # read before "first"
-        patch.setattr(s, "_copies_of", lambda *args: copies.append(count_copies(*args)) or copies[-1])
+        patch.setattr(s, "_rows_of_images", lambda *args: copies.append(count_copies(*args)) or copies[-1])
         assert s.set_tags(t, "retag", {"r0": [[3, 0.9]], "r1": [[4, 0.8]]}) == 2
     assert copies[:2] == [3, 2]  # the batch held a copy, r0's key held it
     assert copies[-1] == 1  # and it was settled
