@@ -235,52 +235,31 @@ def test_two_processes_adding_and_updating_one_group_lose_nothing(
                 assert [h.id for h in hits] == [f"{name}{j}"]
 
 
-def test_two_updates_of_one_image_at_the_same_instant_leave_it_counted_once(
-    session_store: Any, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("updates_since", [1, 2], ids=["same-next-version", "replaced-twice-since"])
+def test_an_update_from_a_stale_read_leaves_the_image_counted_once(
+    session_store: Any, monkeypatch: pytest.MonkeyPatch, updates_since: int
 ) -> None:
-    """The race made deterministic: a second update read the image before the first one wrote, so both
-    write the same next version (two rows under one primary key). The second sees the copy and writes its
-    row once more: one row left, count exact, the second update's label."""
+    """The races made deterministic: an update read version v, and meanwhile this process updated the
+    image ``updates_since`` times. With 1, both write v+1 (two rows under one primary key). With 2 (another
+    process's Session read can be that old), it writes v+1 beside v+2 (no copy under one key: only a count
+    per image sees it). Either way the late update sees the extra row, reads the image's versions and
+    writes its row after the newest: one row left, count exact, the late update's label."""
     s, t = session_store, "t-" + uuid.uuid4().hex[:12]
     vecs = unit(np.random.default_rng(43), 2)
     s.create_group(t, "race", [NewImage(f"r{i}", "old", None, None, v) for i, v in enumerate(vecs)])
     read_before = s._image_row(t, "race", "r0", s._row_fields)
-    assert s.update_image(t, "race", "r0", label="first").label == "first"
-    copies: list[int] = []
-    count_copies = s._rows_of_image
-    with monkeypatch.context() as patch:
-        patch.setattr(s, "_image_row", lambda *args: dict(read_before))  # read before "first" wrote
-        patch.setattr(s, "_rows_of_image", lambda *args: copies.append(count_copies(*args)) or copies[-1])
-        assert s.update_image(t, "race", "r0", label="second").label == "second"
-    assert copies == [2, 1]  # the collision was there, and was settled
-    assert s.count(t, "race") == 2 and all_ids(s, t, "race") == ["r0", "r1"]
-    assert s.get_image(t, "race", "r0").label == "second"
-    assert [(h.id, h.label) for h in s.search(t, ["race"], vecs[0][None, :], -1, 0.99)] == [("r0", "second")]
-
-
-def test_an_update_that_read_a_version_replaced_twice_since_leaves_one_row(
-    session_store: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Another process's Session read can be older than this process's last two updates: it read version
-    v, this process wrote v+1 and then v+2 (deleting v+1), and the late update writes v+1 again, beside
-    v+2 (no two rows under one key: only a count per image sees it). It reads the image's versions and
-    writes its row after the newest: one row, count exact, the late update's label."""
-    s, t = session_store, "t-" + uuid.uuid4().hex[:12]
-    vecs = unit(np.random.default_rng(45), 2)
-    s.create_group(t, "late", [NewImage(f"r{i}", "old", None, None, v) for i, v in enumerate(vecs)])
-    read_before = s._image_row(t, "late", "r0", s._row_fields)
-    assert s.update_image(t, "late", "r0", label="first").label == "first"
-    assert s.update_image(t, "late", "r0", label="second").label == "second"
+    for n in range(updates_since):
+        assert s.update_image(t, "race", "r0", label=f"early{n}").label == f"early{n}"
     counts: list[int] = []
     count_rows = s._rows_of_image
     with monkeypatch.context() as patch:
-        patch.setattr(s, "_image_row", lambda *args: dict(read_before))  # read before "first" wrote
+        patch.setattr(s, "_image_row", lambda *args: dict(read_before))  # read before the others wrote
         patch.setattr(s, "_rows_of_image", lambda *args: counts.append(count_rows(*args)) or counts[-1])
-        assert s.update_image(t, "late", "r0", label="late").label == "late"
-    assert counts == [2, 1]  # v+1 beside v+2, then settled
-    assert s.count(t, "late") == 2 and all_ids(s, t, "late") == ["r0", "r1"]
-    assert s.get_image(t, "late", "r0").label == "late"
-    assert [(h.id, h.label) for h in s.search(t, ["late"], vecs[0][None, :], -1, 0.99)] == [("r0", "late")]
+        assert s.update_image(t, "race", "r0", label="late").label == "late"
+    assert counts == [2, 1]  # the extra row was there, and was settled
+    assert s.count(t, "race") == 2 and all_ids(s, t, "race") == ["r0", "r1"]
+    assert s.get_image(t, "race", "r0").label == "late"
+    assert [(h.id, h.label) for h in s.search(t, ["race"], vecs[0][None, :], -1, 0.99)] == [("r0", "late")]
 
 
 def test_retagging_while_an_update_of_the_same_image_lands_leaves_it_counted_once(
