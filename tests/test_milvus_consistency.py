@@ -235,31 +235,39 @@ def test_two_processes_adding_and_updating_one_group_lose_nothing(
                 assert [h.id for h in hits] == [f"{name}{j}"]
 
 
-@pytest.mark.parametrize("updates_since", [1, 2], ids=["same-next-version", "replaced-twice-since"])
+@pytest.mark.parametrize(
+    ("updates_since", "counts", "kept"),
+    [(1, [2, 1], "late"), (2, [2], "early1")],
+    ids=["same-next-version", "replaced-twice-since"],
+)
 def test_an_update_from_a_stale_read_leaves_the_image_counted_once(
-    session_store: Any, monkeypatch: pytest.MonkeyPatch, updates_since: int
+    session_store: Any, monkeypatch: pytest.MonkeyPatch, updates_since: int, counts: list[int], kept: str
 ) -> None:
     """The races made deterministic: an update read version v, and meanwhile this process updated the
-    image ``updates_since`` times. With 1, both write v+1 (two rows under one primary key). With 2 (another
-    process's Session read can be that old), it writes v+1 beside v+2 (no copy under one key: only a count
-    per image sees it). Either way the late update sees the extra row, reads the image's versions and
-    writes its row after the newest: one row left, count exact, the late update's label."""
+    image ``updates_since`` times.
+
+    * 1: both write v+1 (two rows under one primary key). The late update sees the copy and writes its
+      row once more: one row, the late update's label.
+    * 2 (another process's Session read can be that old): it writes v+1 beside v+2, the newer version.
+      It sees v+2 stand after its key and deletes its own row only: one row, the newer update's label,
+      as if the late update had come first.
+    Either way count(*) is exact."""
     s, t = session_store, "t-" + uuid.uuid4().hex[:12]
     vecs = unit(np.random.default_rng(43), 2)
     s.create_group(t, "race", [NewImage(f"r{i}", "old", None, None, v) for i, v in enumerate(vecs)])
     read_before = s._image_row(t, "race", "r0", s._row_fields)
     for n in range(updates_since):
         assert s.update_image(t, "race", "r0", label=f"early{n}").label == f"early{n}"
-    counts: list[int] = []
-    count_rows = s._rows_of_image
+    seen: list[int] = []
+    count_rows = s._rows_under
     with monkeypatch.context() as patch:
         patch.setattr(s, "_image_row", lambda *args: dict(read_before))  # read before the others wrote
-        patch.setattr(s, "_rows_of_image", lambda *args: counts.append(count_rows(*args)) or counts[-1])
+        patch.setattr(s, "_rows_under", lambda *args: seen.append(count_rows(*args)) or seen[-1])
         assert s.update_image(t, "race", "r0", label="late").label == "late"
-    assert counts == [2, 1]  # the extra row was there, and was settled
+    assert seen == counts  # the extra row was there, and was settled
     assert s.count(t, "race") == 2 and all_ids(s, t, "race") == ["r0", "r1"]
-    assert s.get_image(t, "race", "r0").label == "late"
-    assert [(h.id, h.label) for h in s.search(t, ["race"], vecs[0][None, :], -1, 0.99)] == [("r0", "late")]
+    assert s.get_image(t, "race", "r0").label == kept
+    assert [(h.id, h.label) for h in s.search(t, ["race"], vecs[0][None, :], -1, 0.99)] == [("r0", kept)]
 
 
 def test_retagging_while_an_update_of_the_same_image_lands_leaves_it_counted_once(
@@ -275,10 +283,10 @@ def test_retagging_while_an_update_of_the_same_image_lands_leaves_it_counted_onc
     read_before = s._rows_by_ids(t, "retag", ["r0", "r1"], s._row_fields)
     assert s.update_image(t, "retag", "r0", label="first").label == "first"
     copies: list[int] = []
-    count_copies = s._rows_of_images
+    count_copies = s._rows_under
     with monkeypatch.context() as patch:
         patch.setattr(s, "_rows_by_ids", lambda *args: [dict(r) for r in read_before])  # read before "first"
-        patch.setattr(s, "_rows_of_images", lambda *args: copies.append(count_copies(*args)) or copies[-1])
+        patch.setattr(s, "_rows_under", lambda *args: copies.append(count_copies(*args)) or copies[-1])
         assert s.set_tags(t, "retag", {"r0": [[3, 0.9]], "r1": [[4, 0.8]]}) == 2
     assert copies[:2] == [3, 2]  # the batch held a copy, r0's key held it
     assert copies[-1] == 1  # and it was settled

@@ -739,7 +739,7 @@ class MilvusStore(Store):
         # ``unscoped`` (plain reads): the group's filter only where other groups share the collection
         # (_alone); rows of another group with one of these ids are dropped below either way. Reads that
         # lead to a write keep it. (It was once blamed for a row that two processes updating one image
-        # left behind; the cause was the settle's count reading at Session: see _rewrite_rows.)
+        # left behind; the settle after the write missed that row: see _rewrite_rows.)
         scope = "" if unscoped and self._alone(1) else f'gkey == "{_key(tenant, group)}" and '
         wanted = set(ids)
         rows: list[dict] = []
@@ -986,25 +986,27 @@ class MilvusStore(Store):
     def _rewrite_rows(self, rows: list[dict], stales: list[list[int]], settle: bool = False) -> None:
         """``_rewrite`` of rows of one group, in one insert and one delete.
 
-        ``settle``: then count the rows of these images, at Strong (every process's writes). More than one
-        row per image is left by two updates that raced:
+        ``settle``: then count, at Strong (every process's writes), the rows under each new key and under
+        the key after it: one in all when no update raced this one. Two races leave more:
 
-        * both read the same version and wrote the same next one: two rows under one primary key, which
-          every read shows once but count(*) counts twice;
-        * one read a version another process had already replaced twice (a Session read waits only for
-          this process's writes), so its next version sits beside the other's newer one.
+        * Both read the same version and wrote the same next one: two rows under one primary key, which
+          every read shows once but count(*) counts twice. Of two such writers at least one sees the
+          other's row (each counts after its own write, so the later one's count comes after the earlier
+          one's write). It writes its row once more as the version after, which deletes both copies.
+          Both may see it and do so together: each retries after a random pause that doubles each time,
+          at most six times.
+        * A newer version stands under the key after this one: another process updated the image since
+          this update's read (a Session read waits only for this process's writes). This row is the
+          older one: it deletes its own key only, and the newer update stands, as if this one had come
+          first. It never deletes the newer row, so two such writers cannot delete each other's.
 
-        Of two racing writers at least one sees the other's row here (each counts after its own write, so
-        the later writer's count comes after the earlier one's write). It reads the image's rows and writes
-        its own row once more, as the version after the newest one, deleting every other: one row, count
-        exact, its content kept (the later of two concurrent updates). Both may see it and do so together:
-        each retries after a random pause that doubles each time, at most six times. One count covers the
-        whole batch; only a batch with an extra row counts its images one by one."""
+        The settle counts and deletes only keys of the row's own listing position (its versions): a row of
+        another image, or of the same id added again after a delete, is never its to remove. One count
+        covers the whole batch; only a batch whose count is not exact counts row by row."""
         if not rows:
             return
         gkey = rows[0]["gkey"]
         olds = [row["seq"] for row in rows]
-        ikeys = [_key(row["image_id"]) for row in rows]
         for row in rows:
             row["vec"] = np.asarray(row["vec"], dtype=np.float32)
         todo = list(range(len(rows)))
@@ -1016,45 +1018,39 @@ class MilvusStore(Store):
             self._delete_seqs(self.images, gone, gkey)
             if not settle:
                 return
-            if len(todo) > 1:
-                if self._rows_of_images(gkey, [ikeys[i] for i in todo]) <= len(todo):
-                    return
-                todo = [i for i in todo if self._rows_of_image(gkey, ikeys[i]) > 1]
-            elif self._rows_of_image(gkey, ikeys[todo[0]]) <= 1:
+            watched = [s for i in todo for s in (rows[i]["seq"], _next_version(rows[i]["seq"]))]
+            if len(todo) > 1 and self._rows_under(gkey, watched) == len(todo):
                 return
+            copies = []
+            for i in todo:
+                seq = rows[i]["seq"]
+                if self._rows_under(gkey, [seq, _next_version(seq)]) <= 1:
+                    continue
+                if self._query(
+                    self.images,
+                    f'gkey == "{gkey}" and seq == {_next_version(seq)}',
+                    ["seq"],
+                    consistency="Strong",
+                ):
+                    self._delete_seqs(self.images, [seq], gkey)  # a newer version stands: ours is the older
+                else:
+                    copies.append(i)
+            todo = copies
             if not todo:
                 return
             time.sleep(random.uniform(0.0, 0.05 * 2**attempt))
             for i in todo:
-                olds[i], stales[i] = self._versions(gkey, ikeys[i], rows[i])
+                olds[i], stales[i] = rows[i]["seq"], []
 
-    def _rows_of_image(self, gkey: str, ikey: str) -> int:
-        """Rows stored for one image (count(*) counts copies under one primary key that reads show once)."""
-        return self._rows_of_images(gkey, [ikey])
-
-    def _rows_of_images(self, gkey: str, ikeys: Sequence[str]) -> int:
-        """Rows stored for these images, copies included (Strong: other processes' rows too)."""
+    def _rows_under(self, gkey: str, seqs: Sequence[int]) -> int:
+        """Rows stored under these primary keys, copies included (count(*) counts copies that every other
+        read shows once), at Strong: other processes' rows too."""
         total = 0
-        for start in range(0, len(ikeys), _IN_CHUNK):
-            flt = f'gkey == "{gkey}" and {_in("ikey", list(ikeys[start : start + _IN_CHUNK]))}'
+        for start in range(0, len(seqs), _IN_CHUNK):
+            flt = f'gkey == "{gkey}" and {_in("seq", [int(s) for s in seqs[start : start + _IN_CHUNK]])}'
             rows = self._query(self.images, flt, ["count(*)"], consistency="Strong")
             total += int(rows[0]["count(*)"]) if rows else 0
         return total
-
-    def _versions(self, gkey: str, ikey: str, row: dict) -> tuple[int, list[int]]:
-        """The newest version stored of ``row``'s image and the other versions, read at Strong."""
-        found = self._query(
-            self.images,
-            f'gkey == "{gkey}" and ikey == "{ikey}"',
-            ["seq", "tenant", "grp", "image_id"],
-            consistency="Strong",
-        )
-        image = (row["tenant"], row["grp"], row["image_id"])
-        mine = sorted(
-            (r for r in found if (r["tenant"], r["grp"], r["image_id"]) == image), key=lambda r: r["seq"]
-        )
-        newest = _newest(mine)[0]["seq"] if mine else row["seq"]
-        return newest, [r["seq"] for r in mine if r["seq"] != newest]
 
     def set_tags(self, tenant: str, group: str, tags: dict[str, list[list[float]]]) -> int:
         """Rewrite the images' rows with new tags, as ``update_image`` does (next version, then delete the
