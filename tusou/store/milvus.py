@@ -47,7 +47,8 @@ Choices, and why:
   a partition-key collection. An update therefore inserts the new version first, under the next version
   of the primary key (low 2 bits + 1 mod 4: the same listing position), and only then deletes the versions
   it read. A crash between the two calls leaves both versions, never none; reads keep the newer one
-  (the version one past the other) and the next update removes the stale one.
+  (the version one past the other) and the next update removes the stale one. Two processes updating one
+  image at once are settled after the write (``MilvusStore._rewrite_rows``): one row stays.
 * **Durability.** A write is acknowledged once Milvus has accepted it into its log (rocksmq in standalone,
   Pulsar/Kafka in a cluster), from which it replays after a crash; tusou never calls ``flush`` per request
   (that seals tiny segments and is rate-limited). Milvus persists segments on its own schedule.
