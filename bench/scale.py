@@ -429,8 +429,15 @@ class Searcher:
         return {"data": {"id": image_id, "group": GROUP}, "params": {"groups": [GROUP], "limit": limit}}
 
 
-def http_timings(searcher: Searcher, by_ids: list[str], query_jpegs: list[bytes]) -> dict:
-    """p50/p99/max ms and median hits per limit, for searches by stored id and with a JPEG."""
+def server_costs(pid: int) -> tuple[int, float]:
+    """The server process's minor page faults so far and its kernel CPU seconds (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[7]), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
+def http_timings(searcher: Searcher, by_ids: list[str], query_jpegs: list[bytes], pid: int) -> dict:
+    """p50/p99/max ms and median hits per limit, for searches by stored id and with a JPEG; and the
+    server's page faults and kernel time per search by id (fresh pages for a search's arrays show there)."""
     report: dict = {}
     by_id = [partial(searcher.by_id, i) for i in by_ids]
     by_jpeg = [partial(searcher.by_jpeg, j) for j in query_jpegs]
@@ -438,6 +445,7 @@ def http_timings(searcher: Searcher, by_ids: list[str], query_jpegs: list[bytes]
         searcher.post(bodies[0](10))  # warm-up
         for limit in LIMITS:
             times, returned = [], []
+            faults, kernel = server_costs(pid)
             for make in bodies:
                 body = make(limit)
                 t = time.perf_counter()
@@ -445,6 +453,11 @@ def http_timings(searcher: Searcher, by_ids: list[str], query_jpegs: list[bytes]
                 times.append((time.perf_counter() - t) * 1000)
                 assert resp.status_code == 200, resp.text
                 returned.append(len(resp.json()["result"]))
+            now_faults, now_kernel = server_costs(pid)
+            report[f"http_{kind}_costs_{limit}"] = (
+                (now_faults - faults) / len(bodies),
+                (now_kernel - kernel) * 1000 / len(bodies),
+            )
             report[f"http_{kind}_limit_{limit}"] = (
                 pct(times, 50),
                 pct(times, 99),
@@ -489,7 +502,7 @@ def sqlite_serve_bench(
         server = Server(data, port, env, projected_dim=args.dim if args.dim else None)
         report["start_to_first_search_s"] = searcher.first_answer(server, query_jpegs[0])
         report["start_load"] = os.getloadavg()
-        report.update(http_timings(searcher, by_ids, query_jpegs))
+        report.update(http_timings(searcher, by_ids, query_jpegs, server.proc.pid))
         report["search_load"] = os.getloadavg()
         report.update(ingest_rates(searcher, ingest_jpegs))
         report["server_rss_mb"], report["server_peak_rss_mb"] = rss_mb(server.proc.pid)
@@ -579,6 +592,13 @@ def print_sqlite_table(r: dict) -> None:
     )
     print(f"| reopen in process (SQLiteStore(), snapshot load) | {r['reopen_in_process_s']:.2f} s |")
     print(f"| server RSS now / peak | {r['server_rss_mb']:.0f} / {r['server_peak_rss_mb']:.0f} MB |")
+    if "http_id_costs_10000" in r:
+        costs = [r[f"http_id_costs_{limit}"] for limit in LIMITS]
+        print(
+            "| the server's page faults / kernel CPU ms per search, (b) limit=1/100/10000/-1 | "
+            + ", ".join(f"{faults:.0f} / {kernel:.1f}" for faults, kernel in costs)
+            + " |"
+        )
     print(f"| disk (whole folder / index snapshots) | {r['disk_mb']:.0f} / {r['index_mb']:.0f} MB |")
     if "fill_s" in r:
         print(

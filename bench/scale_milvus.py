@@ -287,7 +287,7 @@ def serve(args, data: Path, query_jpegs, ingest_jpegs, by_ids: list[str]) -> dic
 
     try:
         report["start_to_first_search_s"] = searcher.first_answer(server, query_jpegs[0])
-        report.update(http_timings(searcher, by_ids, query_jpegs))
+        report.update(http_timings(searcher, by_ids, query_jpegs, server.proc.pid))
         report.update(ingest_rates(searcher, ingest_jpegs))
         report["server_rss_mb"], report["server_peak_rss_mb"] = rss_mb(server.proc.pid)
     finally:

@@ -102,12 +102,12 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
     """
     import uvicorn
 
+    from tusou.allocator import tune_for_serving
     from tusou.api.app import create_app
     from tusou.api.guard import uvicorn_options
-    from tusou.images import return_freed_memory_promptly
     from tusou.service import build_service
 
-    return_freed_memory_promptly()
+    tune_for_serving()
     os.umask(0o077)  # whatever the server creates in its data folder (and temp files) is private
     settings = _settings(data=data, host=host, port=port, model=model)
     sock = _listen_socket(settings.host, settings.port)
@@ -175,9 +175,7 @@ def keys_revoke(data: Path | None, access_key: str) -> None:
 
 @main.command()
 @data_option
-@click.option(
-    "--milvus-uri", required=True, help="Destination Milvus server (http://host:19530)."
-)
+@click.option("--milvus-uri", required=True, help="Destination Milvus server (http://host:19530).")
 @click.option("--milvus-collection", default=None, help="Destination collection (default tusou_images).")
 @click.option("--milvus-token", default=None, help="Milvus token, if the server needs one.")
 @click.option("--access-key", "access_keys", multiple=True, help="Only this key's groups (repeatable).")

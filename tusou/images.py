@@ -175,13 +175,19 @@ _OTHER_FORMATS: tuple[tuple[bytes, int, str], ...] = (
     (b"\x76\x2f\x31\x01", 0, "openexr"),
     (b"#?RADIANCE", 0, "hdr"),
 )
-_FTYP_BRANDS = {b"heic": "heic", b"heix": "heic", b"mif1": "heif", b"msf1": "heif", b"avif": "avif",
-                b"avis": "avif"}
+_FTYP_BRANDS = {
+    b"heic": "heic",
+    b"heix": "heic",
+    b"mif1": "heif",
+    b"msf1": "heif",
+    b"avif": "avif",
+    b"avis": "avif",
+}
 
 
 def _sniff_other(data: bytes) -> str | None:
     for magic, offset, name in _OTHER_FORMATS:
-        if data[offset:offset + len(magic)] == magic:
+        if data[offset : offset + len(magic)] == magic:
             return name
     if data[4:8] == b"ftyp" and data[8:12] in _FTYP_BRANDS:
         return _FTYP_BRANDS[data[8:12]]
@@ -244,29 +250,6 @@ class PixelBudget:
 _UNLIMITED = PixelBudget(1 << 62, 0.0)
 
 
-def return_freed_memory_promptly() -> None:
-    """Make glibc give large freed blocks back to the system at once (process-wide; call once at start).
-
-    glibc raises its mmap threshold each time a large block is freed, so after the first big image later
-    ones are carved from the heap arenas of whichever of many threads decoded them, and stay in RSS when
-    freed: measured, the 16-image attack of ``bench/hostile.py`` grew a server by ~670 MB with the pixel
-    budget alone and by ~210 MB with a fixed 1 MB threshold. A no-op where the C library is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    m_mmap_threshold = -3
-    mallopt(m_mmap_threshold, 1 << 20)
-
-
 def decode_image(data: bytes, min_short: int | None = None, budget: PixelBudget | None = None) -> Image.Image:
     """Bytes -> RGB image following Qiniu's rules, or ImageError. Dimensions are checked from the header,
     before any pixel is decoded; the decode itself runs inside ``budget``.
@@ -315,9 +298,12 @@ def _open(data: bytes) -> Image.Image:
         # The warning arrives as an exception only where warnings are errors (python -W error).
         raise _dimensions_error(None) from exc
     except Image.UnidentifiedImageError as exc:
-        if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] in (b"\xff\xd8\xff", b"GIF") or (
-            data[:4] == b"RIFF" and data[8:12] == b"WEBP"
-        ) or data[:2] == b"BM":
+        if (
+            data[:8] == b"\x89PNG\r\n\x1a\n"
+            or data[:3] in (b"\xff\xd8\xff", b"GIF")
+            or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+            or data[:2] == b"BM"
+        ):
             # One of our formats by its signature, but its plugin gave up on the header.
             raise ImageError("image_corrupt", "image is corrupt or truncated") from exc
         other = _sniff_other(bytes(data[:4096]))
@@ -346,8 +332,12 @@ def _shrink(im: Image.Image, min_short: int | None) -> Image.Image:
     if factor < 2:
         return im
     if im.mode not in _REDUCIBLE:
-        has_alpha = "transparency" in im.info or im.mode == "P" and im.palette is not None and (
-            im.palette.mode == "RGBA")
+        has_alpha = (
+            "transparency" in im.info
+            or im.mode == "P"
+            and im.palette is not None
+            and (im.palette.mode == "RGBA")
+        )
         im = im.convert("RGBA" if has_alpha else "RGB")
     return im.reduce(factor)
 
