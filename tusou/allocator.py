@@ -39,8 +39,11 @@ def tune_for_serving() -> bool:
         return False
     try:
         libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # noqa: B018 (glibc only: musl's mallopt accepts and ignores these)
-    except (OSError, AttributeError):
+    except OSError:
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) & bool(mallopt(_M_TOP_PAD, TOP_PAD))
+    # glibc only: musl has a mallopt that accepts these and does nothing.
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return False
+    threshold = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    pad = libc.mallopt(_M_TOP_PAD, TOP_PAD)
+    return threshold == 1 and pad == 1
