@@ -53,6 +53,7 @@ def test_the_served_heap_keeps_a_searchs_arrays_instead_of_faulting_them_in_agai
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's malloc: Linux only")
     fixed_only, served = faults("fixed"), faults("served")
-    # 40 arrays of 3 MB: ~30,000 fresh pages when each is mapped on its own; a few hundred at most reused.
-    assert fixed_only > 20_000, fixed_only
+    # 40 arrays of 3 MB: ~30,000 fresh pages when each is mapped on its own (fewer with transparent huge
+    # pages); reused, a few hundred at most.
+    assert fixed_only > 5_000, fixed_only
     assert served < fixed_only / 20, (served, fixed_only)
