@@ -1073,10 +1073,8 @@ class VectorIndex:
 
     def _within(self, start: int, stop: int, window: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """Offsets (from ``start``) of the slots ``start:stop`` whose angle lies in their list's window
-        (or is unknown: NaN compares false)."""
-        lo, hi = window
-        angle, assign = self._angle[start:stop], self._assign[start:stop]
-        return np.flatnonzero(~((angle < np.take(lo, assign)) | (angle > np.take(hi, assign))))
+        (or is unknown)."""
+        return np.flatnonzero(_in_window(self._angle[start:stop], self._assign[start:stop], window))
 
     def _scan(
         self,
@@ -1211,9 +1209,7 @@ class VectorIndex:
         window = self._angle_window(views, sims, target)
         if window is None:
             return None
-        lo, hi = window
-        angle, assign = self._angle[slots], self._assign[slots]
-        few = slots[~((angle < np.take(lo, assign)) | (angle > np.take(hi, assign)))]
+        few = slots[_in_window(self._angle[slots], self._assign[slots], window)]
         if len(few) > 8 * count:
             return None
         cos = self._cosines_above(query, few, floor)
@@ -1279,9 +1275,7 @@ class VectorIndex:
             best = float(cosines.max()) if len(cosines) else -np.inf
             window = self._angle_window(views, sims, best) if best >= max(min_cosine, NEAR_COPY) else None
             if window is not None:
-                lo, hi = window
-                angle, assign = self._angle[slots[rest]], self._assign[slots[rest]]
-                rest = rest[~((angle < np.take(lo, assign)) | (angle > np.take(hi, assign)))]
+                rest = rest[_in_window(self._angle[slots[rest]], self._assign[slots[rest]], window)]
         score(np.sort(rest))
         return out
 
@@ -1730,6 +1724,13 @@ def _best_first(keys: np.ndarray, cosines: np.ndarray, limit: int = -1) -> np.nd
         top = np.argpartition(sort_keys, limit - 1)[:limit] if limit else np.zeros(0, dtype=np.intp)
         return top[np.argsort(sort_keys[top])]
     return np.argsort(sort_keys)
+
+
+def _in_window(angle: np.ndarray, assign: np.ndarray, window: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Which rows (their angles to their centroids and their lists) lie inside their list's angle window
+    (:meth:`VectorIndex._angle_window`), or have no angle yet (NaN compares false: never ruled out)."""
+    lo, hi = window
+    return ~((angle < np.take(lo, assign)) | (angle > np.take(hi, assign)))
 
 
 def _in_file_order(
