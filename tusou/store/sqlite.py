@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -41,6 +40,7 @@ from tusou.store.base import (
     ModelMismatch,
     NewImage,
     Store,
+    gatherer,
     load_desc,
     load_tags,
 )
@@ -777,9 +777,8 @@ class SQLiteStore(Store):
         pick = where.tolist()
         n = len(pick)
         names = [groups[g] for g in at.tolist()] if len(groups) > 1 else [groups[0]] * n
-        # Each column gathered in one C call (one itemgetter for all: ~25 % faster than an index per hit);
-        # a column of NULLs only (uris, tags, as usual) is not gathered.
-        get = itemgetter(*pick) if n > 1 else (lambda column: [column[i] for i in pick])
+        # A column of NULLs only (uris, tags, as usual) is not gathered.
+        get = gatherer(pick)
 
         def column(values: list[Any]) -> Sequence[Any]:
             return get(values) if any(values) else [None] * n
