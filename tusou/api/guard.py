@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import anyio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -102,15 +102,20 @@ async def read_signed_body(request: Request, settings: Settings, secret_for: Any
 
         pending: list[bytes] = []
         held = size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise QiniuError(413, "request body too large")
-            pending.append(chunk)
-            held += len(chunk)
-            if held >= _HASH_STEP:
-                await anyio.to_thread.run_sync(take, b"".join(pending))
-                pending, held = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise QiniuError(413, "request body too large")
+                pending.append(chunk)
+                held += len(chunk)
+                if held >= _HASH_STEP:
+                    await anyio.to_thread.run_sync(take, b"".join(pending))
+                    pending, held = [], 0
+        except ClientDisconnect:
+            # The client hung up before its body was complete (a timeout, a cancelled upload): nothing failed
+            # here, and nobody reads the answer; a 400, not an unexpected error's 500 and traceback.
+            raise QiniuError(400, "request body incomplete") from None
         if pending:
             await anyio.to_thread.run_sync(take, b"".join(pending))
         small = size <= settings.pre_auth_body_bytes
