@@ -52,6 +52,8 @@ from tusou.thumbs import ThumbStore, make_thumbnail
 
 #: The most near-duplicates one image is paired with by ``Service.duplicates`` (bounds each search).
 DUPLICATE_NEIGHBOURS = 32
+#: Ids of one delete request handed to the stores at once (Service.delete_images).
+DELETE_CHUNK = 1000
 
 #: model=clip: the least text-image cosine a keyword search hit needs unless the query sets a threshold.
 CLIP_TEXT_THRESHOLD = 0.2
@@ -451,11 +453,19 @@ class Service:
         self.store.remove_group(tenant, group)
 
     def delete_images(self, tenant: str, request: DeleteImages) -> int:
-        if self.thumbs is not None:
-            self.thumbs.delete(tenant, request.group, request.ids)
-        if self.keypoints is not None:
-            self.keypoints.delete(tenant, request.group, request.ids)
-        return self.store.delete_images(tenant, request.group, request.ids)
+        # A chunk at a time: the store, thumbnails and keypoints each delete under one write lock shared by
+        # every tenant, and one request may name millions of ids; whole, it held the others' writes for as
+        # long. Each id is gone once its chunk returns (a crash midway leaves the rest, as a retry expects).
+        ids = request.ids
+        deleted = 0
+        for start in range(0, max(1, len(ids)), DELETE_CHUNK):  # once even for [] (checks the group)
+            chunk = ids[start : start + DELETE_CHUNK]
+            if self.thumbs is not None:
+                self.thumbs.delete(tenant, request.group, chunk)
+            if self.keypoints is not None:
+                self.keypoints.delete(tenant, request.group, chunk)
+            deleted += self.store.delete_images(tenant, request.group, chunk)
+        return deleted
 
     def thumbnails(self, tenant: str, request: DeleteImages) -> dict[str, bytes]:
         """The kept thumbnails (JPEG) of these images of a group; images without one are left out."""
