@@ -85,7 +85,10 @@ async def authenticate(request: Request) -> str:
 async def body_of(request: Request) -> qiniu.Body:
     # Off the event loop: a large body takes real CPU to parse, and other tenants must not wait.
     return await run_in_threadpool(
-        qiniu.parse_body, request.headers.get("content-type", ""), await request.body()
+        qiniu.parse_body,
+        request.headers.get("content-type", ""),
+        await request.body(),
+        wire_of(request).max_body_values,
     )
 
 
