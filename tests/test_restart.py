@@ -13,7 +13,10 @@ from pathlib import Path
 import requests
 from PIL import Image
 
-from tests.conftest import QiniuClient, data_uri, free_port, jpeg
+from bench.crash import ServeProcess as Server
+from bench.crash import SignedClient, image_uri
+from tests.conftest import MODEL_CACHE, QiniuClient, data_uri, free_port, jpeg
+from tusou.config import Settings
 
 
 class ServeProcess:
@@ -98,3 +101,66 @@ def test_serve_prints_a_first_key_and_survives_kill_9(tmp_path: Path, photos: li
             server.kill()
     assert server.proc.stdout is not None
     assert "access_key" not in server.proc.stdout.read()
+
+
+def test_a_second_process_on_the_folder_leaves_the_running_server_intact(tmp_path: Path) -> None:
+    """`tusou thumbs` is safe while the server runs, and a second `tusou serve` on the same folder is refused.
+
+    Before the folder lock, the second process loaded the server's last snapshot and appended the rows added
+    since into the server's own float32 side file at the slots the server had used for other rows (here:
+    after a delete): the server then scored image 3 with image 4's vector, for good (its next snapshot named
+    the file)."""
+    data, log, port = tmp_path / "data", tmp_path / "serve.log", free_port()
+    env = {
+        "TUSOU_RATE_LIMIT_PER_S": "0",
+        "TUSOU_MODEL_DIR": str(Settings(data=MODEL_CACHE.parent / "tusou-model-data").model_cache),
+    }
+
+    def entry(seed: int) -> dict:
+        return {"uri": image_uri(seed), "attribute": {"id": f"i{seed}", "label": "x"}}
+
+    server = Server(data, port, log, env)
+    try:
+        server.wait_ready()
+        client = SignedClient(server.url, *server.first_key())
+        assert client.post("/v1/image/group/g/new", {"data": [entry(1)]}).status_code == 200
+        server.stop()  # a clean stop writes the group's snapshot
+        server = Server(data, port, log, env)
+        server.wait_ready()
+        client.base = server.url
+        # Rows after the snapshot, one of them deleted: the side file holds 2, 3, 4 in turn.
+        added = client.post("/v1/image/group/g/add", {"data": [entry(s) for s in (2, 3, 4)]})
+        assert added.status_code == 200
+        assert client.post("/v1/image/group/g/delete", {"images": ["i2"]}).status_code == 200
+
+        def best(seed: int) -> tuple[str, float]:
+            query = {"data": {"uri": image_uri(seed)}, "params": {"groups": ["g"], "limit": 1}}
+            hit = client.post("/v1/image/groups/search", query).json()["result"][0]
+            return hit["id"], hit["score"]
+
+        before = {seed: best(seed) for seed in (1, 3, 4)}
+        assert [hit for hit, _ in before.values()] == ["i1", "i3", "i4"]
+
+        cli_env = dict(os.environ, TUSOU_DATA=str(data), **env)
+        thumbs = subprocess.run(
+            [sys.executable, "-m", "tusou", "thumbs", "g"], env=cli_env, capture_output=True, text=True
+        )
+        assert thumbs.returncode == 0, thumbs.stderr
+        assert {seed: best(seed) for seed in (1, 3, 4)} == before
+        second = subprocess.run(
+            [sys.executable, "-m", "tusou", "serve", "--port", str(free_port())],
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 1
+        assert "is in use by another tusou process" in second.stderr
+        assert {seed: best(seed) for seed in (1, 3, 4)} == before
+        server.stop()
+        server = Server(data, port, log, env)
+        server.wait_ready()
+        client.base = server.url
+        assert {seed: best(seed) for seed in (1, 3, 4)} == before
+    finally:
+        server.stop()

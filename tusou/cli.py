@@ -123,6 +123,11 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
     # vectors) is refused with one line naming the way out (`tusou upgrade`, `tusou reembed`).
     with _refusals():
         service = build_service(settings)
+    if getattr(service.store, "shared", False):  # another process holds the folder (tusou/store/sqlite.py)
+        service.close()
+        raise click.ClickException(
+            f"{settings.data} is in use by another tusou process (is a server already running on it?)"
+        )
     # The app's lifespan closes the service when the server stops (index snapshots written): uvicorn
     # re-raises SIGTERM after its shutdown, so nothing after ``run`` would run.
     app = create_app(settings, service=service, keys=keys, close_service=True)

@@ -13,6 +13,7 @@ is ``snapshot_every_s`` old, and ``close()`` writes the rest.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -160,6 +161,19 @@ def _int_array(text: str) -> np.ndarray:
     return values
 
 
+def _lock_folder(path: Path) -> int | None:
+    """An exclusive lock on ``<db>.lock`` (kept open as long as the store is), or None when another store
+    holds it: a server, or a command on the folder of a running server. The lock goes with the process,
+    kill -9 included."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def _dump_desc(desc: object) -> str | None:
     return None if desc is None else json.dumps(desc, ensure_ascii=False, separators=(",", ":"))
 
@@ -203,6 +217,13 @@ class SQLiteStore(Store):
         self.snapshot_every_s = snapshot_every_s
         self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The snapshots and side files in ``snapshot_dir`` belong to one store at a time: another process
+        # appending to a side file writes its rows into the slots of the owner's (searches then score one
+        # image with another's vector), and its snapshots and clean-up delete the owner's files. A store
+        # that finds the folder taken is ``shared``: its indexes live in memory only (re-ranked from SQLite),
+        # and it writes and deletes no file in ``snapshot_dir``. `tusou serve` refuses such a folder.
+        self._lock_fd = _lock_folder(self.path)
+        self.shared = self._lock_fd is None
         new_file = not self.path.exists()
         self._write_lock = threading.Lock()
         self._local = threading.local()
@@ -237,6 +258,7 @@ class SQLiteStore(Store):
             self._check_model(model_id)
         except BaseException:
             self._writer.close()  # a refused folder is left closed: `tusou upgrade`/`reembed` may take it
+            self._unlock()
             raise
         self._gids: dict[tuple[str, str], int] = {}
         self._indexes: dict[int, VectorIndex] = {}
@@ -328,7 +350,14 @@ class SQLiteStore(Store):
             key = conn.execute("SELECT value FROM meta WHERE key='marker_key'").fetchone()[0]
         self._markers = MarkerCodec(bytes.fromhex(key))
 
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
     def _new_index(self, gid: int) -> VectorIndex:
+        if self.shared:
+            return VectorIndex(self.dim, self._fetch_vectors)
         # The float32 rows for the re-rank go to a side file beside the group's snapshots.
         return VectorIndex(self.dim, self._fetch_vectors, self.snapshot_dir, self._snapshot_name(gid))
 
@@ -340,6 +369,8 @@ class SQLiteStore(Store):
             started = time.monotonic()
             name_ = self._snapshot_name(gid)
             index = VectorIndex.load(self.snapshot_dir, name_, self.dim, self._fetch_vectors)
+            if index is not None and self.shared:
+                index.detach()  # the owner's side file: never written from here
             live = self._group_seqs(conn, gid)
             if index is None:
                 index = self._new_index(gid)
@@ -366,6 +397,8 @@ class SQLiteStore(Store):
                     len(missing),
                     time.monotonic() - started,
                 )
+        if self.shared:
+            return
         for path in self.snapshot_dir.glob("g*"):
             # Left-overs: snapshots of removed groups, temp files of an interrupted snapshot.
             gid_text = path.name.split(".")[0][1:]
@@ -418,6 +451,8 @@ class SQLiteStore(Store):
         return f"g{gid}"
 
     def _snapshot_loop(self) -> None:
+        if self.shared:
+            return
         while not self._stop.wait(1.0):
             now = time.monotonic()
             for gid, index in list(self._indexes.items()):
@@ -436,6 +471,8 @@ class SQLiteStore(Store):
                     self._snapshot(gid, index)
 
     def _snapshot(self, gid: int, index: VectorIndex) -> None:
+        if self.shared:
+            return
         with self._snapshot_lock:
             if self._indexes.get(gid) is not index:  # removed meanwhile
                 return
@@ -564,8 +601,9 @@ class SQLiteStore(Store):
             with self._snapshot_lock:
                 if index is not None:
                     index.close()
-                for path in snapshot_files(self.snapshot_dir, self._snapshot_name(gid)):
-                    path.unlink(missing_ok=True)
+                if not self.shared:
+                    for path in snapshot_files(self.snapshot_dir, self._snapshot_name(gid)):
+                        path.unlink(missing_ok=True)
             self._writer.execute("PRAGMA incremental_vacuum")
 
     def delete_images(self, tenant: str, group: str, ids: Sequence[str]) -> int:
@@ -956,3 +994,4 @@ class SQLiteStore(Store):
             # The readers too: the folder is then free for another process (`tusou upgrade` checks that).
             for conn in self._readers:
                 conn.close()
+        self._unlock()

@@ -574,6 +574,15 @@ class VectorIndex:
                 self._floats.close()
                 self._floats = None
 
+    def detach(self) -> None:
+        """Leave the side file and the folder alone from now on (a loaded snapshot of a folder another
+        process owns): rows are added in memory only and the re-rank reads them through ``fetch``."""
+        with self._lock.write():
+            if self._floats is not None:
+                self._floats.close()
+                self._floats = None
+            self.folder = None
+
     def _touch(self, changed: int) -> None:
         if changed:
             if not self.dirty:
