@@ -140,3 +140,30 @@ def test_bodies_of_more_values_than_any_request_needs_are_refused_before_parsing
         assert client.get("/v1/image/group/g/info").json() == {"count": 4}
     finally:
         running.close()
+
+
+def test_form_fields_that_are_not_utf8_are_refused_not_mangled(tusou: Tusou, client: QiniuClient) -> None:
+    # A client that form-encodes in another charset (GBK, common in Chinese stacks) sends %D6%D0 for "中".
+    # Read as UTF-8 with replacement it became "\ufffd\ufffd": stored as the label or id without a word,
+    # and every such label the same. The body is refused instead, as a JSON body that is not UTF-8 is.
+    image = data_uri(jpeg(imagegen.scene(6, (64, 48))))
+    assert client.post("/v1/image/group/g/new", {"data": [{"uri": image, "attribute": {"id": "a"}}]}).ok
+    form = "/v1/image/group/g/update", b"id=a&label=%D6%D0%CE%C4"
+    resp = client.session.post(
+        client.base + form[0],
+        data=form[1],
+        auth=client.auth,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=60,
+    )
+    assert (resp.status_code, resp.json()) == (400, {"error": "invalid body"})
+    assert client.post("/v1/image/group/g/image", {"id": "a"}).json()["label"] == ""
+    # UTF-8, percent-encoded as the SDK sends it, is read as ever.
+    resp = client.session.post(
+        client.base + form[0],
+        data="id=a&label=%E4%B8%AD%E6%96%87",
+        auth=client.auth,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=60,
+    )
+    assert resp.status_code == 200 and resp.json()["label"] == "中文", resp.text

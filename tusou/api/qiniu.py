@@ -131,7 +131,10 @@ def parse_body(content_type: str, body: bytes, max_values: int | None = None) ->
         raise QiniuError(400, "invalid body: too many values")
     if media == FORM_TYPE:
         try:
-            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
+            # errors="strict": a field percent-encoded in another charset is refused, not turned into U+FFFD.
+            pairs = parse_qsl(
+                body.decode("utf-8"), keep_blank_values=True, strict_parsing=True, errors="strict"
+            )
         except (UnicodeDecodeError, ValueError) as exc:
             raise QiniuError(400, "invalid body") from exc
         parsed: Body = {}
