@@ -206,10 +206,24 @@ def test_manifest_with_bad_rows(api: Client, tmp_path: Path, image_server: Image
 def test_missing_keys_or_source_is_a_usage_error(api: Client, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["groups"], env={"TUSOU_ACCESS_KEY": "", "TUSOU_SECRET_KEY": ""})
     assert result.exit_code == 2 and "TUSOU_ACCESS_KEY" in result.output
-    missing = cli(api, "import", "g", str(tmp_path / "nope"))
+    missing = cli(api, "import", "g", str(PHOTOS), str(tmp_path / "nope"))
     assert missing.exit_code == 2 and "no such file or folder" in missing.output
+    (tmp_path / "headless.csv").write_text("photo.jpg,1\n", encoding="utf-8")
+    headless = cli(api, "import", "g", str(tmp_path / "headless.csv"))
+    assert headless.exit_code == 2 and "needs a header row" in headless.output
+    # A source that cannot be read stops the command before anything reaches the server: no empty group.
+    assert api.list_groups() == []
     wrong = cli(api, "info", "g", TUSOU_SECRET_KEY="wrong")
     assert wrong.exit_code == 1 and "401 bad token" in wrong.output
+
+
+def test_copy_of_a_missing_group_creates_nothing(api: Client) -> None:
+    """A mistyped source group is the source's error, and the destination is left as it was."""
+    from_env = {"TUSOU_FROM_ACCESS_KEY": api.access_key, "TUSOU_FROM_SECRET_KEY": api._secret_key}
+    args = ["copy", "nosuch", "moved", "--from", api.server, "--uri-template", "https://cdn.example/{id}"]
+    result = cli(api, *args, **from_env)
+    assert result.exit_code == 1 and "400 group nosuch not exists" in result.output
+    assert api.list_groups() == []
 
 
 def test_copy_between_servers(

@@ -151,10 +151,13 @@ def _transfer(
     started = time.monotonic()
     progress = Progress(what)
     try:
+        # The whole source is read before the group is created: a missing file, a bad manifest or a
+        # source group that does not exist stops here and leaves no empty group behind.
+        entries = list(items)
         report = run_import(
             client,
             group,
-            items,
+            entries,
             batch_size=batch_size,
             concurrency=max(1, concurrency),
             progress=progress,
