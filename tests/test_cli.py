@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sqlite3
 import stat
@@ -100,3 +101,61 @@ def test_serve_on_a_busy_port_fails_before_printing_a_key(tmp_path: Path) -> Non
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "already running" in proc.stderr
     assert "serving" not in proc.stderr
     assert not (tmp_path / "data").exists()
+
+
+CLIENT_COMMANDS = ["import", "copy", "groups", "info", "search", "duplicates"]
+
+
+def test_help_reads_like_a_manual() -> None:
+    """`tusou --help` says where the server, the key and the data folder come from and names every command
+    with a whole summary line; each client command's help says where the key comes from."""
+    top = run("--help")
+    for name in ("TUSOU_SERVER", "TUSOU_ACCESS_KEY", "TUSOU_SECRET_KEY", "TUSOU_DATA", "tusou serve"):
+        assert name in top, name
+    listed = top.split("Commands:")[1].splitlines()
+    assert {line.split()[0] for line in listed if line.strip()} == set(main.commands)
+    assert [line for line in listed if line.rstrip().endswith("...")] == []  # no summary cut short
+    for command in CLIENT_COMMANDS:
+        assert "TUSOU_ACCESS_KEY" in run(command, "--help"), command
+    keys_help = run("keys", "--help").split("Commands:")[1]
+    assert "..." not in keys_help
+    # Every model the factory accepts is named, as the README's settings table does.
+    serve_help = " ".join(run("serve", "--help").split())
+    for model in ("lite0", "lite1", "lite2", "onnx", "clip"):
+        assert model in serve_help, model
+
+
+def serve_fails(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return subprocess.run(
+        [sys.executable, "-m", "tusou", "serve", "--data", str(tmp_path / "data"), "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **env},
+    )
+
+
+def test_bad_settings_stop_serve_with_one_line_and_no_key(tmp_path: Path) -> None:
+    """A setting that cannot work is named in one line, before any key is printed or "serving" said."""
+    cases = {
+        "TUSOU_MODEL": ("bogus", "unknown model 'bogus'"),
+        "TUSOU_ONNX_PATH": (str(tmp_path / "none.onnx"), "none.onnx is not a file"),
+        "TUSOU_MODEL_INPUT_SIZE": ("100", "invalid setting TUSOU_MODEL_INPUT_SIZE='100'"),
+        "TUSOU_FETCH_ALLOW": ("images.intranet", "invalid setting TUSOU_FETCH_ALLOW: not a JSON list"),
+        "TUSOU_RATE_LIMIT_PER_S": ("fast", "invalid setting TUSOU_RATE_LIMIT_PER_S='fast'"),
+    }
+    for name, (value, said) in cases.items():
+        extra = {name: value, **({"TUSOU_MODEL": "onnx"} if name == "TUSOU_ONNX_PATH" else {})}
+        proc = serve_fails(tmp_path, **extra)
+        assert proc.returncode == 1, (name, proc.stdout, proc.stderr)
+        assert proc.stdout == "", name  # no access key was printed
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and said in errors[0], (name, proc.stderr)
+        assert "Traceback" not in proc.stderr and "serving" not in proc.stderr, (name, proc.stderr)
+    # The next start with good settings prints the first key, as the README says.
+    keys = KeyStore(tmp_path / "data" / "keys.db") if (tmp_path / "data" / "keys.db").exists() else None
+    assert keys is None or keys.active_count() == 0

@@ -34,7 +34,28 @@ data_option = click.option(
 
 
 def _settings(**overrides: Any) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """The settings from the environment and the command line; a bad value is one line naming it."""
+    import re
+
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except SettingsError as exc:  # a list or tuple setting that is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"TUSOU_{field.group(1).upper()}" if field else "a TUSOU_ variable"
+        raise click.ClickException(
+            f"invalid setting {name}: not a JSON list (e.g. TUSOU_FETCH_ALLOW='[\"images.intranet\"]')"
+        ) from None
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else ""
+            where = f"--{name.replace('_', '-')}" if name in given else f"TUSOU_{name.upper()}"
+            problems.append(f"{where}={error.get('input')!r}: {error['msg']}")
+        raise click.ClickException("invalid setting " + "; ".join(problems)) from None
 
 
 def _keys(settings: Settings) -> KeyStore:
@@ -56,12 +77,14 @@ def _existing_keys(settings: Settings) -> KeyStore:
 @contextmanager
 def _refusals() -> Iterator[None]:
     """A data folder or collection this release cannot use as it is (another model's vectors): one line
-    naming the way out (`tusou upgrade`, `tusou reembed`), not a traceback."""
+    naming the way out (`tusou upgrade`, `tusou reembed`), not a traceback. Likewise a model the settings
+    name that cannot be loaded (an unknown name, TUSOU_MODEL=onnx without TUSOU_ONNX_PATH, ...): the
+    model and store factories raise ValueError for those."""
     from tusou.store.base import ModelMismatch
 
     try:
         yield
-    except ModelMismatch as exc:
+    except (ModelMismatch, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -87,14 +110,31 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 @click.group()
 @click.version_option(package_name="tusou")
 def main() -> None:
-    """tusou (图搜): self-hosted search by image, wire-compatible with Qiniu's image search API."""
+    """tusou (图搜): self-hosted search by image, wire-compatible with Qiniu's image search API.
+
+    Start the server with `tusou serve --data DIR`; its first start prints an access key and its secret.
+
+    \b
+    On a data folder (--data or TUSOU_DATA, default ./tusou-data):
+      serve, keys, backup, restore, upgrade, reembed, retag, thumbs, migrate
+    Clients of a running server (--server or TUSOU_SERVER, default http://127.0.0.1:8000;
+    the key from TUSOU_ACCESS_KEY and TUSOU_SECRET_KEY):
+      import, copy, groups, info, search, duplicates
+
+    Every setting of the server is an environment variable TUSOU_<NAME> (README.md, tusou/config.py).
+    `tusou COMMAND --help` tells what a command does.
+    """
 
 
 @main.command()
 @data_option
 @click.option("--host", default=None, help="Address to listen on (env TUSOU_HOST; default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (env TUSOU_PORT; default 8000).")
-@click.option("--model", default=None, help="lite0, lite1, lite2 or onnx (env TUSOU_MODEL; default lite0).")
+@click.option(
+    "--model",
+    default=None,
+    help="lite0, lite1, lite2, onnx or clip (env TUSOU_MODEL; default lite0).",
+)
 def serve(data: Path | None, host: str | None, port: int | None, model: str | None) -> None:
     """Start the HTTP server on the embedded store.
 
@@ -112,15 +152,11 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
     settings = _settings(data=data, host=host, port=port, model=model)
     sock = _listen_socket(settings.host, settings.port)
     keys = _keys(settings)
-    if keys.active_count() == 0:
-        key = keys.create("default")
-        click.echo("Created a first access key (keep the secret; `tusou keys list --show-secrets` shows it):")
-        click.echo(json.dumps({"access_key": key.access_key, "secret_key": key.secret_key}))
-    click.echo(f"tusou serving {settings.data.resolve()} on http://{settings.host}:{settings.port}", err=True)
     # uvicorn configures only its own loggers; without this, tusou's access log lines go nowhere.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Built before the server starts, so that a folder this release cannot serve as it is (another model's
-    # vectors) is refused with one line naming the way out (`tusou upgrade`, `tusou reembed`).
+    # vectors) is refused with one line naming the way out (`tusou upgrade`, `tusou reembed`), and before
+    # the first key is printed: a start that fails (a bad model setting) prints no key and no "serving".
     with _refusals():
         service = build_service(settings)
     if getattr(service.store, "shared", False):  # another process holds the folder (tusou/store/sqlite.py)
@@ -128,6 +164,11 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
         raise click.ClickException(
             f"{settings.data} is in use by another tusou process (is a server already running on it?)"
         )
+    if keys.active_count() == 0:
+        key = keys.create("default")
+        click.echo("Created a first access key (keep the secret; `tusou keys list --show-secrets` shows it):")
+        click.echo(json.dumps({"access_key": key.access_key, "secret_key": key.secret_key}))
+    click.echo(f"tusou serving {settings.data.resolve()} on http://{settings.host}:{settings.port}", err=True)
     # The app's lifespan closes the service when the server stops (index snapshots written): uvicorn
     # re-raises SIGTERM after its shutdown, so nothing after ``run`` would run.
     app = create_app(settings, service=service, keys=keys, close_service=True)
@@ -141,12 +182,12 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
         raise
 
 
-@main.group()
+@main.group(short_help="Create, list and revoke access keys (one per tenant).")
 def keys() -> None:
     """Manage access keys: each key is a tenant that sees only its own groups."""
 
 
-@keys.command("create")
+@keys.command("create", short_help="Create a key and print it with its secret as JSON.")
 @data_option
 @click.option("--name", default="", help="A note to tell keys apart.")
 def keys_create(data: Path | None, name: str) -> None:
@@ -167,7 +208,7 @@ def keys_list(data: Path | None, show_secrets: bool) -> None:
         click.echo(json.dumps(entry))
 
 
-@keys.command("revoke")
+@keys.command("revoke", short_help="Revoke ACCESS_KEY: its requests are refused from then on.")
 @data_option
 @click.argument("access_key")
 def keys_revoke(data: Path | None, access_key: str) -> None:
@@ -178,7 +219,7 @@ def keys_revoke(data: Path | None, access_key: str) -> None:
     click.echo(f"revoked {access_key}")
 
 
-@main.command()
+@main.command(short_help="Copy groups from the embedded store in --data to Milvus.")
 @data_option
 @click.option("--milvus-uri", required=True, help="Destination Milvus server (http://host:19530).")
 @click.option("--milvus-collection", default=None, help="Destination collection (default tusou_images).")
@@ -212,8 +253,8 @@ def migrate(
     )
     if groups and len(access_keys) != 1:
         raise click.UsageError("--group needs exactly one --access-key")
-    embedder = create_embedder(source_settings)
     with _refusals():
+        embedder = create_embedder(source_settings)
         convert_from = getattr(embedder, "convert_from", None)
         src = open_store(
             source_settings, model_id=embedder.model_id, dim=embedder.dim, convert_from=convert_from
@@ -249,7 +290,7 @@ def migrate(
         dst.close()
 
 
-@main.command()
+@main.command(short_help="Convert the stored vectors of --data to this release's model.")
 @data_option
 @click.option(
     "--backup",
@@ -284,7 +325,8 @@ def upgrade(data: Path | None, backup_dest: Path | None, batch: int) -> None:
             "see docs/scale.md for moving to a new collection"
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    embedder = create_embedder(settings)
+    with _refusals():
+        embedder = create_embedder(settings)
     convert_from = getattr(embedder, "convert_from", None)
     conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True)
     try:
@@ -342,7 +384,7 @@ def upgrade(data: Path | None, backup_dest: Path | None, batch: int) -> None:
     )
 
 
-@main.command()
+@main.command(short_help="Re-embed the images of --data with another model.")
 @data_option
 @click.option("--group", "groups", multiple=True, help="Only this group (repeatable); default every group.")
 @click.option("--access-key", "access_keys", multiple=True, help="Only this key's groups (repeatable).")
@@ -415,7 +457,8 @@ def reembed(
         if not selected:
             raise click.ClickException(f"no such group in {settings.data}")
     keys.close()
-    embedder = create_embedder(settings)
+    with _refusals():
+        embedder = create_embedder(settings)
     fetcher = Fetcher(settings)
     budget = PixelBudget(settings.decode_max_pixels, settings.decode_wait_s)
 
@@ -484,7 +527,7 @@ def reembed(
         )
 
 
-@main.command()
+@main.command(short_help="Recompute the automatic tags of GROUP from stored URIs.")
 @data_option
 @click.argument("group")
 @click.option("--access-key", "access_keys", multiple=True, help="Only this key's group (repeatable).")
@@ -522,7 +565,7 @@ def retag(data: Path | None, group: str, access_keys: tuple[str, ...]) -> None:
         service.close()
 
 
-@main.command()
+@main.command(short_help="Make the missing thumbnails of GROUP from stored URIs.")
 @data_option
 @click.argument("group")
 @click.option("--access-key", "access_keys", multiple=True, help="Only this key's group (repeatable).")

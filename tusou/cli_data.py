@@ -37,7 +37,8 @@ server_option = click.option(
     envvar="TUSOU_SERVER",
     default=DEFAULT_SERVER,
     show_default=True,
-    help="The tusou (or Qiniu-compatible) server (env TUSOU_SERVER).",
+    help="The tusou (or Qiniu-compatible) server (env TUSOU_SERVER). The access key is read from the "
+    "environment only: TUSOU_ACCESS_KEY and TUSOU_SECRET_KEY.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
@@ -209,7 +210,7 @@ def import_(
     _transfer(client, group, items(), f"import {group}", batch_size, concurrency, failures_path, as_json)
 
 
-@click.command("copy")
+@click.command("copy", short_help="Copy a group from another (Qiniu or tusou) server.")
 @click.argument("src_group")
 @click.argument("dst_group", required=False)
 @click.option(
@@ -339,7 +340,7 @@ def _cell(value: Any, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-@click.command("search")
+@click.command("search", short_help="Search GROUP with an image file or URL.")
 @click.argument("group")
 @click.argument("image")
 @server_option
@@ -369,7 +370,7 @@ def search(group: str, image: str, server: str, limit: int, threshold: float | N
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
-@click.command("backup")
+@click.command("backup", short_help="Back up --data into a new folder (safe while serving).")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--data",
@@ -410,7 +411,7 @@ def backup(dest: Path, data: Path | None, as_json: bool) -> None:
         )
 
 
-@click.command("restore")
+@click.command("restore", short_help="Verify a backup and restore it into a new folder.")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--data",

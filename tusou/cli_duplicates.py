@@ -13,7 +13,7 @@ from tusou.cli_data import _client, _fail, json_option, server_option
 from tusou.client import TusouError
 
 
-@click.command("duplicates")
+@click.command("duplicates", short_help="List clusters of near-duplicates in GROUP.")
 @click.argument("group")
 @server_option
 @click.option("--threshold", type=float, default=None, help="Least score of a pair (0..1; default 0.85).")
