@@ -10,7 +10,7 @@ threads calling one shared embedder concurrently, as the server's request thread
 "one view" is the raw pipeline (``Embedder.features`` + post-processing); "index" is ``embed_images``
 with whatever views views.py indexes (currently the image and its 64 px copy: two forward passes).
 
-Images: 640 px JPEGs made from the photos in DIR (default: /root/.cache/tusou-eval/out when it exists),
+Images: 640 px JPEGs made from the photos in DIR (default: ~/.cache/tusou-eval/out when it exists),
 else deterministic synthetic photo-like images.
 """
 
@@ -37,7 +37,7 @@ from tusou.embed import score as _score  # noqa: E402
 from tusou.embed import views as _views  # noqa: E402
 from tusou.embed.onnx_model import OnnxEncoder  # noqa: E402
 
-DEFAULT_PHOTOS = Path("/root/.cache/tusou-eval/out")
+DEFAULT_PHOTOS = Path.home() / ".cache" / "tusou-eval" / "out"
 
 
 def synthetic_jpegs(n: int, side: int = 640) -> list[bytes]:
