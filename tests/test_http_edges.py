@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -167,3 +168,46 @@ def test_form_fields_that_are_not_utf8_are_refused_not_mangled(tusou: Tusou, cli
         timeout=60,
     )
     assert resp.status_code == 200 and resp.json()["label"] == "中文", resp.text
+
+
+def test_one_key_cannot_take_every_thread_of_the_shared_pool(tusou: Tusou) -> None:
+    # Requests that are not image work (delete, list, info, image, update, remove, thumbs, and the parsing of
+    # every body) run on one thread pool shared by all tenants (anyio's: 40 threads). One key's 45 deletes
+    # of 100,000 ids each held another key's `info` for 23 s. Here the store blocks every delete until
+    # released, so without a per-key share the other key's request could not run at all.
+    attacker, other = tusou.client("attacker"), tusou.client("other")
+    assert attacker.post("/v1/image/group/a/new", {"data": []}).status_code == 200
+    assert other.post("/v1/image/group/b/new", {"data": []}).status_code == 200
+    release = threading.Event()
+    store_delete = tusou.store.delete_images
+
+    def blocking(tenant: str, group: str, ids: Sequence[str]) -> int:
+        release.wait(120)
+        return store_delete(tenant, group, ids)
+
+    tusou.store.delete_images = blocking  # type: ignore[method-assign]
+    statuses: list[int] = []
+
+    def delete() -> None:
+        statuses.append(
+            QiniuClient(attacker.base, attacker.access_key, attacker.secret_key)
+            .post("/v1/image/group/a/delete", {"images": ["x"]})
+            .status_code
+        )
+
+    threads = [threading.Thread(target=delete) for _ in range(48)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(1)  # let them all arrive (if some have not, the check below is only easier)
+        try:
+            answer = other.session.get(other.base + "/v1/image/group/b/info", auth=other.auth, timeout=20)
+        except requests.Timeout:
+            pytest.fail("another key's info waited behind one key's deletes")
+        assert answer.json() == {"count": 0}
+        assert not statuses  # the deletes were all still held
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(60)
+    assert statuses == [200] * 48
