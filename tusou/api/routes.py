@@ -24,6 +24,7 @@ from tusou.api.guard import TenantSlots, read_signed_body
 from tusou.api.limits import TOO_MANY_REQUESTS, RateLimiter
 from tusou.config import Settings
 from tusou.errors import AuthError, QiniuError, RateLimited
+from tusou.images import CODES
 from tusou.service import Service
 from tusou.store.keys import KeyStore
 
@@ -119,11 +120,16 @@ def json_body(body: bytes) -> Response:
 
 # --- OpenAPI helpers ------------------------------------------------------------------------------------
 SECURITY: list[dict[str, list[str]]] = [{"QiniuMac": []}]
+# What any signed request may answer: a bad request, a bad token, a stale X-Qiniu-Date, a body over the
+# limit, the rate limit, a server still starting.
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": schemas.ErrorResponse},
-    401: {"model": schemas.ErrorResponse},
+    status: {"model": schemas.ErrorResponse} for status in (400, 401, 403, 413, 429, 503)
 }
-SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {406: {"model": schemas.ErrorResponse}, **ERRORS}
+# A search also answers 406 for its params, and a query image's failure with that image's code.
+SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    **{status: {"model": schemas.ErrorResponse} for status in sorted({406, *CODES.values()})},
+}
 
 
 def ok(model: type) -> dict[int | str, dict[str, Any]]:
