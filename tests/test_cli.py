@@ -141,21 +141,34 @@ def serve_fails(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
 
 def test_bad_settings_stop_serve_with_one_line_and_no_key(tmp_path: Path) -> None:
     """A setting that cannot work is named in one line, before any key is printed or "serving" said."""
-    cases = {
-        "TUSOU_MODEL": ("bogus", "unknown model 'bogus'"),
-        "TUSOU_ONNX_PATH": (str(tmp_path / "none.onnx"), "none.onnx is not a file"),
-        "TUSOU_MODEL_INPUT_SIZE": ("100", "invalid setting TUSOU_MODEL_INPUT_SIZE='100'"),
-        "TUSOU_FETCH_ALLOW": ("images.intranet", "invalid setting TUSOU_FETCH_ALLOW: not a JSON list"),
-        "TUSOU_RATE_LIMIT_PER_S": ("fast", "invalid setting TUSOU_RATE_LIMIT_PER_S='fast'"),
-    }
-    for name, (value, said) in cases.items():
-        extra = {name: value, **({"TUSOU_MODEL": "onnx"} if name == "TUSOU_ONNX_PATH" else {})}
-        proc = serve_fails(tmp_path, **extra)
-        assert proc.returncode == 1, (name, proc.stdout, proc.stderr)
-        assert proc.stdout == "", name  # no access key was printed
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{closed.getsockname()[1]}"  # nothing listens there once closed
+    cases = [
+        ({"TUSOU_MODEL": "bogus"}, "unknown model 'bogus'"),
+        ({"TUSOU_MODEL": "onnx", "TUSOU_ONNX_PATH": str(tmp_path / "none.onnx")}, "none.onnx is not a file"),
+        ({"TUSOU_MODEL_INPUT_SIZE": "100"}, "invalid setting TUSOU_MODEL_INPUT_SIZE='100'"),
+        ({"TUSOU_FETCH_ALLOW": "images.intranet"}, "invalid setting TUSOU_FETCH_ALLOW: not a JSON list"),
+        ({"TUSOU_RATE_LIMIT_PER_S": "fast"}, "invalid setting TUSOU_RATE_LIMIT_PER_S='fast'"),
+        ({"TUSOU_STORE": "milvus", "TUSOU_MILVUS_URI": nobody}, "Milvus: "),
+    ]
+    for env, said in cases:
+        proc = serve_fails(tmp_path, **env)
+        assert proc.returncode == 1, (env, proc.stdout, proc.stderr)
+        assert proc.stdout == "", env  # no access key was printed
         errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
-        assert len(errors) == 1 and said in errors[0], (name, proc.stderr)
-        assert "Traceback" not in proc.stderr and "serving" not in proc.stderr, (name, proc.stderr)
+        assert len(errors) == 1 and said in errors[0], (env, proc.stderr)
+        assert "Traceback" not in proc.stderr and "serving" not in proc.stderr, (env, proc.stderr)
     # The next start with good settings prints the first key, as the README says.
     keys = KeyStore(tmp_path / "data" / "keys.db") if (tmp_path / "data" / "keys.db").exists() else None
     assert keys is None or keys.active_count() == 0
+
+
+def test_duplicates_page_out_of_range_names_the_option() -> None:
+    """--page 0 was sent as it was and came back as the server's "invalid limit", an option the command
+    does not have."""
+    for page in ("0", "1001"):
+        result = CliRunner().invoke(
+            main, ["duplicates", "g", "--page", page, "--server", "http://127.0.0.1:9"]
+        )
+        assert result.exit_code == 2 and "'--page'" in result.output and "1<=x<=1000" in result.output

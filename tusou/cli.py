@@ -79,13 +79,24 @@ def _refusals() -> Iterator[None]:
     """A data folder or collection this release cannot use as it is (another model's vectors): one line
     naming the way out (`tusou upgrade`, `tusou reembed`), not a traceback. Likewise a model the settings
     name that cannot be loaded (an unknown name, TUSOU_MODEL=onnx without TUSOU_ONNX_PATH, ...): the
-    model and store factories raise ValueError for those."""
+    model and store factories raise ValueError for those. And a Milvus store that cannot be used: pymilvus
+    not installed, or the server not answering."""
     from tusou.store.base import ModelMismatch
 
     try:
         yield
     except (ModelMismatch, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    except ModuleNotFoundError as exc:
+        if exc.name != "pymilvus":
+            raise
+        raise click.ClickException(
+            "TUSOU_STORE=milvus needs pymilvus: pip install '/path/to/tusou[milvus]' (docs/scale.md)"
+        ) from None
+    except Exception as exc:
+        if not type(exc).__module__.startswith("pymilvus"):
+            raise
+        raise click.ClickException(f"Milvus: {getattr(exc, 'message', None) or exc}") from None
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:
@@ -126,7 +137,7 @@ def main() -> None:
     """
 
 
-@main.command()
+@main.command(short_help="Start the HTTP server.")
 @data_option
 @click.option("--host", default=None, help="Address to listen on (env TUSOU_HOST; default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (env TUSOU_PORT; default 8000).")
@@ -136,7 +147,7 @@ def main() -> None:
     help="lite0, lite1, lite2, onnx or clip (env TUSOU_MODEL; default lite0).",
 )
 def serve(data: Path | None, host: str | None, port: int | None, model: str | None) -> None:
-    """Start the HTTP server on the embedded store.
+    """Start the HTTP server (on the embedded store, or on Milvus with TUSOU_STORE=milvus: docs/scale.md).
 
     On a first start with no access key, one is created and printed so that the API can be called at once.
     """

@@ -18,7 +18,12 @@ from tusou.client import TusouError
 @server_option
 @click.option("--threshold", type=float, default=None, help="Least score of a pair (0..1; default 0.85).")
 @click.option(
-    "--page", "page_size", default=200, show_default=True, help="Images scanned per request (1-1000)."
+    "--page",
+    "page_size",
+    type=click.IntRange(1, 1000),
+    default=200,
+    show_default=True,
+    help="Images scanned per request.",
 )
 @json_option
 def duplicates(group: str, server: str, threshold: float | None, page_size: int, as_json: bool) -> None:
