@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from tests.conftest import QiniuClient, Tusou, data_uri, jpeg
 from tusou.api.auth import sign_qiniu
 from tusou.config import Settings
 from tusou.embed.base import Embedder
+from tusou.fetch import Fetcher
 
 IMAGE_ROUTE = "/v1/image/group/{group_id}/image"
 
@@ -270,3 +272,59 @@ def test_the_openapi_document_lists_the_statuses_the_server_answers(
             assert [send(client, op, body) for _ in range(4)][-1] == 429, op.label
     finally:
         running.close()
+
+
+class OneRequestPerConnection:
+    """An image server that answers one request per connection without saying ``Connection: close``, and
+    hangs up when a second request arrives on it: what any server does that drops an idle keep-alive
+    connection at the moment the client reuses it (Apache's 5 s KeepAliveTimeout against the fetcher's 5 s
+    keep-alive expiry, a CDN edge recycling connections)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.body = body
+        self.answered = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            seen = b""
+            while b"\r\n\r\n" not in seen:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                seen += chunk
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(
+                self.body
+            )
+            conn.sendall(head + self.body)
+            self.answered += 1
+            conn.recv(65536)  # the next request on this connection: hang up on it, unanswered
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_keep_alive_connection_the_server_dropped_is_not_a_failed_image(tmp_path: Path) -> None:
+    # Each fetch after the first went out on the kept-alive connection, the server hung up, and the image
+    # failed with 502 "fetch failed: connection error". A GET that got no answer on a reused connection
+    # is sent again, once, on a new one (as urllib3 does).
+    image = jpeg(imagegen.scene(8, (64, 48)))
+    server = OneRequestPerConnection(image)
+    try:
+        with Fetcher(Settings(data=tmp_path / "data", fetch_allow=["127.0.0.1"])) as fetcher:
+            for _ in range(3):
+                assert fetcher.fetch(f"http://127.0.0.1:{server.port}/a.jpg") == image
+    finally:
+        server.close()
+    assert server.answered == 3

@@ -213,6 +213,8 @@ class _GuardedTransport(httpx.HTTPTransport):
 
 
 _REDIRECTS = {301, 302, 303, 307, 308}
+# How a request fails when the server closed its connection before answering it.
+_NO_ANSWER = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 
 
 class Fetcher:
@@ -285,7 +287,12 @@ class Fetcher:
             left = _bounded(self._settings.fetch_timeout_s, httpx.PoolTimeout)
             timeout = httpx.Timeout(left, connect=min(self._settings.fetch_connect_timeout_s, left or 0.0))
             request = self._client.build_request("GET", url, timeout=timeout)
-            response = self._client.send(request, stream=True)
+            try:
+                response = self._client.send(request, stream=True)
+            except _NO_ANSWER:
+                # The kept-alive connection this went out on was dropped by the server as it arrived (its
+                # keep-alive timeout ran out): no answer came, so the GET goes again, once, on a new one.
+                response = self._client.send(request, stream=True)
             try:
                 location = response.headers.get("location")
                 if response.status_code in _REDIRECTS and location:
