@@ -268,3 +268,23 @@ def test_copy_between_servers(
             assert dst.count("moved") == len(ids)
     finally:
         destination.close()
+
+
+def test_no_server_says_it_is_still_trying(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused connection is tried again for a while (a restarting server); the command says so at once
+    instead of waiting silently, and then fails with the error."""
+    import tusou.cli_data
+    from tests.conftest import free_port
+
+    class Quick(Client):  # the command's own retries, with waits of milliseconds
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, backoff_s=0.001, max_backoff_s=0.002, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tusou.cli_data, "Client", Quick)
+    env = {"TUSOU_ACCESS_KEY": "ak", "TUSOU_SECRET_KEY": "sk"}
+    url = f"http://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(main, ["groups", "--server", url], env=env)
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"cannot connect to {url}") and "trying again" in lines[0]
+    assert lines[1].startswith(f"error: cannot connect to {url}")

@@ -149,9 +149,11 @@ def test_retry_after_is_honoured() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        with Client(url, "ak", "sk", backoff_s=0.01) as api:
+        retried: list[tuple[str, float]] = []
+        with Client(url, "ak", "sk", backoff_s=0.01, on_retry=lambda *why: retried.append(why)) as api:
             assert api.list_groups() == ["x"]
         assert len(Flaky.seen) == 2 and Flaky.seen[1] - Flaky.seen[0] >= 0.95
+        assert retried == [("503 Service Unavailable", 1.0)]
     finally:
         server.shutdown()
         server.server_close()
@@ -160,10 +162,13 @@ def test_retry_after_is_honoured() -> None:
 def test_unreachable_server_is_one_error() -> None:
     from tests.conftest import free_port
 
-    with Client(f"http://127.0.0.1:{free_port()}", "ak", "sk", retries=1, backoff_s=0.01) as api:
+    retried: list[tuple[str, float]] = []
+    url = f"http://127.0.0.1:{free_port()}"
+    with Client(url, "ak", "sk", retries=1, backoff_s=0.01, on_retry=lambda *why: retried.append(why)) as api:
         with pytest.raises(TusouError) as err:
             api.list_groups()
         assert err.value.status == 0 and "cannot connect" in err.value.message
+        assert [why for why, _ in retried] == [err.value.message]  # one retry, then the same failure
         for unsigned in (api.health, api.metrics):
             with pytest.raises(TusouError) as err:
                 unsigned()

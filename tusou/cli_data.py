@@ -48,10 +48,21 @@ def _client(server: str, prefix: str = "TUSOU") -> Client:
     secret_key = os.environ.get(f"{prefix}_SECRET_KEY")
     if not access_key or not secret_key:
         raise click.UsageError(f"set {prefix}_ACCESS_KEY and {prefix}_SECRET_KEY in the environment")
+    said: list[str] = []
+
+    def on_retry(why: str, wait_s: float) -> None:
+        # The client tries a refused connection again for a while (a server restarting): say so once,
+        # or a command run with no server up would wait silently.
+        if why.startswith("cannot connect") and not said:
+            said.append(why)
+            click.echo(f"{why}; trying again for up to {patience_s:.0f} s (is the server running?)", err=True)
+
     try:
-        return Client(server, access_key, secret_key)
+        client = Client(server, access_key, secret_key, on_retry=on_retry)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    patience_s = sum(min(client.backoff_s * 2**n, client.max_backoff_s) for n in range(client.retries))
+    return client
 
 
 def _fail(exc: TusouError) -> NoReturn:

@@ -158,7 +158,8 @@ class Client:
 
     ``retries`` is how many times a 429/503 answer or a refused connection is tried again; the wait doubles
     from ``backoff_s`` up to ``max_backoff_s`` (with jitter), or is what the server's ``Retry-After`` asks
-    (capped at ``max_backoff_s``).
+    (capped at ``max_backoff_s``). ``on_retry(why, wait_s)``, if given, is called before each wait (the
+    ``tusou`` command uses it to say that it is still trying).
     """
 
     def __init__(
@@ -172,6 +173,7 @@ class Client:
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        on_retry: Callable[[str, float], None] | None = None,
     ) -> None:
         self.server = server.rstrip("/")
         if not self.server.startswith(("http://", "https://")):
@@ -181,6 +183,7 @@ class Client:
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.on_retry = on_retry
         self._http = httpx.Client(timeout=timeout, transport=transport, follow_redirects=False)
 
     def __repr__(self) -> str:  # never the secret
@@ -234,15 +237,19 @@ class Client:
                 response = self._http.request(method, url, content=raw or None, headers=signed)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 # Nothing reached the server: safe to send again whatever the method.
+                why = f"cannot connect to {self.server}: {exc}"
                 if attempt >= self.retries:
-                    raise TusouError(0, f"cannot connect to {self.server}: {exc}") from exc
+                    raise TusouError(0, why) from exc
             except httpx.HTTPError as exc:
                 raise TusouError(0, f"{type(exc).__name__}: {exc}") from exc
-            if response is not None and (
-                response.status_code not in RETRY_STATUSES or attempt >= self.retries
-            ):
-                return self._answer(response)
-            time.sleep(self._wait_s(attempt, response))
+            if response is not None:
+                if response.status_code not in RETRY_STATUSES or attempt >= self.retries:
+                    return self._answer(response)
+                why = f"{response.status_code} {response.reason_phrase}"
+            wait_s = self._wait_s(attempt, response)
+            if self.on_retry is not None:
+                self.on_retry(why, wait_s)
+            time.sleep(wait_s)
             attempt += 1
 
     @staticmethod
