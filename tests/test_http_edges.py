@@ -19,10 +19,13 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
+import uvicorn
 from schemathesis import checks as st_checks
 
 from tests import imagegen
-from tests.conftest import QiniuClient, Tusou, data_uri, jpeg
+from tests.conftest import QiniuClient, Tusou, data_uri, free_port, jpeg
+from tusou.api import guard
+from tusou.api.app import create_app
 from tusou.api.auth import sign_qiniu
 from tusou.config import Settings
 from tusou.embed.base import Embedder
@@ -328,3 +331,54 @@ def test_a_keep_alive_connection_the_server_dropped_is_not_a_failed_image(tmp_pa
     finally:
         server.close()
     assert server.answered == 3
+
+
+def test_a_request_head_that_trickles_in_does_not_hold_a_connection(
+    tusou: Tusou, client: QiniuClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Slowloris: uvicorn waited for a request head without limit, its keep-alive timeout restarting with
+    # every byte, so a client with no key at all held a file descriptor per connection for as long as it
+    # liked. `tusou serve`'s protocol closes a connection whose head is not complete in time.
+    monkeypatch.setattr(guard, "HEAD_TIMEOUT_S", 1.0)
+    config = uvicorn.Config(
+        create_app(tusou.settings, tusou.service, tusou.keys),
+        host="127.0.0.1",
+        port=free_port(),
+        log_level="warning",
+        **guard.uvicorn_options(),
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive()
+            time.sleep(0.02)
+        port = config.port
+        with (
+            socket.create_connection(("127.0.0.1", port)) as slow,
+            socket.create_connection(("127.0.0.1", port)) as idle,
+        ):
+            slow.settimeout(0.3)
+            closed = False
+            for byte in b"GET /v1/image/group HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+                try:
+                    slow.sendall(bytes([byte]))
+                    closed = slow.recv(1) == b""
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed = True
+                if closed:
+                    break
+            assert closed, "a trickled request head held its connection"
+            idle.settimeout(30)
+            assert idle.recv(1) == b"", "a connection that never sent a byte was kept"
+        # A request that is answered in time is unaffected, and its connection serves the next one.
+        with requests.Session() as session:
+            for _ in range(2):
+                resp = session.get(f"http://127.0.0.1:{port}/v1/image/group", auth=client.auth, timeout=30)
+                assert resp.json()["result"] == []
+    finally:
+        server.should_exit = True
+        thread.join(10)

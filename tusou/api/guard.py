@@ -19,11 +19,13 @@
   path, a bad Content-Length) itself, before the app, with no ``X-Reqid``; the Qiniu SDK treats such a
   response as a failed connection. This subclass of uvicorn's h11 protocol adds the header, and answers
   a request line uvicorn cannot decode (non-ASCII bytes in the target) with the same 400 instead of
-  dropping the connection. ``tusou serve`` runs uvicorn with it.
+  dropping the connection. It also closes a connection that has not sent a whole request head within
+  ``HEAD_TIMEOUT_S`` (slowloris). ``tusou serve`` runs uvicorn with it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import tempfile
@@ -42,6 +44,8 @@ from tusou.config import Settings
 from tusou.errors import AuthError, QiniuError
 from tusou.files import private_dir
 
+# How long a connection may take to send a whole request head (ReqidH11Protocol).
+HEAD_TIMEOUT_S = 30.0
 # Body bytes handed to the hashing thread at once: big enough that hashlib releases the GIL and thread
 # hops are few, small enough to bound what is held per connection.
 _HASH_STEP = 1 << 20
@@ -190,6 +194,40 @@ class PathGuard:
 
 
 class ReqidH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, with an ``X-Reqid`` on its own 400s and a deadline for each request's head.
+
+    uvicorn waits without limit for a request line and headers, and its keep-alive timeout restarts with
+    every byte: a client needing no key held a connection (a file descriptor) for as long as it sent a byte
+    now and then, and enough such clients use up the process's descriptors (slowloris). A connection that
+    has not sent a whole request head within ``HEAD_TIMEOUT_S`` of opening, or of its previous answer, is
+    closed."""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._arm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+        self._head_deadline = self.loop.call_later(HEAD_TIMEOUT_S, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        self._head_deadline = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a request is in hand: its head came in time (armed again when it is answered)
+        if not self.transport.is_closing():
+            self.transport.close()
+
     def send_400_response(self, msg: str) -> None:
         import h11
 
