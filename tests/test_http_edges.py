@@ -30,6 +30,7 @@ from tusou.api.auth import sign_qiniu
 from tusou.config import Settings
 from tusou.embed.base import Embedder
 from tusou.fetch import Fetcher
+from tusou.images import ImageError
 
 IMAGE_ROUTE = "/v1/image/group/{group_id}/image"
 
@@ -382,3 +383,35 @@ def test_a_request_head_that_trickles_in_does_not_hold_a_connection(
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_names_that_never_resolve_do_not_hold_up_other_downloads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fetch stops waiting for a name lookup at its deadline, but the lookup itself runs on until the
+    # resolver gives up (glibc: 5 s x 2 tries x up to 3 name servers). They ran on a shared pool of 8
+    # threads: one key's URLs on a domain whose name server never answers (anyone can register one) kept
+    # all 8 busy, and every other key's downloads failed with "timeout resolving host". Here such lookups
+    # never end while the test runs.
+    image = jpeg(imagegen.scene(9, (64, 48)))
+    server = OneRequestPerConnection(image)
+    never = threading.Event()
+    real = socket.getaddrinfo
+
+    def resolver(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host.endswith(".never.test"):
+            never.wait(120)
+            raise socket.gaierror("no answer")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    settings = Settings(data=tmp_path / "data", fetch_allow=["127.0.0.1", "localhost"], fetch_timeout_s=0.5)
+    try:
+        with Fetcher(settings) as fetcher:
+            for i in range(9):  # more than the old pool's 8 threads
+                with pytest.raises(ImageError, match="timeout resolving host"):
+                    fetcher.fetch(f"http://n{i}.never.test/a.jpg")
+            assert fetcher.fetch(f"http://localhost:{server.port}/a.jpg") == image
+    finally:
+        never.set()
+        server.close()

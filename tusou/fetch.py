@@ -15,7 +15,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
@@ -34,8 +34,30 @@ log = logging.getLogger(__name__)
 # server trickling a byte per second never trips a 10 s read timeout); our network streams read this and
 # shrink every socket timeout to what is left, so the whole fetch ends at fetch_timeout_s.
 _local = threading.local()
-# Name lookups run here so that a fetch can stop waiting for one at its deadline (see _Guard.resolve).
-_DNS_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tusou-dns")
+
+
+def _lookup(name: str, port: int, timeout: float | None) -> list[Any]:
+    """``socket.getaddrinfo`` on a thread of its own, waited for at most ``timeout`` (then FutureTimeout).
+
+    getaddrinfo has no timeout of its own, and a lookup the fetch stops waiting for runs on until the
+    resolver gives up (glibc: 5 s x 2 tries x up to 3 name servers). On a shared pool of 8 threads, one
+    tenant's URLs on a domain whose name server never answers kept every thread busy and everybody's
+    downloads failed with "timeout resolving host". Here a lookup left behind holds only its own thread;
+    each download slot leaves at most one behind per fetch deadline, so they stay few (16 slots, 10 s,
+    a 30 s resolver: at most ~48 threads).
+    """
+    answer: Future[list[Any]] = Future()
+
+    def run() -> None:
+        try:
+            answer.set_result(
+                socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+            )
+        except BaseException as exc:  # handed to the waiting fetch, which judges it
+            answer.set_exception(exc)
+
+    threading.Thread(target=run, name="tusou-dns", daemon=True).start()
+    return answer.result(timeout=timeout)
 
 
 def _bounded(timeout: float | None, exc: type[Exception]) -> float | None:
@@ -106,11 +128,8 @@ class _Guard:
         # aside and wait only for what is left of the fetch's deadline.
         deadline: float | None = getattr(_local, "deadline", None)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        lookup = _DNS_POOL.submit(
-            socket.getaddrinfo, name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-        )
         try:
-            infos = lookup.result(timeout=left)
+            infos = _lookup(name, port, left)
         except FutureTimeout as exc:
             raise ImageError("fetch_timeout", f"fetch failed: timeout resolving host {name}") from exc
         except (OSError, UnicodeError) as exc:
