@@ -172,3 +172,11 @@ def test_duplicates_page_out_of_range_names_the_option() -> None:
             main, ["duplicates", "g", "--page", page, "--server", "http://127.0.0.1:9"]
         )
         assert result.exit_code == 2 and "'--page'" in result.output and "1<=x<=1000" in result.output
+
+
+def test_backup_names_a_bad_setting(tmp_path: Path) -> None:
+    """backup reads TUSOU_DATA through the same settings as the other commands: a malformed variable is one
+    line, not a traceback."""
+    result = CliRunner().invoke(main, ["backup", str(tmp_path / "b")], env={"TUSOU_PORT": "abc"})
+    assert result.exit_code == 1 and "invalid setting TUSOU_PORT='abc'" in result.output, result.output
+    assert not (tmp_path / "b").exists()

@@ -398,9 +398,9 @@ def backup(dest: Path, data: Path | None, as_json: bool) -> None:
     """
     from tusou.backup import BackupError
     from tusou.backup import backup as take_backup
-    from tusou.config import Settings
+    from tusou.cli import _settings  # here: tusou.cli imports this module
 
-    folder = data if data is not None else Settings().data
+    folder = data if data is not None else _settings().data
     try:
         result = take_backup(folder, dest)
     except BackupError as exc:
