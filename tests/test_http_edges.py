@@ -415,3 +415,34 @@ def test_names_that_never_resolve_do_not_hold_up_other_downloads(
     finally:
         never.set()
         server.close()
+
+
+def test_a_body_that_trickles_in_is_cut_off(
+    tusou: Tusou, client: QiniuClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After its head, a request's body came at whatever pace the client chose: a known access key (keys
+    # are not secrets: every client sends its own) holding many connections open with a byte now and then
+    # was never cut off. Past a grace period the body must keep a minimum average rate (1 KB/s; here the
+    # grace is cut to 1 s).
+    monkeypatch.setattr(guard, "BODY_GRACE_S", 1.0)
+    assert client.post("/v1/image/group/g/new", {"data": []}).status_code == 200
+    body = b'{"id": "x"' + b" " * 990 + b"}"
+    head = signed_head(client, "/v1/image/group/g/image", body)
+    with socket.create_connection(("127.0.0.1", tusou.server.port)) as sock:
+        sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body))
+        sock.settimeout(0.2)
+        answer = b""
+        for byte in body:
+            try:
+                sock.sendall(bytes([byte]))
+                answer += sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if b"\r\n\r\n" in answer:
+                break
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert answer.endswith(b'{"error":"request body too slow"}'), answer[-200:]
+    # A body sent at once is read as ever.
+    assert client.post("/v1/image/group/g/image", {"id": "x"}).json() == {"error": "image x not exists"}

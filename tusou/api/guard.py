@@ -29,6 +29,7 @@ import asyncio
 import json
 import secrets
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -46,6 +47,9 @@ from tusou.files import private_dir
 
 # How long a connection may take to send a whole request head (ReqidH11Protocol).
 HEAD_TIMEOUT_S = 30.0
+# A request body may take BODY_GRACE_S, then must keep an average of BODY_MIN_RATE bytes a second.
+BODY_GRACE_S = 30.0
+BODY_MIN_RATE = 1024
 # Body bytes handed to the hashing thread at once: big enough that hashlib releases the GIL and thread
 # hops are few, small enough to bound what is held per connection.
 _HASH_STEP = 1 << 20
@@ -106,8 +110,21 @@ async def read_signed_body(request: Request, settings: Settings, secret_for: Any
 
         pending: list[bytes] = []
         held = size = 0
+        started = time.monotonic()
+        chunks = request.stream().__aiter__()
         try:
-            async for chunk in request.stream():
+            while True:
+                # Once BODY_GRACE_S have passed, the body must keep an average of BODY_MIN_RATE bytes a
+                # second: a known access key (not a secret) trickling a byte now and then held a connection
+                # and its request for as long as it liked.
+                wait = started + BODY_GRACE_S + size / BODY_MIN_RATE - time.monotonic()
+                try:
+                    with anyio.fail_after(max(0.0, wait)):
+                        chunk = await anext(chunks, b"")
+                except TimeoutError:
+                    raise QiniuError(408, "request body too slow") from None
+                if not chunk:
+                    break
                 size += len(chunk)
                 if size > limit:
                     raise QiniuError(413, "request body too large")
