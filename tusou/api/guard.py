@@ -47,6 +47,10 @@ from tusou.files import private_dir
 
 # How long a connection may take to send a whole request head (ReqidH11Protocol).
 HEAD_TIMEOUT_S = 30.0
+# Verified large bodies held in memory at once, server-wide: this many of the largest (BodyBudget), and
+# how long one waits for its share before 503.
+BODY_BUDGET_BODIES = 4
+BODY_WAIT_S = 30.0
 # A request body may take BODY_GRACE_S, then must keep an average of BODY_MIN_RATE bytes a second.
 BODY_GRACE_S = 30.0
 BODY_MIN_RATE = 1024
@@ -81,6 +85,52 @@ class TenantSlots:
             self._users[tenant] -= 1
             if not self._users[tenant]:
                 del self._users[tenant], self._limiters[tenant]
+
+
+class BodyBudget:
+    """Bytes of verified request bodies the whole server holds in memory at once (the event loop's only).
+
+    A verified body is read back whole and kept until its request ends, and an add of 1000 images takes its
+    time: without a bound, one key within its rate limit's burst (100 requests of up to 256 MB) could hold
+    25 GB. Bodies larger than ``pre_auth_body_bytes`` take their size from this budget before they are read
+    back from the spool file, waiting up to ``BODY_WAIT_S``, then 503 (clients retry); PathGuard gives it
+    back when the request ends. Smaller bodies never wait.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = max(1, total)
+        self.free = self.total
+        self._changed = anyio.Event()
+
+    async def take(self, size: int, wait_s: float) -> int:
+        need = min(max(0, size), self.total)
+        with anyio.move_on_after(wait_s):
+            while self.free < need:
+                await self._changed.wait()
+            self.free -= need
+            return need
+        raise QiniuError(503, "server busy: too many large requests, retry later")
+
+    def give(self, size: int) -> None:
+        self.free += size
+        self._changed.set()
+        self._changed = anyio.Event()
+
+
+async def _hold_body(request: Request, settings: Settings, size: int) -> None:
+    """Take ``size`` bytes of the app's BodyBudget for this request (given back by PathGuard)."""
+    state = request.app.state
+    if getattr(state, "body_budget", None) is None:  # made on first use, inside the event loop
+        state.body_budget = BodyBudget(BODY_BUDGET_BODIES * settings.max_body_bytes)
+    budget: BodyBudget = state.body_budget
+    taken = await budget.take(size, BODY_WAIT_S)
+    request.scope.setdefault("state", {})["body_held"] = (budget, taken)
+
+
+def _give_body(scope: Scope) -> None:
+    held = scope.get("state", {}).pop("body_held", None)
+    if held is not None:
+        held[0].give(held[1])
 
 
 async def read_signed_body(request: Request, settings: Settings, secret_for: Any) -> tuple[str, bytes]:
@@ -141,13 +191,17 @@ async def read_signed_body(request: Request, settings: Settings, secret_for: Any
             await anyio.to_thread.run_sync(take, b"".join(pending))
         small = size <= settings.pre_auth_body_bytes
 
-        def check() -> tuple[bool, bytes]:
+        def check() -> tuple[bool, bytes | None]:
             spool.seek(0)
             body = spool.read() if small else None
-            covered = verifier.finish(size, body, max_skew_s=settings.max_date_skew_s)
-            return covered, body if body is not None else spool.read()
+            return verifier.finish(size, body, max_skew_s=settings.max_date_skew_s), body
 
-        covered, body = await anyio.to_thread.run_sync(check)
+        covered, kept = await anyio.to_thread.run_sync(check)
+        if kept is None:  # a large body, verified: read back into memory under the server's budget
+            await _hold_body(request, settings, size)
+            spool.seek(0)
+            kept = await anyio.to_thread.run_sync(spool.read)
+        body = kept
     finally:
         spool.close()
     if size and not covered and verifier.scheme == "Qiniu":
@@ -207,7 +261,10 @@ class PathGuard:
                 message["headers"] = headers
             await send(message)
 
-        await self.app(scope, receive, send_nosniff)
+        try:
+            await self.app(scope, receive, send_nosniff)
+        finally:
+            _give_body(scope)  # a large body's share of the BodyBudget, once its request has ended
 
 
 class ReqidH11Protocol(H11Protocol):
