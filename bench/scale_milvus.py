@@ -465,3 +465,10 @@ def print_table(r: dict) -> None:
         f"| load average (1 min): in-process / HTTP by id / HTTP JPEG | {r['inproc_load'][0]:.1f} / "
         f"{r['http_id_load'][0]:.1f} / {r['http_jpeg_load'][0]:.1f} |"
     )
+
+
+if __name__ == "__main__":
+    sys.exit(
+        "bench/scale_milvus.py is the Milvus half of bench/scale.py: "
+        "run python bench/scale.py --store milvus (its --help lists the options)"
+    )

@@ -307,7 +307,14 @@ def test_reembed_of_the_legacy_folder_with_another_model_and_a_failing_uri(tmp_p
         assert second.returncode == 0, second.stderr
         summary = json.loads(second.stdout.strip().splitlines()[-1])
         assert summary == {**summary, "earlier": 6, "embedded": 0, "dropped": 6, "switched": True}
+        assert summary["current"] is False
         assert stored_model(data) != EXPECTED["model"]
+        # Once more: the folder is current, and the command says so instead of a bare "switched": false.
+        again = tusou(data, "reembed", "--failures", str(failures), env=env)
+        assert again.returncode == 0, again.stderr
+        summary = json.loads(again.stdout.strip().splitlines()[-1])
+        assert summary == {**summary, "embedded": 0, "switched": False, "current": True}
+        assert "nothing to re-embed" in again.stderr
         server = serve(data, env)
         try:
             check_answers(server.url, dropped=frozenset(listed))

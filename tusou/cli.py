@@ -518,10 +518,13 @@ def reembed(
                 "dropped": result.dropped,
                 "remaining": result.remaining,
                 "switched": result.switched,
+                "current": result.current,
                 **({"failures": str(failures)} if result.failed else {}),
             }
         )
     )
+    if result.current:
+        click.echo(f"nothing to re-embed: the folder already holds {result.target}'s vectors", err=True)
     if result.failed and not result.dropped:
         click.echo(
             f"{len(result.failed)} images could not be re-embedded (listed with the reason in {failures}); "

@@ -85,6 +85,7 @@ class ReembedResult:
     remaining: int = 0  # images of the folder still without a new vector after this run
     switched: bool = False
     dropped: int = 0
+    current: bool = False  # the folder already held the target's vectors: nothing was done
 
 
 #: ``progress(done, total, failed)`` after each batch, over the images this run looks at.
@@ -136,7 +137,8 @@ def reembed(
             if "reembed_to" in meta:  # left over from a run the folder no longer needs
                 with transaction(conn):
                     forget_reembedding(conn)
-            return result  # nothing to re-embed: the folder holds this model's vectors
+            result.current = True  # nothing to re-embed: the folder holds this model's vectors
+            return result
         conn.executescript(SCHEMA)
         with transaction(conn):
             if meta.get("reembed_to") not in (None, target):
