@@ -11,6 +11,7 @@ thumbnail (the page then shows the image's URL, or nothing) but never a thumbnai
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sqlite3
 import threading
@@ -18,6 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image
+
+from tusou.errors import StoreError
+from tusou.store.sqlite import disk_errors
+
+log = logging.getLogger(__name__)
 
 MAX_SIDE = 128
 MAX_BYTES = 16 * 1024
@@ -57,18 +63,26 @@ class ThumbStore:
     def _many(self, sql: str, rows: list[tuple[str | bytes, ...]]) -> None:
         if not rows:
             return
-        with self._lock:
+        with self._lock, disk_errors(self.path):
             self._conn.execute("BEGIN")
             try:
                 self._conn.executemany(sql, rows)
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # Also after a failed COMMIT (a full disk): left open, the transaction would refuse every
+                # later BEGIN of this connection.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     def put(self, tenant: str, group: str, thumbs: Iterable[tuple[str, bytes]]) -> None:
+        """Called once the images are stored: a disk that refuses the pictures leaves them without one
+        (logged), and the request that stored them still succeeds."""
         rows = [(tenant, group, image_id, jpeg) for image_id, jpeg in thumbs]
-        self._many("INSERT OR REPLACE INTO thumbs VALUES (?, ?, ?, ?)", rows)  # type: ignore[arg-type]
+        try:
+            self._many("INSERT OR REPLACE INTO thumbs VALUES (?, ?, ?, ?)", rows)  # type: ignore[arg-type]
+        except StoreError as exc:
+            log.warning("%s: %d pictures not kept (%s)", self.path, len(rows), exc.message)
 
     def get(self, tenant: str, group: str, ids: Iterable[str]) -> dict[str, bytes]:
         wanted = list(dict.fromkeys(ids))
@@ -89,7 +103,7 @@ class ThumbStore:
         self._many("DELETE FROM thumbs WHERE tenant = ? AND grp = ? AND id = ?", rows)  # type: ignore[arg-type]
 
     def drop_group(self, tenant: str, group: str) -> None:
-        with self._lock:
+        with self._lock, disk_errors(self.path):
             self._conn.execute("DELETE FROM thumbs WHERE tenant = ? AND grp = ?", (tenant, group))
 
     def count(self, tenant: str, group: str) -> int:

@@ -41,6 +41,7 @@ from tusou.store.base import (
     ModelMismatch,
     NewImage,
     Store,
+    StoreError,
     gatherer,
     load_desc,
     load_tags,
@@ -174,6 +175,23 @@ def _lock_folder(path: Path) -> int | None:
     return fd
 
 
+@contextmanager
+def disk_errors(what: Path) -> Iterator[None]:
+    """A write that the disk under ``what`` refused (full, read-only, failing) as the client's error instead
+    of an unexpected one: 507 "disk full" or 503 "storage unavailable". SQLite has rolled it back."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
+        if code == sqlite3.SQLITE_FULL:
+            log.error("%s: %s", what, exc)
+            raise StoreError("disk full", 507) from exc
+        if code in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
+            log.error("%s: %s", what, exc)
+            raise StoreError("storage unavailable", 503) from exc
+        raise
+
+
 def _dump_desc(desc: object) -> str | None:
     return None if desc is None else json.dumps(desc, ensure_ascii=False, separators=(",", ":"))
 
@@ -297,8 +315,18 @@ class SQLiteStore(Store):
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One durable write; callers hold ``_write_lock`` so post-commit cache updates stay ordered."""
-        with upgrades.transaction(self._writer) as conn:
+        with disk_errors(self.path), upgrades.transaction(self._writer) as conn:
             yield conn
+
+    def _release_pages(self) -> None:
+        """Hand freed pages back to the file system: after a committed delete, so a failure (a full disk)
+        only leaves them in the file, for the next time."""
+        try:
+            self._writer.execute("PRAGMA incremental_vacuum")
+        except sqlite3.Error as exc:
+            log.warning("%s: freed pages not released: %s", self.path, exc)
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
 
     def _upgrade_vectors(
         self,
@@ -356,10 +384,13 @@ class SQLiteStore(Store):
             self._lock_fd = None
 
     def _new_index(self, gid: int) -> VectorIndex:
-        if self.shared:
-            return VectorIndex(self.dim, self._fetch_vectors)
-        # The float32 rows for the re-rank go to a side file beside the group's snapshots.
-        return VectorIndex(self.dim, self._fetch_vectors, self.snapshot_dir, self._snapshot_name(gid))
+        if not self.shared:
+            # The float32 rows for the re-rank go to a side file beside the group's snapshots.
+            try:
+                return VectorIndex(self.dim, self._fetch_vectors, self.snapshot_dir, self._snapshot_name(gid))
+            except OSError as exc:  # after the group's commit: an index without it (re-ranked from SQLite)
+                log.error("group %d: no side file for its index: %s", gid, exc)
+        return VectorIndex(self.dim, self._fetch_vectors)
 
     def _load(self) -> None:
         conn = self._writer
@@ -604,7 +635,7 @@ class SQLiteStore(Store):
                 if not self.shared:
                     for path in snapshot_files(self.snapshot_dir, self._snapshot_name(gid)):
                         path.unlink(missing_ok=True)
-            self._writer.execute("PRAGMA incremental_vacuum")
+            self._release_pages()
 
     def delete_images(self, tenant: str, group: str, ids: Sequence[str]) -> int:
         with self._write_lock:
@@ -612,7 +643,7 @@ class SQLiteStore(Store):
             seqs = self._delete_rows(gid, ids)
             self._indexes[gid].remove(seqs)
             if len(seqs) > 1000:
-                self._writer.execute("PRAGMA incremental_vacuum")
+                self._release_pages()
         return len(seqs)
 
     def _delete_rows(self, gid: int, ids: Sequence[str]) -> list[int]:

@@ -614,7 +614,14 @@ class VectorIndex:
                 if not len(keys):
                     return
             if self._floats is not None:
-                self._floats.write(self._fnext, vectors)
+                try:
+                    self._floats.write(self._fnext, vectors)
+                except OSError as exc:
+                    # The rows are committed already (a full disk): the index goes on without its side
+                    # file, re-ranking through ``fetch``; the next snapshot names none.
+                    log.error("%s: side file dropped: %s", self.name, exc)
+                    self._floats.close()
+                    self._floats = None
             assign = self._assign_rows(vectors)
             angle, top = self._angles(vectors, assign)
             self._xmax = max(self._xmax, top)
