@@ -463,18 +463,20 @@ def test_large_bodies_held_at_once_are_bounded_server_wide(
     # A verified body is held whole in memory until its request ends, and an add of 1000 images takes its
     # time: nothing bounded the bodies in flight, so one key within its burst (100 requests of up to 256 MB)
     # could hold 25 GB. Bodies larger than pre_auth_body_bytes now share a server-wide budget of four
-    # largest bodies; one that cannot get its share in time answers 503 (clients retry), small ones never
-    # wait. Here the budget is 4 x 64 KB and four big deletes are held in the store.
+    # largest bodies, one key at most half of it; a body that cannot get its share in time answers 503
+    # (clients retry), small ones never wait. Here the budget is 4 x 64 KB and big deletes are held in the
+    # store.
     monkeypatch.setattr(guard, "BODY_WAIT_S", 1.0)
     settings = Settings(data=tmp_path / "data", max_body_bytes=64 * 1024, pre_auth_body_bytes=1024)
     running = Tusou(settings, embedder)
     running.server.__enter__()
     release = threading.Event()
+    busy = (503, {"error": "server busy: too many large requests, retry later"})
     try:
-        client = running.client("a")
-        assert client.post("/v1/image/group/g/new", {"data": []}).status_code == 200
+        a, b, c = (running.client(name) for name in "abc")
+        for client in (a, b, c):
+            assert client.post("/v1/image/group/g/new", {"data": []}).status_code == 200
         store_delete = running.store.delete_images
-
         entered: list[int] = []
 
         def blocking(tenant: str, group: str, ids: Sequence[str]) -> int:
@@ -483,31 +485,42 @@ def test_large_bodies_held_at_once_are_bounded_server_wide(
             return store_delete(tenant, group, ids)
 
         running.store.delete_images = blocking  # type: ignore[method-assign]
-        big = {"images": ["x" * 200] * 290}  # ~60 KB: four leave less than 20 KB of the budget
+        big = {"images": ["x" * 200] * 290}  # ~60 KB
         statuses: list[int] = []
 
-        def delete() -> None:
+        def delete(client: QiniuClient) -> None:
             fresh = QiniuClient(client.base, client.access_key, client.secret_key)
             statuses.append(fresh.post("/v1/image/group/g/delete", big).status_code)
 
-        threads = [threading.Thread(target=delete) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 60
-        while len(entered) < 4 and time.monotonic() < deadline:  # all four hold their bodies
-            time.sleep(0.05)
-        resp = client.post("/v1/image/group/g/image", {"id": "y", "pad": "p" * 50_000})
-        assert (resp.status_code, resp.json()) == (
-            503,
-            {"error": "server busy: too many large requests, retry later"},
-        )
-        assert client.post("/v1/image/group/g/image", {"id": "y"}).status_code == 400  # small: no wait
+        def hold_two(client: QiniuClient) -> list[threading.Thread]:
+            """Two big deletes of ``client``, held in the store with their bodies."""
+            held = len(entered) + 2
+            threads = [threading.Thread(target=delete, args=(client,)) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 60
+            while len(entered) < held and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return threads
+
+        threads = hold_two(a)  # a holds ~120 KB, its half
+        big_image = {"id": "y", "pad": "p" * 50_000}
+        resp = a.post("/v1/image/group/g/image", big_image)
+        assert (resp.status_code, resp.json()) == busy  # a's own share is used up
+        assert b.post("/v1/image/group/g/image", big_image).status_code == 400  # b's is not
+        threads += hold_two(b)  # together ~240 KB of 256 KB
+        resp = c.post("/v1/image/group/g/image", big_image)
+        assert (resp.status_code, resp.json()) == busy
+        assert c.post("/v1/image/group/g/image", {"id": "y"}).status_code == 400  # small: no wait
         release.set()
         for thread in threads:
             thread.join(60)
         assert statuses == [200] * 4
         # The budget came back: the big request goes through.
-        assert client.post("/v1/image/group/g/image", {"id": "y", "pad": "p" * 50_000}).status_code == 400
+        assert c.post("/v1/image/group/g/image", big_image).status_code == 400
+        deadline = time.monotonic() + 30  # given back once each request has ended, just after its answer
+        while guard_budget_free(running) != 4 * 64 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert guard_budget_free(running) == 4 * 64 * 1024
     finally:
         release.set()

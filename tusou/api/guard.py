@@ -94,43 +94,57 @@ class BodyBudget:
     time: without a bound, one key within its rate limit's burst (100 requests of up to 256 MB) could hold
     25 GB. Bodies larger than ``pre_auth_body_bytes`` take their size from this budget before they are read
     back from the spool file, waiting up to ``BODY_WAIT_S``, then 503 (clients retry); PathGuard gives it
-    back when the request ends. Smaller bodies never wait.
+    back when the request ends. One key holds at most half of it, so that it cannot keep every other key's
+    large bodies out. Smaller bodies never wait.
     """
 
     def __init__(self, total: int) -> None:
         self.total = max(1, total)
         self.free = self.total
+        self.per_key = max(1, self.total // 2)
+        self._held: dict[str, int] = {}
         self._changed = anyio.Event()
 
-    async def take(self, size: int, wait_s: float) -> int:
+    def _fits(self, key: str, need: int) -> bool:
+        held = self._held.get(key, 0)
+        # A key holding nothing always gets a body in once the budget has room (a body <= total / 2 as
+        # sized by BODY_BUDGET_BODIES; larger ones still go alone).
+        return self.free >= need and (held == 0 or held + need <= self.per_key)
+
+    async def take(self, key: str, size: int, wait_s: float) -> int:
         need = min(max(0, size), self.total)
         with anyio.move_on_after(wait_s):
-            while self.free < need:
+            while not self._fits(key, need):
                 await self._changed.wait()
             self.free -= need
+            self._held[key] = self._held.get(key, 0) + need
             return need
         raise QiniuError(503, "server busy: too many large requests, retry later")
 
-    def give(self, size: int) -> None:
+    def give(self, key: str, size: int) -> None:
         self.free += size
+        left = self._held.pop(key, 0) - size
+        if left > 0:
+            self._held[key] = left
         self._changed.set()
         self._changed = anyio.Event()
 
 
-async def _hold_body(request: Request, settings: Settings, size: int) -> None:
-    """Take ``size`` bytes of the app's BodyBudget for this request (given back by PathGuard)."""
+async def _hold_body(request: Request, settings: Settings, key: str, size: int) -> None:
+    """Take ``size`` bytes of the app's BodyBudget for this request of ``key`` (given back by PathGuard)."""
     state = request.app.state
     if getattr(state, "body_budget", None) is None:  # made on first use, inside the event loop
         state.body_budget = BodyBudget(BODY_BUDGET_BODIES * settings.max_body_bytes)
     budget: BodyBudget = state.body_budget
-    taken = await budget.take(size, BODY_WAIT_S)
-    request.scope.setdefault("state", {})["body_held"] = (budget, taken)
+    taken = await budget.take(key, size, BODY_WAIT_S)
+    request.scope.setdefault("state", {})["body_held"] = (budget, key, taken)
 
 
 def _give_body(scope: Scope) -> None:
     held = scope.get("state", {}).pop("body_held", None)
     if held is not None:
-        held[0].give(held[1])
+        budget, key, size = held
+        budget.give(key, size)
 
 
 async def read_signed_body(request: Request, settings: Settings, secret_for: Any) -> tuple[str, bytes]:
@@ -198,7 +212,7 @@ async def read_signed_body(request: Request, settings: Settings, secret_for: Any
 
         covered, kept = await anyio.to_thread.run_sync(check)
         if kept is None:  # a large body, verified: read back into memory under the server's budget
-            await _hold_body(request, settings, size)
+            await _hold_body(request, settings, verifier.access_key, size)
             spool.seek(0)
             kept = await anyio.to_thread.run_sync(spool.read)
         body = kept
