@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tusou.store.vector_index as vi
 from tusou.store.base import ModelMismatch, NewImage
 from tusou.store.sqlite import SQLiteStore
 
@@ -54,6 +56,7 @@ def crash(store: SQLiteStore) -> None:
     store._stop.set()
     store._snapshotter.join()
     store._writer.close()
+    store._unlock()  # the kernel releases a dead process's lock
 
 
 def fill(store: SQLiteStore) -> np.ndarray:
@@ -100,6 +103,31 @@ def test_crash_after_snapshot_replays_newer_rows_and_deletes(tmp_path: Path) -> 
     hits = store.search("t", ["a"], vectors(600, 1)[1:3], -1, 0.999)
     assert [h.id for h in hits] == []  # deleted after the snapshot: gone
     store.close()
+
+
+def test_a_crash_after_a_compaction_keeps_the_last_snapshot_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compaction writes the side file anew (a new generation) while the last snapshot names the old one.
+    The old file used to be deleted at once: after a crash before the next snapshot, the start ignored the
+    snapshot ("side file is missing") and rebuilt the group from SQLite (minutes for millions of rows)."""
+    monkeypatch.setattr(vi, "BLOCK", 256)
+    store = open_store(tmp_path)
+    vecs = vectors(1000, 7)
+    store.create_group("t", "a", images("a", vecs))
+    store.snapshot()
+    store.delete_images("t", "a", [f"a{i}" for i in range(600)])  # more than half: compacted
+    assert store._indexes[store._gids[("t", "a")]]._layout == 1
+    queries = vecs[590:610]
+    expected = state(store, queries)
+    crash(store)
+    with caplog.at_level(logging.WARNING, logger="tusou.store.vector_index"):
+        store = open_store(tmp_path)
+    assert "ignoring snapshot" not in caplog.text
+    assert store._indexes[store._gids[("t", "a")]].last_seq == 1000  # the snapshot, then the deletes
+    assert state(store, queries) == expected
+    store.close()
+    assert len(list((tmp_path / "index").glob("*.f32"))) == 1  # the next snapshot took the old file away
 
 
 def test_bad_snapshot_means_rebuild_from_sqlite(tmp_path: Path) -> None:

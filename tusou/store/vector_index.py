@@ -817,7 +817,7 @@ class VectorIndex:
 
     def _compact(self) -> None:
         """Drop deleted slots (order kept): storage, keys, lists and the side file are rebuilt block by
-        block (the side file under a new generation; the next snapshot names it)."""
+        block (the side file under a new generation; the next snapshot names it, and deletes the old)."""
         live = np.flatnonzero(self._inv[: self._n] > 0)
         self._layout += 1
         old_heads, old_tails, old_floats = self._heads, self._tails, self._floats
@@ -847,8 +847,9 @@ class VectorIndex:
                 self._append(keys[sel], rows, inv[sel], assign[sel], tail_norm[sel], angle[sel])
             old_heads[b] = old_tails[b] = np.zeros((0, 0), dtype=np.uint8)  # freed as we go
         if old_floats is not None:
+            # The file itself stays until a snapshot naming the new one is durable (``save`` deletes it):
+            # the last snapshot names it, and a crash before the next must leave that snapshot usable.
             old_floats.close()
-            old_floats.path.unlink(missing_ok=True)
         if self._centroids is not None:
             self._sort_lists()
         self._touch(1)
