@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import re
 import shutil
 import socket
@@ -595,6 +596,10 @@ def test_guard_refuses_private(server: str, guarded: Fetcher, no_connect: list[o
     err = expect("fetch_refused", guarded.fetch, url.format(port=port))
     assert "not a public address" in err.message
     assert no_connect == [] and Handler.seen == []
+    if "localhost" in url:
+        # Where a name points stays in the server's log: answers would map the internal network for tenants.
+        assert err.message.startswith("fetch refused: localhost resolves to an address that is not")
+        assert "127.0.0.1" not in err.message and "::1" not in err.message
 
 
 @pytest.mark.parametrize("target", ["http://10.0.0.1/x.png", "http://169.254.169.254/latest/meta-data/",
@@ -608,15 +613,18 @@ def test_guard_on_redirect_hop(server: str, no_connect: list[object], target: st
 
 
 def test_public_name_resolving_private(monkeypatch: pytest.MonkeyPatch, guarded: Fetcher,
-                                       no_connect: list[object]) -> None:
+                                       no_connect: list[object], caplog: pytest.LogCaptureFixture) -> None:
     def fake(host: str, *a: object, **kw: object) -> list[tuple[object, ...]]:
         assert host == "images.example.com"
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80)),
                 (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.2.3", 80))]
 
     monkeypatch.setattr(socket, "getaddrinfo", fake)
-    err = expect("fetch_refused", guarded.fetch, "http://images.example.com/a.png")
-    assert "10.1.2.3" in err.message
+    with caplog.at_level(logging.INFO, logger="tusou.fetch"):
+        err = expect("fetch_refused", guarded.fetch, "http://images.example.com/a.png")
+    # The tenant learns that the name is refused, the operator's log where it points.
+    assert "10.1.2.3" not in err.message and "images.example.com resolves to an address" in err.message
+    assert "images.example.com resolves to 10.1.2.3" in caplog.text
     assert no_connect == []
 
 

@@ -143,7 +143,12 @@ class _Guard:
             if name not in self._hosts and not self._ip_allowed(ip) and _is_blocked(ip):
                 # Refuse the host if any of its addresses is private: a name that mixes public and private
                 # answers is exactly what a rebinding attack looks like.
-                what = name if name == str(ip) else f"{name} resolves to {ip}, which"
+                # The address a name resolves to goes to the operator's log only: in the answer it would tell
+                # any tenant where the server's internal names point (its network mapped one URL at a time).
+                what = name
+                if name != str(ip):
+                    log.info("fetch refused: %s resolves to %s, which is not a public address", name, ip)
+                    what = f"{name} resolves to an address that"
                 # The operator's way out is named: TUSOU_FETCH_ALLOW (Settings.fetch_allow).
                 refused = f"fetch refused: {what} is not a public address (allow it with TUSOU_FETCH_ALLOW)"
                 raise ImageError("fetch_refused", refused)
