@@ -10,6 +10,7 @@ per-image failures in a batch become ``BatchResult.errors`` entries instead.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection
@@ -61,6 +62,10 @@ CLIP_TEXT_THRESHOLD = 0.2
 T = TypeVar("T")
 
 
+# Locks that order a group's image writes with its pictures' (Service._pictures).
+_PICTURE_STRIPES = 64
+
+
 class Observer:
     """What the service reports as it works (metrics hook). The default does nothing."""
 
@@ -83,6 +88,9 @@ class Service:
         self.thumbs = ThumbStore(settings.data / "thumbs.db") if settings.thumbnails else None
         # Keypoints per stored image for verification (tusou/verify.py), in a file of the thumbnails' format.
         self.keypoints: ThumbStore | None = None
+        # Order the writes of a group's images with those of their pictures (_write, delete_images,
+        # remove_group): one lock per stripe of (tenant, group), so other groups' writes go on meanwhile.
+        self._pictures_locks = [threading.Lock() for _ in range(_PICTURE_STRIPES)]
         if settings.verify:
             verify.check_available()
             self.keypoints = ThumbStore(settings.data / "keypoints.db")
@@ -227,26 +235,29 @@ class Service:
             )
             for row, (_, item, vector) in enumerate(ready)
         ]
-        results = commit(new_images)
-        ids = [""] * len(items)
-        stored: list[tuple[str, bytes]] = []
-        stored_keypoints: list[tuple[str, bytes]] = []
-        for (i, _, _), new_image, result, picture, points in zip(
-            ready, new_images, results, pictures, keypoints, strict=True
-        ):
-            if result is None:
-                ids[i] = new_image.id
-                if picture is not None:
-                    stored.append((new_image.id, picture))
-                if points is not None:
-                    stored_keypoints.append((new_image.id, points))
-            else:
-                errors[i] = result
-        # After the images are stored: a crash between leaves an image without a picture, never the reverse.
-        if self.thumbs is not None:
-            self.thumbs.put(tenant, group, stored)
-        if self.keypoints is not None:
-            self.keypoints.put(tenant, group, stored_keypoints)
+        # Under the group's _pictures lock from the commit until the pictures are kept: a delete of the same
+        # ids cannot run in between (it left the deleted image's thumbnail and keypoints behind, for good).
+        with self._pictures(tenant, group):
+            results = commit(new_images)
+            ids = [""] * len(items)
+            stored: list[tuple[str, bytes]] = []
+            stored_keypoints: list[tuple[str, bytes]] = []
+            for (i, _, _), new_image, result, picture, points in zip(
+                ready, new_images, results, pictures, keypoints, strict=True
+            ):
+                if result is None:
+                    ids[i] = new_image.id
+                    if picture is not None:
+                        stored.append((new_image.id, picture))
+                    if points is not None:
+                        stored_keypoints.append((new_image.id, points))
+                else:
+                    errors[i] = result
+            # After the images are stored: a crash between leaves an image without a picture, not the reverse.
+            if self.thumbs is not None:
+                self.thumbs.put(tenant, group, stored)
+            if self.keypoints is not None:
+                self.keypoints.put(tenant, group, stored_keypoints)
         return BatchResult(ids, errors, duplicates)
 
     def _duplicates(
@@ -444,13 +455,17 @@ class Service:
         """Groups and images in the store, all tenants together (for /metrics)."""
         return self.store.totals()
 
+    def _pictures(self, tenant: str, group: str) -> threading.Lock:
+        return self._pictures_locks[hash((tenant, group)) % _PICTURE_STRIPES]
+
     def remove_group(self, tenant: str, group: str) -> None:
         # Pictures first (none for an unknown group): a crash between leaves images without pictures only.
-        if self.thumbs is not None:
-            self.thumbs.drop_group(tenant, group)
-        if self.keypoints is not None:
-            self.keypoints.drop_group(tenant, group)
-        self.store.remove_group(tenant, group)
+        with self._pictures(tenant, group):
+            if self.thumbs is not None:
+                self.thumbs.drop_group(tenant, group)
+            if self.keypoints is not None:
+                self.keypoints.drop_group(tenant, group)
+            self.store.remove_group(tenant, group)
 
     def delete_images(self, tenant: str, request: DeleteImages) -> int:
         # A chunk at a time: the store, thumbnails and keypoints each delete under one write lock shared by
@@ -460,11 +475,12 @@ class Service:
         deleted = 0
         for start in range(0, max(1, len(ids)), DELETE_CHUNK):  # once even for [] (checks the group)
             chunk = ids[start : start + DELETE_CHUNK]
-            if self.thumbs is not None:
-                self.thumbs.delete(tenant, request.group, chunk)
-            if self.keypoints is not None:
-                self.keypoints.delete(tenant, request.group, chunk)
-            deleted += self.store.delete_images(tenant, request.group, chunk)
+            with self._pictures(tenant, request.group):
+                if self.thumbs is not None:
+                    self.thumbs.delete(tenant, request.group, chunk)
+                if self.keypoints is not None:
+                    self.keypoints.delete(tenant, request.group, chunk)
+                deleted += self.store.delete_images(tenant, request.group, chunk)
         return deleted
 
     def thumbnails(self, tenant: str, request: DeleteImages) -> dict[str, bytes]:
