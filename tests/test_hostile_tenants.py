@@ -510,3 +510,27 @@ def test_edge_requests_are_4xx_with_a_reqid(server) -> None:  # type: ignore[no-
     assert len(answers) >= 20
     for row in rows:
         assert row.figure == 0, row
+
+
+def test_one_key_holds_at_most_max_groups_per_key(tmp_path: Path, embedder) -> None:  # type: ignore[no-untyped-def]
+    """Each group costs memory even when empty: one key stops at ``max_groups_per_key`` with Qiniu's 400,
+    another key is not affected, and removing a group makes room again."""
+    from tests.conftest import Tusou
+    from tusou.config import Settings
+
+    running = Tusou(Settings(data=tmp_path / "data", max_groups_per_key=2), embedder)
+    running.server.__enter__()
+    try:
+        greedy, other = running.client("greedy"), running.client("other")
+        for name in ("a", "b"):
+            assert greedy.post(f"/v1/image/group/{name}/new", {"data": []}).status_code == 200
+        refused = greedy.post("/v1/image/group/c/new", {"data": []})
+        assert refused.status_code == 400
+        assert refused.json() == {"error": "too many groups: 2 at most per access key"}
+        assert greedy.post("/v1/image/group/a/new", {"data": []}).json() == {"error": "group already exists"}
+        assert greedy.get("/v1/image/group").json()["result"] == ["a", "b"]
+        assert other.post("/v1/image/group/c/new", {"data": []}).status_code == 200
+        assert greedy.post("/v1/image/group/a/remove").status_code == 200
+        assert greedy.post("/v1/image/group/c/new", {"data": []}).status_code == 200
+    finally:
+        running.close()

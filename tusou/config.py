@@ -105,6 +105,13 @@ class Settings(BaseSettings):
 
     # --- limits (Qiniu's unless noted) ---
     group_max_images: int = 500_000
+    max_groups_per_key: int = Field(
+        default=100_000,
+        ge=0,
+        description="Groups one access key may hold (tusou's; Qiniu named none): each costs memory even "
+        "when empty (~6.5 KB in the embedded store), so one key cannot grow the server without bound. "
+        "0: no limit.",
+    )
     search_max_groups: int = 2
     search_max_limit: int = 10_000
     max_batch_images: int = Field(default=1000, description="Images in one new/add request.")

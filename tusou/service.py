@@ -162,8 +162,14 @@ class Service:
 
     # --- writes --------------------------------------------------------------------------------------
     def new_group(self, tenant: str, request: NewImages) -> BatchResult:
-        if request.group in self.store.list_groups(tenant):
+        groups = self.store.list_groups(tenant)
+        if request.group in groups:
             raise GroupExists(request.group)
+        cap = self.settings.max_groups_per_key
+        if cap and len(groups) >= cap:
+            # Checked before the write, not under the store's lock: racing creates may pass it together,
+            # which a bound on memory (not an exact quota) can afford.
+            raise QiniuError(400, f"too many groups: {cap} at most per access key")
 
         def create(images: list[NewImage]) -> list[ItemError | None]:
             # Images were sent and none could be stored: no group either, so the same request can simply be
