@@ -289,6 +289,7 @@ class OneRequestPerConnection:
         self.port = self.listener.getsockname()[1]
         self.body = body
         self.answered = 0
+        self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -310,8 +311,9 @@ class OneRequestPerConnection:
             head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(
                 self.body
             )
+            with self._lock:  # counted before the answer leaves: the client may read it before we go on
+                self.answered += 1
             conn.sendall(head + self.body)
-            self.answered += 1
             conn.recv(65536)  # the next request on this connection: hang up on it, unanswered
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
 
