@@ -647,3 +647,28 @@ def test_refusals_keep_bad_token_but_the_log_says_why(tusou: Tusou, caplog: pyte
     assert f"ak={key.access_key}" in proxied
     unsigned = requests.get(base + path, timeout=30)
     assert unsigned.status_code == 401 and unsigned.json() == {"error": "bad token"}
+
+
+def test_refusals_are_logged_at_a_bounded_rate(tusou: Tusou, caplog: pytest.LogCaptureFixture) -> None:
+    """A refusal needs no key and the rate limit counts only verified requests, so its log line is
+    throttled: a burst of bad signatures writes a bounded number of lines, and the next line let through
+    says how many were left out."""
+    from tusou.api.app import LogThrottle
+
+    now = [0.0]
+    app = tusou.server.server.config.app
+    app.state.refusal_log = LogThrottle(per_s=10, burst=5, clock=lambda: now[0])
+    key = tusou.keys.create("flood")
+    url = tusou.server.url + "/v1/image/group"
+    signed = sign_qiniu(key.access_key, key.secret_key[::-1], "GET", url)
+    with caplog.at_level(logging.WARNING, logger="tusou.api"):
+        for _ in range(12):
+            resp = requests.get(url, headers=signed, timeout=30)
+            assert resp.status_code == 401 and resp.json() == {"error": "bad token"}
+        lines = [r.getMessage() for r in caplog.records if r.name == "tusou.api"]
+        assert len(lines) == 5 and all("bad signature" in line for line in lines), lines
+        now[0] += 1.0  # a second later: ten more lines may go
+        assert requests.get(url, headers=signed, timeout=30).status_code == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "tusou.api"]
+    assert len(lines) == 6 and lines[-1].endswith("(7 more refusals not logged)"), lines
+

@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -61,15 +63,41 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+class LogThrottle:
+    """Lets ``burst`` log lines through at once and ``per_s`` a second after that, and counts the rest."""
+
+    def __init__(
+        self, per_s: float = 10, burst: int = 20, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._bucket = RateLimiter(per_s, burst, max_keys=1, clock=clock)
+        self._lock = threading.Lock()
+        self._dropped = 0
+
+    def take(self) -> int | None:
+        """None: leave this line out; else how many lines were left out since the last one let through."""
+        with self._lock:
+            if not self._bucket.allow(""):
+                self._dropped += 1
+                return None
+            dropped, self._dropped = self._dropped, 0
+            return dropped
+
+
 async def qiniu_error(request: Request, exc: Exception) -> JSONResponse:
     """The one handler for refused requests: Qiniu's status and ``{"error": message}``."""
     if isinstance(exc, RateLimited):
         return error_response(429, exc.message, {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
     if isinstance(exc, AuthError) and exc.reason:
-        # The client gets Qiniu's bare "bad token"; the operator's log says why (never the signature).
-        ak = access_key_of(request.headers.get("authorization", ""))
-        route = route_template(request.scope)
-        log.warning("%d %s on %s: %s (ak=%s)", exc.status, exc.message, route, exc.reason, ak)
+        # The client gets Qiniu's bare "bad token"; the operator's log says why (never the signature). A
+        # refusal needs no key, and the rate limit counts only verified requests: the lines are throttled so
+        # that nobody fills the log's disk with bad signatures (the metrics still count every 401).
+        throttle: LogThrottle | None = getattr(request.app.state, "refusal_log", None)
+        dropped = throttle.take() if throttle is not None else 0
+        if dropped is not None:
+            ak = access_key_of(request.headers.get("authorization", ""))
+            route = route_template(request.scope)
+            more = f" ({dropped} more refusals not logged)" if dropped else ""
+            log.warning("%d %s on %s: %s (ak=%s)%s", exc.status, exc.message, route, exc.reason, ak, more)
     if isinstance(exc, QiniuError):
         return error_response(exc.status, exc.message)
     if isinstance(exc, StarletteHTTPException):
@@ -126,6 +154,7 @@ def create_app(
     app.state.service = service
     app.state.keys = keys
     app.state.wire = qiniu.Wire(settings)
+    app.state.refusal_log = LogThrottle()
     app.state.limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     app.add_middleware(PathGuard)  # inside RequestIdMiddleware, so its 400s carry X-Reqid too
     app.add_middleware(RequestIdMiddleware)
