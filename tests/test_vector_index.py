@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import tusou.store.vector_index as vi
 from tusou.store.vector_index import SNAPSHOT_FORMAT, VectorIndex, quantize, snapshot_files
 
 DIM = 96
@@ -1054,3 +1056,32 @@ def test_a_search_by_a_stored_row_finds_a_copy_only_when_there_is_one(
     for k in (100, 2999):
         found, cos = index.search(vectors[k - 1][None], 1, 0.5)
         assert found.tolist() == [k] and cos[0] == pytest.approx(1.0)
+
+
+def test_a_compaction_on_a_full_disk_keeps_every_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compaction runs after the delete that caused it was committed, and writes a new side file. When the
+    disk refuses that file (here the file size limit: Python ignores SIGXFSZ), the index used to raise with
+    its storage already emptied: every search of the group came back empty until a restart."""
+    monkeypatch.setattr(vi, "BLOCK", 256)
+    table = Table()
+    index = VectorIndex(DIM, table.fetch, tmp_path, "g1")
+    vectors = clustered(1000, 4)
+    keys = np.arange(1, 1001)
+    table.rows.update(zip(keys.tolist(), vectors, strict=True))
+    index.add(keys, vectors)
+    gone = keys[:700]
+    for k in gone.tolist():
+        del table.rows[k]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))  # the new side file's first size is 393 KB
+    try:
+        assert index.remove(gone) == 700  # more than half: compacted
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert index._layout == 1 and len(index) == 300
+    for key, vector in zip(keys[700:].tolist(), vectors[700:], strict=True):
+        got, cosines = index.search(vector[None, :], 1, 0.5)
+        assert got.tolist() == [key] and abs(float(cosines[0]) - 1.0) < 1e-5
+    index.add(np.arange(2001, 2011), clustered(10, 5))  # and it goes on
+    assert len(index) == 310
+    index.close()

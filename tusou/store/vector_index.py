@@ -389,9 +389,16 @@ class _Floats:
         self.path = path
         self.dim = dim
         self.row_bytes = 4 * dim
+        existed = path.exists()
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         self.cap = 0
-        self.reserve(max(rows, 1024))
+        try:
+            self.reserve(max(rows, 1024))
+        except OSError:
+            os.close(self.fd)
+            if not existed:
+                path.unlink(missing_ok=True)
+            raise
 
     def reserve(self, rows: int) -> None:
         if rows <= self.cap:
@@ -835,7 +842,10 @@ class VectorIndex:
         if old_floats is not None:
             self._floats = None
             self._floats_gen = time.time_ns()
-            self._floats = _Floats(self._float_path(self._floats_gen), self.dim, len(live))
+            try:
+                self._floats = _Floats(self._float_path(self._floats_gen), self.dim, len(live))
+            except OSError as exc:  # after the delete's commit (a full disk): go on without a side file
+                log.error("%s: side file dropped: %s", self.name, exc)
         src_blocks = live // BLOCK
         for b in range(len(old_heads)):
             sel = np.flatnonzero(src_blocks == b)
@@ -843,7 +853,13 @@ class VectorIndex:
                 at = live[sel] - b * BLOCK
                 rows = np.hstack([old_heads[b][at], old_tails[b][at]])
                 if self._floats is not None and old_floats is not None:
-                    self._floats.write(self._fnext, _read_rows(old_floats, old_fpos[live[sel]]))
+                    try:
+                        self._floats.write(self._fnext, _read_rows(old_floats, old_fpos[live[sel]]))
+                    except OSError as exc:
+                        log.error("%s: side file dropped: %s", self.name, exc)
+                        self._floats.close()
+                        self._floats.path.unlink(missing_ok=True)
+                        self._floats = None
                 self._append(keys[sel], rows, inv[sel], assign[sel], tail_norm[sel], angle[sel])
             old_heads[b] = old_tails[b] = np.zeros((0, 0), dtype=np.uint8)  # freed as we go
         if old_floats is not None:
