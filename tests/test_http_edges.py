@@ -477,7 +477,8 @@ def test_large_bodies_held_at_once_are_bounded_server_wide(
     try:
         a, b, c = (running.client(name) for name in "abc")
         for client in (a, b, c):
-            assert client.post("/v1/image/group/g/new", {"data": []}).status_code == 200
+            for group in ("g", "h"):
+                assert client.post(f"/v1/image/group/{group}/new", {"data": []}).status_code == 200
         store_delete = running.store.delete_images
         entered: list[int] = []
 
@@ -490,14 +491,15 @@ def test_large_bodies_held_at_once_are_bounded_server_wide(
         big = {"images": ["x" * 200] * 290}  # ~60 KB
         statuses: list[int] = []
 
-        def delete(client: QiniuClient) -> None:
+        def delete(client: QiniuClient, group: str) -> None:
             fresh = QiniuClient(client.base, client.access_key, client.secret_key)
-            statuses.append(fresh.post("/v1/image/group/g/delete", big).status_code)
+            statuses.append(fresh.post(f"/v1/image/group/{group}/delete", big).status_code)
 
         def hold_two(client: QiniuClient) -> list[threading.Thread]:
-            """Two big deletes of ``client``, held in the store with their bodies."""
+            """Two big deletes of ``client``, held in the store with their bodies (one group each: deletes of
+            one group wait for each other)."""
             held = len(entered) + 2
-            threads = [threading.Thread(target=delete, args=(client,)) for _ in range(2)]
+            threads = [threading.Thread(target=delete, args=(client, group)) for group in ("g", "h")]
             for thread in threads:
                 thread.start()
             deadline = time.monotonic() + 60

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -62,10 +63,6 @@ CLIP_TEXT_THRESHOLD = 0.2
 T = TypeVar("T")
 
 
-# Locks that order a group's image writes with its pictures' (Service._pictures).
-_PICTURE_STRIPES = 64
-
-
 class Observer:
     """What the service reports as it works (metrics hook). The default does nothing."""
 
@@ -89,8 +86,10 @@ class Service:
         # Keypoints per stored image for verification (tusou/verify.py), in a file of the thumbnails' format.
         self.keypoints: ThumbStore | None = None
         # Order the writes of a group's images with those of their pictures (_write, delete_images,
-        # remove_group): one lock per stripe of (tenant, group), so other groups' writes go on meanwhile.
-        self._pictures_locks = [threading.Lock() for _ in range(_PICTURE_STRIPES)]
+        # remove_group): a lock per (tenant, group) while in use, so other groups' writes go on meanwhile.
+        self._pictures_locks: weakref.WeakValueDictionary[tuple[str, str], Any]
+        self._pictures_locks = weakref.WeakValueDictionary()
+        self._pictures_guard = threading.Lock()
         if settings.verify:
             verify.check_available()
             self.keypoints = ThumbStore(settings.data / "keypoints.db")
@@ -461,8 +460,13 @@ class Service:
         """Groups and images in the store, all tenants together (for /metrics)."""
         return self.store.totals()
 
-    def _pictures(self, tenant: str, group: str) -> threading.Lock:
-        return self._pictures_locks[hash((tenant, group)) % _PICTURE_STRIPES]
+    def _pictures(self, tenant: str, group: str) -> Any:
+        """The lock of this group's image and picture writes (gone once no request holds it)."""
+        with self._pictures_guard:
+            lock = self._pictures_locks.get((tenant, group))
+            if lock is None:
+                lock = self._pictures_locks[(tenant, group)] = threading.Lock()
+            return lock
 
     def remove_group(self, tenant: str, group: str) -> None:
         # Pictures first (none for an unknown group): a crash between leaves images without pictures only.
