@@ -119,7 +119,8 @@ def test_bodies_of_more_values_than_any_request_needs_are_refused_before_parsing
     # the server by 530 MB, so one signed request of the allowed 256 MB would take ~7 GB and bring down
     # the server with every tenant on it. A body is refused unparsed when it holds more values than a
     # new/add of max_batch_images entries, each with the longest id, label and desc, could.
-    running = Tusou(Settings(data=tmp_path / "data", max_batch_images=4), embedder)
+    # A delete may name a whole group's ids: group_max_images small here, so the new/add bound decides.
+    running = Tusou(Settings(data=tmp_path / "data", max_batch_images=4, group_max_images=1000), embedder)
     running.server.__enter__()
     try:
         client = running.client("a")
@@ -149,6 +150,22 @@ def test_bodies_of_more_values_than_any_request_needs_are_refused_before_parsing
         )
         assert (resp.status_code, resp.json()) == (400, {"error": "invalid body: too many values"})
         assert client.get("/v1/image/group/g/info").json() == {"count": 4}
+    finally:
+        running.close()
+
+
+def test_a_delete_of_a_whole_groups_ids_is_not_refused_for_its_values(
+    tmp_path: Path, embedder: Embedder
+) -> None:
+    """The bound on a body's values also admits a delete naming group_max_images ids, however small
+    max_batch_images is set (it once followed new/add alone: 54,400 values at 10 images a request)."""
+    running = Tusou(Settings(data=tmp_path / "data", max_batch_images=1, group_max_images=30_000), embedder)
+    running.server.__enter__()
+    try:
+        client = running.client("a")
+        assert client.post("/v1/image/group/g/new", {"data": []}).status_code == 200
+        resp = client.post("/v1/image/group/g/delete", {"images": [f"id{i}" for i in range(30_000)]})
+        assert resp.status_code == 200, resp.text[:200]
     finally:
         running.close()
 

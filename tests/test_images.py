@@ -620,7 +620,7 @@ def test_public_name_resolving_private(monkeypatch: pytest.MonkeyPatch, guarded:
                 (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.2.3", 80))]
 
     monkeypatch.setattr(socket, "getaddrinfo", fake)
-    with caplog.at_level(logging.INFO, logger="tusou.fetch"):
+    with caplog.at_level(logging.DEBUG, logger="tusou.fetch"):
         err = expect("fetch_refused", guarded.fetch, "http://images.example.com/a.png")
     # The tenant learns that the name is refused, the operator's log where it points.
     assert "10.1.2.3" not in err.message and "images.example.com resolves to an address" in err.message

@@ -230,3 +230,27 @@ def test_service_owns_its_store_and_answers_health(tmp_path: Path) -> None:
         service.health()
     service.close()
     assert store.closes == 1
+
+
+def test_a_large_delete_gives_its_pages_back_to_the_file_system(service: Service, tmp_path: Path) -> None:
+    """The service deletes 1000 ids at a time; the store still hands the freed pages back (incremental
+    vacuum, stepped to its end) once more than 1000 rows went, across those calls, and after a group's
+    removal: deletes free disk space (they had freed one page each)."""
+    import sqlite3
+
+    from tusou.domain import DeleteImages
+    from tusou.store.base import NewImage
+
+    rng = np.random.default_rng(0)
+    dim = service.embedder.dim
+    images = [
+        NewImage(f"i{k}", "", None, None, v / np.linalg.norm(v))
+        for k, v in enumerate(rng.standard_normal((2600, dim)).astype(np.float32))
+    ]
+    service.store.create_group("ak", "g", images)
+    # Chunks of 1000, 1000 and 1: the second call passes 1000 rows and releases; the last row's page stays.
+    assert service.delete_images("ak", DeleteImages("g", [f"i{k}" for k in range(2001)])) == 2001
+    with sqlite3.connect(tmp_path / "tusou.db") as conn:
+        assert conn.execute("PRAGMA freelist_count").fetchone()[0] < 10  # ~400 pages when none went back
+        service.store.remove_group("ak", "g")  # the rest of the group, as one removal
+        assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0

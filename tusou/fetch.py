@@ -147,7 +147,8 @@ class _Guard:
                 # any tenant where the server's internal names point (its network mapped one URL at a time).
                 what = name
                 if name != str(ip):
-                    log.info("fetch refused: %s resolves to %s, which is not a public address", name, ip)
+                    # DEBUG: a tenant can make one line per URL, and the log's disk is everyone's.
+                    log.debug("fetch refused: %s resolves to %s, which is not a public address", name, ip)
                     what = f"{name} resolves to an address that"
                 # The operator's way out is named: TUSOU_FETCH_ALLOW (Settings.fetch_allow).
                 refused = f"fetch refused: {what} is not a public address (allow it with TUSOU_FETCH_ALLOW)"

@@ -201,8 +201,11 @@ class Wire:
         self.settings = settings
         # The most values a body needs: a new/add of max_batch_images entries, each with the longest id,
         # label and desc made only of value separators, and a margin for the entry's own structure.
+        # A delete (or thumbs) request names up to a whole group's ids, one value each plus a separator.
         per_entry = settings.desc_max_bytes + LABEL_MAX_CHARS + IMAGE_ID_MAX_CHARS + 64
-        self.max_body_values = max(1, settings.max_batch_images) * per_entry
+        self.max_body_values = max(
+            max(1, settings.max_batch_images) * per_entry, 2 * settings.group_max_images + 64
+        )
 
     # --- new / add ------------------------------------------------------------------------------------
     def new_images(self, group: str, body: Body) -> NewImages:

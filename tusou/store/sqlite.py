@@ -234,6 +234,7 @@ class SQLiteStore(Store):
         self.snapshot_every_writes = snapshot_every_writes
         self.snapshot_every_s = snapshot_every_s
         self._closed = False
+        self._deleted_since_release = 0  # rows deleted since freed pages were last handed back
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # The snapshots and side files in ``snapshot_dir`` belong to one store at a time: another process
         # appending to a side file writes its rows into the slots of the owner's (searches then score one
@@ -322,7 +323,9 @@ class SQLiteStore(Store):
         """Hand freed pages back to the file system: after a committed delete, so a failure (a full disk)
         only leaves them in the file, for the next time."""
         try:
-            self._writer.execute("PRAGMA incremental_vacuum")
+            # executescript steps the pragma to its end; execute() (even with fetchall) freed one page only,
+            # so deletes and group removals had handed back a page each (tusou/upgrade.py does the same).
+            self._writer.executescript("PRAGMA incremental_vacuum;")
         except sqlite3.Error as exc:
             log.warning("%s: freed pages not released: %s", self.path, exc)
             if self._writer.in_transaction:
@@ -642,8 +645,11 @@ class SQLiteStore(Store):
             gid = self._gid(tenant, group)
             seqs = self._delete_rows(gid, ids)
             self._indexes[gid].remove(seqs)
-            if len(seqs) > 1000:
+            # Counted across calls: the service deletes a large request 1000 ids at a time.
+            self._deleted_since_release += len(seqs)
+            if self._deleted_since_release > 1000:
                 self._release_pages()
+                self._deleted_since_release = 0
         return len(seqs)
 
     def _delete_rows(self, gid: int, ids: Sequence[str]) -> list[int]:
