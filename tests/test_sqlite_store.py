@@ -356,3 +356,23 @@ def test_the_images_table_is_warmed_in_idle_moments_only(
         assert len(seqs) == 814 and steps == [0, *seqs[99::100], seqs[-1]]
     finally:
         store.close()
+
+
+def test_a_store_that_fails_to_open_leaves_its_folder_free(tmp_path: Path) -> None:
+    """The folder lock is taken first; a store whose database then cannot be read (here: not a database)
+    lets it go, so that the next store in this process (a test, a command trying again) owns the folder
+    instead of opening it as if another process held it."""
+    from tusou.store.sqlite import folder_in_use
+
+    path = tmp_path / "tusou.db"
+    path.write_bytes(b"not a database, " * 1000)
+    with pytest.raises(sqlite3.DatabaseError):
+        SQLiteStore(path, model_id="m", dim=8)
+    assert not folder_in_use(path)
+    path.unlink()
+    store = SQLiteStore(path, model_id="m", dim=8)
+    try:
+        assert not store.shared and folder_in_use(path)
+    finally:
+        store.close()
+    assert not folder_in_use(path)

@@ -168,13 +168,17 @@ def serve(data: Path | None, host: str | None, port: int | None, model: str | No
     # Built before the server starts, so that a folder this release cannot serve as it is (another model's
     # vectors) is refused with one line naming the way out (`tusou upgrade`, `tusou reembed`), and before
     # the first key is printed: a start that fails (a bad model setting) prints no key and no "serving".
+    in_use = f"{settings.data} is in use by another tusou process (is a server already running on it?)"
+    if settings.store == "sqlite" and settings.db_path.exists():
+        from tusou.store.sqlite import folder_in_use
+
+        if folder_in_use(settings.db_path):  # before loading a model and every index only to be refused
+            raise click.ClickException(in_use)
     with _refusals():
         service = build_service(settings)
-    if getattr(service.store, "shared", False):  # another process holds the folder (tusou/store/sqlite.py)
+    if getattr(service.store, "shared", False):  # taken meanwhile (tusou/store/sqlite.py)
         service.close()
-        raise click.ClickException(
-            f"{settings.data} is in use by another tusou process (is a server already running on it?)"
-        )
+        raise click.ClickException(in_use)
     if keys.active_count() == 0:
         key = keys.create("default")
         click.echo("Created a first access key (keep the secret; `tusou keys list --show-secrets` shows it):")

@@ -162,6 +162,15 @@ def _int_array(text: str) -> np.ndarray:
     return values
 
 
+def folder_in_use(path: Path) -> bool:
+    """Whether another store holds the folder of the database at ``path`` (a running server)."""
+    fd = _lock_folder(path)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
 def _lock_folder(path: Path) -> int | None:
     """An exclusive lock on ``<db>.lock`` (kept open as long as the store is), or None when another store
     holds it: a server, or a command on the folder of a running server. The lock goes with the process,
@@ -243,6 +252,20 @@ class SQLiteStore(Store):
         # and it writes and deletes no file in ``snapshot_dir``. `tusou serve` refuses such a folder.
         self._lock_fd = _lock_folder(self.path)
         self.shared = self._lock_fd is None
+        try:
+            self._open(model_id, convert_from, upgrade, upgrade_progress, upgrade_batch)
+        except BaseException:
+            self._unlock()  # a store that failed to open leaves the folder free
+            raise
+
+    def _open(
+        self,
+        model_id: str,
+        convert_from: ConvertFrom | None,
+        upgrade: bool,
+        upgrade_progress: Progress | None,
+        upgrade_batch: int,
+    ) -> None:
         new_file = not self.path.exists()
         self._write_lock = threading.Lock()
         self._local = threading.local()
@@ -277,7 +300,6 @@ class SQLiteStore(Store):
             self._check_model(model_id)
         except BaseException:
             self._writer.close()  # a refused folder is left closed: `tusou upgrade`/`reembed` may take it
-            self._unlock()
             raise
         self._gids: dict[tuple[str, str], int] = {}
         self._indexes: dict[int, VectorIndex] = {}
