@@ -22,6 +22,7 @@ import click
 from tusou.cli_data import COMMANDS as DATA_COMMANDS
 from tusou.cli_duplicates import duplicates
 from tusou.config import Settings
+from tusou.errors import StoreError
 from tusou.files import private_dir
 from tusou.store.keys import KeyStore
 
@@ -612,7 +613,10 @@ def thumbs(data: Path | None, group: str, access_keys: tuple[str, ...]) -> None:
             def progress(done: int, total: int, made: int, tenant: str = tenant) -> None:
                 click.echo(f"{tenant[:8]}…/{group}: {done}/{total} ({made} made)", err=True)
 
-            counts = service.make_missing_thumbnails(tenant, group, progress)
+            try:
+                counts = service.make_missing_thumbnails(tenant, group, progress)
+            except StoreError as exc:  # the disk refused the pictures: say so, do not count them as made
+                raise click.ClickException(f"{settings.data}: {exc.message}") from None
             click.echo(json.dumps({"access_key": tenant, "group": group, **counts}))
     finally:
         service.close()

@@ -260,9 +260,9 @@ class Service:
                     errors[i] = result
             # After the images are stored: a crash between leaves an image without a picture, not the reverse.
             if self.thumbs is not None:
-                self.thumbs.put(tenant, group, stored)
+                self.thumbs.put_after_images(tenant, group, stored)
             if self.keypoints is not None:
-                self.keypoints.put(tenant, group, stored_keypoints)
+                self.keypoints.put_after_images(tenant, group, stored_keypoints)
         return BatchResult(ids, errors, duplicates)
 
     def _duplicates(

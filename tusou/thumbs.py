@@ -76,11 +76,16 @@ class ThumbStore:
                 raise
 
     def put(self, tenant: str, group: str, thumbs: Iterable[tuple[str, bytes]]) -> None:
-        """Called once the images are stored: a disk that refuses the pictures leaves them without one
-        (logged), and the request that stored them still succeeds."""
+        """Keep these pictures; a disk that refuses them raises StoreError (507/503), nothing kept."""
         rows = [(tenant, group, image_id, jpeg) for image_id, jpeg in thumbs]
+        self._many("INSERT OR REPLACE INTO thumbs VALUES (?, ?, ?, ?)", rows)  # type: ignore[arg-type]
+
+    def put_after_images(self, tenant: str, group: str, thumbs: Iterable[tuple[str, bytes]]) -> None:
+        """:meth:`put` for pictures of images already stored: a disk that refuses them leaves those images
+        without one (logged), and the request that stored them still succeeds."""
+        rows = list(thumbs)
         try:
-            self._many("INSERT OR REPLACE INTO thumbs VALUES (?, ?, ?, ?)", rows)  # type: ignore[arg-type]
+            self.put(tenant, group, rows)
         except StoreError as exc:
             log.warning("%s: %d pictures not kept (%s)", self.path, len(rows), exc.message)
 
