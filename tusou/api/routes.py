@@ -120,10 +120,10 @@ def json_body(body: bytes) -> Response:
 
 # --- OpenAPI helpers ------------------------------------------------------------------------------------
 SECURITY: list[dict[str, list[str]]] = [{"QiniuMac": []}]
-# What any signed request may answer: a bad request, a bad token, a stale X-Qiniu-Date, a body over the
-# limit, the rate limit, a server still starting.
+# What any signed request may answer: a bad request, a bad token, a stale X-Qiniu-Date, a body too slow
+# (408) or over the limit (413), the rate limit, a server busy or still starting (503), a full disk (507).
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": schemas.ErrorResponse} for status in (400, 401, 403, 413, 429, 503)
+    status: {"model": schemas.ErrorResponse} for status in (400, 401, 403, 408, 413, 429, 503, 507)
 }
 # A search also answers 406 for its params, and a query image's failure with that image's code.
 SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {
