@@ -164,6 +164,36 @@ def test_bad_settings_stop_serve_with_one_line_and_no_key(tmp_path: Path) -> Non
     assert keys is None or keys.active_count() == 0
 
 
+def test_a_data_folder_that_cannot_be_used_stops_serve_with_one_line(tmp_path: Path) -> None:
+    """A data path under a file (or on a read-only disk) is named in one line, not a traceback."""
+    (tmp_path / "file").write_text("x")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tusou",
+            "serve",
+            "--data",
+            str(tmp_path / "file" / "data"),
+            "--port",
+            str(port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert errors == [
+        f"Error: {tmp_path / 'file' / 'data'}: cannot use it as the data folder (Not a directory)"
+    ]
+
+
 def test_duplicates_page_out_of_range_names_the_option() -> None:
     """--page 0 was sent as it was and came back as the server's "invalid limit", an option the command
     does not have."""

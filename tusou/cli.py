@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,8 +61,12 @@ def _settings(**overrides: Any) -> Settings:
 
 
 def _keys(settings: Settings) -> KeyStore:
-    private_dir(settings.data)
-    return KeyStore(settings.data / "keys.db")
+    try:
+        private_dir(settings.data)
+        return KeyStore(settings.data / "keys.db")
+    except (OSError, sqlite3.Error) as exc:  # not a folder, read-only, no permission: one line
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise click.ClickException(f"{settings.data}: cannot use it as the data folder ({reason})") from None
 
 
 def _existing_keys(settings: Settings) -> KeyStore:
