@@ -426,3 +426,27 @@ def test_milvus_refuses_a_collection_of_the_old_vectors_and_the_way_out_works(tm
     finally:
         src.close()
         dst.close()
+
+
+def test_reembed_holds_the_folder_until_it_has_switched(tmp_path: Path) -> None:
+    """A server started while tusou reembed runs would serve the old vectors from memory over a database
+    that switches under it: reembed holds the folder's lock (which tusou serve checks) from start to end."""
+    from tusou.store.sqlite import folder_in_use
+
+    write_uri_folder(tmp_path)
+    held: list[bool] = []
+
+    def progress(done: int, total: int, failed: int) -> None:
+        held.append(folder_in_use(tmp_path / "tusou.db"))
+
+    result = reembeds.reembed(
+        tmp_path / "tusou.db", tmp_path / "index", OtherModel(), picture, progress=progress, drop_failed=True
+    )
+    assert result.switched and held and all(held)
+    assert not folder_in_use(tmp_path / "tusou.db")  # given back at the end
+    store = SQLiteStore(tmp_path / "tusou.db", model_id="other-model", dim=NEW_DIM)
+    try:
+        with pytest.raises(reembeds.FolderInUse):  # and the other way round: not while a store has it
+            reembeds.reembed(tmp_path / "tusou.db", tmp_path / "index", OtherModel(), picture)
+    finally:
+        store.close()

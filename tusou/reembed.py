@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +36,10 @@ from PIL import Image
 
 from tusou.images import ImageError
 from tusou.store.base import ModelMismatch
+from tusou.store.sqlite import lock_folder
 from tusou.upgrade import (
     UPGRADING,
+    FolderInUse,
     drop_snapshots,
     ensure_not_in_use,
     forget_reembedding,
@@ -124,6 +127,11 @@ def reembed(
     if not db_path.is_file():
         raise FileNotFoundError(f"{db_path}: no such database")
     ensure_not_in_use(db_path)
+    # Held until the folder has switched: a server started meanwhile would serve the old vectors from
+    # memory over a database that changes under it (tusou serve refuses a folder whose lock is taken).
+    lock = lock_folder(db_path)
+    if lock is None:
+        raise FolderInUse(f"{db_path} is in use by another tusou process (is a server running on it?)")
     conn = _connect(db_path)
     try:
         meta = dict(conn.execute("SELECT key, value FROM meta"))
@@ -208,6 +216,7 @@ def reembed(
         return result
     finally:
         conn.close()
+        os.close(lock)  # releases the folder
 
 
 def _gids(conn: sqlite3.Connection, groups: Iterable[tuple[str, str]] | None) -> list[int]:

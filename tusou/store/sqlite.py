@@ -164,14 +164,14 @@ def _int_array(text: str) -> np.ndarray:
 
 def folder_in_use(path: Path) -> bool:
     """Whether another store holds the folder of the database at ``path`` (a running server)."""
-    fd = _lock_folder(path)
+    fd = lock_folder(path)
     if fd is None:
         return True
     os.close(fd)
     return False
 
 
-def _lock_folder(path: Path) -> int | None:
+def lock_folder(path: Path) -> int | None:
     """An exclusive lock on ``<db>.lock`` (kept open as long as the store is), or None when another store
     holds it: a server, or a command on the folder of a running server. The lock goes with the process,
     kill -9 included."""
@@ -250,7 +250,7 @@ class SQLiteStore(Store):
         # image with another's vector), and its snapshots and clean-up delete the owner's files. A store
         # that finds the folder taken is ``shared``: its indexes live in memory only (re-ranked from SQLite),
         # and it writes and deletes no file in ``snapshot_dir``. `tusou serve` refuses such a folder.
-        self._lock_fd = _lock_folder(self.path)
+        self._lock_fd = lock_folder(self.path)
         self.shared = self._lock_fd is None
         try:
             self._open(model_id, convert_from, upgrade, upgrade_progress, upgrade_batch)
