@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from tusou.errors import StoreError
-from tusou.store.sqlite import disk_errors
+from tusou.store.disk import disk_errors
 
 log = logging.getLogger(__name__)
 

@@ -41,11 +41,11 @@ from tusou.store.base import (
     ModelMismatch,
     NewImage,
     Store,
-    StoreError,
     gatherer,
     load_desc,
     load_tags,
 )
+from tusou.store.disk import disk_errors
 from tusou.store.filters import Filter
 from tusou.store.markers import MarkerCodec, new_marker_key
 from tusou.store.vector_index import VectorIndex, snapshot_files
@@ -182,23 +182,6 @@ def lock_folder(path: Path) -> int | None:
         os.close(fd)
         return None
     return fd
-
-
-@contextmanager
-def disk_errors(what: Path) -> Iterator[None]:
-    """A write that the disk under ``what`` refused (full, read-only, failing) as the client's error instead
-    of an unexpected one: 507 "disk full" or 503 "storage unavailable". SQLite has rolled it back."""
-    try:
-        yield
-    except sqlite3.OperationalError as exc:
-        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
-        if code == sqlite3.SQLITE_FULL:
-            log.error("%s: %s", what, exc)
-            raise StoreError("disk full", 507) from exc
-        if code in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
-            log.error("%s: %s", what, exc)
-            raise StoreError("storage unavailable", 503) from exc
-        raise
 
 
 def _dump_desc(desc: object) -> str | None:
